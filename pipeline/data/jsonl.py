@@ -1,0 +1,191 @@
+"""Crash-safe JSON / JSONL files.
+
+* Whole files are written to a temporary sibling and renamed into place (``atomic_write_*``): a reader sees
+  the old file or the new one, never half of one.
+* Record streams are appended one complete line at a time and fsync'ed (``JsonlAppender``): after a crash a
+  record is either a complete line or absent (at worst a truncated *last* line, which readers report and
+  ``JsonlAppender`` cuts off before appending again).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DataError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def dumps(record: Any) -> str:
+    """One JSON line (no newline), UTF-8 kept readable as in the study's files."""
+    return json.dumps(record, ensure_ascii=False)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
+    """Write one JSON document atomically."""
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
+
+
+def atomic_write_jsonl(path: str | Path, records: Iterable[Any]) -> int:
+    """Write a whole JSONL file atomically; returns the number of records."""
+    lines = [dumps(r) for r in records]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not supported on every filesystem; the rename itself is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class JsonlContent:
+    """What a tolerant read of a JSONL file found."""
+
+    path: Path
+    records: list[Any] = field(default_factory=list)
+    #: 1-based line number of a truncated last line (a crash mid-write), else None.
+    truncated_line: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.truncated_line is None
+
+
+def read_jsonl(path: str | Path, *, allow_truncated_tail: bool = True) -> JsonlContent:
+    """Read a JSONL file.
+
+    A last line that is not valid JSON *and* lacks its newline is what a crash mid-write leaves: it is reported
+    in ``truncated_line`` (or raised when ``allow_truncated_tail`` is False). Any other bad line is a
+    ``DataError`` naming the file and line. Blank lines are skipped.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    content = JsonlContent(path=path)
+    lines = data.split(b"\n")
+    ends_with_newline = data.endswith(b"\n")
+    last = len(lines) - 1
+    for i, raw in enumerate(lines):
+        if not raw.strip():
+            continue
+        try:
+            content.records.append(json.loads(raw))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            is_tail = i == last and not ends_with_newline
+            if is_tail:
+                content.truncated_line = i + 1
+                if allow_truncated_tail:
+                    break
+                raise DataError(
+                    f"{path}: line {i + 1} is truncated (incomplete JSON at the end of the file, "
+                    f"probably an interrupted write); expected one complete JSON object per line"
+                ) from None
+            raise DataError(f"{path}: line {i + 1} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+    return content
+
+
+def iter_jsonl(path: str | Path) -> Iterator[Any]:
+    """Records of a JSONL file; a truncated last line raises (use ``read_jsonl`` to tolerate it)."""
+    yield from read_jsonl(path, allow_truncated_tail=False).records
+
+
+class JsonlAppender:
+    """Append records durably: one complete line per record, flushed and fsync'ed per ``append`` call.
+
+    Opening cuts off a truncated last line left by an earlier crash, so the file stays valid JSONL.
+    Use as a context manager.
+    """
+
+    def __init__(self, path: str | Path, *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._repair_tail()
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def _repair_tail(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size == 0:
+                return
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return
+            # Find the start of the unterminated last line.
+            pos = size - 1
+            while pos > 0:
+                start = max(0, pos - 65536)
+                f.seek(start)
+                idx = f.read(pos - start).rfind(b"\n")
+                if idx >= 0:
+                    pos = start + idx + 1
+                    break
+                pos = start
+            f.seek(pos)
+            tail = f.read()
+            try:
+                json.loads(tail)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                f.truncate(pos)  # a record cut by a crash: drop it, the stage redoes it
+            else:
+                f.seek(0, os.SEEK_END)
+                f.write(b"\n")  # a complete record that only lacks its newline: keep it
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, *records: Any) -> None:
+        """Append records (one line each) and make them durable before returning."""
+        if not records:
+            return
+        self._f.write("".join(dumps(r) + "\n" for r in records))
+        self._f.flush()
+        if self.fsync:
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

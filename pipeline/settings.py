@@ -1,0 +1,87 @@
+"""One place for the settings every stage needs.
+
+Sources, highest priority first: keyword arguments, environment variables (``AGENTPIPE_*`` and the usual
+``OPENAI_API_KEY`` / ``MLFLOW_TRACKING_URI``), an optional ``agentpipe.yaml`` (path in ``AGENTPIPE_CONFIG``,
+else ``./agentpipe.yaml``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+#: The repository checkout this package lives in (``pipeline/..``).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: Project-authored demo cases and the data manifest.
+ASSETS_DIR = PROJECT_ROOT / "assets"
+
+
+def _config_file() -> Path:
+    return Path(os.environ.get("AGENTPIPE_CONFIG", "agentpipe.yaml"))
+
+
+class Settings(BaseSettings):
+    """Run root, data location, tracking and API endpoints. API keys come from the environment only."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTPIPE_", extra="ignore", populate_by_name=True)
+
+    home: Path = Field(default=Path("runs"), description="Run root (AGENTPIPE_HOME); every stage writes below it.")
+    data_dir: Path | None = Field(
+        default=None,
+        description="Where the ToolEmu cases and the study's released runs are (AGENTPIPE_DATA_DIR). "
+        "Default: ../shared/data beside the checkout when it exists, else <home>/data.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("AGENTPIPE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI")
+    )
+    openai_base_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("AGENTPIPE_OPENAI_BASE_URL", "OPENAI_BASE_URL")
+    )
+    # Never read from the YAML file (secrets do not belong in config files); never printed (SecretStr).
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("OPENAI_API_KEY"))
+
+    @field_validator("home", "data_dir", mode="after")
+    @classmethod
+    def _absolute(cls, v: Path | None) -> Path | None:
+        return v.expanduser().resolve() if v is not None else None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _config_file()
+        if path.is_file():
+            sources.append(_YamlWithoutSecrets(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        """The data directory actually used (see ``data_dir``)."""
+        if self.data_dir is not None:
+            return self.data_dir
+        shared = (PROJECT_ROOT.parent / "shared" / "data").resolve()
+        return shared if shared.is_dir() else self.home / "data"
+
+
+class _YamlWithoutSecrets(YamlConfigSettingsSource):
+    def __call__(self) -> dict[str, Any]:
+        data = super().__call__()
+        data.pop("openai_api_key", None)
+        return data
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (cached; call ``get_settings.cache_clear()`` after changing the environment)."""
+    return Settings()
