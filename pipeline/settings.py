@@ -77,8 +77,7 @@ class Settings(BaseSettings):
 class _YamlWithoutSecrets(YamlConfigSettingsSource):
     def __call__(self) -> dict[str, Any]:
         data = super().__call__()
-        data.pop("openai_api_key", None)
-        return data
+        return {k: v for k, v in data.items() if k.lower() != "openai_api_key"}
 
 
 @lru_cache(maxsize=1)
