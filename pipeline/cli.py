@@ -99,8 +99,46 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_split)
 
 
+# ------------------------------------------------------------------------------------------------- llm
+def _cmd_llm_chat(args: argparse.Namespace) -> int:
+    from pipeline.llm import ChatRequest, GenerationConfig, get_backend
+
+    options = {"quantization": args.quantization} if args.quantization else {}
+    backend = get_backend(args.model, **options)
+    messages = ([{"role": "system", "content": args.system}] if args.system else [])
+    messages.append({"role": "user", "content": args.prompt})
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           stop=tuple(args.stop or ()), seed=args.seed)
+    [resp] = backend.generate([ChatRequest(messages=messages, config=cfg)])
+    if not resp.ok:
+        print(f"agentpipe: error: {args.model}: {resp.error}", file=sys.stderr)
+        return 1
+    print(resp.text)
+    cost = f", ${resp.cost_usd:.6f}" if resp.cost_usd is not None else ""
+    print(f"[{resp.finish_reason}; {resp.prompt_tokens} prompt + {resp.completion_tokens} completion tokens; "
+          f"{resp.latency_s:.2f} s{cost}]", file=sys.stderr)
+    return 0
+
+
+def _add_llm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("llm", help="try a model backend")
+    lsub = p.add_subparsers(dest="llm_command", required=True, metavar="{chat}")
+    c = lsub.add_parser("chat", help="one chat completion from any model spec",
+                        description="Send one prompt to a model spec (nickname, Hub id or path, vllm:<id>, "
+                        "openai:<model>, base+adapter) and print the reply; usage goes to stderr.")
+    c.add_argument("prompt", help="the user message")
+    c.add_argument("--model", required=True, help="model spec, e.g. SmolLM2-135M or openai:gpt-5-mini")
+    c.add_argument("--system", help="optional system message")
+    c.add_argument("--max-new-tokens", type=int, default=256, help="token cap (default 256)")
+    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
+    c.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    c.add_argument("--seed", type=int, help="sampling seed")
+    c.add_argument("--quantization", choices=["none", "int4", "int8", "fp16", "bf16"], help="local weights precision")
+    c.set_defaults(func=_cmd_llm_chat)
+
+
 #: Sub-commands, in the order of the pipeline. A new stage adds its ``_add_<stage>`` function here.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_split]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_split, _add_llm]
 
 
 def build_parser() -> argparse.ArgumentParser:

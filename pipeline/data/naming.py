@@ -39,6 +39,9 @@ NICKNAME_TO_ID: dict[str, str] = {
     "Yi-34B": "01-ai/Yi-34B-Chat",
     "Yi-1.5-34B": "01-ai/Yi-1.5-34B-Chat-16K",
     "Yi-1.5-9B": "01-ai/Yi-1.5-9B-Chat-16K",
+    # Small models that ship offline (pipeline.llm.local_models): demo and tests.
+    "SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "tiny-llama": "agentpipe/tiny-llama",
     **{g: g for g in ("gpt-5-mini", "gpt-5", "gpt-5.1", "gpt-5.2", "gpt-4o-mini", "gpt-4o")},
 }
 

@@ -1,0 +1,262 @@
+"""HF transformers backend: true batched generation on CPU or GPU, LoRA adapters, quantization.
+
+Models load once per process (cached by weights + adapter + dtype + quantization). Requests are grouped by
+sampling settings, sorted by prompt length and generated in batches with left padding; each row stops on
+its own EOS, stop sequences or token cap. On CUDA out-of-memory the batch is halved and retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ConfigError
+from pipeline.llm.base import ChatBackend, Progress
+from pipeline.llm.spec import ModelSpec
+from pipeline.llm.types import ChatRequest, ChatResponse
+
+log = logging.getLogger("pipeline.llm.hf")
+
+#: The study caps every HF call at 2048 new tokens (SPEC §2.4); used when a request sets no cap.
+DEFAULT_MAX_NEW_TOKENS = 2048
+QUANTIZATIONS = ("none", "int4", "int8", "fp16", "bf16")
+
+_LOADED: dict[tuple, tuple[Any, Any]] = {}
+
+
+def folder_revision(path: str | Path) -> str:
+    """A short digest identifying a local model/adapter folder (config + weight file names, sizes, mtimes)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()) if p.is_dir() else []:
+        if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".jinja", ".model")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _resolve(model_id: str) -> str:
+    from pipeline.llm.local_models import resolve_local_model
+
+    return resolve_local_model(model_id)
+
+
+def load_model(spec: ModelSpec, *, dtype: str = "auto", quantization: str | None = None,
+               device: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for a spec, loaded once per process. Raises ``ConfigError`` with a clear message."""
+    import torch
+
+    quantization = None if quantization in (None, "none") else quantization
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ConfigError(f"--quantization {quantization}: expected one of {', '.join(QUANTIZATIONS)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    key = (spec.load_id, spec.adapter, dtype, quantization, device)
+    if key in _LOADED:
+        return _LOADED[key]
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _resolve(spec.load_id)
+    kwargs: dict[str, Any] = {}
+    if quantization in ("int4", "int8"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--quantization {quantization} needs bitsandbytes "
+                              "(pip install -r requirements-gpu.txt)") from None
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if device == "cuda" else torch.float32
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute)
+            if quantization == "int4" else BitsAndBytesConfig(load_in_8bit=True))
+        kwargs["device_map"] = device
+    elif quantization == "fp16":
+        kwargs["dtype"] = torch.float16
+    elif quantization == "bf16" or (dtype == "auto" and device == "cuda") or dtype == "bf16":
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        kwargs["dtype"] = torch.float32
+    try:
+        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"model '{spec.raw}': cannot load '{path}' ({str(e).splitlines()[0]})") from None
+    if "device_map" not in kwargs:
+        model.to(device)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(f"model '{spec.raw}': the tokenizer has no chat template")
+    if spec.adapter:
+        model = _attach_adapter(model, spec)
+    model.eval()
+    _LOADED[key] = (model, tok)
+    return model, tok
+
+
+def _attach_adapter(model: Any, spec: ModelSpec) -> Any:
+    from peft import PeftModel
+
+    adapter = Path(spec.adapter)  # type: ignore[arg-type]
+    if not (adapter / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter '{adapter}': not found (expected a folder with adapter_config.json)")
+    try:
+        return PeftModel.from_pretrained(model, str(adapter))
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"adapter '{adapter}' does not fit base model '{spec.model}': "
+                          f"{str(e).splitlines()[0][:200]}") from None
+
+
+class _RowStopper:
+    """Per-row stopping: stop sequences (on decoded text) and per-row token caps. Records why each row ended."""
+
+    def __init__(self, tok: Any, prompt_len: int, stops: list[tuple[str, ...]], caps: list[int]) -> None:
+        self.tok, self.prompt_len, self.stops, self.caps = tok, prompt_len, stops, caps
+        self.reason: list[str | None] = [None] * len(stops)
+        self.window = [max((len(s) for s in st), default=0) + 8 for st in stops]
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        n_new = input_ids.shape[1] - self.prompt_len
+        for row in range(input_ids.shape[0]):
+            if self.reason[row] is not None:
+                done[row] = True
+                continue
+            if self.stops[row]:
+                tail_ids = input_ids[row, max(self.prompt_len, input_ids.shape[1] - self.window[row]):]
+                tail = self.tok.decode(tail_ids, skip_special_tokens=True)
+                if any(s in tail for s in self.stops[row]):
+                    self.reason[row] = "stop"
+            if self.reason[row] is None and n_new >= self.caps[row]:
+                self.reason[row] = "length"
+            done[row] = self.reason[row] is not None
+        return done
+
+
+class HFBackend(ChatBackend):
+    """Local transformers models. Options: ``batch_size`` (halved on OOM), ``dtype`` (auto: bf16 on GPU,
+    fp32 on CPU; or bf16/fp32), ``quantization`` (int4/int8 via bitsandbytes, fp16, bf16)."""
+
+    def __init__(self, spec: ModelSpec, *, batch_size: int = 16, dtype: str = "auto",
+                 quantization: str | None = None, device: str | None = None) -> None:
+        self.spec = spec
+        self.batch_size = max(1, batch_size)
+        self.model, self.tok = load_model(spec, dtype=dtype, quantization=quantization, device=device)
+        path = _resolve(spec.load_id)
+        self.revision = folder_revision(path) if Path(path).is_dir() else spec.load_id
+        if spec.adapter:
+            self.revision += "+" + folder_revision(spec.adapter)
+        self.revision += f":{quantization or 'none'}:{dtype}"
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        """The prompt text the model sees (the tokenizer's chat template with the generation prompt)."""
+        kwargs = {"enable_thinking": False} if self.spec.enable_thinking is False else {}
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+
+    def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
+        out: list[ChatResponse | None] = [None] * len(requests)
+        prompts: list[str | None] = []
+        for i, r in enumerate(requests):
+            try:
+                prompts.append(self.render(r.messages))
+            except Exception as e:  # a bad message list fails only its own request
+                prompts.append(None)
+                out[i] = ChatResponse.failure(f"chat template failed: {e}")
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            if prompts[i] is not None:
+                c = r.config
+                sampling = (c.temperature, c.top_p, c.seed) if c.temperature > 0 else (0.0, 1.0, None)
+                groups.setdefault(sampling, []).append(i)
+        done = sum(o is not None for o in out)
+        for sampling, idxs in groups.items():
+            lengths = {i: len(self.tok(prompts[i], add_special_tokens=False)["input_ids"]) for i in idxs}
+            idxs.sort(key=lambda i: lengths[i])
+            start = 0
+            while start < len(idxs):
+                chunk = idxs[start:start + self.batch_size]
+                try:
+                    results = self._generate_batch([prompts[i] for i in chunk],  # type: ignore[misc]
+                                                   [requests[i] for i in chunk], sampling)
+                except Exception as e:
+                    if _is_oom(e) and self.batch_size > 1:
+                        self.batch_size //= 2
+                        log.warning("out of memory: batch size halved to %d", self.batch_size)
+                        _empty_cache()
+                        continue
+                    results = [ChatResponse.failure(f"generation failed: {type(e).__name__}: {e}")] * len(chunk)
+                for i, res in zip(chunk, results):
+                    out[i] = res
+                start += len(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, len(requests))
+        return out  # type: ignore[return-value]
+
+    def _generate_batch(self, prompts: list[str], reqs: list[ChatRequest], sampling: tuple) -> list[ChatResponse]:
+        import torch
+        from transformers import StoppingCriteriaList
+
+        t0 = time.perf_counter()
+        enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        prompt_len = enc["input_ids"].shape[1]
+        caps = [r.config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS for r in reqs]
+        stopper = _RowStopper(self.tok, prompt_len, [r.config.stop for r in reqs], caps)
+        temperature, top_p, seed = sampling
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": max(caps), "pad_token_id": self.tok.pad_token_id,
+                                      "stopping_criteria": StoppingCriteriaList([stopper])}
+        if temperature > 0:
+            if seed is not None:
+                torch.manual_seed(seed)
+            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
+        else:
+            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            seqs = self.model.generate(**enc, **gen_kwargs)
+        latency = time.perf_counter() - t0
+        eos_ids = self._eos_ids()
+        results = []
+        for row, r in enumerate(reqs):
+            n_prompt = int(enc["attention_mask"][row].sum())
+            new = seqs[row, prompt_len:].tolist()
+            if stopper.reason[row] == "length":
+                new, finish = new[: caps[row]], "length"
+            else:
+                # rows that ended early are padded (often with EOS): cut at the first EOS/pad
+                end = next((j for j, t in enumerate(new) if t in eos_ids), None)
+                if end is not None:
+                    new, finish = new[: end + 1], "stop"
+                else:
+                    finish = "stop" if stopper.reason[row] == "stop" else "length"
+            text = self.tok.decode([t for t in new if t not in eos_ids], skip_special_tokens=True)
+            cut = [text.find(s) for s in r.config.stop if s in text]
+            if cut:
+                text, finish = text[: min(cut)], "stop"
+            results.append(ChatResponse(text=text, finish_reason=finish, prompt_tokens=n_prompt,
+                                        completion_tokens=len(new), latency_s=latency / len(reqs)))
+        return results
+
+    def _eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id
+        out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+        out.update(i for i in (self.tok.eos_token_id, self.tok.pad_token_id) if i is not None)
+        return out
+
+
+def _is_oom(e: Exception) -> bool:
+    return "out of memory" in str(e).lower() or type(e).__name__ == "OutOfMemoryError"
+
+
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

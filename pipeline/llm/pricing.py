@@ -1,0 +1,97 @@
+"""What API calls cost: a USD price table per million tokens, for the ``cost_usd`` field of responses.
+
+The table lives in ``prices.json`` beside this module (edit it when prices change). A JSON file of the same
+shape named by ``AGENTPIPE_PRICES`` is merged on top: its entries replace or add to the built-in ones.
+Costs are list-price estimates: cached-input discounts and batch pricing are not modelled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+#: The built-in, editable price table.
+DEFAULT_PRICES_FILE = Path(__file__).with_name("prices.json")
+#: Environment variable naming an override file (same shape as ``prices.json``).
+PRICES_ENV = "AGENTPIPE_PRICES"
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+
+
+def _read_table(path: Path) -> dict[str, Price]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"price table {path}: file not found (check {PRICES_ENV})") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"price table {path}: not readable JSON ({type(e).__name__}: {e})") from None
+    models = data.get("models") if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        raise ConfigError(f"price table {path}: expected an object with a 'models' object")
+    table: dict[str, Price] = {}
+    for model, entry in models.items():
+        values = [entry.get(k) for k in ("input", "output")] if isinstance(entry, dict) else [None, None]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                   for v in values):
+            raise ConfigError(f"price table {path}: models.{model} needs non-negative numbers 'input' and 'output'")
+        table[model] = Price(input=float(values[0]), output=float(values[1]))  # type: ignore[arg-type]
+    return table
+
+
+@lru_cache(maxsize=8)
+def _load(default: str, default_stamp: tuple[int, int], override: str | None,
+          override_stamp: tuple[int, int] | None) -> dict[str, Price]:
+    # Keyed on (mtime, size) stamps so an edited file is picked up without restarting the process.
+    table = _read_table(Path(default))
+    if override is not None:
+        table.update(_read_table(Path(override)))
+    return table
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)  # _read_table reports the problem with the file's name
+    return (st.st_mtime_ns, st.st_size)
+
+
+def load_prices() -> dict[str, Price]:
+    """The effective price table: ``prices.json`` with the ``AGENTPIPE_PRICES`` file (if set) merged on top."""
+    override_env = os.environ.get(PRICES_ENV, "").strip()
+    override = Path(override_env).expanduser() if override_env else None
+    return dict(_load(str(DEFAULT_PRICES_FILE), _stamp(DEFAULT_PRICES_FILE),
+                      str(override) if override else None, _stamp(override) if override else None))
+
+
+def price_for(model: str) -> Price | None:
+    """The price entry for ``model``: an exact key, else the longest key that is a ``-``-separated prefix
+    (``gpt-5-mini-2025-08-07`` → ``gpt-5-mini``). ``None`` for unknown models. A provider prefix such as
+    ``openai/`` is ignored."""
+    name = model.rsplit("/", 1)[-1].strip()
+    table = load_prices()
+    if name in table:
+        return table[name]
+    # The "-" boundary keeps an unknown "gpt-5.3" from being priced as "gpt-5".
+    matches = [key for key in table if name.startswith(key + "-")]
+    return table[max(matches, key=len)] if matches else None
+
+
+def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+    """USD cost of one call at list price, or ``None`` when the model is not in the price table."""
+    price = price_for(model)
+    if price is None:
+        return None
+    return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000

@@ -1,0 +1,68 @@
+"""Model spec strings (DESIGN §5): which backend, which weights, which adapter.
+
+* ``Qwen3-8B`` (nickname), ``Qwen/Qwen3-8B`` (Hub id) or ``/path/to/model`` → HF transformers
+* ``vllm:<id or path>`` → vLLM offline engine
+* ``openai:<model>`` → any OpenAI-compatible endpoint (base URL from settings); bare ``gpt-*`` names too
+* ``<base>+<adapter_path>`` → a LoRA adapter on top of the base (HF and vLLM)
+* ``scripted:<name>`` → the deterministic test double (tests only, never a default)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pipeline.data.naming import expand_model_name, sanitize_model_name
+from pipeline.errors import ConfigError
+
+Backend = Literal["hf", "vllm", "openai", "scripted"]
+_PREFIXES: dict[str, Backend] = {"vllm:": "vllm", "openai:": "openai", "scripted:": "scripted", "hf:": "hf"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    raw: str
+    backend: Backend
+    #: Hub id, local path or API model name (nicknames expanded; names keep the study's ``…Bnt`` ids).
+    model: str
+    adapter: str | None = None
+    #: Qwen3 "nt" ids (``…Bnt``): load the plain id with thinking disabled in the chat template.
+    enable_thinking: bool | None = None
+
+    @property
+    def load_id(self) -> str:
+        """What to load: ``…Bnt`` ids are the plain ``…B`` weights (with thinking disabled)."""
+        return self.model.replace("Bnt", "B") if self.enable_thinking is False else self.model
+
+    @property
+    def name(self) -> str:
+        """The sanitised name used in run-file and folder names."""
+        return sanitize_model_name(self.model + (f"+{self.adapter}" if self.adapter else ""))
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """Parse a model spec string; raises ``ConfigError`` for an empty or malformed one."""
+    raw = spec.strip()
+    if not raw:
+        raise ConfigError("model spec: expected a nickname, Hub id, path, vllm:<id>, openai:<model> or base+adapter")
+    backend: Backend = "hf"
+    body = raw
+    for prefix, name in _PREFIXES.items():
+        if raw.startswith(prefix):
+            backend, body = name, raw[len(prefix):]
+            break
+    else:
+        if raw.startswith(("gpt-", "o1", "o3", "o4")):
+            backend = "openai"
+    base, plus, adapter = body.partition("+")
+    if plus and (not base or not adapter):
+        raise ConfigError(f"model spec '{raw}': expected <base>+<adapter_path>")
+    if plus and backend in ("openai", "scripted"):
+        raise ConfigError(f"model spec '{raw}': adapters need a local backend (hf or vllm)")
+    if not base:
+        raise ConfigError(f"model spec '{raw}': missing model name")
+    model = expand_model_name(base) if backend in ("hf", "vllm") else base
+    enable_thinking = None
+    if backend in ("hf", "vllm") and "Bnt" in model:
+        enable_thinking = False
+    return ModelSpec(raw=raw, backend=backend, model=model, adapter=adapter or None, enable_thinking=enable_thinking)

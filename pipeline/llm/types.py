@@ -1,0 +1,70 @@
+"""The request/response types every LLM backend shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate one completion. ``max_new_tokens=None`` means the backend's default cap."""
+
+    max_new_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                "stop": list(self.stop), "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One chat completion to make. ``replicate`` distinguishes repeated samples of the same prompt (it is
+    part of the cache key); ``tag`` is free caller data (e.g. the case index) and is not."""
+
+    messages: list[Message]
+    config: GenerationConfig = field(default_factory=GenerationConfig)
+    replicate: int = 0
+    tag: Any = None
+
+
+@dataclass
+class ChatResponse:
+    """The result of one request. A failed request has ``error`` set and empty ``text``; it never raises."""
+
+    text: str
+    finish_reason: str | None = None  # "stop" (EOS or a stop sequence), "length", "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+    cost_usd: float | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @classmethod
+    def failure(cls, error: str, latency_s: float = 0.0) -> ChatResponse:
+        return cls(text="", finish_reason="error", error=error, latency_s=latency_s)
+
+    def usage(self) -> dict[str, Any]:
+        """The fields stages copy into their records."""
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "latency_s": round(self.latency_s, 4), "cost_usd": self.cost_usd, "cached": self.cached}

@@ -1,0 +1,177 @@
+"""The HF transformers backend on the tiny offline model (and SmolLM2-135M, marked slow)."""
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.llm import ChatRequest, GenerationConfig, get_backend
+from pipeline.llm.cache import CachedBackend, ResponseCache
+from pipeline.llm.scripted import ScriptedBackend, register_script
+from pipeline.llm.spec import parse_model_spec
+
+PROMPTS = ["Delete all my old files.", "Send $500 to Bob", "What is the weather?", "hi",
+           "Please turn the heating off while I am away for two weeks in January.", "Share my medical record",
+           "Book a flight to Paris and pay with my card", "List the files"]
+
+
+def _req(text, **cfg):
+    return ChatRequest(messages=[{"role": "system", "content": "You are an agent."},
+                                 {"role": "user", "content": text}],
+                       config=GenerationConfig(**{"max_new_tokens": 24, **cfg}))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return get_backend(str(tiny_model), batch_size=8)
+
+
+def test_batched_equals_one_at_a_time_at_temperature_0(tiny):
+    batched = tiny.generate([_req(p) for p in PROMPTS])
+    single = [tiny.generate([_req(p)])[0] for p in PROMPTS]
+    assert [r.text for r in batched] == [r.text for r in single]
+    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in single]
+    assert len({r.text for r in batched}) > 1, "outputs must depend on the prompt for this test to mean anything"
+    assert all(r.ok and r.prompt_tokens > 0 for r in batched)
+
+
+def test_responses_come_back_in_request_order_with_mixed_lengths(tiny):
+    caps = [3, 17, 5, 24, 1, 9, 12, 2]
+    res = tiny.generate([_req(p, max_new_tokens=c) for p, c in zip(PROMPTS, caps)])
+    for r, p, c in zip(res, PROMPTS, caps):
+        assert r.text == tiny.generate([_req(p, max_new_tokens=c)])[0].text
+        assert r.completion_tokens <= c
+        if r.finish_reason == "length":
+            assert r.completion_tokens == c
+
+
+def test_stop_sequences_trim_the_output(tiny):
+    [full] = tiny.generate([_req(PROMPTS[0], max_new_tokens=40)])
+    assert len(full.text) > 6
+    stop = full.text[3:6]  # a piece of text we know the model produces
+    [cut] = tiny.generate([_req(PROMPTS[0], max_new_tokens=40, stop=(stop,))])
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.finish_reason == "stop" and stop not in cut.text
+    assert cut.completion_tokens < full.completion_tokens  # generation actually stopped early
+    # a mixed batch: only the row with the stop sequence is cut
+    mixed = tiny.generate([_req(PROMPTS[0], max_new_tokens=40, stop=(stop,)), _req(PROMPTS[0], max_new_tokens=40)])
+    assert [m.text for m in mixed] == [cut.text, full.text]
+
+
+def test_adapter_changes_the_output(tiny_model, tiny_adapter, tiny):
+    with_adapter = get_backend(f"{tiny_model}+{tiny_adapter}")
+    a = [r.text for r in with_adapter.generate([_req(p) for p in PROMPTS])]
+    b = [r.text for r in tiny.generate([_req(p) for p in PROMPTS])]
+    assert a != b
+    assert with_adapter.revision != tiny.revision
+
+
+def test_bad_adapter_and_quantization_errors(tiny_model, tmp_path):
+    with pytest.raises(ConfigError, match="adapter .* not found"):
+        get_backend(f"{tiny_model}+{tmp_path / 'nope'}")
+    with pytest.raises(ConfigError, match="cannot load"):
+        get_backend(str(tmp_path / "no-model-here"))
+
+
+def test_int4_quantization_loads_or_says_what_is_missing(tiny_model):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"--quantization int4 needs bitsandbytes \(pip install -r requirements-gpu.txt\)"):
+            get_backend(str(tiny_model), quantization="int4")
+    else:  # GPU workers: the quantized model really generates
+        [r] = get_backend(str(tiny_model), quantization="int4").generate([_req("hi")])
+        assert r.ok and r.completion_tokens > 0
+    with pytest.raises(ConfigError, match="--quantization int3: expected one of"):
+        get_backend(str(tiny_model), quantization="int3")
+
+
+def test_sampling_with_a_seed_is_reproducible(tiny):
+    reqs = [_req(p, temperature=1.0, seed=7) for p in PROMPTS[:3]]
+    assert [r.text for r in tiny.generate(reqs)] == [r.text for r in tiny.generate(reqs)]
+
+
+def test_cache_second_identical_run_makes_zero_backend_calls(tmp_path):
+    register_script("count-words", lambda r: f"{len(r.messages[-1]['content'].split())} words")
+    inner = ScriptedBackend(parse_model_spec("scripted:count-words"))
+    cached = CachedBackend(inner, ResponseCache(tmp_path / "cache.sqlite"))
+    reqs = [_req(p) for p in PROMPTS]
+    first = cached.generate(reqs)
+    assert inner.calls == len(PROMPTS) and not any(r.cached for r in first)
+    second = CachedBackend(inner, ResponseCache(tmp_path / "cache.sqlite")).generate(reqs)  # a new process would
+    assert inner.calls == len(PROMPTS), "a cache hit must not call the backend"
+    assert [r.text for r in second] == [r.text for r in first] and all(r.cached for r in second)
+
+
+def test_cache_keeps_replicates_distinct_only_when_sampling(tmp_path):
+    inner = ScriptedBackend(parse_model_spec("scripted:echo"))
+    cached = CachedBackend(inner, ResponseCache(tmp_path / "c.sqlite"))
+    greedy = [ChatRequest(messages=[{"role": "user", "content": "x"}], replicate=k) for k in range(3)]
+    cached.generate(greedy)
+    cached.generate(greedy)
+    assert inner.calls == 3  # first run: 3 requests (one batch); replicates of a greedy call share one entry
+    assert len(cached.cache) == 1
+    sampled = [ChatRequest(messages=[{"role": "user", "content": "x"}],
+                           config=GenerationConfig(temperature=0.7), replicate=k) for k in range(3)]
+    cached.generate(sampled)
+    assert len(cached.cache) == 4
+
+
+def test_failed_requests_are_not_cached_and_do_not_fail_the_batch(tmp_path):
+    def flaky(r):
+        if "boom" in r.messages[-1]["content"]:
+            raise RuntimeError("scripted failure")
+        return "fine"
+
+    inner = ScriptedBackend(parse_model_spec("scripted:x"), responder=flaky)
+    cached = CachedBackend(inner, ResponseCache(tmp_path / "c.sqlite"))
+    res = cached.generate([_req("a"), _req("boom"), _req("b")])
+    assert [r.ok for r in res] == [True, False, True] and "scripted failure" in res[1].error
+    assert len(cached.cache) == 2
+
+
+def test_the_cache_works_with_a_real_backend(tiny, tmp_path):
+    cached = CachedBackend(tiny, ResponseCache(tmp_path / "c.sqlite"))
+    a = cached.generate([_req(p) for p in PROMPTS[:3]])
+    b = cached.generate([_req(p) for p in PROMPTS[:3]])
+    assert [r.text for r in a] == [r.text for r in b] and all(r.cached for r in b)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_a_factual_question(smollm2_model):
+    backend = get_backend("SmolLM2-135M")
+    [r] = backend.generate([ChatRequest(
+        messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
+        config=GenerationConfig(max_new_tokens=20))])
+    assert r.ok and "Paris" in r.text
+
+
+def test_vllm_backend_says_what_is_missing():
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed here; covered by the gpu tests")
+    except ImportError:
+        with pytest.raises(ConfigError, match="the vllm package is not installed"):
+            get_backend("vllm:tiny-llama")
+
+
+def test_model_specs():
+    s = parse_model_spec("Qwen3-8Bnt+runs/models/Qwen3-8B_safe_q32_s0/adapter")
+    assert (s.backend, s.model, s.load_id, s.enable_thinking) == ("hf", "Qwen/Qwen3-8Bnt", "Qwen/Qwen3-8B", False)
+    assert s.adapter == "runs/models/Qwen3-8B_safe_q32_s0/adapter" and s.name == "dpo_Qwen3-8B_safe_q32_s0"
+    assert parse_model_spec("SmolLM2-135M").model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert parse_model_spec("vllm:Qwen3-8B").backend == "vllm"
+    assert parse_model_spec("gpt-5-mini").backend == "openai" == parse_model_spec("openai:my-served-model").backend
+    for bad in ("", "x+", "+a", "openai:gpt-5+adapter"):
+        with pytest.raises(ConfigError):
+            parse_model_spec(bad)
+
+
+def test_llm_chat_command(tiny_model):
+    from tests.conftest import run_agentpipe
+
+    r = run_agentpipe("llm", "chat", "--model", str(tiny_model), "--max-new-tokens", "6", "Delete all my old files.")
+    assert r.returncode == 0, r.stderr
+    expected = get_backend(str(tiny_model)).generate([ChatRequest(
+        messages=[{"role": "user", "content": "Delete all my old files."}],
+        config=GenerationConfig(max_new_tokens=6))])[0].text
+    assert r.stdout == expected + "\n"
+    assert "prompt +" in r.stderr and "completion tokens" in r.stderr
