@@ -7,6 +7,7 @@ nothing already written is damaged because every stage writes atomically.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -137,8 +138,12 @@ def _add_llm(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_cmd_llm_chat)
 
 
-#: Sub-commands, in the order of the pipeline. A new stage adds its ``_add_<stage>`` function here.
+#: Built-in sub-commands.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_split, _add_llm]
+#: Stage sub-commands, in pipeline order: each module has ``add_parser(subparsers)`` and imports nothing heavy
+#: at module level (torch, transformers, mlflow load inside the command functions).
+STAGE_CLIS = ["pipeline.emulation.cli", "pipeline.evaluation.cli", "pipeline.preference.cli",
+              "pipeline.training.cli", "pipeline.analysis.cli", "pipeline.tracking.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    for name in STAGE_CLIS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.startswith(e.name):  # that stage is not built (yet)
+                continue
+            raise
+        module.add_parser(sub)
     return parser
 
 

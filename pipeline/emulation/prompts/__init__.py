@@ -1,0 +1,1 @@
+"""Prompt texts, one module per role. Each module has a ``PROMPT_VERSION`` that goes into every record."""
