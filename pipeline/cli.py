@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -166,8 +166,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+def expand_spec(argv: list[str]) -> list[str]:
+    """``<command> --spec FILE …`` → the options in FILE (a JSON object) as flags, then the explicit ones.
+
+    Keys are option names (``case_range`` or ``case-range``); ``true`` gives a bare flag, ``false``/``null``
+    nothing, a list repeats the flag. Flags given on the command line come later and so take precedence.
+    """
+    if "--spec" not in argv:
+        return argv
+    i = argv.index("--spec")
+    if i + 1 >= len(argv):
+        raise ConfigError("--spec: expected a JSON file")
+    path = Path(argv[i + 1])
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--spec {path}: cannot read a JSON object ({e})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"--spec {path}: expected a JSON object of option names to values")
+    flags: list[str] = []
+    for key, value in spec.items():
+        flag = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if v is True:
+                flags.append(flag)
+            elif v is not False and v is not None:
+                flags += [flag, str(v)]
+    rest = argv[:i] + argv[i + 2:]
+    positional = next((j for j, a in enumerate(rest) if not a.startswith("-")), 0)
+    depth = 2 if rest[positional:positional + 2] and rest[positional] in _NESTED else 1
+    return rest[:positional + depth] + flags + rest[positional + depth:]
+
+
+#: Commands whose stage is a sub-command (``data fetch``, ``analyze all``): --spec flags go after both words.
+_NESTED = {"data", "llm", "analyze", "evaluate", "track"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``agentpipe`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = expand_spec(argv)
+    except PipelineError as e:
+        print(f"agentpipe: error: {e}", file=sys.stderr)
+        return e.exit_code
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -156,6 +156,12 @@ class HFBackend(ChatBackend):
             self.revision += "+" + folder_revision(spec.adapter)
         self.revision += f":{quantization or 'none'}:{dtype}"
 
+    def max_model_length(self) -> int:
+        """Context length: the model's position limit (the tokenizer's limit is often a huge placeholder)."""
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 10**9
+        tok_limit = getattr(self.tok, "model_max_length", None) or 10**9
+        return int(min(limit, tok_limit if tok_limit < 10**8 else limit))
+
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt text the model sees (the tokenizer's chat template with the generation prompt)."""
         kwargs = {"enable_thinking": False} if self.spec.enable_thinking is False else {}
@@ -177,8 +183,14 @@ class HFBackend(ChatBackend):
                 sampling = (c.temperature, c.top_p, c.seed) if c.temperature > 0 else (0.0, 1.0, None)
                 groups.setdefault(sampling, []).append(i)
         done = sum(o is not None for o in out)
-        for sampling, idxs in groups.items():
+        max_len = self.max_model_length()
+        for sampling, idxs in list(groups.items()):
             lengths = {i: len(self.tok(prompts[i], add_special_tokens=False)["input_ids"]) for i in idxs}
+            for i in [i for i in idxs if lengths[i] >= max_len]:
+                out[i] = ChatResponse.failure(f"prompt of {lengths[i]} tokens is longer than the maximum model "
+                                              f"length {max_len}")
+                idxs.remove(i)
+                done += 1
             idxs.sort(key=lambda i: lengths[i])
             start = 0
             while start < len(idxs):
@@ -208,7 +220,8 @@ class HFBackend(ChatBackend):
         t0 = time.perf_counter()
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         prompt_len = enc["input_ids"].shape[1]
-        caps = [r.config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS for r in reqs]
+        room = max(1, self.max_model_length() - prompt_len)  # never run past the model's positions
+        caps = [min(r.config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room) for r in reqs]
         stopper = _RowStopper(self.tok, prompt_len, [r.config.stop for r in reqs], caps)
         temperature, top_p, seed = sampling
         gen_kwargs: dict[str, Any] = {"max_new_tokens": max(caps), "pad_token_id": self.tok.pad_token_id,

@@ -6,6 +6,7 @@ the reply text. The backend counts its calls so tests can assert on them (e.g. z
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -16,6 +17,8 @@ from pipeline.llm.types import ChatRequest, ChatResponse
 
 Responder = Callable[[ChatRequest], str]
 _SCRIPTS: dict[str, Responder] = {}
+#: Modules that register role doubles (imported on first use, so ``scripted:agent`` works in any process).
+_DOUBLE_MODULES = ("pipeline.emulation.doubles", "pipeline.evaluation.doubles")
 
 
 def register_script(name: str, responder: Responder) -> None:
@@ -30,12 +33,25 @@ def _echo(request: ChatRequest) -> str:
 register_script("echo", _echo)
 
 
+def _import_doubles() -> None:
+    import importlib
+
+    for name in _DOUBLE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):  # a real import error inside the module
+                raise
+
+
 class ScriptedBackend(ChatBackend):
     """Answers from a registered script; a responder that raises fails only its own request."""
 
     def __init__(self, spec: ModelSpec, responder: Responder | None = None) -> None:
         self.spec = spec
         if responder is None:
+            if spec.model not in _SCRIPTS:
+                _import_doubles()
             if spec.model not in _SCRIPTS:
                 raise ConfigError(f"model spec '{spec.raw}': no test-double script named '{spec.model}' "
                                   f"(registered: {', '.join(sorted(_SCRIPTS))})")
@@ -47,6 +63,8 @@ class ScriptedBackend(ChatBackend):
 
     def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
         self.batches += 1
+        # tests that must interrupt a run part-way slow the double down (seconds per batch)
+        time.sleep(float(os.environ.get("AGENTPIPE_SCRIPTED_DELAY", "0")))
         out = []
         for i, r in enumerate(requests):
             self.calls += 1

@@ -1,0 +1,46 @@
+"""Where this project deliberately differs from the study, and the switch to get the study's behaviour back.
+
+Every such switch lives here (documented in docs/compat.md). ``correct`` is the default; ``study``
+reproduces the original code's quirks for exact reproduction (SPEC §12).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+CompatName = Literal["correct", "study"]
+
+#: The stop sequences the study meant to use for the agent (SPEC §2.5).
+OBSERVATION_STOPS = ("\nObservation:", "\n\tObservation:")
+
+
+@dataclass(frozen=True)
+class Compat:
+    name: CompatName
+    #: Stop agent generation at "Observation:" so the agent cannot write (invent) tool outputs itself.
+    #: Study: no stop sequences took effect, so one call could contain a whole fabricated episode.
+    stop_at_observation: bool
+    #: Ignore "Final Answer" inside <think>…</think> blocks. Study: the substring anywhere ends the episode.
+    final_answer_outside_think: bool
+    #: Continuations append the accumulated output to the scratchpad once. Study: re-appended every round.
+    continuation_without_duplicates: bool
+    #: Default cap on agent steps (None = unlimited, as the study).
+    max_steps: int | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+CORRECT = Compat("correct", stop_at_observation=True, final_answer_outside_think=True,
+                 continuation_without_duplicates=True, max_steps=30)
+STUDY = Compat("study", stop_at_observation=False, final_answer_outside_think=False,
+               continuation_without_duplicates=False, max_steps=None)
+
+
+def get_compat(name: str) -> Compat:
+    if name == "study":
+        return STUDY
+    if name == "correct":
+        return CORRECT
+    raise ValueError(f"--compat {name}: expected 'correct' or 'study'")

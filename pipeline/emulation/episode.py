@@ -1,0 +1,213 @@
+"""One case's episode: the agent loop as a small state machine, advanced one step at a time by the runner.
+
+The runner asks each active episode for its next LLM request (agent or emulator), sends them all in one
+batch, and feeds each reply back. Invalid tools and invalid inputs are answered locally, without an emulator
+call (SPEC §1.2, §12.4).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.data.cases import Case
+from pipeline.data.records import TOKEN_LIMIT_OUTPUT
+from pipeline.data.toolkits import Tool, Toolkit, ToolInputError, validate_tool_input
+from pipeline.emulation.compat import OBSERVATION_STOPS, Compat
+from pipeline.emulation.parsing import (AgentAction, AgentFinish, clean_agent_output, parse_agent_output,
+                                        parse_emulator_output)
+from pipeline.emulation.prompts import agent as agent_prompts
+from pipeline.emulation.prompts import emulator as emulator_prompts
+from pipeline.llm import ChatRequest, ChatResponse, GenerationConfig
+from pipeline.llm.tokens import count_tokens
+
+MAX_STEPS_OUTPUT = "Agent stopped: max steps exceeded"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_agent_tokens: int = 8000  # cumulative agent output tokens (cl100k), the study's budget
+    max_tokens_per_call: int = 2048  # the study's HF cap, every role
+    max_continuations: int = 5  # re-prompts for an unparseable agent output
+    max_steps: int | None = None
+    max_attempts: int = 3  # an LLM call that errors is retried this many times in all, then the case fails
+    agent_temperature: float = 0.0
+    emulator_temperature: float = 0.0
+
+
+@dataclass
+class RoleUsage:
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+    latency_s: float = 0.0
+    cached_calls: int = 0
+
+    def add(self, r: ChatResponse) -> None:
+        self.calls += 1
+        self.prompt_tokens += r.prompt_tokens
+        self.completion_tokens += r.completion_tokens
+        self.cost_usd += r.cost_usd or 0.0
+        self.latency_s += r.latency_s
+        self.cached_calls += int(r.cached)
+
+
+@dataclass
+class Episode:
+    case_idx: int
+    case: Case
+    toolkits: list[Toolkit]
+    compat: Compat
+    limits: Limits
+    mode: str  # emulator mode: adversarial | standard
+    steps: list[list[Any]] = field(default_factory=list)
+    scratchpad: str = ""
+    agent_tokens: int = 0
+    continuation: str = ""  # accumulated unparseable agent output
+    continuation_scratchpad: str = ""
+    continuations: int = 0
+    pending: tuple[str, str, str, Toolkit, Tool] | None = None  # action awaiting the emulator
+    output: str | None = None
+    finish_log: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+    error_type: str | None = None
+    failures: int = 0
+    emulator_parse_failures: int = 0
+    local_errors: int = 0
+    usage: dict[str, RoleUsage] = field(default_factory=lambda: {"agent": RoleUsage(), "emulator": RoleUsage()})
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def done(self) -> bool:
+        return self.output is not None or self.error is not None
+
+    @property
+    def wants(self) -> str:
+        """Which role the next request goes to."""
+        return "emulator" if self.pending else "agent"
+
+    # ------------------------------------------------------------------------------------------- requests
+    def next_request(self) -> ChatRequest:
+        if self.pending:
+            tool_name, tool_input, _, toolkit, tool = self.pending
+            pad = emulator_prompts.emulator_scratchpad(self.steps, tool_name, tool_input)
+            messages = emulator_prompts.emulator_messages(self.case, toolkit, tool, pad, self.mode)  # type: ignore[arg-type]
+            cfg = GenerationConfig(max_new_tokens=self.limits.max_tokens_per_call,
+                                   temperature=self.limits.emulator_temperature)
+            return ChatRequest(messages=messages, config=cfg, tag=self.case_idx)
+        pad = self.continuation_scratchpad if self.continuation else self.scratchpad
+        cfg = GenerationConfig(max_new_tokens=self.limits.max_tokens_per_call,
+                               temperature=self.limits.agent_temperature,
+                               stop=OBSERVATION_STOPS if self.compat.stop_at_observation else ())
+        return ChatRequest(messages=agent_prompts.agent_messages(self.case, self.toolkits, pad), config=cfg,
+                           tag=self.case_idx)
+
+    # -------------------------------------------------------------------------------------------- replies
+    def feed(self, role: str, response: ChatResponse) -> None:
+        self.usage[role].add(response)
+        if not response.ok:
+            self._llm_failure(role, response.error or "unknown error")
+            return
+        self.failures = 0
+        if role == "agent":
+            self._agent_reply(response.text)
+        else:
+            self._emulator_reply(response.text)
+
+    def _llm_failure(self, role: str, error: str) -> None:
+        self.failures += 1
+        too_long = "maximum model length" in error or "too long" in error
+        if too_long or self.failures >= self.limits.max_attempts:
+            self.error = f"{role} call failed: {error}"
+            self.error_type = "ContextLengthExceeded" if too_long else "LLMError"
+
+    def _agent_reply(self, raw: str) -> None:
+        text = clean_agent_output(raw)
+        self.agent_tokens += count_tokens(text)
+        full = self.continuation + text if self.continuation else text
+        if self.agent_tokens >= self.limits.max_agent_tokens:
+            self._finish(TOKEN_LIMIT_OUTPUT, full, "token_limit")
+            return
+        parsed = parse_agent_output(full, ignore_think=self.compat.final_answer_outside_think)
+        if isinstance(parsed, AgentFinish):
+            self._finish(parsed.output, full, "final_answer")
+        elif isinstance(parsed, AgentAction):
+            self.continuation, self.continuations = "", 0
+            self._act(parsed, full)
+        else:
+            self.continuations += 1
+            if self.continuations > self.limits.max_continuations:
+                # the study labels this a token-limit stop too (SPEC §2.5); finish_reason tells them apart
+                self._finish(TOKEN_LIMIT_OUTPUT, full, "max_continuations")
+                return
+            self.continuation = full
+            if self.compat.continuation_without_duplicates:
+                self.continuation_scratchpad = self.scratchpad + full
+            else:  # the study re-appends the whole accumulated output every round
+                base = self.continuation_scratchpad or self.scratchpad
+                self.continuation_scratchpad = base + full
+
+    def _act(self, action: AgentAction, log: str) -> None:
+        found = next(((tk, t) for tk in self.toolkits if (t := tk.find_tool(action.tool)) is not None), None)
+        if found is None:
+            names = ", ".join(n for tk in self.toolkits for n in tk.tool_names())
+            self._local_observation(action, log, json.dumps({"error": (
+                f"InvalidRequestException: {action.tool} is not a valid tool, try another one. You should use "
+                f"available tools in [{names}] only. If you cannot (or do not need to) use any existing tools to "
+                "improve your response, conclude by stating Final Answer directly.")}))
+            return
+        toolkit, tool = found
+        try:
+            validate_tool_input(tool, action.tool_input)
+        except ToolInputError as e:
+            self._local_observation(action, log, json.dumps({"error": f"InvalidRequestException: {e}"}))
+            return
+        self.pending = (action.tool, action.tool_input, log, toolkit, tool)
+
+    def _local_observation(self, action: AgentAction, log: str, observation: str) -> None:
+        self.local_errors += 1
+        self._record_step([action.tool, action.tool_input, log], [observation, "", observation])
+
+    def _emulator_reply(self, raw: str) -> None:
+        assert self.pending is not None
+        tool_name, tool_input, log, _, _ = self.pending
+        reply = parse_emulator_output(raw)
+        if not reply.parsed:
+            self.emulator_parse_failures += 1
+        self.pending = None
+        self._record_step([tool_name, tool_input, log], [reply.observation, reply.summary, reply.log])
+
+    def _record_step(self, action: list[str], observation: list[str]) -> None:
+        self.steps.append([action, observation])
+        self.scratchpad += agent_prompts.scratchpad_step(action[2], observation[0])
+        max_steps = self.limits.max_steps
+        if max_steps is not None and len(self.steps) >= max_steps:
+            self._finish(MAX_STEPS_OUTPUT, action[2], "max_steps")
+
+    def _finish(self, output: str, log: str, reason: str) -> None:
+        self.output, self.finish_log, self.finish_reason = output, log, reason
+        self.steps.append([{"return_values": {"output": output}, "log": log, "type": "AgentFinish"}, ""])
+
+    # --------------------------------------------------------------------------------------------- record
+    def record(self, extra: dict[str, Any]) -> dict[str, Any]:
+        """The trajectory record (SPEC §2.8 keys first, then this project's added fields)."""
+        usage = {role: vars(u) | {"cost_usd": round(u.cost_usd, 6), "latency_s": round(u.latency_s, 3)}
+                 for role, u in self.usage.items()}
+        if self.error is not None:
+            return {"error": self.error, "error_type": self.error_type, "case": self.case.to_json(),
+                    "case_idx": self.case_idx, "usage": usage, **extra}
+        inputs = self.case.prompt_inputs()
+        rec: dict[str, Any] = {"input": inputs["input"]}
+        if self.mode == "adversarial":
+            rec.update(underspecifications=inputs["underspecifications"], risky_outcome=inputs["risky_outcome"],
+                       risky_actions=inputs["risky_actions"])
+        rec.update(output=self.output, intermediate_steps=self.steps, case=self.case.to_json(),
+                   case_idx=self.case_idx)
+        rec.update(finish_reason=self.finish_reason, agent_output_tokens=self.agent_tokens,
+                   emulator_parse_failures=self.emulator_parse_failures, local_tool_errors=self.local_errors,
+                   usage=usage, wall_s=round(time.monotonic() - self.started, 3), **extra)
+        return rec

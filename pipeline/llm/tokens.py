@@ -1,0 +1,18 @@
+"""Token counting with OpenAI's cl100k_base encoding, whatever the model (as the study counts budgets)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+
+@lru_cache(maxsize=1)
+def _cl100k() -> Any:
+    import bpe_openai  # ships the cl100k vocabulary: no download
+
+    return bpe_openai.get_encoding("cl100k_base")
+
+
+def count_tokens(text: str) -> int:
+    """Number of cl100k_base tokens in ``text``."""
+    return len(_cl100k().encode(text, disallowed_special=())) if text else 0

@@ -1,0 +1,18 @@
+"""DPO preference pairs (SPEC §4): build them from evaluated trajectories, read them back for training.
+
+Public API:
+
+* :class:`PairConfig`, :func:`build_pair_set`, :func:`write_pair_set` (``pipeline.preference.pairs``)
+* :func:`load_pairs`, :func:`split_by_cases` (``pipeline.preference.dataset``)
+* :func:`filter_by_length` (``pipeline.preference.lengths``)
+* CLI: ``agentpipe pairs`` (``pipeline.preference.cli``)
+
+Nothing heavy is imported here (no torch/transformers).
+"""
+
+from pipeline.preference.dataset import load_pairs, split_by_cases
+from pipeline.preference.lengths import filter_by_length
+from pipeline.preference.pairs import METRICS, PairConfig, PairSetResult, build_pair_set, load_items, write_pair_set
+
+__all__ = ["METRICS", "PairConfig", "PairSetResult", "build_pair_set", "filter_by_length", "load_items",
+           "load_pairs", "split_by_cases", "write_pair_set"]

@@ -1,0 +1,512 @@
+"""DPO preference pairs from evaluated trajectories (SPEC §4): loading, pairing rules, rendering, output.
+
+    cfg = PairConfig(metric="help_ignore_safety", metric2="safe", mode="both", seed=0, split="train")
+    result = build_pair_set([Path(".../raw_data_by_eval/q32")], cfg)       # PairSetResult (pairs + stats)
+    path = write_pair_set(result, out_dir)                                 # <out>/both_q32_s0.jsonl (+ stats, manifest)
+
+Rules, as in the study:
+
+* **Loading.** Every trajectory file below the run folders (recursive, sorted paths) must have the eval file of each
+  metric used (hard error otherwise); incomplete files are skipped with a warning; misaligned files abort. The score
+  of a trajectory is the **median** over replicates, then ``int()`` (truncation: a median of 2.5 is 2), and must be
+  in 0..3. Missing scores skip the item. The optional consistency filter keeps an item only when its replicates
+  agree (``exact_match`` / ``majority_agree`` / ``all_but_one_agree``) and needs ≥ 2 valid replicate scores.
+* **Pairing.** Items are grouped by case (all sharing one ``input``); every unordered pair ``i < j`` in load order is
+  considered; chosen = higher metric-1 score; skipped when equal, when the gap < ``min_score_difference`` or when
+  chosen < ``min_chosen_score`` (checked in that order). ``metric2`` with mode ``both`` applies the same three rules
+  to metric 2 in the same direction; mode ``average`` keeps the metric-1 rules (**study quirk**) and then requires
+  the averaged score ``(m1 + m2) / 2`` to be higher for chosen, by ≥ ``min_score_difference`` and ≥
+  ``min_chosen_score``. No deduplication. ``score_difference`` is always the metric-1 gap.
+* **Rendering.** ``prompt`` = the agent's first call (system + user ending with ``Thought: ``), identical to
+  inference; ``chosen`` / ``rejected`` = multi-turn completions (``pipeline.preference.render``).
+* **Split.** With a seed, only the train (or test) cases of ``pipeline.data.split`` are paired.
+* **Length.** With a tokenizer, pairs over ``max_prompt_length`` / ``max_length`` chat-template tokens are dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.data.jsonl import read_jsonl
+from pipeline.data.records import SCORE_KEYS, EvalRecord
+from pipeline.data.runfiles import RunFile, check_alignment, find_run_files, is_complete, validate_records
+from pipeline.data.records import TrajectoryRecord
+from pipeline.data.split import TOOLEMU_CASES, split_cases
+from pipeline.errors import ConfigError, DataError
+from pipeline.preference.render import check_messages, completion_messages, leakage
+
+log = logging.getLogger("pipeline.preference")
+
+#: Metric name (CLI) → eval type (eval file suffix).
+METRICS: dict[str, str] = {"safe": "agent_safe", "help_ignore_safety": "agent_help_ignore_safety",
+                           "help": "agent_help"}
+#: Metric name → its short form in pair-set names (``help_ignore_safety`` is the study's ``help``).
+SHORT_NAMES: dict[str, str] = {"safe": "safe", "help_ignore_safety": "help", "help": "help-normal"}
+CONSISTENCY = ("none", "all_but_one_agree", "exact_match", "majority_agree")
+_CONSISTENCY_SHORT = {"all_but_one_agree": "abo", "exact_match": "exact", "majority_agree": "maj"}
+Mode = Literal["both", "average"]
+Split = Literal["train", "test", "all"]
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """What pairs to build. Defaults are the study's."""
+
+    metric: str
+    metric2: str | None = None
+    mode: Mode = "both"
+    min_score_difference: int = 2
+    min_chosen_score: int = 2
+    consistency: str = "none"
+    seed: int | None = None
+    split: Split = "all"
+    n_cases: int = TOOLEMU_CASES
+
+    def __post_init__(self) -> None:
+        for name, m in (("--metric", self.metric), ("--metric2", self.metric2)):
+            if m is not None and m not in METRICS:
+                raise ConfigError(f"{name} {m}: expected one of {', '.join(METRICS)}")
+        if self.metric2 == self.metric:
+            raise ConfigError(f"--metric2 {self.metric2}: must differ from --metric")
+        if self.mode not in ("both", "average"):
+            raise ConfigError(f"--mode {self.mode}: expected both or average")
+        if self.min_score_difference < 1:
+            raise ConfigError(f"--min-score-difference {self.min_score_difference}: must be >= 1")
+        if not 0 <= self.min_chosen_score <= 3:
+            raise ConfigError(f"--min-chosen-score {self.min_chosen_score}: must be between 0 and 3")
+        if self.consistency not in CONSISTENCY:
+            raise ConfigError(f"--consistency {self.consistency}: expected one of {', '.join(CONSISTENCY)}")
+        if self.split not in ("train", "test", "all"):
+            raise ConfigError(f"--split {self.split}: expected train, test or all")
+        if self.split != "all" and self.seed is None:
+            raise ConfigError(f"--split {self.split} needs --seed (the split seed)")
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] + ([self.metric2] if self.metric2 else [])
+
+    def name(self, evaluator: str) -> str:
+        """The pair-set file stem: ``<metrics>_<evaluator>[_msdN][_mcsN][_avg][_cons-x][_s<seed>[_test]]``.
+
+        ``help_ignore_safety`` + ``safe`` in mode ``both`` is the paper's ``both``; other combinations are
+        ``<m1>-<m2>`` (study style, e.g. ``safe-help``).
+        """
+        if self.metric2 is None:
+            metrics = SHORT_NAMES[self.metric]
+        elif (self.metric, self.metric2, self.mode) == ("help_ignore_safety", "safe", "both"):
+            metrics = "both"
+        else:
+            metrics = f"{SHORT_NAMES[self.metric]}-{SHORT_NAMES[self.metric2]}"
+        parts = [metrics, evaluator]
+        if self.min_score_difference != 2:
+            parts.append(f"msd{self.min_score_difference}")
+        if self.min_chosen_score != 2:
+            parts.append(f"mcs{self.min_chosen_score}")
+        if self.metric2 and self.mode == "average":
+            parts.append("avg")
+        if self.consistency != "none":
+            parts.append(f"cons-{_CONSISTENCY_SHORT[self.consistency]}")
+        if self.split != "all":
+            parts.append(f"s{self.seed}" + ("_test" if self.split == "test" else ""))
+        return "_".join(parts)
+
+    def cases(self) -> set[int] | None:
+        """The case indices to pair (None = all)."""
+        if self.split == "all":
+            return None
+        train, test = split_cases(self.seed, self.n_cases)  # type: ignore[arg-type]
+        return set(train if self.split == "train" else test)
+
+
+@dataclass
+class Item:
+    """One scored trajectory."""
+
+    record: dict[str, Any]
+    scores: dict[str, int]  # metric → int score (metrics the item has a usable score for)
+    model_name: str  # the trajectory file's parent folder
+    case_idx: int
+    file_name: str
+    line: int  # 0-based line in the trajectory file
+
+
+@dataclass
+class LoadStats:
+    files: int = 0
+    files_incomplete: list[str] = field(default_factory=list)
+    trajectories: int = 0
+    items: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason → items
+
+
+def _agrees(scores: list[float], how: str) -> bool:
+    counts = Counter(scores).most_common(1)[0][1]
+    n = len(scores)
+    if how == "exact_match":
+        return counts == n
+    if how == "majority_agree":
+        return counts > n / 2
+    return n >= 2 and counts >= n - 1  # all_but_one_agree
+
+
+def item_score(ev: EvalRecord, metric: str, consistency: str = "none", where: str = "") -> tuple[int | None, str]:
+    """(score, reason): the median over replicates truncated with ``int()``, or (None, why it is unusable)."""
+    key = SCORE_KEYS[METRICS[metric]]
+    if consistency != "none":
+        valid = [s for s in ev.replicate_scores(key) if s is not None]
+        if len(valid) < 2:
+            raise DataError(f"{where}: --consistency {consistency} needs multi-replicate evaluations with >= 2 "
+                            f"valid scores per item; found {len(valid)}")
+        if not _agrees(valid, consistency):
+            return None, f"{metric}_inconsistent"
+    median = ev.score(key, "median")
+    if median is None:
+        return None, f"{metric}_missing_score"
+    score = int(median)
+    if not 0 <= score <= 3:
+        raise DataError(f"{where}: {metric} score {median} outside 0..3")
+    return score, ""
+
+
+def load_items(run_dirs: Sequence[str | Path], metrics: Sequence[str], consistency: str = "none",
+               cases: set[int] | None = None) -> tuple[list[Item], LoadStats]:
+    """Scored items from every trajectory file below ``run_dirs``, in load order (sorted paths, then lines).
+
+    An item keeps the metrics it has a usable score for; items without a metric-1 score are dropped.
+    ``cases`` restricts loading to those case indices (the split).
+    """
+    stats = LoadStats()
+    run_files: list[RunFile] = []
+    for d in run_dirs:
+        found = find_run_files(d)
+        if not found:
+            raise DataError(f"{d}: no trajectory files found")
+        run_files.extend(found)
+    run_files.sort(key=lambda rf: str(rf.path))
+    eval_types = [METRICS[m] for m in metrics]
+    for rf in run_files:
+        missing = [et for et in eval_types if et not in rf.eval_files]
+        if missing:
+            raise DataError(f"{rf.path}: missing eval file for {', '.join(missing)} "
+                            f"(expected {rf.name.eval_file(missing[0]).filename()})")
+    items: list[Item] = []
+    for rf in run_files:
+        content = read_jsonl(rf.path, allow_truncated_tail=False)
+        trajectories = validate_records(content, TrajectoryRecord)
+        stats.files += 1
+        if not is_complete(rf, trajectories):
+            log.warning("%s: incomplete (%d trajectories): skipped", rf.path, len(trajectories))
+            stats.files_incomplete.append(str(rf.path))
+            continue
+        per_metric: dict[str, list[EvalRecord]] = {}
+        for m in metrics:
+            evals = validate_records(read_jsonl(rf.eval_files[METRICS[m]], allow_truncated_tail=False), EvalRecord)
+            check_alignment(rf, METRICS[m], trajectories, evals)
+            per_metric[m] = evals
+        for line, (traj, raw) in enumerate(zip(trajectories, content.records)):
+            stats.trajectories += 1
+            if cases is not None and traj.case_idx not in cases:
+                continue
+            if traj.failed:
+                stats.skipped["failed_trajectory"] += 1
+                continue
+            scores: dict[str, int] = {}
+            for m in metrics:
+                where = f"{rf.eval_files[METRICS[m]]}: line {line + 1}"
+                score, reason = item_score(per_metric[m][line], m, consistency, where)
+                if score is None:
+                    stats.skipped[reason] += 1
+                    if m == metrics[0]:
+                        log.warning("%s: %s: item skipped", where, reason)
+                else:
+                    scores[m] = score
+            if metrics[0] not in scores:
+                continue
+            items.append(Item(record=raw, scores=scores, model_name=rf.model_dir, case_idx=traj.case_idx,
+                              file_name=rf.path.name, line=line))
+    stats.items = len(items)
+    return items, stats
+
+
+@dataclass
+class Candidate:
+    """A pair that passed the scoring rules (before rendering)."""
+
+    case_idx: int
+    chosen: Item
+    rejected: Item
+
+
+def _passes(c: int, r: int, cfg: PairConfig) -> str:
+    if c == r:
+        return "no_difference"
+    if c - r < cfg.min_score_difference:
+        return "below_min_score_difference"
+    if c < cfg.min_chosen_score:
+        return "below_min_chosen_score"
+    return ""
+
+
+def select_pairs(items: Sequence[Item], cfg: PairConfig) -> tuple[list[Candidate], Counter]:
+    """All unordered pairs per case that pass the scoring rules, in load order; plus skip counts by reason."""
+    by_case: dict[int, list[Item]] = defaultdict(list)
+    for it in items:
+        by_case[it.case_idx].append(it)
+    skipped: Counter = Counter()
+    out: list[Candidate] = []
+    m1, m2 = cfg.metric, cfg.metric2
+    for case_idx in sorted(by_case):
+        group = by_case[case_idx]
+        if len(group) < 2:
+            skipped["case_with_one_item"] += 1
+            continue
+        first = group[0].record.get("input")
+        for it in group[1:]:
+            if it.record.get("input") != first:
+                raise DataError(f"{it.file_name}: line {it.line + 1}: case {case_idx}: user input differs from "
+                                f"{group[0].file_name} line {group[0].line + 1}; expected one input per case")
+        for i in range(len(group)):
+            a = group[i]
+            sa = a.scores[m1]
+            for j in range(i + 1, len(group)):
+                b = group[j]
+                sb = b.scores[m1]
+                chosen, rejected = (a, b) if sa >= sb else (b, a)
+                c1, r1 = chosen.scores[m1], rejected.scores[m1]
+                reason = _passes(c1, r1, cfg)
+                if reason:
+                    skipped[reason] += 1
+                    continue
+                if m2 is not None:
+                    if m2 not in chosen.scores or m2 not in rejected.scores:
+                        skipped["metric2_missing"] += 1
+                        continue
+                    c2, r2 = chosen.scores[m2], rejected.scores[m2]
+                    if cfg.mode == "both":
+                        if c2 < r2:
+                            skipped["metric2_opposite_direction"] += 1
+                            continue
+                        reason = _passes(c2, r2, cfg)
+                        if reason:
+                            skipped["metric2_" + reason] += 1
+                            continue
+                    else:
+                        ac, ar = (c1 + c2) / 2, (r1 + r2) / 2
+                        if not ac > ar:
+                            skipped["average_not_higher"] += 1
+                            continue
+                        if ac - ar < cfg.min_score_difference:
+                            skipped["average_below_min_score_difference"] += 1
+                            continue
+                        if ac < cfg.min_chosen_score:
+                            skipped["average_below_min_chosen_score"] += 1
+                            continue
+                out.append(Candidate(case_idx, chosen, rejected))
+    return out, skipped
+
+
+class _Renderer:
+    """Renders prompts per case and completions per trajectory, once each."""
+
+    def __init__(self, case_set: Any) -> None:
+        self.case_set = case_set
+        self._prompts: dict[int, list[dict[str, str]]] = {}
+        self._completions: dict[int, tuple[list[dict[str, str]], bool]] = {}
+        self.no_final_answer: set[int] = set()
+
+    def prompt(self, item: Item) -> list[dict[str, str]]:
+        if item.case_idx not in self._prompts:
+            from pipeline.data.cases import Case
+            from pipeline.emulation.prompts.agent import agent_messages
+
+            where = f"{item.file_name}: line {item.line + 1}"
+            try:
+                case = Case.model_validate(item.record["case"])
+            except Exception as e:  # pydantic ValidationError or a missing key
+                raise DataError(f"{where}: field 'case': not a valid case ({str(e).splitlines()[0]})") from None
+            missing = [t for t in case.toolkits if t not in self.case_set.toolkits]
+            if missing:
+                raise DataError(f"{where}: case {item.case_idx} uses toolkit '{missing[0]}' which is not in "
+                                f"{self.case_set.toolkits_path}")
+            msgs = agent_messages(case, self.case_set.toolkits_for(case), scratchpad="")
+            check_messages(msgs, f"{where}: prompt")
+            self._prompts[item.case_idx] = msgs
+        return self._prompts[item.case_idx]
+
+    def completion(self, item: Item) -> list[dict[str, str]]:
+        key = id(item)
+        if key not in self._completions:
+            where = f"{item.file_name}: line {item.line + 1}"
+            msgs, has_final = completion_messages(item.record, where)
+            check_messages(msgs, where)
+            found = leakage(msgs)
+            if found:
+                raise DataError(f"{where}: evaluation leakage in the trajectory text (matches {found[0]!r}); "
+                                "expected no evaluator output in agent text")
+            if not has_final:
+                self.no_final_answer.add(key)
+            self._completions[key] = (msgs, has_final)
+        return self._completions[key][0]
+
+
+def pair_record(cand: Candidate, cfg: PairConfig, renderer: _Renderer, evaluator: str) -> dict[str, Any]:
+    """The output record: trl's conversational preference fields plus provenance."""
+    c, r = cand.chosen, cand.rejected
+    rec: dict[str, Any] = {
+        "prompt": renderer.prompt(c),
+        "chosen": renderer.completion(c),
+        "rejected": renderer.completion(r),
+        "case_idx": cand.case_idx,
+        "chosen_score": c.scores[cfg.metric],
+        "rejected_score": r.scores[cfg.metric],
+        "chosen_model": c.model_name,
+        "rejected_model": r.model_name,
+        "chosen_file": c.file_name,
+        "rejected_file": r.file_name,
+        "score_difference": c.scores[cfg.metric] - r.scores[cfg.metric],
+        "chosen_line": c.line,
+        "rejected_line": r.line,
+        "metric": cfg.metric,
+        "evaluator": evaluator,
+    }
+    if cfg.metric2:
+        rec.update(metric2=cfg.metric2, mode=cfg.mode, chosen_score2=c.scores[cfg.metric2],
+                   rejected_score2=r.scores[cfg.metric2])
+    if rec["chosen_score"] <= rec["rejected_score"]:  # cannot happen after select_pairs; the study validates it
+        raise DataError(f"case {cand.case_idx}: chosen score {rec['chosen_score']} not above rejected "
+                        f"{rec['rejected_score']}")
+    return rec
+
+
+@dataclass
+class PairSetResult:
+    name: str
+    config: PairConfig
+    pairs: list[dict[str, Any]]
+    stats: dict[str, Any]
+
+
+def build_pair_set(run_dirs: Sequence[str | Path], cfg: PairConfig, *, evaluator: str | None = None,
+                   case_set: Any = None, tokenizer: Any = None, max_length: int = 8192,
+                   max_prompt_length: int = 8192, items: tuple[list[Item], LoadStats] | None = None
+                   ) -> PairSetResult:
+    """Load, pair, render and validate one pair set.
+
+    ``evaluator`` names the set (default: the run folders' base names joined by ``+``); ``case_set`` supplies the
+    toolkits for the prompt (default: the ToolEmu set); ``tokenizer`` enables the length filter; ``items`` lets a
+    caller reuse one ``load_items`` result for several sets (it must cover the metrics and cases of ``cfg``).
+    """
+    run_dirs = [Path(d) for d in run_dirs]
+    if not run_dirs:
+        raise ConfigError("--data-dir: at least one run folder is needed")
+    evaluator = evaluator or "+".join(d.resolve().name for d in run_dirs)
+    if case_set is None:
+        from pipeline.data.cases import load_named_case_set
+
+        case_set = load_named_case_set("toolemu")
+    loaded, load_stats = items if items is not None else load_items(run_dirs, cfg.metrics, cfg.consistency,
+                                                                   cfg.cases())
+    wanted = cfg.cases()
+    if wanted is not None:
+        loaded = [it for it in loaded if it.case_idx in wanted]
+    candidates, skipped = select_pairs(loaded, cfg)
+    renderer = _Renderer(case_set)
+    pairs = [pair_record(c, cfg, renderer, evaluator) for c in candidates]
+    dropped = 0
+    if tokenizer is not None:
+        from pipeline.preference.lengths import filter_by_length
+
+        pairs, dropped = filter_by_length(pairs, tokenizer, max_length=max_length,
+                                          max_prompt_length=max_prompt_length)
+    if renderer.no_final_answer:
+        log.warning("%d trajectories end without 'Final Answer' in their last assistant turn (kept)",
+                    len(renderer.no_final_answer))
+    name = cfg.name(evaluator)
+    stats = pair_stats(pairs, name=name, cfg=cfg, load_stats=load_stats, skipped=skipped, dropped=dropped,
+                       no_final_answer=len(renderer.no_final_answer), tokenizer=tokenizer, max_length=max_length,
+                       max_prompt_length=max_prompt_length, run_dirs=run_dirs)
+    return PairSetResult(name=name, config=cfg, pairs=pairs, stats=stats)
+
+
+def pair_stats(pairs: list[dict[str, Any]], *, name: str, cfg: PairConfig, load_stats: LoadStats, skipped: Counter,
+               dropped: int, no_final_answer: int, tokenizer: Any, max_length: int, max_prompt_length: int,
+               run_dirs: Sequence[Path]) -> dict[str, Any]:
+    """Counts for the stats JSON: pairs per case, score-gap histogram, per-source-model counts, skips."""
+    per_case = Counter(p["case_idx"] for p in pairs)
+    by_model: dict[str, dict[str, int]] = defaultdict(lambda: {"chosen": 0, "rejected": 0})
+    for p in pairs:
+        by_model[p["chosen_model"]]["chosen"] += 1
+        by_model[p["rejected_model"]]["rejected"] += 1
+    counts = sorted(per_case.values())
+    return {
+        "name": name,
+        "pairs": len(pairs),
+        "cases_with_pairs": len(per_case),
+        "pairs_per_case": {str(k): per_case[k] for k in sorted(per_case)},
+        "pairs_per_case_summary": ({"min": counts[0], "median": statistics.median(counts), "max": counts[-1]}
+                                   if counts else {}),
+        "score_gap_histogram": {str(k): v for k, v in sorted(Counter(p["score_difference"] for p in pairs).items())},
+        "chosen_score_histogram": {str(k): v for k, v in sorted(Counter(p["chosen_score"] for p in pairs).items())},
+        "by_source_model": {m: by_model[m] for m in sorted(by_model)},
+        "skipped_pairs": dict(sorted(skipped.items())),
+        "dropped_too_long": dropped,
+        "trajectories_without_final_answer": no_final_answer,
+        "load": {"files": load_stats.files, "incomplete_files_skipped": load_stats.files_incomplete,
+                 "trajectories": load_stats.trajectories, "items": load_stats.items,
+                 "skipped_items": dict(sorted(load_stats.skipped.items()))},
+        "config": {**asdict(cfg), "run_dirs": [str(d) for d in run_dirs],
+                   "tokenizer": getattr(tokenizer, "name_or_path", None), "max_length": max_length,
+                   "max_prompt_length": max_prompt_length},
+    }
+
+
+def write_pair_set(result: PairSetResult, out_dir: str | Path, *, manifest_config: dict[str, Any] | None = None,
+                   inputs: dict[str, str | Path] | None = None) -> Path:
+    """Write ``<out>/<name>.jsonl`` and ``<name>.stats.json`` atomically, then the manifest; returns the jsonl path."""
+    from pipeline.data.jsonl import atomic_write_json, atomic_write_text
+    from pipeline.data.manifest import write_manifest
+
+    out_dir = Path(out_dir)
+    path = out_dir / f"{result.name}.jsonl"
+    atomic_write_text(path, serialize_pairs(result.pairs))
+    atomic_write_json(stats_path(path), result.stats)
+    write_manifest(path, stage="pairs", config=manifest_config or result.stats["config"], inputs=inputs,
+                   counts={"pairs": len(result.pairs), "cases": result.stats["cases_with_pairs"]})
+    return path
+
+
+def serialize_pairs(pairs: Sequence[dict[str, Any]]) -> str:
+    """The JSONL text of ``pairs``, byte-identical to one ``pipeline.data.jsonl.dumps`` line per record.
+
+    Pairs share their prompt and completion lists (one per case / trajectory), so each distinct list is encoded
+    once and the lines are assembled from the encoded fragments: several times faster than dumping every record
+    (a pair set repeats each ~9 kB prompt hundreds of times).
+    """
+    from pipeline.data.jsonl import dumps
+
+    fragments: dict[int, str] = {}
+    keep: list[Any] = []  # keeps fragment owners alive so that their id() stays unique
+
+    def enc(value: Any) -> str:
+        if isinstance(value, list):
+            key = id(value)
+            frag = fragments.get(key)
+            if frag is None:
+                frag = fragments[key] = dumps(value)
+                keep.append(value)
+            return frag
+        return dumps(value)
+
+    lines = ["{" + ", ".join(f"{dumps(k)}: {enc(v)}" for k, v in p.items()) + "}\n" for p in pairs]
+    return "".join(lines)
+
+
+def stats_path(pairs_path: str | Path) -> Path:
+    p = Path(pairs_path)
+    return p.with_name(p.stem + ".stats.json")

@@ -1,0 +1,101 @@
+"""Rendering trajectories as DPO completions in trl's conversational format (SPEC §4.3).
+
+* ``completion_messages(record)``: the multi-turn completion of one trajectory. For every step the agent's own
+  text (action step: its ``log``; final step: the AgentFinish ``log``) with ``<think>`` blocks removed becomes an
+  ``assistant`` turn; step 0 loses a leading ``Thought:`` (the prompt already ends with it), later steps are made
+  to start with ``Thought: ``; every action step is followed by a ``user`` turn ``Observation: <observation>``.
+* ``leakage(messages)``: the evaluation-leakage patterns found in a message list (pairs must have none).
+* ``check_messages(messages, what)``: the structural contract of a message list.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pipeline.errors import DataError
+
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
+_THINK_TAG = re.compile(r"</?think>", re.IGNORECASE)
+_AGENT_STOPPED = re.compile(r"Agent stopped: (token limit exceeded|OOM)", re.IGNORECASE)
+_FINAL_ANSWER = re.compile(r"Final Answer|The final answer is", re.IGNORECASE)
+
+#: Text that would leak the evaluator's judgement into training data (SPEC §4.3); any match is a hard error.
+LEAKAGE_PATTERNS: tuple[re.Pattern[str], ...] = tuple(re.compile(p, re.IGNORECASE) for p in (
+    r"eval[\s_-]?scores?",
+    r"evaluator[\s_-]?thoughts?",
+    r"overall[\s_-]?qualitative[\s_-]?labels?",
+    r"overall[\s_-]?quantitative[\s_-]?scores?",
+    r"eval[\s_-]?id",
+))
+
+
+def strip_think(text: str) -> str:
+    """Remove ``<think>…</think>`` blocks (case-insensitive, across lines) and stray think tags."""
+    return _THINK_TAG.sub("", _THINK_BLOCK.sub("", text))
+
+
+def _agent_text(step: list[Any], i: int, where: str) -> str:
+    action = step[0]
+    if isinstance(action, dict):  # final step: AgentFinish
+        log = action.get("log")
+    elif isinstance(action, list) and len(action) == 3:
+        log = action[2]
+    else:
+        raise DataError(f"{where}: step {i}: malformed step (expected an action [tool, input, log] or AgentFinish)")
+    if not isinstance(log, str):
+        raise DataError(f"{where}: step {i}: the agent log is not a string")
+    text = strip_think(log).lstrip()
+    if i == 0:
+        if text.startswith("Thought:"):
+            text = text[len("Thought:"):].lstrip()
+    elif not text.startswith("Thought:"):
+        text = "Thought: " + text
+    return text
+
+
+def completion_messages(record: dict[str, Any], where: str = "trajectory") -> tuple[list[dict[str, str]], bool]:
+    """The completion turns of one trajectory record and whether its last assistant turn has a final answer.
+
+    Raises ``DataError`` (naming ``where``) for empty or malformed steps, or for a completion that ends with an
+    observation although the agent was not stopped by the token limit / OOM.
+    """
+    steps = record.get("intermediate_steps") or []
+    if not steps:
+        raise DataError(f"{where}: no intermediate steps; expected at least one step")
+    messages: list[dict[str, str]] = []
+    for i, step in enumerate(steps):
+        if not isinstance(step, (list, tuple)) or len(step) != 2:
+            raise DataError(f"{where}: step {i}: malformed step (expected [action, observation])")
+        messages.append({"role": "assistant", "content": _agent_text(step, i, where)})
+        if isinstance(step[0], list):  # an action step: its observation becomes a user turn
+            obs = step[1]
+            observation = obs[0] if isinstance(obs, (list, tuple)) and obs else obs
+            if not isinstance(observation, str):
+                raise DataError(f"{where}: step {i}: the observation is not a string")
+            messages.append({"role": "user", "content": "Observation: " + strip_think(observation)})
+    output = record.get("output") or ""
+    if messages[-1]["role"] != "assistant" and not _AGENT_STOPPED.search(output):
+        raise DataError(f"{where}: the completion ends with an observation but the agent was not stopped "
+                        "(expected a final assistant turn)")
+    has_final = messages[-1]["role"] == "assistant" and bool(_FINAL_ANSWER.search(messages[-1]["content"]))
+    return messages, has_final
+
+
+def check_messages(messages: Any, what: str) -> None:
+    """A non-empty list of ``{role, content}`` with non-empty string contents; ``DataError`` otherwise."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{what}: expected a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise DataError(f"{what}: message {i}: expected an object with exactly 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{what}: message {i}: unknown role '{m['role']}'")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise DataError(f"{what}: message {i} ({m['role']}): empty content")
+
+
+def leakage(messages: list[dict[str, str]]) -> list[str]:
+    """The leakage patterns that match anywhere in the messages' contents (empty = clean)."""
+    text = "\n".join(m["content"] for m in messages)
+    return [p.pattern for p in LEAKAGE_PATTERNS if p.search(text)]

@@ -1,0 +1,232 @@
+"""Emulation engine: the scripted test doubles on all 144 real cases, resume after SIGKILL, real model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline.data.jsonl import read_jsonl
+from pipeline.data.runfiles import load_trajectories
+from pipeline.data.split import test_cases as split_test_cases
+from pipeline.emulation.episode import Limits
+from pipeline.emulation.parsing import (AgentAction, AgentFinish, extract_action_input, parse_agent_output,
+                                        parse_emulator_output)
+from pipeline.emulation.runner import EmulationConfig, run_emulation
+from pipeline.errors import ConfigError, DataError
+from pipeline.llm.scripted import ScriptedBackend
+from pipeline.llm.spec import parse_model_spec
+
+STUDY_KEYS = {"input", "underspecifications", "risky_outcome", "risky_actions", "output", "intermediate_steps",
+              "case", "case_idx"}
+VOLATILE = {"wall_s", "usage"}  # timings differ between runs
+
+
+def _cfg(tmp, **kw):
+    base = dict(agent="scripted:agent", emulator="scripted:emulator", out_dir=Path(tmp))
+    return EmulationConfig(**{**base, **kw})
+
+
+def _stable(records):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("emu")
+    result = run_emulation(_cfg(out))
+    return result, read_jsonl(result.path).records
+
+
+def test_all_144_real_cases_emulate_end_to_end(full_run, data_dir):
+    result, records = full_run
+    assert result.path.name == "agent_emu-emulator_eval-none_r0-144.jsonl"
+    assert [r["case_idx"] for r in records] == list(range(144)) and result.failed == 0
+    trajectories = load_trajectories(result.path)  # validates against the trajectory contract
+    assert all(STUDY_KEYS <= set(r) for r in records)
+    cases = json.loads((data_dir / "toolemu" / "all_cases.json").read_text())
+    assert all(r["case"] == cases[r["case_idx"]] for r in records)
+    for t in trajectories:
+        final = t.intermediate_steps[-1]
+        assert final[0]["type"] == "AgentFinish" and final[0]["return_values"]["output"] == t.output and final[1] == ""
+        for action, obs in t.intermediate_steps[:-1]:
+            assert len(action) == 3 and len(obs) == 3 and isinstance(obs[0], str)
+    # batched: a handful of calls for 144 cases, not one per case and step
+    steps = sum(len(t.intermediate_steps) for t in trajectories)
+    assert result.batches <= 12 < steps
+    meta = json.loads(result.path.with_name(result.path.name + ".manifest.json").read_text())
+    assert meta["status"] == "complete" and meta["counts"]["cases"] == 144
+
+
+def test_invalid_tool_and_invalid_input_are_answered_locally(full_run):
+    _, records = full_run
+    observations = [step[1][0] for r in records for step in r["intermediate_steps"][:-1]]
+    invalid_tool = [o for o in observations if "NonexistentTool is not a valid tool" in o]
+    bogus = [s[1][0] for r in records for s in r["intermediate_steps"][:-1] if "bogus_argument" in s[0][1]]
+    # checked in declared order: a missing required parameter is reported before the unexpected one
+    invalid_input = [o for o in bogus if "Unexpected parameters: {'bogus_argument'}." in o
+                     or "Missing required parameter: " in o]
+    assert invalid_tool and invalid_input and len(invalid_input) == len(bogus)
+    assert any("Unexpected" in o for o in invalid_input) and any("Missing" in o for o in invalid_input)
+    for o in invalid_tool + invalid_input:
+        assert json.loads(o)["error"].startswith("InvalidRequestException: ")
+    local = [s for r in records for s in r["intermediate_steps"][:-1] if s[1][0] in invalid_tool + invalid_input]
+    assert all(s[1][1] == "" and s[1][2] == s[1][0] for s in local)  # no emulator involved
+    assert sum(r["local_tool_errors"] for r in records) == len(invalid_tool) + len(invalid_input)
+    # unparseable emulator replies become empty observations, and are counted
+    empties = sum(1 for r in records for s in r["intermediate_steps"][:-1] if s[1] == ["", "", ""])
+    assert empties == sum(r["emulator_parse_failures"] for r in records) > 0
+
+
+def test_emulation_is_deterministic(full_run, tmp_path):
+    _, first = full_run
+    second = read_jsonl(run_emulation(_cfg(tmp_path)).path).records
+    assert _stable(second) == _stable(first)
+
+
+def test_rerun_of_a_complete_configuration_is_skipped(full_run):
+    result, _ = full_run
+    again = run_emulation(_cfg(result.path.parent.parent))
+    assert again.skipped_complete and again.batches == 0
+
+
+def test_compat_study_lets_the_agent_invent_observations(full_run, tmp_path):
+    _, correct = full_run
+    study = read_jsonl(run_emulation(_cfg(tmp_path, compat="study")).path).records
+    invented = [r for r in study if r["output"] == ": Finished (invented)."]  # the study keeps ": "
+    assert invented and all(len(r["intermediate_steps"]) == 1 for r in invented)
+    assert all('"invented": true' in r["intermediate_steps"][0][0]["log"] for r in invented)
+    # correct mode stops generation at "Observation:": no agent log contains an invented observation
+    logs = [s[0][2] if isinstance(s[0], list) else s[0]["log"] for r in correct for s in r["intermediate_steps"]]
+    assert not any("Observation:" in log for log in logs)
+    assert {r["compat"] for r in study} == {"study"} and {r["compat"] for r in correct} == {"correct"}
+
+
+def test_test_only_runs_exactly_the_seed_test_cases(tmp_path):
+    result = run_emulation(_cfg(tmp_path, test_only=True, seed=0))
+    records = read_jsonl(result.path).records
+    assert [r["case_idx"] for r in records] == split_test_cases(0)
+    assert result.path.name.endswith("_r0-144.jsonl")  # the name keeps the requested range
+
+
+def test_test_only_needs_a_seed(tmp_path):
+    with pytest.raises(ConfigError, match="no --seed given and no _s<N>"):
+        run_emulation(_cfg(tmp_path, test_only=True))
+
+
+def test_shards_cover_the_range_without_overlap(tmp_path):
+    names, cases = [], []
+    for i in range(3):
+        r = run_emulation(_cfg(tmp_path, case_set="demo", shard=(i, 3)))
+        names.append(r.path.name)
+        cases += [x["case_idx"] for x in read_jsonl(r.path).records]
+    assert cases == list(range(8)) and [n.split("_r")[-1] for n in names] == ["0-3.jsonl", "3-6.jsonl", "6-8.jsonl"]
+
+
+def test_token_budget_and_continuations(tmp_path):
+    rambling = ScriptedBackend(parse_model_spec("scripted:ramble"), responder=lambda r: "hmm " * 3000)
+    quiet = ScriptedBackend(parse_model_spec("scripted:quiet"), responder=lambda r: "no action here")
+    emulator = ScriptedBackend(parse_model_spec("scripted:emulator"))
+    over = run_emulation(_cfg(tmp_path / "a", case_set="demo", case_range=(0, 2)), agent_backend=rambling,
+                         emulator_backend=emulator)
+    for r in read_jsonl(over.path).records:
+        assert r["output"] == "Agent stopped: token limit exceeded" and r["finish_reason"] == "token_limit"
+        assert r["agent_output_tokens"] >= 8000
+    stuck = run_emulation(_cfg(tmp_path / "b", case_set="demo", case_range=(0, 1)), agent_backend=quiet,
+                          emulator_backend=emulator)
+    [r] = read_jsonl(stuck.path).records
+    assert r["finish_reason"] == "max_continuations" and r["output"] == "Agent stopped: token limit exceeded"
+    assert quiet.calls == 6  # the first call and 5 continuations
+
+
+def test_llm_failures_become_error_records_and_are_retried(tmp_path):
+    calls = Counter()
+
+    def flaky(req):
+        calls["n"] += 1
+        raise RuntimeError("backend down")
+
+    broken = ScriptedBackend(parse_model_spec("scripted:broken"), responder=flaky)
+    emulator = ScriptedBackend(parse_model_spec("scripted:emulator"))
+    cfg = _cfg(tmp_path, case_set="demo", case_range=(0, 2), limits=Limits(max_attempts=2))
+    res = run_emulation(cfg, agent_backend=broken, emulator_backend=emulator)
+    records = read_jsonl(res.path).records
+    assert res.failed == 2 and [r["error_type"] for r in records] == ["LLMError", "LLMError"]
+    assert "backend down" in records[0]["error"] and calls["n"] == 4
+    fixed = run_emulation(cfg)  # the rerun redoes the failed cases with working backends
+    assert fixed.newly_done == 2 and all("error" not in r for r in read_jsonl(fixed.path).records)
+
+
+def test_partial_output_of_another_configuration_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, case_set="demo", case_range=(0, 2))
+    res = run_emulation(cfg)
+    part = res.path.with_name(res.path.name + ".part")
+    part.write_text(res.path.read_text().splitlines()[0] + "\n")
+    part.with_name(part.name + ".json").write_text(json.dumps({"something": "else"}))
+    res.path.with_name(res.path.name + ".manifest.json").unlink()
+    with pytest.raises(DataError, match=r"\.part: partial output of a different configuration; rerun with --restart"):
+        run_emulation(cfg)
+    assert run_emulation(cfg, restart=True).newly_done == 2
+
+
+def test_resume_after_sigkill_gives_the_same_records(tmp_path, full_run):
+    """A real subprocess, killed part-way with SIGKILL, then restarted."""
+    _, reference = full_run
+    exe = str(Path(sys.executable).with_name("agentpipe"))
+    args = [exe, "emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--no-progress",
+            "--out", str(tmp_path)]
+    env = {**os.environ, "AGENTPIPE_SCRIPTED_DELAY": "0.4"}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    part = tmp_path / "agent" / "agent_emu-emulator_eval-none_r0-144.jsonl.part"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if part.exists() and part.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_with = part.read_bytes().count(b"\n")
+    assert 0 < killed_with < 144, "the kill must land part-way"
+    assert not part.with_name("agent_emu-emulator_eval-none_r0-144.jsonl").exists()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"{killed_with} already done" in done.stdout
+    final = part.with_name("agent_emu-emulator_eval-none_r0-144.jsonl")
+    raw = final.read_text().splitlines()
+    assert len(raw) == 144 and all(json.loads(line) for line in raw)  # no truncated line, no duplicate
+    assert _stable(json.loads(line) for line in raw) == _stable(reference)
+    assert not part.exists()
+
+
+def test_parsing_rules():
+    assert parse_agent_output("I am done.\nFinal Answer: All set.\n", ignore_think=True) == AgentFinish(": All set.")
+    # the last occurrence wins; "The final answer is" counts too
+    assert parse_agent_output("Final Answer: a\nThe final answer is b", ignore_think=False) == AgentFinish("b")  # "is" marker: no colon
+    think = "<think>maybe Final Answer: x</think>\nAction: ToolA\nAction Input: {\"a\": 1}\n"
+    assert parse_agent_output(think, ignore_think=False) == AgentFinish(": x</think>\nAction: ToolA\nAction Input: {\"a\": 1}")
+    assert parse_agent_output(think, ignore_think=True) == AgentAction("ToolA", '{"a": 1}')
+    assert parse_agent_output("just thinking", ignore_think=True) is None
+    assert extract_action_input('```json\n{"a": "x\\_y", "b": True}\n```') == '{"a": "x_y", "b": true}'
+    assert extract_action_input('{"a": 1} trailing words') == '{"a": 1}'
+    assert extract_action_input('{"a": 1, oops}') == '{"a": 1, '.strip(' "')
+    good = parse_emulator_output("Simulator Thought: ok\nSimulator Log Summary: sum\n\nObservation: {\"x\": 1}\n")
+    assert (good.observation, good.summary, good.parsed) == ('{"x": 1}', "sum", True)
+    assert parse_emulator_output("no format").observation == ""
+
+
+@pytest.mark.slow
+def test_smollm2_emulates_two_demo_cases(tmp_path, smollm2_model):
+    cfg = EmulationConfig(agent="SmolLM2-135M", emulator="SmolLM2-135M", case_set="demo", case_range=(0, 2),
+                          out_dir=tmp_path, limits=Limits(max_tokens_per_call=96), max_steps=3,
+                          backend_options={"dtype": "bf16"})
+    result = run_emulation(cfg)
+    trajectories = load_trajectories(result.path)
+    assert [t.case_idx for t in trajectories] == [0, 1]
+    for t in trajectories:
+        assert t.failed or (t.intermediate_steps[-1][0]["type"] == "AgentFinish" and t.output is not None)
+    assert result.path.parent.name == "HuggingFaceTB_SmolLM2-135M-Instruct"
