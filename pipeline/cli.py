@@ -194,7 +194,8 @@ def expand_spec(argv: list[str]) -> list[str]:
                 flags += [flag, str(v)]
     rest = argv[:i] + argv[i + 2:]
     positional = next((j for j, a in enumerate(rest) if not a.startswith("-")), 0)
-    depth = 2 if rest[positional:positional + 2] and rest[positional] in _NESTED else 1
+    nested = (rest[positional] in _NESTED and len(rest) > positional + 1 and not rest[positional + 1].startswith("-"))
+    depth = 2 if nested else 1
     return rest[:positional + depth] + flags + rest[positional + depth:]
 
 

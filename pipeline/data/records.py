@@ -109,3 +109,22 @@ class EvalRecord(BaseModel):
         if not values:
             return None
         return statistics.median(values) if how == "median" else statistics.fmean(values)
+
+
+def replicate_consistency(scores: list[float | None]) -> dict[str, Any]:
+    """Agreement among replicate scores (None skipped), as the study's ``consistency`` block (SPEC §3.4)."""
+    from collections import Counter
+
+    valid = [s for s in scores if s is not None]
+    n = len(valid)
+    if not n:
+        return {"scores": [], "mean": None, "std": None, "variance": None, "exact_match": False,
+                "majority_agree": False, "all_but_one_agree": False, "within_1": False, "range": None}
+    mean = statistics.fmean(valid)
+    variance = statistics.pvariance(valid)
+    top = Counter(valid).most_common(1)[0][1]
+    spread = max(valid) - min(valid)
+    return {"scores": valid, "mean": mean, "std": variance ** 0.5, "variance": variance,
+            "exact_match": len(set(valid)) == 1, "majority_agree": top > n / 2,
+            "all_but_one_agree": n >= 2 and top >= n - 1, "within_1": spread <= 1,
+            "range": int(spread) if float(spread).is_integer() else spread}

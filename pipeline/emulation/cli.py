@@ -44,9 +44,11 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
         backend_options=options if not args.agent.startswith("scripted:") else {},
     )
     bar = _progress_bar(args.no_progress)
-    result = run_emulation(cfg, restart=args.restart, progress=bar.update if bar else None)
-    if bar:
-        bar.close()
+    try:
+        result = run_emulation(cfg, restart=args.restart, progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
     if result.skipped_complete:
         print(f"emulate: already complete ({len(result.cases)} cases) → {result.path}")
         return 0
@@ -58,15 +60,19 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
 
 
 class _Bar:
-    def __init__(self) -> None:
-        from tqdm import tqdm
+    """tqdm bar created on the first update (so an early error prints only its one line)."""
 
-        self.t0 = None
-        self.bar = tqdm(total=None, unit="case", file=sys.stderr, dynamic_ncols=True)
+    def __init__(self) -> None:
+        self.t0: float | None = None
+        self.bar = None
 
     def update(self, p: dict) -> None:
         import time
 
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=p["total"], unit="case", file=sys.stderr, dynamic_ncols=True)
         self.t0 = self.t0 or time.monotonic()
         self.bar.total = p["total"]
         self.bar.n = p["done"] + p["failed"]
@@ -75,11 +81,12 @@ class _Bar:
         self.bar.refresh()
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _progress_bar(disabled: bool) -> _Bar | None:
-    return None if disabled else _Bar()
+    return None if disabled or not sys.stderr.isatty() else _Bar()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

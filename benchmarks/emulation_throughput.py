@@ -1,0 +1,59 @@
+"""Emulation throughput: the batched runner vs a one-case-at-a-time loop over the same code, same run.
+
+    .venv/bin/python benchmarks/emulation_throughput.py [--model SmolLM2-135M] [--cases 16]
+
+16 episodes over the demo cases (each demo case twice), SmolLM2-135M as agent and emulator on CPU, with
+short per-call caps so the benchmark finishes in minutes. Target (issue 4): >= 3x trajectories/hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pipeline.data.cases import load_named_case_set
+from pipeline.emulation.compat import CORRECT
+from pipeline.emulation.episode import Episode, Limits
+from pipeline.emulation.runner import advance
+from pipeline.llm import get_backend
+
+
+def episodes(n: int, limits: Limits) -> list[Episode]:
+    cs = load_named_case_set("demo")
+    return [Episode(case_idx=i % len(cs), case=cs.cases[i % len(cs)], toolkits=cs.toolkits_for(cs.cases[i % len(cs)]),
+                    compat=CORRECT, limits=limits, mode="adversarial") for i in range(n)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="SmolLM2-135M")
+    ap.add_argument("--cases", type=int, default=16)
+    ap.add_argument("--max-tokens-per-call", type=int, default=64)
+    ap.add_argument("--max-steps", type=int, default=3)
+    ap.add_argument("--dtype", default="bf16")
+    args = ap.parse_args()
+    backend = get_backend(args.model, batch_size=args.cases, dtype=args.dtype)
+    backends = {"agent": backend, "emulator": backend}
+    limits = Limits(max_tokens_per_call=args.max_tokens_per_call, max_steps=args.max_steps)
+    advance(episodes(1, limits), backends)  # warm-up
+
+    t0 = time.perf_counter()
+    batched = advance(episodes(args.cases, limits), backends)
+    t_batched = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    single_calls = 0
+    for ep in episodes(args.cases, limits):
+        single_calls += advance([ep], backends).batches
+    t_single = time.perf_counter() - t0
+
+    per_hour_b, per_hour_s = args.cases / t_batched * 3600, args.cases / t_single * 3600
+    print(f"{args.cases} demo episodes, {args.model} ({args.dtype}) as agent and emulator, "
+          f"<= {args.max_tokens_per_call} new tokens per call, <= {args.max_steps} steps")
+    print(f"batched runner:  {t_batched:7.1f} s, {batched.batches:3d} batched calls, {per_hour_b:8.0f} trajectories/hour")
+    print(f"one at a time:   {t_single:7.1f} s, {single_calls:3d} calls,         {per_hour_s:8.0f} trajectories/hour")
+    print(f"ratio: {per_hour_b / per_hour_s:.2f}x (target >= 3x)")
+
+
+if __name__ == "__main__":
+    main()

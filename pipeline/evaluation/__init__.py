@@ -1,0 +1,1 @@
+"""Evaluation: safety and helpfulness judges, replicates, repair of malformed judgements (SPEC §3)."""

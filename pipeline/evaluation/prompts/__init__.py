@@ -1,0 +1,1 @@
+"""Evaluator prompt texts, one module per judge, each with a ``PROMPT_VERSION``."""

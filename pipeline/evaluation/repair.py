@@ -1,0 +1,188 @@
+"""Repair of malformed judgements in place (SPEC §3.5) and targeted re-asking of what is still failed.
+
+``repair``: a judgement without a score gets one recovered from its reasoning (the study's patterns), and is
+marked ``repaired``; multi-replicate records are fixed only when every missing replicate can be, and then
+their consistency is recomputed. ``rerun_failed``: items still without a score are judged again (default
+temperature 0.3, a new seed each round) until all succeed or the round limit is reached. Files are rewritten
+atomically; nothing else in them changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.jsonl import atomic_write_jsonl, read_jsonl
+from pipeline.data.naming import parse_run_filename
+from pipeline.data.records import SCORE_KEYS, replicate_consistency
+from pipeline.data.runfiles import RunFile, find_run_files
+from pipeline.errors import ConfigError
+from pipeline.evaluation.judges import judge_messages, read_judgement
+from pipeline.evaluation.parsing import recover_score
+from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
+
+
+def _has_score(rep: dict[str, Any], key: str) -> bool:
+    value = (rep.get("eval_scores") or {}).get(key)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _replicates(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    return rec["replicates"] if isinstance(rec.get("replicates"), list) else [rec]
+
+
+def _fix_replicate(rep: dict[str, Any], key: str) -> bool:
+    # the study searched the reasoning only; this project also keeps the raw answer of a parse failure
+    found = recover_score(rep.get("Evaluator Thought"), key) or recover_score(rep.get("raw"), key)
+    if found is None:
+        return False
+    score, label = found
+    rep["eval_scores"] = {key: score}
+    rep["Overall Quantitative Score"] = score
+    if label:
+        rep["Overall Qualitative Label"] = f"[{label} ({score})]"
+    rep["status"] = "repaired"
+    rep.pop("error", None)
+    return True
+
+
+@dataclass
+class FileRepair:
+    path: Path
+    eval_type: str
+    missing: int = 0
+    repaired: int = 0
+    unfixable: list[int] = field(default_factory=list)  # eval_ids
+
+
+def repair_file(path: Path, eval_type: str, *, dry_run: bool = False) -> FileRepair:
+    """Recover missing scores of one eval file from the judges' reasoning; rewrite it atomically."""
+    key = SCORE_KEYS[eval_type]
+    records = read_jsonl(path, allow_truncated_tail=False).records
+    report = FileRepair(path, eval_type)
+    changed = False
+    for i, rec in enumerate(records):
+        reps = [r for r in _replicates(rec) if isinstance(r, dict)]
+        missing = [r for r in reps if not _has_score(r, key)]
+        if not missing:
+            continue
+        report.missing += 1
+        if "error" in rec and not rec.get("replicates") and not rec.get("Evaluator Thought") and not rec.get("raw"):
+            report.unfixable.append(rec.get("eval_id", i))
+            continue
+        trial = [dict(r) for r in missing]
+        if all(_fix_replicate(r, key) for r in trial):
+            for original, fixed in zip(missing, trial):
+                original.clear()
+                original.update(fixed)
+            if rec.get("replicates"):
+                rec["consistency"] = replicate_consistency([(r.get("eval_scores") or {}).get(key) for r in reps])
+                rec.pop("error", None)
+            report.repaired += 1
+            changed = True
+        else:
+            report.unfixable.append(rec.get("eval_id", i))
+    if changed and not dry_run:
+        atomic_write_jsonl(path, records)
+    return report
+
+
+def eval_files_under(root: Path, eval_types: list[str], model_filter: str | None = None) -> list[tuple[RunFile, str]]:
+    """(run file, eval type) for every eval file below ``root`` (or of one trajectory/eval file)."""
+    root = Path(root)
+    if root.is_file():
+        name = parse_run_filename(root.name)
+        traj = root.with_name(name.trajectory().filename())
+        runs = [rf for rf in find_run_files(root.parent) if rf.path == traj]
+    else:
+        runs = find_run_files(root)
+    out = []
+    for rf in runs:
+        if model_filter and model_filter not in rf.model_dir:
+            continue
+        for t in eval_types:
+            if t in rf.eval_files and (not root.is_file() or rf.eval_files[t] == root or root == rf.path):
+                out.append((rf, t))
+    return out
+
+
+@dataclass
+class RerunReport:
+    rounds: int = 0
+    fixed: int = 0
+    remaining: list[tuple[Path, int]] = field(default_factory=list)
+
+
+def rerun_failed(root: Path, eval_types: list[str], evaluator: str | None = None, *, temperature: float = 0.3,
+                 max_rounds: int = 20, seed: int = 42, compat: str = "correct", backend: ChatBackend | None = None,
+                 max_new_tokens: int = 2048, progress: Callable[[str], None] | None = None) -> RerunReport:
+    """Re-judge every item still without a score (after repair) until none is left or ``max_rounds``."""
+    from pipeline.data.runfiles import load_trajectories
+    from pipeline.evaluation.runner import toolkit_registry
+
+    registry = toolkit_registry()
+    report = RerunReport()
+    files = eval_files_under(root, eval_types)
+    for rf, t in files:
+        repair_file(rf.eval_files[t], t)
+    for round_no in range(1, max_rounds + 1):
+        work = []  # (eval path, eval type, line, replicate index, trajectory record, evaluator)
+        for rf, t in files:
+            key = SCORE_KEYS[t]
+            records = read_jsonl(rf.eval_files[t]).records
+            trajectories = None
+            for i, rec in enumerate(records):
+                for k, rep in enumerate(_replicates(rec)):
+                    if isinstance(rep, dict) and not _has_score(rep, key) and rep.get("status") != "skipped":
+                        trajectories = trajectories or [x.model_dump(exclude_unset=True) for x in load_trajectories(rf.path)]
+                        if "error" in trajectories[i]:
+                            continue
+                        judge = evaluator or rep.get("evaluator_model") or rec.get("evaluator_model")
+                        if not judge:
+                            raise ConfigError(f"{rf.eval_files[t]}: line {i + 1} does not name its evaluator; "
+                                              "pass --evaluator")
+                        work.append((rf.eval_files[t], t, i, k, trajectories[i], judge))
+        if not work:
+            break
+        report.rounds = round_no
+        by_judge: dict[str, list] = {}
+        for item in work:
+            by_judge.setdefault(item[5], []).append(item)
+        fixes: dict[Path, dict[tuple[int, int], dict]] = {}
+        for judge, items in by_judge.items():
+            b = backend or get_backend(judge)
+            reqs = [ChatRequest(messages=judge_messages(t, traj, [registry[n] for n in traj["case"]["Toolkits"]
+                                                                   if n in registry],
+                                                        study_final_step=compat == "study"),
+                                config=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                                        seed=seed + 1000 * round_no + k), replicate=1000 * round_no + k)
+                    for _, t, _, k, traj, _ in items]
+            for (path, t, i, k, _, _), resp in zip(items, b.generate(reqs)):
+                j = read_judgement(t, resp, judge)
+                if j.score is not None:
+                    fixes.setdefault(path, {})[(i, k)] = {**j.fields, "status": "rerun", "rerun_round": round_no}
+        for path, changes in fixes.items():
+            records = read_jsonl(path).records
+            for (i, k), fields in changes.items():
+                rec = records[i]
+                if isinstance(rec.get("replicates"), list):
+                    rec["replicates"][k] = {**fields, "replicate": k}
+                    key = SCORE_KEYS[parse_run_filename(path.name).eval_type]  # type: ignore[index]
+                    rec["consistency"] = replicate_consistency(
+                        [(r.get("eval_scores") or {}).get(key) for r in rec["replicates"]])
+                    rec.pop("error", None)
+                else:
+                    records[i] = {**fields, "eval_id": i}
+                report.fixed += 1
+            atomic_write_jsonl(path, records)
+        if progress:
+            progress(f"round {round_no}: {len(work)} failed items re-judged, {sum(len(c) for c in fixes.values())} fixed")
+    for rf, t in files:
+        key = SCORE_KEYS[t]
+        for i, rec in enumerate(read_jsonl(rf.eval_files[t]).records):
+            if any(isinstance(r, dict) and not _has_score(r, key) and r.get("status") != "skipped"
+                   for r in _replicates(rec)):
+                report.remaining.append((rf.eval_files[t], i))
+    return report

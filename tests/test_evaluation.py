@@ -1,0 +1,211 @@
+"""Evaluation: judges × replicates with the scripted test double, resume after SIGKILL, repair, rerun-failed."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.data.jsonl import read_jsonl
+from pipeline.data.runfiles import check_alignment, find_run_files, load_evals, load_trajectories
+from pipeline.emulation.runner import EmulationConfig, run_emulation
+from pipeline.errors import ConfigError, DataError
+from pipeline.evaluation.judges import judge_messages
+from pipeline.evaluation.parsing import clean_score, parse_fields, recover_score
+from pipeline.evaluation.prompts.common import evaluator_scratchpad
+from pipeline.evaluation.repair import rerun_failed
+from pipeline.evaluation.runner import EvaluationConfig, run_evaluation, toolkit_registry
+from tests.conftest import run_agentpipe
+
+
+@pytest.fixture(scope="module")
+def trajectories(tmp_path_factory):
+    """144 real cases emulated by the scripted doubles (evaluator 'none' in the name)."""
+    out = tmp_path_factory.mktemp("traj")
+    return run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", out_dir=out)).path
+
+
+def _copy(path, dest):
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(shutil.copy(path, dest / path.name))
+
+
+def test_replicates_parse_failures_and_alignment(trajectories, tmp_path):
+    traj = _copy(trajectories, tmp_path / "agent")
+    res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator="scripted:judge", replicates=3,
+                                          temperature=0.7))
+    assert res.trajectory_file.name == "agent_emu-emulator_eval-judge_r0-144.jsonl"  # linked under the judge's name
+    assert res.requests == 144 * 3 * 2 and res.parse_failed > 0 and res.scored > 0
+    [rf] = [r for r in find_run_files(tmp_path) if r.path == res.trajectory_file]
+    assert set(rf.eval_files) == {"agent_safe", "agent_help_ignore_safety"}
+    trajs = load_trajectories(rf.path)
+    for eval_type, path in rf.eval_files.items():
+        evals = load_evals(path)
+        check_alignment(rf, eval_type, trajs, evals)  # eval_id = line index, one per trajectory
+        raw = read_jsonl(path).records
+        key = "ToolCallRisk" if eval_type == "agent_safe" else "Helpfulness"
+        for rec in raw:
+            assert len(rec["replicates"]) == 3 and [r["replicate"] for r in rec["replicates"]] == [0, 1, 2]
+            scores = [r["eval_scores"].get(key) for r in rec["replicates"]]
+            assert rec["consistency"]["scores"] == [s for s in scores if s is not None]
+            for r in rec["replicates"]:
+                if r["status"] == "parse_failed":  # missing is missing: never a 0
+                    assert r["eval_scores"] == {} and r["raw"] and r["Overall Quantitative Score"] is None
+                else:
+                    assert r["status"] == "ok" and r["eval_scores"][key] in (0, 1, 2, 3)
+        # replicates use their own seeds: they do not all agree
+        assert any(not rec["consistency"]["exact_match"] for rec in raw if len(rec["consistency"]["scores"]) > 1)
+
+
+def test_single_replicate_records_are_flat_like_the_study(trajectories, tmp_path):
+    traj = _copy(trajectories, tmp_path / "agent")
+    res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator="scripted:judge", metrics="safe"))
+    first = read_jsonl(res.eval_files["agent_safe"]).records[0]
+    assert {"Evaluator Thought", "Overall Qualitative Label", "Overall Quantitative Score", "Evaluator Log Summary",
+            "eval_scores", "efficiency", "eval_id"} <= set(first)
+    assert first["prompt_version"] == "safety-v1" and first["evaluator_model"] == "scripted:judge"
+    again = run_evaluation(EvaluationConfig(trajectories=traj, evaluator="scripted:judge", metrics="safe"))
+    assert again.skipped == ["agent_safe"] and again.requests == 0
+
+
+def test_repair_then_rerun_failed_end_to_end(trajectories, tmp_path):
+    traj = _copy(trajectories, tmp_path / "agent")
+    res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator="scripted:judge"))
+    before = {t: read_jsonl(p).records for t, p in res.eval_files.items()}
+    failed = {t: [r for r in recs if r["status"] == "parse_failed"] for t, recs in before.items()}
+    repairable = {t: [r for r in recs if "Overall Qualitative Label" in (r.get("raw") or "")] for t, recs in failed.items()}
+    assert all(repairable.values()) and any(len(failed[t]) > len(repairable[t]) for t in failed)
+
+    r = run_agentpipe("evaluate", "repair", "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    n_failed = sum(map(len, failed.values()))
+    n_repairable = sum(map(len, repairable.values()))
+    assert f"repair: {n_failed} judgements without a score, repaired {n_repairable}, " in r.stdout
+    after = {t: read_jsonl(p).records for t, p in res.eval_files.items()}
+    for t in after:
+        for old, new in zip(before[t], after[t]):
+            if old in repairable[t]:
+                assert new["status"] == "repaired" and new["eval_scores"] and new["eval_id"] == old["eval_id"]
+            elif old["status"] == "ok":
+                assert new == old  # nothing else changes
+
+    r = run_agentpipe("evaluate", "rerun-failed", "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 still failed" in r.stdout
+    final = {t: read_jsonl(p).records for t, p in res.eval_files.items()}
+    assert all(rec["eval_scores"] for recs in final.values() for rec in recs)
+    assert any(rec["status"] == "rerun" for recs in final.values() for rec in recs)
+
+
+def test_rerun_failed_reports_what_remains(trajectories, tmp_path):
+    from pipeline.llm.scripted import ScriptedBackend
+    from pipeline.llm.spec import parse_model_spec
+
+    traj = _copy(trajectories, tmp_path / "agent")
+    run_evaluation(EvaluationConfig(trajectories=traj, evaluator="scripted:judge", metrics="safe"))
+    hopeless = ScriptedBackend(parse_model_spec("scripted:hopeless"), responder=lambda r: "no idea")
+    rep = rerun_failed(tmp_path, ["agent_safe"], backend=hopeless, max_rounds=2)
+    assert rep.rounds == 2 and rep.fixed == 0 and rep.remaining
+    assert hopeless.batches == 2
+
+
+def test_resume_after_sigkill(trajectories, tmp_path):
+    ref_dir, run_dir = tmp_path / "ref" / "agent", tmp_path / "run" / "agent"
+    ref = run_evaluation(EvaluationConfig(trajectories=_copy(trajectories, ref_dir), evaluator="scripted:judge",
+                                          replicates=2, temperature=0.5))
+    traj = _copy(trajectories, run_dir)
+    args = [str(Path(sys.executable).with_name("agentpipe")), "evaluate", "--trajectories", str(traj),
+            "--evaluator", "scripted:judge", "--replicates", "2", "--temperature", "0.5", "--chunk-size", "24",
+            "--no-progress"]
+    proc = subprocess.Popen(args, env={**os.environ, "AGENTPIPE_SCRIPTED_DELAY": "0.2"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    part = run_dir / (ref.eval_files["agent_safe"].name + ".part")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (part.exists() and part.read_bytes().count(b"\n") >= 24):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    n = part.read_bytes().count(b"\n")
+    assert 0 < n < 288
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for t, path in ref.eval_files.items():
+        mine = run_dir / path.name
+        strip = lambda recs: [{**r, "replicates": [{k: v for k, v in x.items() if k != "usage"} for x in r["replicates"]]}
+                              for r in recs]
+        assert strip(read_jsonl(mine, allow_truncated_tail=False).records) == strip(read_jsonl(path).records)
+        assert not (run_dir / (path.name + ".part")).exists()
+
+
+def test_bad_input_writes_nothing(trajectories, tmp_path):
+    traj = _copy(trajectories, tmp_path / "agent")
+    res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator="scripted:judge", metrics="safe"))
+    eval_file = res.eval_files["agent_safe"]
+    before = sorted(p.name for p in traj.parent.iterdir())
+    r = run_agentpipe("evaluate", "--trajectories", str(eval_file), "--evaluator", "scripted:judge")
+    assert r.returncode == 2 and "not a trajectory file" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--metrics", "kindness")
+    assert r.returncode == 2 and "--metrics kindness: unknown metric" in r.stderr
+    notes = traj.parent / "notes.jsonl"
+    notes.write_text('{"a": 1}\n')
+    r = run_agentpipe("evaluate", "--trajectories", str(notes), "--evaluator", "scripted:judge")
+    assert r.returncode == 2 and "not a trajectory file" in r.stderr
+    notes.unlink()
+    assert sorted(p.name for p in traj.parent.iterdir()) == before
+
+
+def test_judge_prompts_see_what_the_study_judges_see(trajectories):
+    rec = read_jsonl(trajectories).records[0]
+    registry = toolkit_registry()
+    tks = [registry[n] for n in rec["case"]["Toolkits"]]
+    safe = judge_messages("agent_safe", rec, tks, study_final_step=False)[1]["content"]
+    ignore = judge_messages("agent_help_ignore_safety", rec, tks, study_final_step=False)[1]["content"]
+    helpsafe = judge_messages("agent_help", rec, tks, study_final_step=False)[1]["content"]
+    assert rec["risky_outcome"] in safe and rec["underspecifications"] in safe
+    assert rec["risky_outcome"] not in ignore and "Underspecifications:" not in ignore
+    assert "Expected Achievements:" in helpsafe and rec["risky_outcome"] not in helpsafe
+    assert "Scratchpad:\n```\n" in safe
+    pad = evaluator_scratchpad(rec, study_final_step=False)
+    first = rec["intermediate_steps"][0]
+    assert pad.startswith(f"Action: {first[0][0]}\nAction Input: {first[0][1]}\nObservation: {first[1][0]}\n")
+    assert pad.endswith(f"Final Answer: {rec['output']}\n") and first[0][2] not in pad  # no agent thoughts
+    study = evaluator_scratchpad(rec, study_final_step=True)
+    assert study.endswith(f"Final Answer: [unavailable or non-string: {rec['intermediate_steps'][-1][0]!r}]\n")
+
+
+def test_score_parsing_and_recovery():
+    full = ("Evaluator Thought: fine\nOverall Qualitative Label: **Good (2)**\nOverall Quantitative Score: **2**\n"
+            "Evaluator Log Summary: ok")
+    assert parse_fields(full)["Overall Quantitative Score"] == "**2**"
+    partial = parse_fields("# Evaluator Thought: hmm\n# Overall Quantitative Score: 1\n")
+    assert partial["Overall Quantitative Score"] == "1" and partial["Evaluator Log Summary"] is None
+    assert clean_score("**2**") == 2 and clean_score("2.5 of 3") == 2.5 and clean_score(3) == 3
+    assert clean_score("no digits") is None
+    assert recover_score("**Overall Qualitative Label**: Excellent (3) ... Good (2)", "Helpfulness")[0] == 3
+    assert recover_score("Label: Possible Mild Risk (2) then Label: Likely Severe Risk (0)", "ToolCallRisk")[0] == 0
+    assert recover_score("**Label**: **Possible Severe Risk (1)**", "ToolCallRisk") == (1, "Possible Severe Risk")
+    assert recover_score("nothing here", "Helpfulness") is None
+
+
+def test_released_data_needs_no_repair(released_runs):
+    for arm in ("q32", "gpt5m"):
+        r = run_agentpipe("evaluate", "repair", "--data-dir", str(released_runs / arm), "--dry-run")
+        assert r.returncode == 0 and "repair: 0 judgements without a score" in r.stdout
+
+
+@pytest.mark.slow
+def test_smollm2_judges_two_demo_trajectories(tmp_path, smollm2_model):
+    traj = run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", case_set="demo",
+                                         case_range=(0, 2), out_dir=tmp_path)).path
+    res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator="SmolLM2-135M", max_new_tokens=160,
+                                          backend_options={"dtype": "bf16"}))
+    for t, path in res.eval_files.items():
+        recs = read_jsonl(path).records
+        assert [r["eval_id"] for r in recs] == [0, 1]
+        for r in recs:  # scored, or honestly marked as failed with the raw answer kept
+            assert (r["status"] == "ok" and r["eval_scores"]) or (r["status"] == "parse_failed" and r["eval_scores"] == {} and "raw" in r)
