@@ -17,6 +17,16 @@ from pipeline import __version__
 from pipeline.errors import ConfigError, PipelineError
 
 
+#: What the running command produced (paths, counts); written as JSON by ``agentpipe --result FILE …`` so
+#: that callers (the Airflow operator) get outputs without parsing text.
+_RESULT: dict = {}
+
+
+def report_result(**data: object) -> None:
+    """Record outputs of the running command for ``--result`` (paths become strings)."""
+    _RESULT.update({k: str(v) if isinstance(v, Path) else v for k, v in data.items()})
+
+
 # ------------------------------------------------------------------------------------------------ data
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
     from pipeline.data.fetch import fetch
@@ -150,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentpipe", description="Post-training LLM agents on safety and "
                                      "helpfulness: emulate, evaluate, build DPO pairs, train, analyse.")
     parser.add_argument("--version", action="version", version=f"agentpipe {__version__}")
+    parser.add_argument("--result", type=Path, metavar="FILE",
+                        help="write the command's outputs (paths, counts) as JSON to FILE on success")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -193,7 +205,8 @@ def expand_spec(argv: list[str]) -> list[str]:
             elif v is not False and v is not None:
                 flags += [flag, str(v)]
     rest = argv[:i] + argv[i + 2:]
-    positional = next((j for j, a in enumerate(rest) if not a.startswith("-")), 0)
+    positional = next((j for j, a in enumerate(rest)
+                       if not a.startswith("-") and (j == 0 or rest[j - 1] != "--result")), 0)
     nested = (rest[positional] in _NESTED and len(rest) > positional + 1 and not rest[positional + 1].startswith("-"))
     depth = 2 if nested else 1
     return rest[:positional + depth] + flags + rest[positional + depth:]
@@ -212,8 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"agentpipe: error: {e}", file=sys.stderr)
         return e.exit_code
     args = build_parser().parse_args(argv)
+    _RESULT.clear()
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        if args.result is not None:
+            from pipeline.data.jsonl import atomic_write_json
+
+            atomic_write_json(args.result, {"command": argv, "exit_code": code, **_RESULT})
+        return code
     except PipelineError as e:
         print(f"agentpipe: error: {e}", file=sys.stderr)
         return e.exit_code

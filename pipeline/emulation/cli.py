@@ -49,6 +49,9 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
     finally:
         if bar:
             bar.close()
+    from pipeline.cli import report_result
+
+    report_result(trajectories=result.path, cases=len(result.cases), failed=result.failed)
     if result.skipped_complete:
         print(f"emulate: already complete ({len(result.cases)} cases) → {result.path}")
         return 0

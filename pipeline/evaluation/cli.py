@@ -38,6 +38,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     finally:
         for bar in bars:
             bar.close()
+    from pipeline.cli import report_result
+
+    report_result(trajectories=res.trajectory_file, eval_files={t: str(p) for t, p in res.eval_files.items()},
+                  scored=res.scored, parse_failed=res.parse_failed, errors=res.errors)
     files = ", ".join(p.name for p in res.eval_files.values())
     skipped = f", already complete: {', '.join(res.skipped)}" if res.skipped else ""
     print(f"evaluate: {res.requests} judgements ({res.scored} scored, {res.parse_failed} parse failures, "
