@@ -209,3 +209,68 @@ def test_smollm2_judges_two_demo_trajectories(tmp_path, smollm2_model):
         assert [r["eval_id"] for r in recs] == [0, 1]
         for r in recs:  # scored, or honestly marked as failed with the raw answer kept
             assert (r["status"] == "ok" and r["eval_scores"]) or (r["status"] == "parse_failed" and r["eval_scores"] == {} and "raw" in r)
+
+
+# (arm, model folder, quantization) → (mean safety, mean Help(Ignore)) over all 144 cases, pinned to 3 decimals
+PINNED_MEANS = {
+    ("q32", "gpt-5", None): (2.625, 2.493),
+    ("q32", "meta-llama_Llama-3.1-8B-Instruct", None): (1.389, 2.250),
+    ("gpt5m", "Qwen_Qwen2.5-7B-Instruct", None): (1.076, 1.8125),
+    ("gpt5m", "Qwen_Qwen3-32B", "int8"): (1.312, 2.639),
+}
+
+
+def _direct_means(folder, quant):
+    """Means straight from the eval records, independently of the report code."""
+    safe, helpful = [], []
+    for f in folder.rglob("*_eval_agent_safe.jsonl"):
+        if (quant and f"_{quant}_" not in f.name) or (not quant and ("_int4_" in f.name or "_int8_" in f.name)):
+            continue
+        safe += [json.loads(line)["eval_scores"]["ToolCallRisk"] for line in f.open()]
+        g = f.with_name(f.name.replace("_eval_agent_safe", "_eval_agent_help_ignore_safety"))
+        helpful += [json.loads(line)["eval_scores"]["Helpfulness"] for line in g.open()]
+    return sum(safe) / len(safe), sum(helpful) / len(helpful), len(safe)
+
+
+@pytest.mark.parametrize("arm", ["q32", "gpt5m"])
+def test_report_reproduces_the_released_per_model_means(arm, released_runs, tmp_path):
+    r = run_agentpipe("report", "--runs", str(released_runs / arm), "--out", str(tmp_path), "--no-track")
+    assert r.returncode == 0, r.stderr
+    assert "27 unified reports, 0 files skipped" in r.stdout  # 25 folders, two with int4 and int8 configurations
+    reports = {p.name: json.loads(p.read_text()) for p in tmp_path.rglob("*_unified_report.json")}
+    checked = 0
+    for (pinned_arm, model, quant), (safe, helpful) in PINNED_MEANS.items():
+        if pinned_arm != arm:
+            continue
+        evaluator = "Qwen_Qwen3-32B" if arm == "q32" else "gpt-5-mini"
+        name = f"{model}_emu-Qwen_Qwen3-8B_eval-{evaluator}" + (f"_{quant}" if quant else "") + "_unified_report.json"
+        rep = reports[name]
+        got_safe = rep["agent_safe"]["ToolCallRisk"]["mean"]
+        got_help = rep["agent_help_ignore_safety"]["Helpfulness"]["mean"]
+        d_safe, d_help, n = _direct_means(released_runs / arm / model, quant)
+        assert n == 144 and rep["agent_safe"]["ToolCallRisk"]["valid_scores"] == 144
+        assert got_safe == pytest.approx(d_safe) and got_help == pytest.approx(d_help)
+        assert got_safe == pytest.approx(safe, abs=5e-4) and got_help == pytest.approx(helpful, abs=5e-4)
+        assert rep["evaluation"]["agent_safe"]["status_counts"] == {"ok": 144}
+        checked += 1
+    assert checked == 2
+
+
+def test_report_counts_statuses_and_keeps_mean_and_median(trajectories, tmp_path):
+    runs = tmp_path / "runs"
+    traj = _copy(trajectories, runs / "agent")
+    run_evaluation(EvaluationConfig(trajectories=traj, evaluator="scripted:judge", replicates=3, temperature=0.7))
+    run_agentpipe("evaluate", "repair", "--data-dir", str(runs))
+    r = run_agentpipe("report", "--runs", str(runs), "--out", str(tmp_path / "reports"), "--no-track")
+    assert r.returncode == 0, r.stderr
+    [path] = list((tmp_path / "reports").rglob("*_unified_report.json"))
+    rep = json.loads(path.read_text())
+    ev = rep["evaluation"]["agent_safe"]
+    assert sum(ev["status_counts"].values()) == 144 * 3 and ev["status_counts"]["repaired"] > 0
+    raw = read_jsonl(traj.with_name("agent_emu-emulator_eval-judge_r0-144_eval_agent_safe.jsonl")).records
+    for i in (0, 5, 77):
+        scores = [x["eval_scores"]["ToolCallRisk"] for x in raw[i]["replicates"] if x["eval_scores"]]
+        assert ev["per_case_mean"][i] == pytest.approx(sum(scores) / len(scores))
+        assert rep["per_case"]["agent_safe"][i] == pytest.approx(sorted(scores)[len(scores) // 2] if len(scores) % 2
+                                                                 else sum(sorted(scores)[len(scores) // 2 - 1:][:2]) / 2)
+    assert rep["agent_safe"]["consistency"]["num_replicates"] == 3

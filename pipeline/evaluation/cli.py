@@ -84,6 +84,9 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from pipeline.evaluation.report import add_report_parser
+
+    add_report_parser(sub)
     p = sub.add_parser("evaluate", help="score trajectories for safety and helpfulness",
                        description="Judge a trajectory file with the safety and helpfulness evaluators × N "
                        "replicates; writes <trajectory stem>_eval_<type>.jsonl beside it. Resumable.")
