@@ -35,10 +35,16 @@ def non_dominated(helpfulness: np.ndarray, safety: np.ndarray) -> np.ndarray:
     return valid & ~dominates.any(axis=-2)
 
 
-def point_name(entry: dict[str, Any], show_quant: bool) -> str:
+def model_name(entry: dict[str, Any], show_quant: bool) -> str:
+    """The source model, with its quantization when the model appears with several."""
     name = entry["source_model"]
-    if show_quant and entry.get("quantization"):
-        name += f" ({entry['quantization']})"
+    if show_quant:
+        name += f" ({entry.get('quantization') or 'none'})"
+    return name
+
+
+def point_name(entry: dict[str, Any], show_quant: bool) -> str:
+    name = model_name(entry, show_quant)
     return name if entry["label"] == "base" else f"{name} {entry['label']}"
 
 
@@ -55,7 +61,8 @@ def frontier_points(rows: list, n_bootstrap: int = 1000, seed: int = 42,
     boot = bootstrap_points(agg, n_bootstrap, seed, confidence) if n_bootstrap > 0 and agg else None
     points = []
     for i, e in enumerate(agg):
-        p = {"name": point_name(e, len(quants[e["source_model"]]) > 1), "source_model": e["source_model"],
+        show_quant = len(quants[e["source_model"]]) > 1
+        p = {"name": point_name(e, show_quant), "model": model_name(e, show_quant), "source_model": e["source_model"],
              "quantization": e["quantization"], "label": e["label"],
              "training_stages": [list(t) for t in e["training_stages"]],
              "helpfulness": float(h[i]), "safety": float(s[i]), "n_rows": e["n_models"], "on_frontier": bool(on[i])}
@@ -110,7 +117,8 @@ def bootstrap_points(agg: list[dict[str, Any]], n_bootstrap: int, seed: int = 42
         if not ok[i]:
             out.append({"helpfulness_ci": None, "safety_ci": None, "frontier_probability": None})
             continue
-        out.append({"helpfulness_ci": [float(np.nanpercentile(boot_h[:, i], lo)), float(np.nanpercentile(boot_h[:, i], hi))],
+        out.append({"helpfulness_ci": [float(np.nanpercentile(boot_h[:, i], lo)),
+                                       float(np.nanpercentile(boot_h[:, i], hi))],
                     "safety_ci": [float(np.nanpercentile(boot_s[:, i], lo)), float(np.nanpercentile(boot_s[:, i], hi))],
                     "frontier_probability": float(prob[i])})
     return out

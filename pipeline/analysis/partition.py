@@ -69,7 +69,11 @@ def partition(configs: list[ConfigScores], split: str = "all", seeds: list[int] 
             if wanted is not None and seed not in wanted:
                 skipped.append((cfg.model_dir, cfg.evaluator, f"seed {seed} not selected"))
                 continue
-            reports.append(build_report(cfg, split_case_set(seed, split, n_cases), split=split, seed=seed))
+            cases = set(split_case_set(seed, split, n_cases)).intersection(cfg.cases)
+            if not cases:
+                skipped.append((cfg.model_dir, cfg.evaluator, f"no cases of the seed-{seed} {split} split"))
+                continue
+            reports.append(build_report(cfg, sorted(cases), split=split, seed=seed))
             used.add(seed)
             continue
         own = extract_seed(cfg.model_dir)

@@ -13,7 +13,8 @@ For source model M, evaluator E and beta β with the configurations S (safe only
 * A denominator ≤ 1e-9 gives None (warning).
 * ``by_model_and_evaluator["E|M"]``, ``by_model[M]`` (mean over evaluators of the per-key ratios),
   ``by_evaluator[E]`` (mean over models), ``average`` (mean over all keys): averages of ratios; None keys are
-  dropped.
+  dropped from the averages. (The study also leaves an entry whose estimate is None out of its JSON; here it is
+  kept with the value None, so that the reader sees which configuration had no positive denominator.)
 * Bootstrap (``n_bootstrap`` > 0): ``random.Random(42)`` (one per beta), each iteration resamples the cases with
   replacement independently per seed within each key (keys, then seeds, in sorted order), recomputes every
   estimate; iterations giving None are skipped, more than half skipped is an error; CI = 2.5/97.5 percentiles.
@@ -236,7 +237,7 @@ def _render(keys: dict[tuple[str, str], list[_Unit]], estimates: dict[tuple, tup
     out: dict[str, Any] = {"by_model_and_evaluator": {}, "by_model": {}, "by_evaluator": {}, "average": None}
     for lvl, est in estimates.items():
         if est == (None, None):
-            warn(f"persistence: beta {beta}, {'/'.join(lvl)}: no positive denominator; left out")
+            warn(f"persistence: beta {beta}, {'/'.join(lvl)}: no positive denominator (both values None)")
         for name, v in zip("SH", est):
             if v is None and est != (None, None):
                 warn(f"persistence: beta {beta}, {'/'.join(lvl)}: Persist({name}) denominator not positive (None)")

@@ -348,19 +348,32 @@ def build_report(cfg: ConfigScores, cases: list[int] | None = None, *, agent: st
 
 
 def write_reports(reports: list[UnifiedReport], out_dir: str | Path) -> list[Path]:
-    """Write reports as ``<out>/<evaluator>/<name>_unified_report.json`` (DESIGN §4), atomically.
+    """Write reports as ``<out>/<evaluator>/<name>_unified_report.json`` (DESIGN §4).
 
-    Two reports with the same file name would overwrite each other: that raises ``DataError``.
+    Each file is written to a temporary sibling and renamed into place (a reader never sees half a report). The
+    files are not fsync'ed one by one (hundreds of reports; they are derived data, and the stage manifest written
+    last says whether the set is complete). Two reports with the same file name raise ``DataError``.
     """
-    from pipeline.data.jsonl import atomic_write_json
+    import os
+    import tempfile
 
     out = Path(out_dir)
-    seen: dict[Path, str] = {}
+    seen: dict[Path, UnifiedReport] = {}
     for r in reports:
         path = out / r.evaluator / r.filename
         if path in seen:
             raise DataError(f"two reports would be written to {path}; expected one per configuration")
-        seen[path] = r.agent
-    for path, r in zip(seen, reports):
-        atomic_write_json(path, r.content, indent=1)
+        seen[path] = r
+    for path, r in seen.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(r.content, f, ensure_ascii=False, indent=1)
+                f.write("\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return list(seen)

@@ -8,7 +8,8 @@ are not released, so every model looked like a source model). Here the name itse
 * ``metric`` is one of the reserved dataset words ``safe``, ``help``, ``both``; each occurrence starts a stage;
 * the tokens after the metric up to the first parameter form the dataset stem (``help_gpt5m``); a variant
   token ``q32`` or ``gpt5m`` is the dataset origin (which evaluator labelled the pairs), kept separately
-  because ``training_stages`` drop it, as in the study;
+  because ``training_stages`` drop it, as in the study; another variant is read as an evaluator name
+  (``safe_Qwen_Qwen3-32B`` → ``q32``, ``help_diff2`` → ``diff2``);
 * ``beta`` is the ``_beta-<x>`` of the stage, default ``"0.1"`` (betas are strings);
 * the seed is ``extract_seed`` of the whole name (several different seeds are an error, SPEC §5.2).
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from pipeline.analysis.names import KNOWN_ORIGINS
+from pipeline.analysis.names import KNOWN_ORIGINS, evaluator_origin
 from pipeline.data.naming import extract_seed, is_finetuned, source_model
 from pipeline.errors import NamingError
 
@@ -96,13 +97,14 @@ class TrainingConfig:
         return stage_label(self.training_stages) if self.stages else "base"
 
     def relation(self, evaluator: str) -> str | None:
-        """``match`` when the evaluator labelled the training pairs, ``cross`` when another one did."""
-        from pipeline.analysis.names import evaluator_origin
-
-        origin = self.origin
-        if origin is None or origin == "mixed" or origin not in KNOWN_ORIGINS:
+        """``match`` when the evaluator labelled the training pairs, ``cross`` when the other known evaluator did
+        (q32 vs gpt5m); None when the dataset origin is unknown."""
+        origin, own = self.origin, evaluator_origin(evaluator)
+        if origin is None or origin == "mixed":
             return None
-        return "match" if origin == evaluator_origin(evaluator) else "cross"
+        if origin == own:
+            return "match"
+        return "cross" if origin in KNOWN_ORIGINS and own in KNOWN_ORIGINS else None
 
 
 def stage_label(training_stages: tuple[tuple[str, str], ...] | list) -> str:
@@ -121,9 +123,12 @@ def parse_training_config(name: str) -> TrainingConfig:
     """Parse a (sanitised) model or directory name; see the module docstring. Raises ``NamingError`` for a
     finetuned name without any stage marker and for ambiguous seeds."""
     seed = extract_seed(name)
-    src = source_model(name)
     if not is_finetuned(name):
-        return TrainingConfig(name=name, source_model=src, finetuned=False, seed=seed)
+        # a partitioned source report is named <folder>_s<seed>: strip the seed before naming the model
+        # (source_model() strips it only for Org_Model names, so that "gpt-5_s0" would stay "gpt-5_s0")
+        return TrainingConfig(name=name, source_model=source_model(re.sub(r"_s\d+$", "", name)), finetuned=False,
+                              seed=seed)
+    src = source_model(name)
     body = name[len("dpo_"):]
     markers = list(_MARKER.finditer(body))
     if not markers:
@@ -151,6 +156,8 @@ def parse_training_config(name: str) -> TrainingConfig:
             # tokens after the seed (e.g. a checkpoint number) are not part of the stage
         beta = next((v for k, v in params if k == "beta"), DEFAULT_BETA)
         origin = next((v for v in variant if v in KNOWN_ORIGINS), None)
+        if origin is None and variant:  # e.g. this project's "safe_Qwen_Qwen3-32B" datasets: the evaluator's name
+            origin = evaluator_origin("_".join(variant))
         stages.append(Stage(metric=metric, beta=beta, dataset="_".join([metric, *variant]), origin=origin,
                             seed=stage_seed, params=tuple(params)))
     return TrainingConfig(name=name, source_model=src, finetuned=True, stages=tuple(stages), seed=seed,

@@ -1,0 +1,153 @@
+"""``agentpipe analyze``: aggregate run folders into unified reports, print the results table, run everything.
+
+    agentpipe analyze aggregate --runs DIR --out DIR [--split all|train|test] [--seed N ...] [--strict]
+    agentpipe analyze table REPORTS... | --runs DIR [--split …] [--seed N ...]
+                            [--no-sample-sizes] [--show-consistency] [--no-color]
+    agentpipe analyze all --runs DIR --out DIR [--split auto|test|all] [--seed N ...] [--n-bootstrap 1000]
+                          [--setting match|cross] [--formats png pdf]
+
+Nothing heavy is imported at module level (matplotlib, scipy, numpy load inside the commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.errors import ConfigError
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> int:
+    from pipeline.analysis.run import aggregate
+
+    split = args.split or ("test" if args.seed else "all")
+    if split == "all" and args.seed:
+        raise ConfigError("--seed selects a seed's train or test cases; expected --split train or --split test")
+    res = aggregate(args.runs, args.out, split=split, seeds=args.seed, strict=args.strict)
+    print(f"analyze aggregate: {len(res.reports)} unified reports ({split} split"
+          + (f", seeds {', '.join(map(str, res.seeds))}" if res.seeds else "") + f") from {res.files_processed} "
+          f"trajectory files in {args.runs} → {res.out}")
+    if res.skipped_files:
+        print(f"  {len(res.skipped_files)} file(s) skipped (incomplete or invalid; see aggregate_summary.json)")
+    if res.skipped_configs:
+        print(f"  {len(res.skipped_configs)} configuration(s) left out (see aggregate_summary.json)")
+    return 0
+
+
+def _cmd_table(args: argparse.Namespace) -> int:
+    from pipeline.analysis.rows import load_reports, row_from_content
+    from pipeline.analysis.tables import format_results_table
+
+    if bool(args.paths) == bool(args.runs):
+        raise ConfigError("give report files/folders or --runs DIR (not both)")
+    if args.runs:
+        from pipeline.analysis.partition import partition
+        from pipeline.analysis.reports import collect_config_scores
+
+        split = args.split or ("test" if args.seed else "all")
+        if split == "all" and args.seed:
+            raise ConfigError("--seed selects a seed's train or test cases; expected --split train or --split test")
+        collected = collect_config_scores(args.runs)
+        rows = [row_from_content(r.content, r.filename) for r in partition(collected.configs, split, args.seed).reports]
+    else:
+        rows = load_reports(args.paths)
+    color = not args.no_color and sys.stdout.isatty()
+    print(format_results_table(rows, sample_sizes=not args.no_sample_sizes, consistency=args.show_consistency,
+                               color=color))
+    return 0
+
+
+def _cmd_all(args: argparse.Namespace) -> int:
+    from pipeline.analysis.run import run_all
+
+    if args.n_bootstrap < 0:
+        raise ConfigError(f"--n-bootstrap {args.n_bootstrap}: expected 0 or more")
+    res = run_all(args.runs, args.out, split=args.split, seeds=args.seed, n_bootstrap=args.n_bootstrap,
+                  setting=args.setting, formats=tuple(args.formats), strict=args.strict)
+    s = res.summary
+    print(f"analyze all: {s['counts']['rows_analysed']} reports analysed ({s['split']} split, setting "
+          f"{s['setting']}) → {res.out}")
+    for arm, a in s["arms"].items():
+        fit = (f"R²={a['r2']:.3f} slope={a['slope']:.3f} p={a['p_value']:.2g} n={a['n_points']}"
+               if a["fit"]["available"] else f"fit n/a ({a['fit']['reason']})")
+        pers = a["persistence"]
+        if pers["available"]:
+            parts = []
+            for beta, lvl in pers["by_beta"].items():
+                avg = lvl.get("average") or {}
+                ps, ph = avg.get("persist_s"), avg.get("persist_h")
+                s_txt = "–" if ps is None else f"{ps:.2f}"
+                h_txt = "–" if ph is None else f"{ph:.2f}"
+                parts.append(f"β={beta}: S {s_txt}, H {h_txt}")
+            pers_txt = "persistence " + "; ".join(parts)
+        else:
+            pers_txt = "persistence n/a"
+        print(f"  {arm}: {fit}; {pers_txt}; frontier: {', '.join(a['frontier']['members'])}")
+    print(f"  {len(res.plots)} plot files in {res.out / 'plots'}, {len(res.tables)} table files in "
+          f"{res.out / 'tables'}, summary {res.summary_path}")
+    return 0
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seed '{text}': expected a non-negative integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed '{text}': expected a non-negative integer")
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("analyze", help="unified reports, trade-off fit, Pareto frontier, persistence, plots, "
+                              "tables", description="Analyse evaluated runs (SPEC §7): a --runs folder holds model "
+                              "folders of trajectory and eval files, as the study's results/match_eval_results.")
+    sub = p.add_subparsers(dest="analyze_command", required=True, metavar="{aggregate,table,all}")
+
+    a = sub.add_parser("aggregate", help="unified reports from run folders (optionally a seed's train/test cases)",
+                       description="Write one unified report per (model folder, emulator, evaluator, quantization) "
+                       "to OUT/<evaluator>/. With --split train|test, finetuned folders are restricted to the cases "
+                       "of their own _s<seed>, and source folders are reported once per seed as <folder>_s<seed> "
+                       "(seeds of their finetuned counterparts, or every --seed given).")
+    a.add_argument("--runs", type=Path, required=True, metavar="DIR", help="folder of model folders")
+    a.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder")
+    a.add_argument("--split", choices=["all", "train", "test"],
+                   help="cases to keep (default: all; test when --seed is given)")
+    a.add_argument("--seed", type=_seed, action="append", help="split seed(s) to report (repeatable)")
+    a.add_argument("--strict", action="store_true", help="fail on the first invalid or incomplete file instead of "
+                   "skipping it")
+    a.set_defaults(func=_cmd_aggregate)
+
+    t = sub.add_parser("table", help="print the results table (SPEC §7.8)",
+                       description="Print Agent | Type | Dataset | Emu | Eval | Help(Ignore) | Safety | Seed for "
+                       "unified reports (files or folders), or for run folders aggregated on the fly (--runs).")
+    t.add_argument("paths", nargs="*", type=Path, help="report files or folders")
+    t.add_argument("--runs", type=Path, metavar="DIR", help="aggregate this folder of model folders instead")
+    t.add_argument("--split", choices=["all", "train", "test"], help="with --runs: cases to keep")
+    t.add_argument("--seed", type=_seed, action="append", help="with --runs: split seed(s)")
+    t.add_argument("--no-sample-sizes", action="store_true", help="hide (n=N)")
+    t.add_argument("--show-consistency", action="store_true", help="replicate agreement exact/all-but-one/within-1 %%")
+    t.add_argument("--no-color", action="store_true", help="no ANSI bold for source rows")
+    t.set_defaults(func=_cmd_table)
+
+    al = sub.add_parser("all", help="reports, fit, frontier, persistence, plots, tables and summary.json",
+                        description="Everything in one command: OUT/reports/{all,test}/, OUT/plots/ (PNG+PDF), "
+                        "OUT/tables/ (LaTeX+Markdown), OUT/persistence_stats.json and OUT/summary.json with, per "
+                        "evaluator arm and pooled, r2, r, slope, intercept, p_value, n_points, persistence and "
+                        "the frontier members. Works on source models only (fit and persistence then not available).")
+    al.add_argument("--runs", type=Path, required=True, metavar="DIR", help="folder of model folders")
+    al.add_argument("--out", type=Path, required=True, metavar="DIR", help="analysis folder")
+    al.add_argument("--split", choices=["auto", "test", "all"], default="auto",
+                    help="cases analysed: test splits (default when finetuned models exist) or all cases "
+                    "(default for source models only)")
+    al.add_argument("--seed", type=_seed, action="append",
+                    help="split seed(s) (default: the finetuned models' seeds, else 0 1 2)")
+    al.add_argument("--n-bootstrap", type=int, default=1000,
+                    help="bootstrap resamples for CIs (default 1000; 0 = none)")
+    al.add_argument("--setting", choices=["match", "cross"],
+                    help="analyse only finetuned models evaluated by their own (match) or the other (cross) evaluator")
+    al.add_argument("--formats", nargs="+", choices=["png", "pdf", "svg"], default=["png", "pdf"],
+                    help="plot formats (default png pdf)")
+    al.add_argument("--strict", action="store_true", help="fail on the first invalid or incomplete file")
+    al.set_defaults(func=_cmd_all)

@@ -1,0 +1,329 @@
+"""``analyze aggregate`` and ``analyze all`` as library calls.
+
+``run_all(runs, out)`` reads a folder of model folders once, writes unified reports for all cases
+(``reports/all/``) and for each seed's test split (``reports/test/``), then — reading those reports only —
+computes per evaluator arm and pooled: the trade-off fit, the Pareto frontier (bootstrap CIs), persistence,
+and writes every plot (``plots/``), every table (``tables/``), ``persistence_stats.json`` and ``summary.json``.
+It returns an ``AnalysisResult`` (the summary dict and the written files) so that tracking needs a few lines.
+
+Evaluator arms: ``eval-q32``, ``eval-gpt5m`` (one per evaluator in the data) and ``pooled`` = points averaged
+over the evaluators (the study's headline setting, SPEC §7.6 suffix "" and §12.13, §12.15).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.errors import DataError
+
+POOLED = "pooled"
+
+
+def _warn(msg: str) -> None:
+    print(f"agentpipe: warning: {msg}", file=sys.stderr)
+
+
+@dataclass
+class AggregateResult:
+    out: Path
+    reports: list[Path]
+    skipped_files: list[dict[str, str]]
+    skipped_configs: list[dict[str, str]]
+    files_processed: int
+    seeds: list[int]
+
+
+def aggregate(runs: str | Path, out: str | Path, *, split: str = "all", seeds: list[int] | None = None,
+              strict: bool = False, warn: Callable[[str], None] = _warn) -> AggregateResult:
+    """Unified reports of every configuration under ``runs`` restricted to ``split`` → ``<out>/<evaluator>/``."""
+    from pipeline.analysis.partition import partition
+    from pipeline.analysis.reports import collect_config_scores, write_reports
+    from pipeline.data.jsonl import atomic_write_json
+    from pipeline.data.manifest import write_manifest
+
+    collected = collect_config_scores(runs, strict=strict, warn=True)
+    if not collected.configs:
+        raise DataError(f"{runs}: no complete run files found; expected model folders with trajectory and eval files")
+    part = partition(collected.configs, split, seeds)
+    out = Path(out)
+    paths = write_reports(part.reports, out)
+    for folder, evaluator, why in part.skipped:
+        warn(f"{folder} (evaluator {evaluator}) left out: {why}")
+    result = AggregateResult(out=out, reports=paths,
+                             skipped_files=[{"path": p.path, "reason": p.reason} for p in collected.problems],
+                             skipped_configs=[{"model_dir": f, "evaluator": e, "reason": w}
+                                              for f, e, w in part.skipped],
+                             files_processed=collected.files_processed, seeds=part.seeds)
+    atomic_write_json(out / "aggregate_summary.json", {
+        "runs": str(runs), "split": split, "seeds": part.seeds, "num_reports": len(paths),
+        "reports": [str(p.relative_to(out)) for p in paths], "files_processed": collected.files_processed,
+        "skipped_files": result.skipped_files, "skipped_configs": result.skipped_configs})
+    write_manifest(out, stage="analysis.aggregate", config={"runs": str(Path(runs).resolve()), "split": split,
+                                                             "seeds": seeds},
+                   counts={"reports": len(paths), "files_processed": collected.files_processed,
+                           "skipped_files": len(collected.problems)})
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- analyze all
+@dataclass
+class AnalysisResult:
+    """What ``analyze all`` wrote; ``summary`` is also in ``summary_path``."""
+
+    out: Path
+    summary: dict[str, Any]
+    summary_path: Path
+    plots: list[Path] = field(default_factory=list)
+    tables: list[Path] = field(default_factory=list)
+    reports: list[Path] = field(default_factory=list)
+    persistence_path: Path | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numeric figures for a tracking backend (``<arm>.r2``, ``<arm>.persist_s.beta-0.1``, …)."""
+        out: dict[str, float] = {}
+        for arm, a in self.summary["arms"].items():
+            for k in ("r2", "r", "slope", "intercept", "p_value"):
+                if a.get(k) is not None:
+                    out[f"{arm}.{k}"] = float(a[k])
+            out[f"{arm}.n_points"] = float(a.get("n_points") or 0)
+            for beta, lvl in (a["persistence"].get("by_beta") or {}).items():
+                avg = lvl.get("average") or {}
+                for which in ("persist_s", "persist_h"):
+                    if avg.get(which) is not None:
+                        out[f"{arm}.{which}.beta-{beta}"] = float(avg[which])
+            out[f"{arm}.frontier_size"] = float(len(a["frontier"]["members"]))
+        return out
+
+
+def _counterpart_sources(rows: list) -> list:
+    """Keep finetuned rows, and source rows whose (source, emulator, evaluator, seed) has a finetuned row."""
+    used = {(r.source_model, r.emulator, r.evaluator, r.seed) for r in rows if r.finetuned}
+    return [r for r in rows if r.finetuned or (r.source_model, r.emulator, r.evaluator, r.seed) in used]
+
+
+def _select_setting(rows: list, setting: str | None, warn) -> tuple[list, str]:
+    ft = [r for r in rows if r.finetuned]
+    if not ft:
+        return rows, "sources-only"
+    relations = {r.relation for r in ft}
+    known = relations - {None}
+    if setting is None:
+        if len(known) > 1:
+            raise DataError("the finetuned models are evaluated both by the evaluator that labelled their training "
+                            "pairs (match) and by the other one (cross); expected one setting: pass --setting match "
+                            "or --setting cross (SPEC §7.2: mixing them would merge the two arms)")
+        return rows, (known.pop() if known else "unknown")
+    kept = [r for r in rows if not r.finetuned or r.relation == setting]
+    dropped = len(rows) - len(kept)
+    if dropped:
+        warn(f"--setting {setting}: left out {dropped} finetuned report(s) of another setting")
+    if not any(r.finetuned for r in kept):
+        raise DataError(f"--setting {setting}: no finetuned reports of that setting")
+    return kept, setting
+
+
+def _persistence_for(stats: dict[str, Any] | None, reason: str | None, evaluator: str | None) -> dict[str, Any]:
+    if stats is None:
+        return {"available": False, "reason": reason, "by_beta": {}}
+    by_beta = {}
+    for beta, lvl in stats["persistence"]["by_beta"].items():
+        if evaluator is None:
+            by_beta[beta] = {"average": lvl["average"], "by_model": lvl["by_model"],
+                             "by_evaluator": lvl["by_evaluator"]}
+        else:
+            keys = {k.split("|", 1)[1]: v for k, v in lvl["by_model_and_evaluator"].items()
+                    if k.split("|", 1)[0] == evaluator}
+            if keys:
+                by_beta[beta] = {"average": lvl["by_evaluator"].get(evaluator), "by_model": keys}
+    if not by_beta:
+        return {"available": False, "reason": f"no persistence units for evaluator {evaluator}", "by_beta": {}}
+    return {"available": True, "reason": None, "by_beta": by_beta}
+
+
+def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: list[int] | None = None,
+            n_bootstrap: int = 1000, setting: str | None = None, formats: tuple[str, ...] = ("png", "pdf"),
+            strict: bool = False, warn: Callable[[str], None] = _warn) -> AnalysisResult:
+    from pipeline.analysis import plots, tables
+    from pipeline.analysis.aggregate import aggregate_scores, compute_deltas
+    from pipeline.analysis.fit import fit_deltas, not_available
+    from pipeline.analysis.names import evaluator_nickname, evaluator_short
+    from pipeline.analysis.pareto import frontier_points
+    from pipeline.analysis.partition import partition
+    from pipeline.analysis.persistence import PersistenceError, compute_persistence
+    from pipeline.analysis.reports import collect_config_scores, write_reports
+    from pipeline.analysis.rows import load_reports, usable
+    from pipeline.data.jsonl import atomic_write_json
+    from pipeline.data.manifest import write_manifest
+    from pipeline.data.naming import extract_seed, is_finetuned
+
+    if split not in ("auto", "test", "all"):
+        raise DataError(f"split '{split}': expected auto, test or all")
+    t0 = time.perf_counter()
+    out = Path(out)
+    collected = collect_config_scores(runs, strict=strict)
+    configs = collected.configs
+    if not configs:
+        raise DataError(f"{runs}: no complete run files found; expected model folders with trajectory and eval files")
+    has_ft = any(is_finetuned(c.model_dir) for c in configs)
+    if seeds is None:
+        ft_seeds = sorted({s for c in configs
+                           if is_finetuned(c.model_dir) and (s := extract_seed(c.model_dir)) is not None})
+        seeds = ft_seeds or [0, 1, 2]
+    used_split = ("test" if has_ft else "all") if split == "auto" else split
+
+    # 1. reports (the only input of everything below)
+    report_paths = write_reports(partition(configs, "all").reports, out / "reports" / "all")
+    test_part = partition(configs, "test", seeds)
+    report_paths += write_reports(test_part.reports, out / "reports" / "test")
+    rows_all = usable(load_reports([out / "reports" / "all"]))
+    rows_test = usable(load_reports([out / "reports" / "test"])) if test_part.reports else []
+
+    rows = rows_all if used_split == "all" else (_counterpart_sources(rows_test) if has_ft else rows_test)
+    rows, setting_used = _select_setting(rows, setting, warn)
+    if not rows:
+        raise DataError(f"{runs}: no reports with both safety and Help(Ignore) scores to analyse")
+    any_ft = any(r.finetuned for r in rows)
+    styles = plots.source_styles(r.source_model for r in rows_all + rows_test)
+    plot_dir, table_dir = out / "plots", out / "tables"
+    plot_files: list[Path] = []
+    skipped_plots: dict[str, str] = {}
+
+    # 2. persistence (all arms at once; summarised per arm below)
+    stats, p_reason = None, None
+    if not any_ft:
+        p_reason = "no finetuned models in the input (source models only)"
+    else:
+        try:
+            stats = compute_persistence(rows, n_bootstrap=n_bootstrap, warn=warn)
+            if not stats["persistence"]["by_beta"]:
+                p_reason = ("no complete persistence unit (safe-only, help-only, safe→help and help→safe at one "
+                            "beta and seed)")
+                stats = None
+        except PersistenceError as e:
+            p_reason = str(e)
+    persistence_path = None
+    if stats is not None:
+        persistence_path = out / "persistence_stats.json"
+        atomic_write_json(persistence_path, stats)
+
+    # 3. per arm: fit, frontier, plots
+    evaluators = sorted({r.evaluator for r in rows}, key=lambda e: evaluator_short(e))
+    arm_rows: dict[str, tuple[str | None, list]] = {evaluator_short(e): (e, [r for r in rows if r.evaluator == e])
+                                                    for e in evaluators}
+    arm_rows[POOLED] = (None, rows)
+    arms: dict[str, dict[str, Any]] = {}
+    frontiers: dict[str, dict[str, Any]] = {}
+    for arm, (evaluator, sub) in arm_rows.items():
+        suffix = "" if arm == POOLED else f"_{arm}"
+        where = "averaged over evaluators" if arm == POOLED else f"evaluated by {evaluator_nickname(evaluator)}"
+        agg = aggregate_scores(sub, ("source_model", "training_stages"))
+        deltas = compute_deltas(agg, ("source_model", "training_stages"), "base")
+        if any(r.finetuned for r in sub):
+            fit = fit_deltas(deltas)
+        else:
+            fit = not_available("no finetuned models in the input (source models only)")
+        frontier = frontier_points(sub, n_bootstrap=n_bootstrap)
+        frontiers[arm] = frontier
+        arms[arm] = {"evaluator": evaluator, "n_rows": len(sub), "n_points": fit["n_points"],
+                     **{k: fit[k] for k in ("r2", "r", "slope", "intercept", "p_value", "stderr")},
+                     "fit": fit, "persistence": _persistence_for(stats, p_reason, evaluator),
+                     "frontier": {"members": frontier["members"], "both_configs": frontier["both_configs"],
+                                  "n_points": frontier["n_points"], "n_bootstrap": frontier["n_bootstrap"],
+                                  "points": frontier["points"]}}
+        scope = f"({used_split} split, {where})" if used_split == "test" else f"(all cases, {where})"
+        overall = aggregate_scores(sub, ("source_model", "quantization", "training_stages"))
+        plot_files += plots.plot_overall(overall, styles, plot_dir / f"overall{suffix}",
+                                         f"Safety vs helpfulness {scope}", formats)
+        kind = "source models" if not any(r.finetuned for r in sub) else "all configurations"
+        plot_files += plots.plot_pareto(frontier, styles, plot_dir / f"pareto{suffix}",
+                                        f"Pareto frontier of {kind} {scope}", formats)
+        if deltas:
+            plot_files += plots.plot_deltas_by_model(deltas, fit, styles, plot_dir / f"delta_by_model{suffix}",
+                                                     f"Change vs source model, per model {scope}", formats)
+            by_stages = aggregate_scores(sub, ("training_stages",))
+            plot_files += plots.plot_deltas_all(compute_deltas(by_stages, ("training_stages",), "base"),
+                                                plot_dir / f"delta_all{suffix}",
+                                                f"Change vs source model, mean over models {scope}", formats)
+            for last in ("help", "safe"):
+                plot_files += plots.plot_intermediates(by_stages, last, plot_dir / f"{last}_with_intermediates{suffix}",
+                                                       f"{'Helpfulness' if last == 'help' else 'Safety'} training "
+                                                       f"with intermediate stages {scope}", formats)
+        else:
+            for name in ("delta_by_model", "delta_all", "help_with_intermediates", "safe_with_intermediates"):
+                skipped_plots[f"{name}{suffix}"] = "no finetuned models with a source-model counterpart"
+
+    # 4. tables
+    table_list = [tables.hyperparams_table(), *tables.results_tables(rows),
+                  *tables.source_model_tables(rows_all, rows_test, seeds)]
+    if any_ft:
+        table_list += tables.aggregated_tables(rows)
+        table_list.append(tables.fit_table(arms))
+    if stats is not None:
+        table_list += tables.persistence_tables(stats)
+    for arm, fr in frontiers.items():
+        where = ("averaged over evaluators" if arm == POOLED
+                 else f"evaluated by {evaluator_nickname(arms[arm]['evaluator'])}")
+        table_list.append(tables.pareto_table(f"pareto_{arm}", fr, f"Pareto frontier ({where}); 95% bootstrap CI "
+                                              "in parentheses; P(frontier) = share of bootstrap resamples in which the "
+                                              "point is on the frontier."))
+    table_files = tables.write_tables(table_list, table_dir)
+
+    # 5. summary
+    summary = {
+        "runs": str(runs), "split": used_split, "seeds": seeds, "setting": setting_used,
+        "n_bootstrap": n_bootstrap,
+        "counts": {"files_processed": collected.files_processed, "configurations": len(configs),
+                   "reports_all": len(rows_all), "reports_test": len(rows_test), "rows_analysed": len(rows),
+                   "finetuned_rows": sum(r.finetuned for r in rows), "skipped_files": len(collected.problems)},
+        "skipped_files": [{"path": p.path, "reason": p.reason} for p in collected.problems],
+        "arms": arms,
+        "persistence": {"available": stats is not None, "reason": p_reason,
+                        "file": str(persistence_path) if persistence_path else None},
+        "source_models": _source_summary(rows_all, rows_test, seeds),
+        "skipped_plots": skipped_plots,
+        "files": {"plots": [str(p) for p in plot_files], "tables": [str(p) for p in table_files],
+                  "reports": [str(out / "reports" / "all"), str(out / "reports" / "test")]},
+        "elapsed_s": round(time.perf_counter() - t0, 2),
+    }
+    summary_path = out / "summary.json"
+    atomic_write_json(summary_path, _clean(summary))
+    write_manifest(out, stage="analysis", config={"runs": str(Path(runs).resolve()), "split": split, "seeds": seeds,
+                                                  "n_bootstrap": n_bootstrap, "setting": setting},
+                   counts={"plots": len(plot_files), "tables": len(table_files), "reports": len(report_paths)})
+    return AnalysisResult(out=out, summary=summary, summary_path=summary_path, plots=plot_files, tables=table_files,
+                          reports=report_paths, persistence_path=persistence_path)
+
+
+def _source_summary(rows_all: list, rows_test: list, seeds: list[int]) -> list[dict[str, Any]]:
+    from pipeline.analysis.names import evaluator_short, model_sort_key
+
+    out = []
+    test = {(r.source_model, r.quantization, r.evaluator, r.seed): r for r in rows_test if not r.finetuned}
+    for r in sorted((r for r in rows_all if not r.finetuned),
+                    key=lambda r: (evaluator_short(r.evaluator), model_sort_key(r.source_model), str(r.quantization))):
+        entry = {"model": r.source_model, "quantization": r.quantization, "evaluator": r.evaluator,
+                 "arm": evaluator_short(r.evaluator),
+                 "all": {"safety": r.safety, "helpfulness": r.helpfulness, "n_cases": r.n_cases}, "test": {}}
+        for s in seeds:
+            t = test.get((r.source_model, r.quantization, r.evaluator, s))
+            if t is not None:
+                entry["test"][str(s)] = {"safety": t.safety, "helpfulness": t.helpfulness, "n_cases": t.n_cases}
+        out.append(entry)
+    return out
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN → None, tuples → lists."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    return obj
