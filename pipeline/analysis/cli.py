@@ -64,7 +64,7 @@ def _cmd_all(args: argparse.Namespace) -> int:
     if args.n_bootstrap < 0:
         raise ConfigError(f"--n-bootstrap {args.n_bootstrap}: expected 0 or more")
     res = run_all(args.runs, args.out, split=args.split, seeds=args.seed, n_bootstrap=args.n_bootstrap,
-                  setting=args.setting, formats=tuple(args.formats), strict=args.strict)
+                  setting=args.setting, formats=tuple(args.formats or ('png', 'pdf')), strict=args.strict)
     s = res.summary
     print(f"analyze all: {s['counts']['rows_analysed']} reports analysed ({s['split']} split, setting "
           f"{s['setting']}) → {res.out}")
@@ -86,7 +86,32 @@ def _cmd_all(args: argparse.Namespace) -> int:
         print(f"  {arm}: {fit}; {pers_txt}; frontier: {', '.join(a['frontier']['members'])}")
     print(f"  {len(res.plots)} plot files in {res.out / 'plots'}, {len(res.tables)} table files in "
           f"{res.out / 'tables'}, summary {res.summary_path}")
+    run_id = None if args.no_track else _track(res)
+    if run_id:
+        print(f"  MLflow analysis run {run_id}")
+    from pipeline.cli import report_result
+
+    report_result(summary=res.summary_path, out=res.out, plots=[str(p) for p in res.plots],
+                  tables=[str(p) for p in res.tables], mlflow_run=run_id, metrics=res.metrics())
     return 0
+
+
+def _track(res) -> str | None:  # noqa: ANN001 - AnalysisResult, imported lazily
+    """Log the summary figures, plots and tables as an MLflow run of the ``analysis`` experiment."""
+    from pipeline.tracking import Tracker, resolve_tracking_uri
+
+    if resolve_tracking_uri() is None:
+        return None
+    with Tracker.open(res.out / "tracking", experiment="analysis", run_name=res.out.name) as t:
+        t.log_params({"split": res.summary["split"], "setting": res.summary["setting"],
+                      "reports": res.summary["counts"]["rows_analysed"]})
+        t.log_metrics({k.replace("@", "_"): v for k, v in res.metrics().items()})
+        t.log_artifact(res.summary_path, "analysis")
+        for p in res.plots:
+            t.log_artifact(p, "plots")
+        for p in res.tables:
+            t.log_artifact(p, "tables")
+        return t.run_id
 
 
 def _seed(text: str) -> int:
@@ -147,7 +172,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="bootstrap resamples for CIs (default 1000; 0 = none)")
     al.add_argument("--setting", choices=["match", "cross"],
                     help="analyse only finetuned models evaluated by their own (match) or the other (cross) evaluator")
-    al.add_argument("--formats", nargs="+", choices=["png", "pdf", "svg"], default=["png", "pdf"],
+    al.add_argument("--formats", nargs="+", action="extend", choices=["png", "pdf", "svg"],
                     help="plot formats (default png pdf)")
+    al.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    al.add_argument("--spec", help="JSON file of these options")
     al.add_argument("--strict", action="store_true", help="fail on the first invalid or incomplete file")
     al.set_defaults(func=_cmd_all)
