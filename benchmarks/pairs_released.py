@@ -22,7 +22,8 @@ SETS = {"safe": ["--metric", "safe"], "help": ["--metric", "help_ignore_safety"]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data-dir", type=Path, help="raw_data_by_eval folder (default: <data dir>/paper/raw_data_by_eval)")
+    ap.add_argument("--data-dir", type=Path,
+                    help="raw_data_by_eval folder (default: <data dir>/paper/raw_data_by_eval)")
     ap.add_argument("--out", type=Path, help="output folder (default: a temporary folder)")
     ap.add_argument("--seed", type=int)
     args = ap.parse_args()

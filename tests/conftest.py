@@ -69,3 +69,168 @@ def smollm2_model() -> Path:
     from pipeline.llm.local_models import smollm2
 
     return smollm2()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (SQLite store and local artifacts in a temporary folder), started
+    once per session on a free port; yields its tracking URI and stops the server at the end of the session."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+
+    state = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log_path = state / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+             f"sqlite:///{state / 'mlflow.db'}", "--artifacts-destination", str(state / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy after 120 s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------ Airflow and Slurm
+# Airflow reads AIRFLOW_HOME and its configuration when it is first imported, and collecting test modules may
+# import DAG files or plugins, so a throw-away Airflow home is chosen here, before any test module is imported
+# (AGENTPIPE_TEST_AIRFLOW_HOME picks a fixed one instead, e.g. to keep a migrated DB between runs). Tests never
+# touch a real Airflow installation. The `airflow_home` fixture migrates its metadata DB once per session.
+def _test_airflow_home() -> Path:
+    import atexit
+    import shutil
+    import tempfile
+
+    fixed = os.environ.get("AGENTPIPE_TEST_AIRFLOW_HOME")
+    if fixed:
+        Path(fixed).mkdir(parents=True, exist_ok=True)
+        return Path(fixed).resolve()
+    home = Path(tempfile.mkdtemp(prefix="agentpipe-airflow-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    return home
+
+
+if "airflow" not in sys.modules:
+    os.environ["AIRFLOW_HOME"] = str(_test_airflow_home())
+    os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+    os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")  # dag.test() finds the project's DAGs
+    os.environ.setdefault("AIRFLOW__API_AUTH__JWT_SECRET", "agentpipe-tests-" + "0" * 48)  # 64 bytes: no warning
+
+
+@pytest.fixture(scope="session")
+def airflow_home() -> Path:
+    """The tests' AIRFLOW_HOME with a migrated SQLite metadata DB (`airflow db migrate`, ~4 s, once per session),
+    so that `dag.test()` runs DAGs in-process. DAGs in dags/ are found through the dags-folder bundle."""
+    home = Path(os.environ["AIRFLOW_HOME"])
+    marker = home / ".agentpipe-db-migrated"
+    if not marker.exists():
+        exe = Path(sys.executable).with_name("airflow")
+        p = subprocess.run([str(exe), "db", "migrate"], capture_output=True, text=True, timeout=600,
+                           env=os.environ.copy())
+        if p.returncode != 0:
+            pytest.fail(f"airflow db migrate failed ({p.returncode}): {(p.stderr or p.stdout)[-3000:]}")
+        marker.touch()
+    return home
+
+
+def _slurm_is_up() -> bool:
+    try:
+        p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return p.returncode == 0 and any(s.strip().rstrip("*~#") in ("idle", "mixed", "allocated", "completing")
+                                     for s in p.stdout.splitlines())
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real single-node Slurm cluster (partition `debug`, node `localhost`): a running one is used as it is;
+    otherwise, as root, scripts/slurm_up.sh installs (apt-get) and starts one, and it is stopped again at the end of
+    the session. When Slurm cannot be had the test SKIPS, unless AGENTPIPE_REQUIRE_SLURM=1 (CI): then it FAILS.
+    AGENTPIPE_SLURM_AUTOSTART=0 never starts a cluster (only a running one is used)."""
+    require = os.environ.get("AGENTPIPE_REQUIRE_SLURM") == "1"
+
+    def unavailable(why: str):
+        msg = f"no Slurm cluster: {why}"
+        if require:
+            pytest.fail(msg + " (AGENTPIPE_REQUIRE_SLURM=1)")
+        pytest.skip(msg)
+
+    started = False
+    if not _slurm_is_up():
+        if os.environ.get("AGENTPIPE_SLURM_AUTOSTART", "1") == "0":
+            unavailable("none is running and AGENTPIPE_SLURM_AUTOSTART=0")
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            unavailable("none is running, and starting one (scripts/slurm_up.sh) needs root")
+        try:
+            p = subprocess.run(["bash", str(REPO / "scripts" / "slurm_up.sh")], capture_output=True, text=True,
+                               timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            unavailable(f"scripts/slurm_up.sh: {e}")
+        if p.returncode != 0 or not _slurm_is_up():
+            unavailable(f"scripts/slurm_up.sh exited {p.returncode}: {(p.stderr or p.stdout).strip()[-1500:]}")
+        started = True
+    yield {"partition": "debug", "node": "localhost", "started_here": started}
+    if started:
+        subprocess.run(["bash", str(REPO / "scripts" / "slurm_down.sh")], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def run_dag(airflow_home):
+    """``run_dag(dag, **dag_test_kwargs) -> (dag_run, xcoms)``: run a DAG object built inside a test with
+    ``dag.test()`` (in-process; deferrable tasks run their trigger inline). Airflow 3.3's dag.test() looks the DAG
+    up through the DAG bundles, so a DAG that lives in no DAG file is registered in the metadata DB first.
+    ``xcoms`` maps (task_id, map_index, key) to the value."""
+
+    def run(dag, **kwargs):
+        from airflow.dag_processing.dagbag import sync_bag_to_db
+        from airflow.models.xcom import XComModel
+        from airflow.utils.session import create_session
+
+        class _Bag:  # the attributes sync_bag_to_db reads from a DagBag
+            dags = {dag.dag_id: dag}
+            import_errors: dict = {}
+            dag_warnings: set = set()
+            file_last_changed: dict = {}
+            bundle_path = None
+
+        from airflow.dag_processing.bundles.manager import DagBundlesManager
+
+        DagBundlesManager().sync_bundles_to_db()  # the dags-folder bundle row must exist first
+        sync_bag_to_db(_Bag(), "dags-folder", None)
+        dag_run = dag.test(**kwargs)
+        with create_session() as session:
+            rows = session.query(XComModel).filter(XComModel.dag_id == dag.dag_id,
+                                                   XComModel.run_id == dag_run.run_id).all()
+            xcoms = {(x.task_id, x.map_index, x.key): x.value for x in rows}
+        return dag_run, xcoms
+
+    return run

@@ -11,6 +11,10 @@ TOOLEMU_CASES = 144
 def test_cases(seed: int, n_cases: int = TOOLEMU_CASES) -> list[int]:
     """Sorted test case indices for a split seed: CPython's shuffle of ``range(n)``, second half.
 
+    Every stage splits with the default n = 144 (the study's), also for smaller case sets such as the demo's:
+    a case is a test case when its index is in the study's test split, so emulation (--test-only), pair
+    building, training validation and the analysis partition agree on any case set.
+
     Identical to the study's ``random.seed(seed); random.shuffle(...)`` but without touching the global
     ``random`` state.
     """

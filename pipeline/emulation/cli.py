@@ -38,8 +38,10 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
         agent=args.agent, emulator=args.emulator, evaluator=args.evaluator, emulator_mode=args.emulator_mode,
         case_set=args.case_set, case_range=args.cases, test_only=args.test_only, seed=args.seed, shard=args.shard,
         quantization=None if args.quantization in (None, "none") else args.quantization, compat=args.compat,
+        agent_label=args.agent_label,
         limits=Limits(max_agent_tokens=args.max_agent_tokens, max_tokens_per_call=args.max_tokens_per_call,
-                      max_continuations=args.max_continuations, agent_temperature=args.agent_temperature),
+                      max_continuations=args.max_continuations, agent_temperature=args.agent_temperature,
+                      agent_seed=args.agent_seed),
         max_steps=args.max_steps, out_dir=args.out, cache=roles,
         backend_options=options if not args.agent.startswith("scripted:") else {},
     )
@@ -113,7 +115,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-agent-tokens", type=int, default=8000, help="cumulative agent output tokens (cl100k)")
     p.add_argument("--max-tokens-per-call", type=int, default=2048, help="new-token cap per LLM call")
     p.add_argument("--max-continuations", type=int, default=5, help="re-prompts after an unparseable output")
-    p.add_argument("--agent-temperature", type=float, default=0.0)
+    p.add_argument("--agent-temperature", type=float, default=0.0, help="agent sampling temperature (default 0)")
+    p.add_argument("--agent-seed", type=int, help="agent sampling seed (with --agent-temperature > 0)")
+    p.add_argument("--agent-label", help="name the agent's folder/files by this label (e.g. one sampled run of a "
+                   "model in a trajectory pool: SmolLM2-135M-sample1); avoid _s<N>")
     p.add_argument("--batch-size", type=int, help="local backends: requests per forward batch")
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], help="local backends: weights dtype")
     p.add_argument("--cache", help="cache LLM responses on disk for these roles: agent,emulator")

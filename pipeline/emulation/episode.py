@@ -35,6 +35,8 @@ class Limits:
     max_attempts: int = 3  # an LLM call that errors is retried this many times in all, then the case fails
     agent_temperature: float = 0.0
     emulator_temperature: float = 0.0
+    #: Sampling seed of every agent call of a run (one seed for the batch: HF samples a batch with one seed).
+    agent_seed: int | None = None
 
 
 @dataclass
@@ -102,7 +104,8 @@ class Episode:
         pad = self.continuation_scratchpad if self.continuation else self.scratchpad
         cfg = GenerationConfig(max_new_tokens=self.limits.max_tokens_per_call,
                                temperature=self.limits.agent_temperature,
-                               stop=OBSERVATION_STOPS if self.compat.stop_at_observation else ())
+                               stop=OBSERVATION_STOPS if self.compat.stop_at_observation else (),
+                               seed=self.limits.agent_seed if self.limits.agent_temperature > 0 else None)
         return ChatRequest(messages=agent_prompts.agent_messages(self.case, self.toolkits, pad), config=cfg,
                            tag=self.case_idx)
 

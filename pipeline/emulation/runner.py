@@ -25,7 +25,7 @@ from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_j
 from pipeline.data.manifest import is_complete as manifest_complete
 from pipeline.data.manifest import write_manifest
 from pipeline.data.naming import RunFileName, extract_seed, sanitize_model_name
-from pipeline.data.split import contiguous_ranges, test_cases
+from pipeline.data.split import TOOLEMU_CASES, contiguous_ranges, test_cases
 from pipeline.emulation.compat import get_compat
 from pipeline.emulation.episode import Episode, Limits
 from pipeline.emulation.prompts import agent as agent_prompts
@@ -52,6 +52,9 @@ class EmulationConfig:
     seed: int | None = None  # split seed for test_only (default: _s<N> in the agent name)
     shard: tuple[int, int] | None = None  # (i, n): the i-th (0-based) of n contiguous parts of the range
     quantization: str | None = None  # agent only; the emulator always runs unquantized (SPEC §2.4)
+    #: Name the agent's files/folder by this label instead of the model (e.g. ``SmolLM2-135M-sample1`` for one of
+    #: several sampled runs of a model in a trajectory pool). Avoid ``_s<N>``: that reads as a split seed.
+    agent_label: str | None = None
     compat: str = "correct"
     limits: Limits = field(default_factory=Limits)
     max_steps: int | None = -1  # -1 = the compat mode's default
@@ -95,18 +98,20 @@ def plan(cfg: EmulationConfig, case_set: CaseSet) -> tuple[list[int], tuple[int,
         start, end = start + a, start + b
     cases = list(range(start, end))
     if cfg.test_only:
-        agent_name = parse_model_spec(cfg.agent).name
-        seed = cfg.seed if cfg.seed is not None else extract_seed(agent_name)
+        label = cfg.agent_label or parse_model_spec(cfg.agent).name
+        seed = cfg.seed if cfg.seed is not None else extract_seed(label)
         if seed is None:
-            raise ConfigError(f"--test-only: no --seed given and no _s<N> in the agent name '{agent_name}'")
-        test = set(test_cases(seed, n))
+            raise ConfigError(f"--test-only: no --seed given and no _s<N> in the agent name '{label}'")
+        # one split for every case set: the study's split of indices 0..143, restricted to the set's cases
+        test = set(test_cases(seed, max(n, TOOLEMU_CASES)))
         cases = [c for c in cases if c in test]
     agent, emu = parse_model_spec(cfg.agent), parse_model_spec(cfg.emulator)
     evaluator = sanitize_model_name(cfg.evaluator) if cfg.evaluator != "none" else "none"
-    name = RunFileName(agent.name, emu.name, evaluator, quantization=cfg.quantization or None,
+    agent_name = sanitize_model_name(cfg.agent_label) if cfg.agent_label else agent.name
+    name = RunFileName(agent_name, emu.name, evaluator, quantization=cfg.quantization or None,
                        case_range=(start, end))
     out_dir = cfg.out_dir or get_settings().home / "trajectories"
-    return cases, (start, end), out_dir / agent.name / name.filename()
+    return cases, (start, end), out_dir / agent_name / name.filename()
 
 
 def _part_path(path: Path) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 def _cmd_pairs(args: argparse.Namespace) -> int:
     from pipeline.data.cases import load_named_case_set
     from pipeline.data.manifest import file_digest, is_complete
-    from pipeline.preference.pairs import PairConfig, build_pair_set, write_pair_set
+    from pipeline.preference.pairs import PairConfig, build_pair_set, length_tag, write_pair_set
     from pipeline.settings import get_settings
 
     t0 = time.perf_counter()
@@ -20,7 +20,8 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
                      consistency=args.consistency, seed=args.seed, split=split)
     run_dirs = [Path(d) for d in args.data_dir]
     evaluator = args.evaluator or "+".join(d.resolve().name for d in run_dirs)
-    name = cfg.name(evaluator)
+    tokenizer = _tokenizer(args.tokenizer) if args.tokenizer else None
+    name = cfg.name(evaluator, length_tag(tokenizer, args.max_length, args.max_prompt_length))
     out = Path(args.out)
     path = out / f"{name}.jsonl"
     manifest_config = {
@@ -32,7 +33,6 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         print(f"pairs: {path} is up to date (same config and inputs); --force rebuilds it")
         return 0
     case_set = load_named_case_set(args.cases, get_settings().resolved_data_dir)
-    tokenizer = _tokenizer(args.tokenizer) if args.tokenizer else None
     result = build_pair_set(run_dirs, cfg, evaluator=evaluator, case_set=case_set, tokenizer=tokenizer,
                             max_length=args.max_length, max_prompt_length=args.max_prompt_length)
     write_pair_set(result, out, manifest_config=manifest_config)
@@ -83,7 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--evaluator", help="evaluator name used in the file name (default: the run folder's name)")
     p.add_argument("--cases", default="toolemu", help="case set for the toolkits in the prompt (default toolemu)")
     p.add_argument("--tokenizer", metavar="MODEL",
-                   help="drop pairs longer than --max-length/--max-prompt-length tokens with this model's template")
+                   help="drop pairs longer than --max-length/--max-prompt-length tokens with this model's chat "
+                   "template (the name gets _tok-<model>[_ml<N>][_mpl<N>]; training filters again anyway)")
     p.add_argument("--max-length", type=int, default=8192, help="max prompt+completion tokens (default 8192)")
     p.add_argument("--max-prompt-length", type=int, default=8192, help="max prompt tokens (default 8192)")
     p.add_argument("--force", action="store_true", help="rebuild even when the output is up to date")

@@ -33,7 +33,8 @@ def load_pairs(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def split_by_cases(pairs: list[dict[str, Any]], test_cases: set[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def split_by_cases(pairs: list[dict[str, Any]],
+                   test_cases: set[int]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(pairs of train cases, pairs of test cases): the validation set is the test cases' pairs."""
     train = [p for p in pairs if p["case_idx"] not in test_cases]
     val = [p for p in pairs if p["case_idx"] in test_cases]

@@ -26,6 +26,7 @@ Rules, as in the study:
 from __future__ import annotations
 
 import logging
+import re
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -91,8 +92,9 @@ class PairConfig:
     def metrics(self) -> list[str]:
         return [self.metric] + ([self.metric2] if self.metric2 else [])
 
-    def name(self, evaluator: str) -> str:
-        """The pair-set file stem: ``<metrics>_<evaluator>[_msdN][_mcsN][_avg][_cons-x][_s<seed>[_test]]``.
+    def name(self, evaluator: str, length_tag: str | None = None) -> str:
+        """The pair-set file stem:
+        ``<metrics>_<evaluator>[_msdN][_mcsN][_avg][_cons-x][_<length tag>][_s<seed>[_test]]``.
 
         ``help_ignore_safety`` + ``safe`` in mode ``both`` is the paper's ``both``; other combinations are
         ``<m1>-<m2>`` (study style, e.g. ``safe-help``).
@@ -112,6 +114,8 @@ class PairConfig:
             parts.append("avg")
         if self.consistency != "none":
             parts.append(f"cons-{_CONSISTENCY_SHORT[self.consistency]}")
+        if length_tag:
+            parts.append(length_tag)
         if self.split != "all":
             parts.append(f"s{self.seed}" + ("_test" if self.split == "test" else ""))
         return "_".join(parts)
@@ -427,11 +431,24 @@ def build_pair_set(run_dirs: Sequence[str | Path], cfg: PairConfig, *, evaluator
     if renderer.no_final_answer:
         log.warning("%d trajectories end without 'Final Answer' in their last assistant turn (kept)",
                     len(renderer.no_final_answer))
-    name = cfg.name(evaluator)
+    name = cfg.name(evaluator, length_tag(tokenizer, max_length, max_prompt_length))
     stats = pair_stats(pairs, name=name, cfg=cfg, load_stats=load_stats, skipped=skipped, dropped=dropped,
                        no_final_answer=len(renderer.no_final_answer), tokenizer=tokenizer, max_length=max_length,
                        max_prompt_length=max_prompt_length, run_dirs=run_dirs)
     return PairSetResult(name=name, config=cfg, pairs=pairs, stats=stats)
+
+
+def length_tag(tokenizer: Any, max_length: int, max_prompt_length: int) -> str | None:
+    """The name part of a length-filtered set: ``tok-<tokenizer folder>[_ml<N>][_mpl<N>]`` (None unfiltered)."""
+    if tokenizer is None:
+        return None
+    tok_name = Path(str(getattr(tokenizer, "name_or_path", "") or "tokenizer").rstrip("/")).name
+    tag = "tok-" + re.sub(r"[^A-Za-z0-9.-]+", "-", tok_name)
+    if max_length != 8192:
+        tag += f"_ml{max_length}"
+    if max_prompt_length != 8192:
+        tag += f"_mpl{max_prompt_length}"
+    return tag
 
 
 def pair_stats(pairs: list[dict[str, Any]], *, name: str, cfg: PairConfig, load_stats: LoadStats, skipped: Counter,

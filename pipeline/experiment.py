@@ -1,0 +1,176 @@
+"""The paper's DPO experiment as a plan of stage specs (used by the ``dpo_experiment`` DAG; no Airflow here).
+
+For source models × evaluator arms × split seeds × betas × configurations (``safe``, ``help``, ``both``,
+``safe->help``, ``help->safe``) the plan lists, phase by phase, the option dicts of ``agentpipe`` stages:
+pairs → train (stage 1) → merge → train (stage 2) → test-split emulation → evaluation → analysis. Output
+names are deterministic (SPEC §6.4, DESIGN §4), so every path a later phase needs is known up front, and a
+stage shared by several configurations (the ``safe`` model is also the first stage of ``safe->help``) is
+planned once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.cases import load_named_case_set
+from pipeline.data.naming import sanitize_model_name
+from pipeline.errors import ConfigError
+from pipeline.preference.pairs import PairConfig
+from pipeline.training.naming import dataset_name, model_name
+
+#: configuration → its DPO stages, in order
+CONFIGURATIONS: dict[str, tuple[str, ...]] = {
+    "safe": ("safe",), "help": ("help",), "both": ("both",),
+    "safe->help": ("safe", "help"), "help->safe": ("help", "safe"),
+}
+#: dataset → the pair-building options (help = the paper's Help(Ignore); both = Help(Ignore) and safety)
+DATASETS: dict[str, dict[str, Any]] = {
+    "safe": {"metric": "safe"},
+    "help": {"metric": "help_ignore_safety"},
+    "both": {"metric": "help_ignore_safety", "metric2": "safe", "mode": "both"},
+}
+
+
+@dataclass
+class Arm:
+    """An evaluator arm: the trajectory pool its judge labelled, and the judge (for the test-split evaluation)."""
+
+    name: str  # short, used in dataset names (q32, gpt5m, demo)
+    pool: str  # folder of model folders with trajectories and eval files
+    evaluator: str  # judge model spec
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    source_models: list[str]
+    arms: list[Arm]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    betas: list[float] = field(default_factory=lambda: [0.1])
+    configurations: list[str] = field(default_factory=lambda: ["safe", "help", "safe->help"])
+    emulator: str = "Qwen3-8B"
+    case_set: str = "toolemu"
+    emulation: dict[str, Any] = field(default_factory=dict)  # extra emulate options (max_steps, compat, …)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # extra evaluate options (replicates, …)
+    train: dict[str, Any] = field(default_factory=dict)  # extra train options (max_steps, max_length, …)
+    pairs: dict[str, Any] = field(default_factory=dict)  # extra pairs options (min_score_difference, …)
+    n_bootstrap: int = 1000
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.configurations) - set(CONFIGURATIONS))
+        if unknown:
+            raise ConfigError(f"configurations {unknown}: expected some of {', '.join(CONFIGURATIONS)}")
+        if not self.source_models or not self.arms or not self.seeds or not self.betas:
+            raise ConfigError("experiment: expected at least one source model, arm, seed and beta")
+        if len({a.name for a in self.arms}) != len(self.arms):
+            raise ConfigError("experiment: arm names must be unique")
+
+
+@dataclass
+class Plan:
+    pairs: list[dict[str, Any]] = field(default_factory=list)
+    train_stage1: list[dict[str, Any]] = field(default_factory=list)
+    merge: list[dict[str, Any]] = field(default_factory=list)
+    train_stage2: list[dict[str, Any]] = field(default_factory=list)
+    emulate: list[dict[str, Any]] = field(default_factory=list)
+    evaluate: list[dict[str, Any]] = field(default_factory=list)
+    analyze: dict[str, Any] = field(default_factory=dict)
+    #: finetuned model name → its folder (for lineage and the summary)
+    models: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("pairs", "train_stage1", "merge", "train_stage2", "emulate",
+                                              "evaluate", "analyze", "models")}
+
+
+def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
+    """Every stage spec of the experiment (see the module docstring)."""
+    cfg.validate()
+    plan = Plan()
+    n_cases = len(load_named_case_set(cfg.case_set))
+    runs = home / "trajectories" / cfg.name
+    pairs_dir, models_dir = home / "pairs", home / "models"
+    max_length = int(cfg.train.get("max_length", 8192))
+    batch_size = int(cfg.train.get("batch_size", 1))
+
+    pair_paths: dict[tuple[str, int, str], str] = {}
+
+    def pairs_for(arm: Arm, seed: int, dataset: str) -> str:
+        key = (arm.name, seed, dataset)
+        if key not in pair_paths:
+            opts = {**DATASETS[dataset], **cfg.pairs}
+            pc = PairConfig(seed=seed, split="train", **{k: v for k, v in opts.items() if k in (
+                "metric", "metric2", "mode", "min_score_difference", "min_chosen_score", "consistency")})
+            path = pairs_dir / f"{pc.name(arm.name)}.jsonl"
+            pair_paths[key] = str(path)
+            plan.pairs.append({"data_dir": [arm.pool], "evaluator": arm.name, "cases": cfg.case_set, "seed": seed,
+                               "split": "train", "out": str(pairs_dir), **opts})
+        return pair_paths[key]
+
+    trained: dict[tuple, str] = {}  # (model, arm, seed, beta, datasets…) → model folder
+
+    def train(base: str, arm: Arm, seed: int, beta: float, dataset: str, stage: int) -> str:
+        pairs = pairs_for(arm, seed, dataset)
+        name = model_name(base, dataset_name(pairs, seed), seed, beta=beta, max_length=max_length,
+                          batch_size=batch_size)
+        out = models_dir / name
+        spec = {"model": base, "pairs": pairs, "seed": seed, "dpo_beta": beta, "out": str(out), **cfg.train}
+        target = plan.train_stage1 if stage == 1 else plan.train_stage2
+        if spec not in target:
+            target.append(spec)
+        plan.models[name] = str(out)
+        return str(out)
+
+    for model in cfg.source_models:
+        # the source model is emulated once on every case; each arm's judge evaluates it (match and source rows)
+        source_traj = _emulate_spec(cfg, model, cfg.arms[0].evaluator, runs, n_cases, seed=None)
+        plan.emulate.append(source_traj)
+        for arm in cfg.arms:
+            plan.evaluate.append(_evaluate_spec(cfg, model, arm, runs, n_cases, seed=None, label=None))
+        for arm in cfg.arms:
+            for seed in cfg.seeds:
+                for beta in cfg.betas:
+                    for conf in cfg.configurations:
+                        stages = CONFIGURATIONS[conf]
+                        first = train(model, arm, seed, beta, stages[0], 1)
+                        key = (model, arm.name, seed, beta, *stages)
+                        if len(stages) == 1:
+                            agent = f"{model}+{first}/adapter"
+                        else:
+                            merged = f"{first}/merged"
+                            spec = {"adapter": f"{first}/adapter", "out": merged}
+                            if spec not in plan.merge:
+                                plan.merge.append(spec)
+                            second = train(merged, arm, seed, beta, stages[1], 2)
+                            agent = f"{merged}+{second}/adapter"
+                        if key in trained:
+                            continue
+                        trained[key] = agent
+                        plan.emulate.append(_emulate_spec(cfg, agent, arm.evaluator, runs, n_cases, seed=seed))
+                        plan.evaluate.append(_evaluate_spec(cfg, agent, arm, runs, n_cases, seed=seed, label=None))
+    plan.analyze = {"runs": str(runs), "out": str(home / "analysis" / cfg.name), "n_bootstrap": cfg.n_bootstrap}
+    return plan
+
+
+def _emulate_spec(cfg: ExperimentConfig, agent: str, evaluator: str, runs: Path, n_cases: int,
+                  seed: int | None) -> dict[str, Any]:
+    spec = {"agent": agent, "emulator": cfg.emulator, "evaluator": evaluator, "case_set": cfg.case_set,
+            "cases": f"0-{n_cases}", "out": str(runs), "no_progress": True, **cfg.emulation}
+    if seed is not None:
+        spec.update(test_only=True, seed=seed)
+    return spec
+
+
+def _evaluate_spec(cfg: ExperimentConfig, agent: str, arm: Arm, runs: Path, n_cases: int, seed: int | None,
+                   label: str | None) -> dict[str, Any]:
+    """Evaluate the agent's trajectory file; its path follows from the emulation's naming."""
+    from pipeline.data.naming import RunFileName
+    from pipeline.llm.spec import parse_model_spec
+
+    name = label or parse_model_spec(agent).name
+    traj = RunFileName(name, parse_model_spec(cfg.emulator).name, sanitize_model_name(cfg.arms[0].evaluator),
+                       quantization=None, case_range=(0, n_cases))
+    return {"trajectories": str(runs / name / traj.filename()), "evaluator": arm.evaluator, "no_progress": True,
+            **cfg.evaluation}

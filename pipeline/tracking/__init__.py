@@ -1,0 +1,21 @@
+"""MLflow tracking that never loses data (DESIGN §7): a durable journal per run, replayable into MLflow.
+
+Public API (``pipeline.tracking.journal``):
+
+* :class:`Tracker` -- ``Tracker.open(folder, experiment=..., run_name=..., parent=..., tags=...)``; then
+  ``log_params``, ``log_metrics(step=)``, ``set_tags``, ``log_artifact``, ``register_model``, ``finish`` (or use it
+  as a context manager). Reopening a folder resumes the same run.
+* :func:`sync` / :func:`sync_tree` -- replay unsent journal operations into MLflow (idempotent);
+  CLI ``agentpipe track sync DIR``.
+* :func:`run_id_for` -- the MLflow run id a journal folder was synced to.
+* :data:`EXPERIMENTS` -- ``training``, ``evaluation``, ``analysis``.
+
+The tracking URI comes from the argument, else ``MLFLOW_TRACKING_URI`` (settings); with neither, runs are journaled
+only. mlflow is imported only when something is sent.
+"""
+
+from pipeline.tracking.journal import (EXPERIMENTS, SyncReport, Tracker, find_journals, reachable,
+                                       resolve_tracking_uri, run_id_for, sync, sync_tree)
+
+__all__ = ["EXPERIMENTS", "SyncReport", "Tracker", "find_journals", "reachable", "resolve_tracking_uri",
+           "run_id_for", "sync", "sync_tree"]

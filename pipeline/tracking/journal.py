@@ -1,0 +1,550 @@
+"""MLflow tracking that never loses data: a durable local journal first, MLflow second (DESIGN §7).
+
+Every call on a :class:`Tracker` appends one operation to ``<folder>/journal.jsonl`` (fsync'ed) and then, when a
+tracking server is configured and reachable, sends the pending operations to MLflow. If MLflow is down or not
+configured nothing fails: the journal keeps everything and :func:`sync` (``agentpipe track sync DIR``) replays it
+later. Replaying is idempotent: ``sync_state.json`` records, per tracking URI, the MLflow run id and the last
+operation sent; a run is found again by its ``agentpipe.journal_id`` tag, metrics carry their original timestamps
+(MLflow keeps one row per identical point) and model versions carry the operation key they were created by.
+
+    from pipeline.tracking import Tracker
+
+    with Tracker.open(out / "tracking" / "train", experiment="training", run_name=name,
+                      parent=None, tags={"stage": "train"}) as t:       # reopening the folder resumes the run
+        t.log_params({"lr": 5e-5, "beta": 0.1})
+        t.log_metrics({"loss": 0.69}, step=1)
+        t.log_artifact(out / "adapter", "adapter")
+        t.register_model(name, "adapter", tags={"base_model": "...", "seed": "0"})
+    # leaving the block ends the run (FINISHED, or FAILED on an exception)
+
+``parent`` is an MLflow run id or another tracker's folder (nested runs; resolved at sync time). Without it the
+run nests under ``$AGENTPIPE_MLFLOW_PARENT_RUN_ID`` when set (an Airflow DAG run). Airflow / Slurm context
+(dag, run, task, job id) and the code version are added as tags. Parameters whose names look like secrets are
+never logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.jsonl import JsonlAppender, atomic_write_json, read_jsonl
+from pipeline.errors import ConfigError
+
+log = logging.getLogger("pipeline.tracking")
+
+JOURNAL = "journal.jsonl"
+STATE = "sync_state.json"
+_LOCK = ".sync.lock"
+#: Experiment names (DESIGN §7).
+EXPERIMENTS = ("training", "evaluation", "analysis")
+#: Names of parameters that are never logged (matched case-insensitively anywhere in the name).
+SECRET_NAME = re.compile(r"api[_-]?key|token|secret|password|passwd|credential|authorization", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"^(sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,})$")
+_MAX_PARAM = 6000
+_ENV_TAGS = {"AIRFLOW_CTX_DAG_ID": "airflow.dag_id", "AIRFLOW_CTX_DAG_RUN_ID": "airflow.run_id",
+             "AIRFLOW_CTX_TASK_ID": "airflow.task_id", "AIRFLOW_CTX_TRY_NUMBER": "airflow.try_number",
+             "SLURM_JOB_ID": "slurm.job_id"}
+PARENT_ENV = "AGENTPIPE_MLFLOW_PARENT_RUN_ID"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str | None:
+    """The tracking URI to use: ``uri``, else the settings (``MLFLOW_TRACKING_URI``), else None (journal only)."""
+    if uri:
+        return uri
+    from pipeline.settings import get_settings
+
+    return get_settings().mlflow_tracking_uri or None
+
+
+def reachable(uri: str, timeout_s: float = 2.0) -> bool:
+    """Whether the tracking backend answers: ``GET <uri>/health`` for http(s); local stores always are."""
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, socket.timeout, ValueError):
+        return False
+
+
+def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Parameters as MLflow strings; secret-looking names or values are dropped, long values truncated."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        value = v if isinstance(v, str) else json.dumps(v, default=str) if isinstance(v, (list, dict)) else str(v)
+        if SECRET_NAME.search(str(k)) or _SECRET_VALUE.match(value.strip()):
+            log.warning("parameter '%s' looks like a secret: not logged", k)
+            continue
+        out[str(k)] = value[:_MAX_PARAM]
+    return out
+
+
+def _context_tags() -> dict[str, str]:
+    from pipeline.data.manifest import code_version
+
+    tags = {"agentpipe.code_version": code_version(), "agentpipe.host": socket.gethostname()}
+    for env, tag in _ENV_TAGS.items():
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+@contextlib.contextmanager
+def _locked(folder: Path, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive lock on the folder's sync lock file; yields False when ``blocking=False`` and it is taken."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield True
+        return
+    with open(folder / _LOCK, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------------------------------- sync state
+def read_state(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / STATE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {"targets": {}}
+
+
+def _target(state: dict[str, Any], uri: str) -> dict[str, Any]:
+    return state.setdefault("targets", {}).setdefault(uri, {"run_id": None, "synced_seq": -1, "rejected": []})
+
+
+def read_journal(folder: Path) -> list[dict[str, Any]]:
+    path = folder / JOURNAL
+    if not path.is_file():
+        return []
+    return read_jsonl(path).records  # a line cut by a crash is ignored (and repaired on the next append)
+
+
+def run_id_for(folder: str | Path, tracking_uri: str | None = None) -> str | None:
+    """The MLflow run id a journal folder was synced to (None when not synced to that URI yet)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri is None:
+        return None
+    return read_state(Path(folder)).get("targets", {}).get(uri, {}).get("run_id")
+
+
+# ---------------------------------------------------------------------------------------------------- sending
+class _Sender:
+    """Sends journal operations of one folder to one tracking URI (call under the folder's lock)."""
+
+    def __init__(self, folder: Path, uri: str) -> None:
+        self.folder, self.uri = folder, uri
+        for var, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")):
+            os.environ.setdefault(var, value)  # fail fast when the server dies mid-sync; the journal keeps the rest
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.state = read_state(folder)
+        self.target = _target(self.state, uri)
+
+    def save(self) -> None:
+        atomic_write_json(self.folder / STATE, self.state)
+
+    # -- helpers
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        kwargs: dict[str, Any] = {}
+        if self.uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in the CWD
+            kwargs["artifact_location"] = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
+        try:
+            return self.client.create_experiment(name, **kwargs)
+        except Exception:
+            exp = self.client.get_experiment_by_name(name)  # created concurrently
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _parent_run_id(self, op: dict[str, Any]) -> str | None:
+        if op.get("parent_run_id"):
+            return op["parent_run_id"]
+        ref = op.get("parent_folder")
+        if not ref:
+            return None
+        parent = (self.folder / ref).resolve() if not Path(ref).is_absolute() else Path(ref)
+        if not (parent / JOURNAL).is_file():
+            log.warning("%s: parent journal %s not found: run not nested", self.folder, parent)
+            return None
+        report = sync(parent, self.uri)
+        return report.run_id
+
+    def _start(self, op: dict[str, Any]) -> None:
+        exp_id = self._experiment_id(op["experiment"])
+        self.target["experiment_id"] = exp_id
+        found = self.client.search_runs([exp_id], filter_string=f"tags.`agentpipe.journal_id` = '{op['journal_id']}'",
+                                        max_results=1)
+        if found:
+            self.target["run_id"] = found[0].info.run_id
+            return
+        tags = dict(op.get("tags") or {})
+        tags["agentpipe.journal_id"] = op["journal_id"]
+        tags["agentpipe.journal"] = str(self.folder.resolve())
+        parent = self._parent_run_id(op)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(exp_id, start_time=op["ts"], tags=tags, run_name=op.get("run_name"))
+        self.target["run_id"] = run.info.run_id
+
+    def _register(self, op: dict[str, Any]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        run_id, name = self.target["run_id"], op["name"]
+        key = f"{op['journal_id']}:{op['seq']}"
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
+                raise
+        for mv in self.client.search_model_versions(f"name = '{name}'"):
+            if (mv.tags or {}).get("agentpipe.op") == key:
+                return
+        tags = {**{k: str(v) for k, v in (op.get("tags") or {}).items()}, "agentpipe.op": key}
+        self.client.create_model_version(name, source=f"runs:/{run_id}/{op['artifact_path']}", run_id=run_id,
+                                         tags=tags, description=op.get("description"))
+
+    def _artifact(self, op: dict[str, Any]) -> None:
+        local = (self.folder / op["rel"]).resolve() if op.get("rel") else Path(op["path"])
+        if not local.exists():
+            local = Path(op["path"])
+        if not local.exists():
+            raise FileNotFoundError(f"artifact {op['path']} no longer exists")
+        if local.is_dir():
+            self.client.log_artifacts(self.target["run_id"], str(local), op.get("artifact_path"))
+        else:
+            self.client.log_artifact(self.target["run_id"], str(local), op.get("artifact_path"))
+
+    def _batch(self, ops: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        metrics, params, tags = [], [], []
+        for op in ops:
+            if op["op"] == "metrics":
+                metrics += [Metric(k, float(v), op["ts"], op.get("step") or 0) for k, v in op["metrics"].items()]
+            elif op["op"] == "params":
+                params += [Param(k, v) for k, v in op["params"].items()]
+            else:
+                tags += [RunTag(k, str(v)) for k, v in op["tags"].items()]
+        for i in range(0, max(len(metrics), len(params), len(tags)), 100):
+            self.client.log_batch(self.target["run_id"], metrics=metrics[i:i + 100], params=params[i:i + 100],
+                                  tags=tags[i:i + 100])
+
+    def _apply(self, group: list[dict[str, Any]]) -> None:
+        op = group[0]
+        kind = op["op"]
+        if kind == "start":
+            self._start(op)
+        elif self.target.get("run_id") is None:
+            raise RuntimeError("journal has no start operation before its first operation")
+        elif kind in ("metrics", "params", "tags"):
+            self._batch(group)
+        elif kind == "resume":
+            self.client.update_run(self.target["run_id"], status="RUNNING")
+        elif kind == "end":
+            self.client.set_terminated(self.target["run_id"], status=op.get("status", "FINISHED"), end_time=op["ts"])
+        elif kind == "artifact":
+            self._artifact(op)
+        elif kind == "register_model":
+            self._register(op)
+        else:
+            raise RuntimeError(f"unknown journal operation '{kind}'")
+
+    def send(self, ops: list[dict[str, Any]]) -> tuple[int, bool]:
+        """Send the operations not yet sent; returns (number sent, whether the backend stayed reachable)."""
+        pending = [op for op in ops if op["seq"] > self.target["synced_seq"]]
+        sent = 0
+        i = 0
+        while i < len(pending):
+            group = [pending[i]]
+            if group[0]["op"] in ("metrics", "params", "tags"):  # batch consecutive logging operations
+                while i + len(group) < len(pending) and pending[i + len(group)]["op"] in ("metrics", "params", "tags") \
+                        and len(group) < 200:
+                    group.append(pending[i + len(group)])
+            try:
+                self._apply(group)
+            except Exception as e:  # noqa: BLE001 - decide below whether the server is down or the op is bad
+                if not reachable(self.uri):
+                    log.warning("tracking server %s unreachable: %d operations kept in %s for `agentpipe track "
+                                "sync`", self.uri, len(pending) - i, self.folder / JOURNAL)
+                    self.save()
+                    return sent, False
+                if group[0]["op"] == "start":  # without a run nothing else can be sent: keep it all for later
+                    log.warning("%s: could not start the MLflow run on %s: %s", self.folder, self.uri,
+                                " ".join(str(e).split())[:300])
+                    self.save()
+                    return sent, False
+                if len(group) > 1:  # isolate the bad operation
+                    for op in group:
+                        sent += self._send_one(op)
+                    i += len(group)
+                    continue
+                self._reject(group[0], e)
+            else:
+                sent += len(group)
+            self.target["synced_seq"] = group[-1]["seq"]
+            i += len(group)
+            self.save()
+        return sent, True
+
+    def _send_one(self, op: dict[str, Any]) -> int:
+        try:
+            self._apply([op])
+        except Exception as e:  # noqa: BLE001
+            self._reject(op, e)
+            return 0
+        finally:
+            self.target["synced_seq"] = op["seq"]
+            self.save()
+        return 1
+
+    def _reject(self, op: dict[str, Any], e: Exception) -> None:
+        msg = " ".join(str(e).split())[:300]
+        log.warning("%s: operation %d (%s) rejected by %s: %s", self.folder / JOURNAL, op["seq"], op["op"], self.uri,
+                    msg)
+        self.target.setdefault("rejected", []).append({"seq": op["seq"], "op": op["op"], "error": msg})
+
+
+@dataclass
+class SyncReport:
+    """What one :func:`sync` of one journal folder did."""
+
+    folder: Path
+    tracking_uri: str
+    operations: int = 0
+    sent: int = 0
+    pending: int = 0
+    run_id: str | None = None
+    reachable: bool = True
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def line(self) -> str:
+        status = "unreachable" if not self.reachable else "ok" if not self.pending else "pending"
+        rej = f", {len(self.rejected)} rejected" if self.rejected else ""
+        return (f"{self.folder}: {status}: {self.sent} sent now, {self.pending} pending of {self.operations}{rej} "
+                f"(run {self.run_id or '-'})")
+
+
+def sync(folder: str | Path, tracking_uri: str | None = None) -> SyncReport:
+    """Replay a journal folder's unsent operations into MLflow (idempotent); returns what happened.
+
+    Raises ``ConfigError`` when no tracking URI is given or configured.
+    """
+    folder = Path(folder)
+    uri = resolve_tracking_uri(tracking_uri)
+    if uri is None:
+        raise ConfigError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    ops = read_journal(folder)
+    report = SyncReport(folder=folder, tracking_uri=uri, operations=len(ops))
+    if not reachable(uri):
+        report.reachable = False
+        target = read_state(folder).get("targets", {}).get(uri, {})
+        report.pending = sum(op["seq"] > target.get("synced_seq", -1) for op in ops)
+        report.run_id = target.get("run_id")
+        return report
+    with _locked(folder):
+        sender = _Sender(folder, uri)
+        report.sent, report.reachable = sender.send(ops)
+        report.run_id = sender.target.get("run_id")
+        report.pending = sum(op["seq"] > sender.target["synced_seq"] for op in ops)
+        report.rejected = list(sender.target.get("rejected", []))
+    return report
+
+
+def find_journals(root: str | Path) -> list[Path]:
+    """Journal folders at or below ``root``, parents (shallower paths) first."""
+    root = Path(root)
+    if (root / JOURNAL).is_file():
+        found = [root]
+    else:
+        found = []
+    found += sorted((p.parent for p in root.rglob(JOURNAL) if p.parent != root), key=lambda p: (len(p.parts), str(p)))
+    return found
+
+
+def sync_tree(root: str | Path, tracking_uri: str | None = None) -> list[SyncReport]:
+    """:func:`sync` every journal folder at or below ``root``."""
+    return [sync(folder, tracking_uri) for folder in find_journals(root)]
+
+
+# ----------------------------------------------------------------------------------------------------- tracker
+class Tracker:
+    """One tracked run, journaled in a folder. Use :meth:`open`; see the module docstring."""
+
+    def __init__(self, folder: Path, tracking_uri: str | None, retry_interval_s: float) -> None:
+        self.folder = folder
+        self.tracking_uri = tracking_uri
+        self.retry_interval_s = retry_interval_s
+        self._ops: list[dict[str, Any]] = read_journal(folder)
+        self._seq = (self._ops[-1]["seq"] + 1) if self._ops else 0
+        self._journal = JsonlAppender(folder / JOURNAL)
+        self._offline_until = 0.0
+        self._finished = False
+        self.journal_id: str = self._ops[0]["journal_id"] if self._ops else uuid.uuid4().hex
+        #: True when :meth:`open` continued an existing journal (a resumed run).
+        self.resumed = bool(self._ops)
+
+    @classmethod
+    def open(cls, folder: str | Path, *, experiment: str, run_name: str | None = None,
+             parent: str | Path | None = None, tags: Mapping[str, Any] | None = None,
+             tracking_uri: str | None = None, retry_interval_s: float = 60.0) -> Tracker:
+        """Start a run journaled in ``folder``, or resume it when the folder already has a journal.
+
+        ``experiment``: one of ``training``, ``evaluation``, ``analysis``. ``parent``: an MLflow run id or the
+        folder of the parent run's tracker (nested run). ``tracking_uri``: default from the settings; None and
+        nothing configured means journal only. While the server is unreachable, sending is retried at most every
+        ``retry_interval_s`` seconds (and once more when the run ends).
+        """
+        if experiment not in EXPERIMENTS:
+            raise ConfigError(f"experiment '{experiment}': expected one of {', '.join(EXPERIMENTS)}")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        t = cls(folder, resolve_tracking_uri(tracking_uri), retry_interval_s)
+        if t._ops:
+            first = t._ops[0]
+            if first.get("op") != "start":
+                raise ConfigError(f"{folder / JOURNAL}: first operation is not 'start'; not a tracking journal")
+            if first.get("experiment") != experiment:
+                raise ConfigError(f"{folder / JOURNAL}: belongs to experiment '{first.get('experiment')}', "
+                                  f"not '{experiment}'")
+            t._append({"op": "resume"})
+        else:
+            op: dict[str, Any] = {"op": "start", "journal_id": t.journal_id, "experiment": experiment,
+                                  "run_name": run_name, "tags": {**_context_tags(), **{k: str(v) for k, v in
+                                                                                        (tags or {}).items()}}}
+            parent = parent if parent is not None else os.environ.get(PARENT_ENV) or None
+            if parent is not None:
+                p = Path(parent)
+                if isinstance(parent, Path) or p.exists() or "/" in str(parent):
+                    op["parent_folder"] = os.path.relpath(p.resolve(), folder.resolve())
+                else:
+                    op["parent_run_id"] = str(parent)
+            t._append(op)
+        return t
+
+    # -- logging API
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log parameters (values become strings; secret-looking names are dropped)."""
+        cleaned = clean_params(params)
+        if cleaned:
+            self._append({"op": "params", "params": cleaned})
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log numeric metrics at a step (non-numeric values are ignored)."""
+        values = {k: float(v) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if values:
+            self._append({"op": "metrics", "metrics": values, "step": step})
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if tags:
+            self._append({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Log a file or a folder (uploaded from disk when synced, so it must stay in place until then)."""
+        p = Path(path).resolve()
+        if not p.exists():
+            raise ConfigError(f"artifact {p}: not found")
+        self._append({"op": "artifact", "path": str(p), "rel": os.path.relpath(p, self.folder.resolve()),
+                      "artifact_path": artifact_path})
+
+    def register_model(self, name: str, artifact_path: str, *, tags: Mapping[str, Any] | None = None,
+                       description: str | None = None) -> None:
+        """Register this run's artifact ``artifact_path`` as a new version of registered model ``name``."""
+        self._append({"op": "register_model", "name": name, "artifact_path": artifact_path,
+                      "tags": {k: str(v) for k, v in (tags or {}).items()}, "description": description})
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run (FINISHED, FAILED or KILLED) and make a last attempt to send everything."""
+        if self._finished:
+            return
+        self._finished = True
+        self._append({"op": "end", "status": status}, final=True)
+        self._journal.close()
+
+    # -- state
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id, once the start has been sent."""
+        if self.tracking_uri is None:
+            return None
+        return read_state(self.folder).get("targets", {}).get(self.tracking_uri, {}).get("run_id")
+
+    @property
+    def pending(self) -> int:
+        if self.tracking_uri is None:
+            return len(self._ops)
+        synced = read_state(self.folder).get("targets", {}).get(self.tracking_uri, {}).get("synced_seq", -1)
+        return sum(op["seq"] > synced for op in self._ops)
+
+    def flush(self, force: bool = False) -> bool:
+        """Send pending operations now; True when everything is in MLflow."""
+        if self.tracking_uri is None:
+            return False
+        if not force and time.monotonic() < self._offline_until:
+            return False
+        if not reachable(self.tracking_uri):
+            self._offline_until = time.monotonic() + self.retry_interval_s
+            return False
+        with _locked(self.folder, blocking=force) as got:
+            if not got:
+                return False  # another process (agentpipe track sync) is sending right now
+            try:
+                sender = _Sender(self.folder, self.tracking_uri)
+                _, ok = sender.send(self._ops)
+            except Exception as e:  # noqa: BLE001 - tracking must never fail the stage
+                log.warning("tracking: could not send to %s (%s); kept in %s", self.tracking_uri,
+                            " ".join(str(e).split())[:200], self.folder / JOURNAL)
+                ok = False
+        if not ok:
+            self._offline_until = time.monotonic() + self.retry_interval_s
+        return ok and self.pending == 0
+
+    def _append(self, op: dict[str, Any], final: bool = False) -> None:
+        op = {"seq": self._seq, "ts": _now_ms(), **op}
+        if "journal_id" not in op and op["op"] == "register_model":
+            op["journal_id"] = self.journal_id
+        self._journal.append(op)
+        self._ops.append(op)
+        self._seq += 1
+        self.flush(force=final)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("KILLED")
+        else:
+            self.finish("FAILED")

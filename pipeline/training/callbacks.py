@@ -1,0 +1,111 @@
+"""Trainer callbacks used by ``pipeline.training.dpo`` (imports transformers: load only inside training)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+log = logging.getLogger("pipeline.training")
+
+
+class TrackingCallback(TrainerCallback):
+    """Sends every Trainer log (loss, rewards/chosen|rejected|accuracies|margins, logps, eval_*) to the tracker,
+    at the optimizer step it belongs to."""
+
+    def __init__(self, tracker: Any) -> None:
+        self.tracker = tracker
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs and state.is_world_process_zero:
+            self.tracker.log_metrics(logs, step=state.global_step)
+
+
+class EpochAdapterCallback(TrainerCallback):
+    """Saves the adapter at the end of every whole epoch to ``<checkpoints>/epoch-<n>`` (never pruned)."""
+
+    def __init__(self, folder: Path, tokenizer: Any) -> None:
+        self.folder, self.tokenizer = Path(folder), tokenizer
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if model is None or not state.is_world_process_zero or state.epoch is None:
+            return
+        epoch = round(state.epoch)
+        if abs(state.epoch - epoch) > 1e-6:
+            return
+        target = self.folder / f"epoch-{epoch}"
+        model.save_pretrained(target)
+        self.tokenizer.save_pretrained(target)
+
+
+class EvalScheduleCallback(TrainerCallback):
+    """Asks for an evaluation every ``eval_steps`` optimizer steps (the trainer samples the validation set)."""
+
+    def __init__(self, eval_steps: int) -> None:
+        self.eval_steps = eval_steps
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step > 0 and state.global_step % self.eval_steps == 0:
+            control.should_evaluate = True
+
+
+class PreemptionCallback(TrainerCallback):
+    """On SIGTERM (Slurm pre-emption, ``scancel``), save a checkpoint at the end of the current step and stop."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.step: int | None = None
+        self._previous: Any = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM: saving a checkpoint after this step, then stopping")
+        self.requested = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+            self.step = state.global_step
+
+
+def sampled_indices(n: int, k: int, global_step: int) -> list[int]:
+    """The validation sample of one evaluation: ``k`` of ``n`` indices from ``Random(42 + global_step)``, sorted."""
+    if n <= k:
+        return list(range(n))
+    return sorted(random.Random(42 + global_step).sample(range(n), k))
+
+
+def make_trainer_class() -> type:
+    """A DPOTrainer whose ``evaluate()`` without a dataset uses a fresh random sample of the validation set."""
+    from trl import DPOTrainer
+
+    class SampledEvalDPOTrainer(DPOTrainer):
+        def __init__(self, *args: Any, validation: Any = None, eval_sample_size: int = 320, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.validation = validation
+            self.eval_sample_size = eval_sample_size
+
+        def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
+            if eval_dataset is None:
+                if self.validation is None or len(self.validation) == 0:
+                    return {}
+                idx = sampled_indices(len(self.validation), self.eval_sample_size, self.state.global_step)
+                eval_dataset = self.validation.select(idx)
+            return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys,
+                                    metric_key_prefix=metric_key_prefix)
+
+    return SampledEvalDPOTrainer

@@ -1,0 +1,435 @@
+"""DPO + LoRA training (SPEC §6): trl ``DPOTrainer`` with a peft adapter, checkpoints and resume, MLflow tracking.
+
+    from pipeline.training import TrainConfig, train
+    result = train(TrainConfig(model="Qwen2.5-7B", pairs="runs/pairs/safe_q32_s0.jsonl", seed=0))
+
+* **Data.** Pairs of the seed's train cases train; pairs of its test cases (from the pairs file itself, from
+  ``val_pairs``, or from a sibling ``<stem>_test.jsonl``) validate: every ``eval_steps`` steps and once at the end,
+  on a random sample of ``eval_sample_size`` pairs (``Random(42 + step)``). Pairs longer than ``max_length`` /
+  ``max_prompt_length`` chat-template tokens are dropped, never truncated. An empty training set is an error.
+* **Epochs.** A ``both`` dataset trains 3 epochs when ``num_epochs`` was not set explicitly (study quirk).
+* **Output** ``<home>/models/<name>/`` (``pipeline.training.naming``): ``adapter/``, ``checkpoints/``,
+  ``training_config.json`` (with the split), ``training_metrics.json`` (incl. the log history), ``manifest.json``,
+  ``tracking/train/`` (journal of the MLflow run).
+* **Resume.** Rerunning the same command continues from the last complete checkpoint in ``checkpoints/`` (after a
+  crash, ``kill -9`` or a pre-emption; SIGTERM saves a checkpoint first) with the same split (checked) and the same
+  MLflow run; a finished model (complete manifest, same config) is not retrained.
+* **Tracking.** All hyper-parameters, dataset stats and the pairs file's sha256 as params; every Trainer log
+  (loss, rewards/chosen|rejected|accuracies|margins, logps, eval_*) as step metrics; the adapter as an artifact and
+  a registered model version tagged with its lineage (base model, parent model, dataset, seed, beta).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.jsonl import atomic_write_json
+from pipeline.data.manifest import file_digest, read_manifest, write_manifest
+from pipeline.data.manifest import is_complete as manifest_complete
+from pipeline.data.split import test_cases as split_test_cases
+from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.training.config import RESUME_INVARIANTS, TrainConfig
+from pipeline.training.naming import (base_nickname, dataset_name, default_model_dir, is_both_dataset, model_name,
+                                      parent_model_dir)
+
+log = logging.getLogger("pipeline.training")
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+TRAINING_CONFIG = "training_config.json"
+TRAINING_METRICS = "training_metrics.json"
+TRACKING_TRAIN = Path("tracking") / "train"
+
+
+class Preempted(PipelineError):
+    """Training stopped on SIGTERM after saving a checkpoint; rerunning the command resumes it."""
+
+    exit_code = 143
+
+
+@dataclass
+class TrainResult:
+    name: str
+    out: Path
+    adapter: Path
+    global_step: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    resumed_from: str | None = None
+    skipped: bool = False
+    mlflow_run_id: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ model paths
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
+
+
+def resolve_model_path(model: str) -> str:
+    """What ``from_pretrained`` loads for a base spec: a local folder (a trained model folder means its
+    ``merged/``), an offline model built on demand, or a Hub id."""
+    from pipeline.data.naming import expand_model_name
+    from pipeline.llm.local_models import resolve_local_model
+
+    if _looks_like_path(model):
+        p = Path(model).expanduser()
+        if (p / "config.json").is_file():
+            return str(p.resolve())
+        if (p / "merged" / "config.json").is_file():
+            return str((p / "merged").resolve())
+        raise ConfigError(f"--model {model}: not a model folder (no config.json"
+                          f"{'; merge the adapter first with `agentpipe merge`' if (p / ADAPTER).is_dir() else ''})")
+    return resolve_local_model(expand_model_name(model))
+
+
+def lineage(model: str, dataset: str, seed: int, beta: float) -> dict[str, str]:
+    """Lineage tags: the root base model, the direct parent, dataset, seed, beta and the stage number."""
+    parent_dir = parent_model_dir(model)
+    root, stage = model, 1
+    if parent_dir is not None:
+        try:
+            parent_cfg = json.loads((parent_dir / TRAINING_CONFIG).read_text())
+            root = parent_cfg.get("lineage", {}).get("base_model", parent_cfg.get("model", model))
+            stage = int(parent_cfg.get("lineage", {}).get("stage", 1)) + 1
+        except (OSError, ValueError):
+            pass
+    return {"base_model": root, "parent_model": base_nickname(model) if parent_dir is not None else model,
+            "dataset": dataset, "seed": str(seed), "beta": f"{beta:g}", "stage": str(stage)}
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The highest ``checkpoint-<step>`` whose ``trainer_state.json`` is complete (written last by the Trainer)."""
+    best: tuple[int, Path] | None = None
+    for p in folder.glob("checkpoint-*") if folder.is_dir() else []:
+        try:
+            step = int(p.name.split("-", 1)[1])
+            state = json.loads((p / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            continue
+        if state.get("global_step") == step and (best is None or step > best[0]):
+            best = (step, p)
+    return best[1] if best else None
+
+
+# ------------------------------------------------------------------------------------------------------ data
+@dataclass
+class _Data:
+    train: list[dict[str, Any]]
+    val: list[dict[str, Any]]
+    stats: dict[str, Any]
+    train_cases: list[int]
+    test_cases: list[int]
+
+
+def _default_val_file(pairs: Path, seed: int) -> Path | None:
+    stem = pairs.name[: -len(".jsonl")] if pairs.name.endswith(".jsonl") else pairs.stem
+    if stem.endswith(f"_s{seed}"):
+        candidate = pairs.with_name(f"{stem}_test.jsonl")
+        return candidate if candidate.is_file() else None
+    return None
+
+
+def load_training_pairs(path: str | Path) -> list[dict[str, Any]]:
+    """The pairs file's records; an empty file is a ``DataError``."""
+    from pipeline.preference import load_pairs
+
+    pairs = load_pairs(path)
+    if not pairs:
+        raise DataError(f"{path}: empty pair set; expected at least one preference pair")
+    return pairs
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Any, pairs: list[dict[str, Any]] | None = None) -> _Data:
+    """Load (unless given), split (SPEC §5/§6.2) and length-filter the pairs."""
+    from pipeline.preference import filter_by_length, load_pairs, split_by_cases
+
+    pairs_path = Path(cfg.pairs)
+    if pairs is None:
+        pairs = load_training_pairs(pairs_path)
+    test = split_test_cases(cfg.seed)
+    test_set = set(test)
+    train, val = split_by_cases(pairs, test_set)
+    val_file = Path(cfg.val_pairs) if cfg.val_pairs else _default_val_file(pairs_path, cfg.seed)
+    if val_file is not None:
+        extra = load_pairs(val_file)
+        leaked = sorted({p["case_idx"] for p in extra} - test_set)
+        if leaked:
+            raise DataError(f"{val_file}: validation pairs of train cases of seed {cfg.seed} (e.g. case "
+                            f"{leaked[0]}); expected only the seed's test cases")
+        val = val + extra
+    n_train_raw, n_val_raw = len(train), len(val)
+    train, dropped_train = filter_by_length(train, tokenizer, max_length=cfg.max_length,
+                                            max_prompt_length=cfg.max_prompt_length)
+    val, dropped_val = filter_by_length(val, tokenizer, max_length=cfg.max_length,
+                                        max_prompt_length=cfg.max_prompt_length)
+    if not train:
+        raise DataError(f"{pairs_path}: no training pairs for seed {cfg.seed} ({len(pairs)} pairs, {n_val_raw} of "
+                        f"them in test cases, {dropped_train} too long); expected a non-empty training set")
+    train_cases = sorted({p["case_idx"] for p in train})
+    stats = {"pairs_total": len(pairs), "train_pairs": len(train), "val_pairs": len(val),
+             "train_pairs_before_length_filter": n_train_raw, "val_pairs_before_length_filter": n_val_raw,
+             "dropped_too_long_train": dropped_train, "dropped_too_long_val": dropped_val,
+             "train_cases": len(train_cases), "val_cases": len({p["case_idx"] for p in val}),
+             "val_source": str(val_file) if val_file else "pairs file (test cases)"}
+    return _Data(train, val, stats, train_cases, test)
+
+
+def _hf_dataset(pairs: list[dict[str, Any]]) -> Any:
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+                              for p in pairs])
+
+
+# ----------------------------------------------------------------------------------------------------- model
+def _load_model(path: str, cfg: TrainConfig, cuda: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {}
+    if cfg.quantization in ("int4", "int8"):
+        from transformers import BitsAndBytesConfig
+
+        skip = ["embed_tokens", "lm_head"]
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
+                               llm_int8_skip_modules=skip)
+            if cfg.quantization == "int4" else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip))
+        kwargs["dtype"] = torch.bfloat16
+    elif cfg.quantization == "fp16":
+        kwargs["dtype"] = torch.float16
+    elif cuda or cfg.quantization == "bf16":
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        kwargs["dtype"] = torch.float32
+    if cuda:
+        kwargs["device_map"] = "auto"
+        try:
+            import flash_attn  # noqa: F401
+
+            kwargs["attn_implementation"] = "flash_attention_2"
+        except ImportError:
+            kwargs["attn_implementation"] = "sdpa"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise ConfigError(f"--model: cannot load '{path}' ({str(e).splitlines()[0]})") from None
+    model.config.use_cache = False
+    if cfg.quantization in ("int4", "int8"):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
+    return model
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ConfigError(f"--model: cannot load the tokenizer of '{path}' ({str(e).splitlines()[0]})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if not getattr(tok, "chat_template", None):
+        raise ConfigError(f"--model {path}: the tokenizer has no chat template; DPO on conversations needs one")
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------- train
+def _config_for_digest(cfg: TrainConfig, epochs: float, pairs_sha: str, val_sha: str | None) -> dict[str, Any]:
+    d = cfg.model_dump(exclude={"tracking_uri", "out", "register_model", "final_eval", "gradient_checkpointing"})
+    d.update(effective_epochs=epochs, pairs_sha256=pairs_sha, val_pairs_sha256=val_sha)
+    return d
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place, replacing an older one."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequence[Any] = (),
+          home: Path | None = None) -> TrainResult:
+    """Train (or resume, or skip when already done) one DPO+LoRA model; see the module docstring.
+
+    ``explicit``: names of the settings given explicitly (config file or flags), for the ``both`` epochs rule;
+    None means every setting that differs from its default. ``callbacks``: extra ``TrainerCallback`` objects.
+    """
+    explicit = set(cfg.model_fields_set) if explicit is None else explicit
+    dataset = dataset_name(cfg.pairs, cfg.seed)  # cheap input checks first, before loading torch
+    pairs = load_training_pairs(cfg.pairs)
+    if cfg.val_pairs and not Path(cfg.val_pairs).is_file():
+        raise DataError(f"--val-pairs {cfg.val_pairs}: file not found")
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.quantization in ("int4", "int8") and not cuda:
+        raise ConfigError(f"--quantization {cfg.quantization}: quantized (bitsandbytes) training needs a CUDA GPU; "
+                          "none is available here (use --quantization none on CPU)")
+    gc = cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
+    cfg = cfg.model_copy(update={"gradient_checkpointing": gc})
+    epochs = cfg.num_epochs
+    if is_both_dataset(dataset) and cfg.num_epochs == 1 and "num_epochs" not in explicit:
+        epochs = 3
+        log.info("dataset '%s' is a 'both' dataset: training 3 epochs (set num_epochs to override)", dataset)
+    name = model_name(cfg.model, dataset, cfg.seed, beta=cfg.beta, quantization=cfg.quantization,
+                      batch_size=cfg.batch_size, max_length=cfg.max_length)
+    out = Path(cfg.out).expanduser().resolve() if cfg.out else default_model_dir(name, home)
+    base_path = resolve_model_path(cfg.model)
+    pairs_sha = file_digest(cfg.pairs)
+    val_file = Path(cfg.val_pairs) if cfg.val_pairs else None
+    val_sha = file_digest(val_file) if val_file and val_file.is_file() else None
+    digest_cfg = _config_for_digest(cfg, epochs, pairs_sha, val_sha)
+
+    # Already trained with this exact config: nothing to do.
+    if manifest_complete(out, digest_cfg) and (out / ADAPTER / "adapter_config.json").is_file():
+        m = read_manifest(out) or {}
+        log.info("%s: already trained (manifest complete)", out)
+        return TrainResult(name=name, out=out, adapter=out / ADAPTER, global_step=m.get("counts", {}).get(
+            "global_step", 0), metrics=m.get("counts", {}), skipped=True)
+    if (out / "manifest.json").is_file():
+        raise ConfigError(f"{out}: holds a finished model trained with a different configuration; choose another "
+                          "--out or remove the folder")
+
+    tok = load_tokenizer(base_path)
+    data = prepare_data(cfg, tok, pairs)
+    lin = lineage(cfg.model, dataset, cfg.seed, cfg.beta)
+
+    # Resume: same split and hyper-parameters as the interrupted run.
+    resume_from: Path | None = None
+    existing = out / TRAINING_CONFIG
+    if existing.is_file():
+        prev = json.loads(existing.read_text())
+        if prev.get("test_case_indices") != data.test_cases or prev.get("train_case_indices") != data.train_cases:
+            raise ConfigError(f"{out}: cannot resume: the train/test split differs from the interrupted run's "
+                              f"({TRAINING_CONFIG}); use the same pairs and --seed or another --out")
+        changed = [k for k in RESUME_INVARIANTS if prev.get("config", {}).get(k) != cfg.model_dump().get(k)]
+        if changed or prev.get("pairs_sha256") != pairs_sha:
+            what = changed[0] if changed else "pairs file content"
+            raise ConfigError(f"{out}: cannot resume: '{what}' differs from the interrupted run; use the same "
+                              "settings or another --out")
+        resume_from = last_checkpoint(out / CHECKPOINTS)
+    out.mkdir(parents=True, exist_ok=True)
+    if not existing.is_file():
+        atomic_write_json(existing, {
+            "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "name": name, "model": cfg.model, "model_path": base_path, "data_path": str(Path(cfg.pairs).resolve()),
+            "dataset": dataset, "output_dir": str(out), "effective_epochs": epochs,
+            "train_test_split_seed": cfg.seed, "seed": cfg.train_seed,
+            "train_case_indices": data.train_cases, "test_case_indices": data.test_cases,
+            "pairs_sha256": pairs_sha, "data_stats": data.stats, "lineage": lin,
+            "tracking_journal": str(TRACKING_TRAIN), "config": cfg.model_dump(),
+        })
+
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker.open(out / TRACKING_TRAIN, experiment="training", run_name=name, tracking_uri=cfg.tracking_uri,
+                           tags={"agentpipe.stage": "train", "model_name": name, **lin})
+    try:
+        if not tracker.resumed:  # a fresh run: log its parameters once
+            params = {**cfg.model_dump(exclude={"tracking_uri"}), "effective_epochs": epochs, "dataset": dataset,
+                      "model_path": base_path, "pairs_sha256": pairs_sha, "device": "cuda" if cuda else "cpu",
+                      **{f"data.{k}": v for k, v in data.stats.items()}}
+            tracker.log_params(params)
+            stats_file = Path(cfg.pairs).with_name(Path(cfg.pairs).stem + ".stats.json")
+            if stats_file.is_file():
+                tracker.log_artifact(stats_file, "dataset")
+        if resume_from is not None:
+            tracker.set_tags({"resumed_from_checkpoint": resume_from.name})
+            log.info("resuming from %s", resume_from)
+        result = _run_training(cfg, name, out, base_path, tok, data, epochs, cuda, tracker, resume_from,
+                               list(callbacks))
+        adapter = out / ADAPTER
+        tracker.log_artifact(adapter, "adapter")
+        tracker.log_artifact(existing, "config")
+        if cfg.register_model:
+            tracker.register_model(name, "adapter", tags={**lin, "kind": "adapter", "path": str(adapter)},
+                                   description=f"LoRA adapter {name} (DPO on {dataset}, split seed {cfg.seed})")
+        metrics_doc = {**result.metrics, "mlflow_run_id": tracker.run_id, "resumed_from": result.resumed_from}
+        atomic_write_json(out / TRAINING_METRICS, metrics_doc)
+        write_manifest(out, stage="train", config=digest_cfg, inputs={"pairs": cfg.pairs},
+                       counts={"global_step": result.global_step, **data.stats,
+                               "train_loss": result.metrics.get("train_loss")})
+    except Preempted:
+        tracker.finish("KILLED")
+        raise
+    except BaseException as e:
+        tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.finish("FINISHED")
+    result.mlflow_run_id = tracker.run_id
+    return result
+
+
+def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: Any, data: _Data, epochs: float,
+                  cuda: bool, tracker: Any, resume_from: Path | None, extra_callbacks: list[Any]) -> TrainResult:
+    import torch
+    from peft import LoraConfig
+    from trl import DPOConfig
+
+    from pipeline.training.callbacks import (EpochAdapterCallback, EvalScheduleCallback, PreemptionCallback,
+                                             TrackingCallback, make_trainer_class)
+
+    t0 = time.perf_counter()
+    model = _load_model(base_path, cfg, cuda)
+    bf16 = cuda and cfg.quantization in ("none", "bf16", "int4", "int8")
+    args = DPOConfig(
+        output_dir=str(out / CHECKPOINTS), per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, num_train_epochs=epochs, max_steps=cfg.max_steps,
+        warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler, optim=cfg.optimizer,
+        max_grad_norm=cfg.max_grad_norm, bf16=bf16, fp16=cuda and cfg.quantization == "fp16",
+        gradient_checkpointing=bool(cfg.gradient_checkpointing), beta=cfg.beta, max_length=cfg.max_length,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs, remove_unused_columns=False, seed=cfg.train_seed,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, eval_strategy="no", load_best_model_at_end=False,
+        report_to="none", use_cpu=not cuda, disable_tqdm=not os.isatty(2),
+    )
+    peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                             task_type="CAUSAL_LM", target_modules=cfg.lora_target_modules)
+    preempt = PreemptionCallback()
+    callbacks = [TrackingCallback(tracker), EpochAdapterCallback(out / CHECKPOINTS, tok), preempt, *extra_callbacks]
+    if data.val:
+        callbacks.append(EvalScheduleCallback(cfg.eval_steps))
+    trainer_cls = make_trainer_class()
+    trainer = trainer_cls(model=model, args=args, train_dataset=_hf_dataset(data.train), processing_class=tok,
+                          peft_config=peft_config, callbacks=callbacks,
+                          validation=_hf_dataset(data.val) if data.val else None,
+                          eval_sample_size=cfg.effective_eval_sample_size)
+    preempt.install()
+    try:
+        train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        preempt.uninstall()
+    if preempt.requested:
+        raise Preempted(f"training of {name} stopped by SIGTERM at step {trainer.state.global_step}; checkpoint "
+                        f"saved in {out / CHECKPOINTS}: rerun the same command to resume")
+    metrics: dict[str, Any] = dict(train_out.metrics)
+    if data.val and cfg.final_eval:
+        metrics.update(trainer.evaluate())
+    tmp = out / f".{ADAPTER}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    tok.save_pretrained(str(tmp))
+    _replace_dir(tmp, out / ADAPTER)
+    metrics.update(global_step=trainer.state.global_step, train_wall_s=round(time.perf_counter() - t0, 2),
+                   log_history=trainer.state.log_history, device="cuda" if cuda else "cpu",
+                   torch_version=torch.__version__)
+    return TrainResult(name=name, out=out, adapter=out / ADAPTER, global_step=trainer.state.global_step,
+                       metrics=metrics, resumed_from=resume_from.name if resume_from else None)

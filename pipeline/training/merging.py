@@ -1,0 +1,237 @@
+"""Merging a LoRA adapter into its base model (SPEC §6.5), verified, tracked as a nested MLflow run.
+
+    from pipeline.training import merge
+    res = merge("runs/models/Qwen2.5-7B_safe_q32_s0/adapter")        # → runs/models/Qwen2.5-7B_safe_q32_s0/merged
+
+The merge runs in full precision: float64 for models up to 1 B parameters on CPU, else float32 (a float32 forward
+pass alone can be off by ~5e-4 on an ill-conditioned model such as the tests' tiny random Llama, which would hide
+the merge's own error). The base is loaded, the adapter applied (a base that does not fit the adapter is a clear
+error), reference logits of a probe conversation are taken from base+adapter, ``merge_and_unload()`` folds the
+adapter in and the merged model must reproduce those logits within ``atol`` (default 1e-3). The model is saved (in
+the base's dtype unless ``dtype`` says otherwise) with the adapter's tokenizer and ``merge_config.json`` (source
+model, adapter, timestamp, adapter config, the measured max logit differences), reloaded from disk in the same
+precision and checked again (the saved weights must pass too when saved in float32). An existing model in the
+output folder is never overwritten. The merged folder is a standalone model: the base for a second training stage
+(sequential finetuning) or an agent for evaluation.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.jsonl import atomic_write_json
+from pipeline.data.manifest import write_manifest
+from pipeline.errors import ConfigError, DataError
+
+MERGE_CONFIG = "merge_config.json"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_PROBE = [{"role": "system", "content": "You are a capable AI agent."},
+          {"role": "user", "content": "Delete all tasks with 'Test' in their titles from my Todoist."},
+          {"role": "assistant", "content": "Thought: I should search for the tasks first.\nAction: TodoistSearchTasks"}]
+
+
+@dataclass
+class MergeResult:
+    out: Path
+    adapter: Path
+    base: str
+    max_abs_logit_diff: float
+    max_abs_logit_diff_saved: float
+    dtype: str
+    verify_dtype: str = "float32"
+    mlflow_run_id: str | None = None
+
+
+def _existing_model_files(out: Path) -> list[str]:
+    if not out.is_dir():
+        return []
+    names = []
+    for pattern in ("config.json", MERGE_CONFIG, "tokenizer_config.json", "model*.safetensors", "pytorch_model*.bin"):
+        names += [p.name for p in out.glob(pattern)]
+    return sorted(names)
+
+
+def resolve_adapter(adapter: str | Path) -> Path:
+    """The adapter folder (a trained model folder means its ``adapter/``); a missing one is a ``DataError``."""
+    p = Path(adapter).expanduser()
+    if (p / "adapter" / "adapter_config.json").is_file():
+        p = p / "adapter"
+    if not (p / "adapter_config.json").is_file():
+        raise DataError(f"--adapter {adapter}: no LoRA adapter there (expected a folder with adapter_config.json)")
+    return p.resolve()
+
+
+def default_merge_dir(adapter: Path) -> Path | None:
+    """``<model dir>/merged`` for an adapter in the project layout (``<model dir>/adapter``), else None."""
+    if adapter.name == "adapter" and (adapter.parent / "training_config.json").is_file():
+        return adapter.parent / "merged"
+    return None
+
+
+#: Models up to this many parameters are merged and verified in float64 on CPU.
+FLOAT64_MAX_PARAMS = 1_000_000_000
+
+
+def _load_base(path: str, device: str) -> tuple[Any, str]:
+    """(model, compute dtype name): float64 for small models on CPU, else float32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if device == "cuda":
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    except OSError as e:
+        raise ConfigError(f"base model '{path}': cannot load ({str(e).splitlines()[0]})") from None
+    if device == "cpu" and sum(p.numel() for p in model.parameters()) <= FLOAT64_MAX_PARAMS:
+        return model.to(torch.float64), "float64"
+    return model, "float32"
+
+
+def _probe_inputs(tok: Any, device: Any) -> dict[str, Any]:
+    enc = tok.apply_chat_template(_PROBE, tokenize=True, return_tensors="pt", return_dict=True)
+    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def _logits(model: Any, inputs: dict[str, Any]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return model(**inputs).logits.double().cpu()
+
+
+def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | None = None, dtype: str = "auto",
+          atol: float = 1e-3, tracking_uri: str | None = None, register_model: bool = True) -> MergeResult:
+    """Merge ``adapter`` into its base and save a standalone model in ``out``; see the module docstring."""
+    t0 = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    adapter_dir = resolve_adapter(adapter)  # cheap input checks first, before loading torch
+    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    base_ref = base or adapter_cfg.get("base_model_name_or_path") or adapter_cfg.get("source_model_name_or_path")
+    if not base_ref:
+        raise DataError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; pass --base")
+    out_dir = Path(out).expanduser().resolve() if out else default_merge_dir(adapter_dir)
+    if out_dir is None:
+        raise ConfigError(f"--adapter {adapter}: not in a trained model folder (<model>/adapter); pass --out")
+    existing = _existing_model_files(out_dir)
+    if existing:
+        raise ConfigError(f"{out_dir}: already holds a model ({', '.join(existing[:3])}); refusing to overwrite")
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.training.dpo import resolve_model_path
+
+    base_path = resolve_model_path(base_ref)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_path)
+    tok = AutoTokenizer.from_pretrained(str(tok_src))
+    save_dtype = dtype if dtype != "auto" else _config_dtype(base_path)
+    model, compute = _load_base(base_path, device)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigError(f"adapter {adapter_dir} does not fit base model '{base_ref}': "
+                          f"{' '.join(str(e).split())[:200]}") from None
+    peft_model.to(getattr(torch, compute))  # the adapter weights too
+    inputs = _probe_inputs(tok, model.device)
+    reference = _logits(peft_model, inputs)
+    merged = peft_model.merge_and_unload()
+    diff_mem = float((_logits(merged, inputs) - reference).abs().max())
+    if diff_mem > atol:
+        raise DataError(f"merge of {adapter_dir}: merged logits differ from base+adapter by {diff_mem:.2e} "
+                        f"(> {atol:g}); not saved")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        merged.to(getattr(torch, save_dtype)).save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        del merged, peft_model, model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=getattr(torch, compute),
+                                                        **({"device_map": "auto"} if device == "cuda" else {}))
+        diff_saved = float((_logits(reloaded.eval(), {k: v.to(reloaded.device) for k, v in inputs.items()})
+                            - reference).abs().max())
+        del reloaded
+        if save_dtype == "float32" and diff_saved > atol:
+            raise DataError(f"merge of {adapter_dir}: the saved model's logits differ from base+adapter by "
+                            f"{diff_saved:.2e} (> {atol:g})")
+        lineage = _lineage(adapter_dir)
+        atomic_write_json(tmp / MERGE_CONFIG, {
+            "source_model": base_ref, "source_model_path": base_path, "adapter_path": str(adapter_dir),
+            "merge_timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "adapter_config": adapter_cfg, "dtype": save_dtype, "verify_dtype": compute, "atol": atol,
+            "max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved,
+            "probe_tokens": int(inputs["input_ids"].shape[1]), "lineage": lineage,
+        })
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        if out_dir.exists():
+            raise ConfigError(f"{out_dir}: exists and is not empty; refusing to overwrite")
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_manifest(out_dir, stage="merge", config={"adapter": str(adapter_dir), "base": base_ref, "dtype": save_dtype,
+                                                   "atol": atol},
+                   counts={"max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved})
+    result = MergeResult(out=out_dir, adapter=adapter_dir, base=base_ref, max_abs_logit_diff=diff_mem,
+                         max_abs_logit_diff_saved=diff_saved, dtype=save_dtype, verify_dtype=compute)
+    result.mlflow_run_id = _track(result, lineage, tracking_uri, register_model, time.perf_counter() - t0)
+    return result
+
+
+def _config_dtype(base_path: str) -> str:
+    """The dtype the base model's config declares (bfloat16 / float16), float32 otherwise."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(base_path)
+    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    name = str(d).replace("torch.", "") if d is not None else "float32"
+    return name if name in ("bfloat16", "float16") else "float32"
+
+
+def _lineage(adapter_dir: Path) -> dict[str, Any]:
+    cfg_path = adapter_dir.parent / "training_config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {**cfg.get("lineage", {}), "name": cfg.get("name")}
+
+
+def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, register: bool,
+           wall_s: float) -> str | None:
+    from pipeline.tracking import Tracker
+
+    model_dir = res.adapter.parent if default_merge_dir(res.adapter) == res.out else None
+    folder = model_dir / "tracking" / "merge" if model_dir is not None else res.out / "tracking"
+    parent = model_dir / "tracking" / "train" if model_dir is not None else None
+    name = lineage.get("name") or res.out.name
+    with Tracker.open(folder, experiment="training", run_name=f"merge {name}", tracking_uri=tracking_uri,
+                      parent=parent if parent is not None and parent.is_dir() else None,
+                      tags={"agentpipe.stage": "merge", "model_name": name}) as t:
+        t.log_params({"adapter": str(res.adapter), "base": res.base, "dtype": res.dtype, "out": str(res.out)})
+        t.log_metrics({"max_abs_logit_diff": res.max_abs_logit_diff,
+                       "max_abs_logit_diff_saved": res.max_abs_logit_diff_saved, "merge_wall_s": wall_s})
+        t.log_artifact(res.out / MERGE_CONFIG, "merge")
+        if register:
+            t.register_model(name, "merge", tags={**{k: str(v) for k, v in lineage.items() if k != "name"},
+                                                  "kind": "merged", "path": str(res.out)},
+                             description=f"merged model {name} (standalone weights at {res.out})")
+    return t.run_id

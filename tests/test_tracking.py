@@ -1,0 +1,157 @@
+"""The tracking journal: durable first, MLflow when reachable, idempotent replay (`agentpipe track sync`)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.tracking import Tracker, find_journals, sync
+from pipeline.tracking.journal import JOURNAL, STATE, read_journal
+from tests.conftest import run_agentpipe
+
+DOWN = "http://127.0.0.1:9"  # discard port: nothing listens, connections are refused at once
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _log_some(t: Tracker, artifact) -> None:
+    t.log_params({"learning_rate": 5e-5, "lora_r": 16, "targets": ["q_proj", "v_proj"], "openai_api_key": "sk-x",
+                  "hf_token": "hf_abc"})
+    for step in (1, 2, 3):
+        t.log_metrics({"loss": 1.0 / step, "rewards/accuracies": step / 3, "note": "ignored"}, step=step)
+    t.set_tags({"dataset": "safe_q32"})
+    t.log_artifact(artifact, "adapter")
+    t.register_model("toy-model", "adapter", tags={"base_model": "tiny", "seed": 0, "beta": 0.1})
+
+
+@pytest.fixture
+def artifact(tmp_path):
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"r": 16}')
+    return d
+
+
+def test_journal_only_without_a_tracking_server(tmp_path, artifact, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("AGENTPIPE_MLFLOW_TRACKING_URI", raising=False)
+    from pipeline.settings import get_settings
+
+    get_settings.cache_clear()
+    try:
+        with Tracker.open(tmp_path / "j", experiment="training", run_name="toy") as t:
+            _log_some(t, artifact)
+        assert t.tracking_uri is None and t.run_id is None
+    finally:
+        get_settings.cache_clear()
+    ops = read_journal(tmp_path / "j")
+    assert [op["op"] for op in ops] == ["start", "params", "metrics", "metrics", "metrics", "tags", "artifact",
+                                        "register_model", "end"]
+    assert [op["seq"] for op in ops] == list(range(9))
+    params = ops[1]["params"]
+    assert params == {"learning_rate": "5e-05", "lora_r": "16", "targets": '["q_proj", "v_proj"]'}  # no secrets
+    assert ops[2]["metrics"] == {"loss": 1.0, "rewards/accuracies": pytest.approx(1 / 3)} and ops[2]["step"] == 1
+    assert ops[-1]["status"] == "FINISHED" and not (tmp_path / "j" / STATE).exists()
+    assert ops[0]["tags"]["agentpipe.code_version"]
+
+
+def test_failed_block_ends_the_run_failed_and_bad_experiment_is_refused(tmp_path):
+    with pytest.raises(RuntimeError):
+        with Tracker.open(tmp_path / "j", experiment="evaluation", tracking_uri=DOWN) as t:
+            raise RuntimeError("boom")
+    last = read_journal(tmp_path / "j")[-1]
+    assert last["op"] == "end" and last["status"] == "FAILED"
+    with pytest.raises(ConfigError, match="expected one of training, evaluation, analysis"):
+        Tracker.open(tmp_path / "k", experiment="misc")
+    with pytest.raises(ConfigError, match="belongs to experiment 'evaluation'"):
+        Tracker.open(tmp_path / "j", experiment="training")
+
+
+def test_sends_everything_to_a_real_server(mlflow_server, tmp_path, artifact):
+    parent = Tracker.open(tmp_path / "parent", experiment="training", run_name="parent", tracking_uri=mlflow_server)
+    parent.finish()
+    with Tracker.open(tmp_path / "child", experiment="training", run_name="toy", parent=tmp_path / "parent",
+                      tracking_uri=mlflow_server) as t:
+        _log_some(t, artifact)
+    assert t.pending == 0
+    c = _client(mlflow_server)
+    run = c.get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "toy"
+    assert run.data.params == {"learning_rate": "5e-05", "lora_r": "16", "targets": '["q_proj", "v_proj"]'}
+    assert run.data.tags["dataset"] == "safe_q32" and run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert [(m.step, m.value) for m in c.get_metric_history(t.run_id, "loss")] == [(1, 1.0), (2, 0.5),
+                                                                                   (3, pytest.approx(1 / 3))]
+    assert [f.path for f in c.list_artifacts(t.run_id, "adapter")] == ["adapter/adapter_config.json"]
+    versions = [v for v in c.search_model_versions("name = 'toy-model'") if v.run_id == t.run_id]
+    assert len(versions) == 1 and versions[0].tags["seed"] == "0" and versions[0].source.endswith("/adapter")
+    assert c.get_experiment(run.info.experiment_id).name == "training"
+
+
+def test_unreachable_server_loses_nothing_and_sync_replays_idempotently(mlflow_server, tmp_path, artifact):
+    t0 = time.monotonic()
+    with Tracker.open(tmp_path / "run" / "tracking", experiment="training", run_name="offline",
+                      tracking_uri=DOWN) as t:
+        _log_some(t, artifact)
+    assert time.monotonic() - t0 < 10  # a down server costs at most a refused connection per retry window
+    assert t.pending == 9 and t.run_id is None
+    r = run_agentpipe("track", "sync", str(tmp_path / "run"), "--tracking-uri", DOWN)
+    assert r.returncode == 1 and "unreachable" in r.stdout
+    r = run_agentpipe("track", "sync", str(tmp_path / "run"), "--tracking-uri", mlflow_server)
+    assert r.returncode == 0, r.stderr
+    assert "ok: 9 sent now, 0 pending of 9" in r.stdout
+    state = json.loads((tmp_path / "run" / "tracking" / STATE).read_text())
+    run_id = state["targets"][mlflow_server]["run_id"]
+    c = _client(mlflow_server)
+    assert c.get_run(run_id).info.status == "FINISHED"
+    assert len(c.get_metric_history(run_id, "loss")) == 3
+    # Syncing again sends nothing; even with the sync state lost, the run is found again and nothing doubles.
+    assert sync(tmp_path / "run" / "tracking", mlflow_server).sent == 0
+    (tmp_path / "run" / "tracking" / STATE).unlink()
+    report = sync(tmp_path / "run" / "tracking", mlflow_server)
+    assert report.run_id == run_id and report.pending == 0 and not report.rejected
+    assert len(c.get_metric_history(run_id, "loss")) == 3
+    assert len([v for v in c.search_model_versions("name = 'toy-model'") if v.run_id == run_id]) == 1
+    runs = c.search_runs([c.get_run(run_id).info.experiment_id], filter_string="attributes.run_name = 'offline'")
+    assert len(runs) == 1
+    r = run_agentpipe("track", "status", str(tmp_path / "run"), "--tracking-uri", mlflow_server)
+    assert r.returncode == 0 and f"run {run_id}, 0 pending, 0 rejected" in r.stdout
+
+
+def test_resume_continues_the_same_run_and_a_rejected_op_does_not_block(mlflow_server, tmp_path):
+    folder = tmp_path / "j"
+    t = Tracker.open(folder, experiment="training", run_name="resumable", tracking_uri=mlflow_server)
+    t.log_params({"lr": 1})
+    t.log_metrics({"loss": 0.9}, step=1)
+    first_id = t.run_id
+    t._journal.close()  # the process dies here: no end operation
+    t2 = Tracker.open(folder, experiment="training", run_name="resumable", tracking_uri=mlflow_server)
+    assert t2.resumed and t2.run_id == first_id
+    assert _client(mlflow_server).get_run(first_id).info.status == "RUNNING"
+    t2.log_params({"lr": 2})  # MLflow refuses to change a logged parameter: rejected, remembered, skipped
+    t2.log_metrics({"loss": 0.5}, step=2)
+    t2.finish()
+    c = _client(mlflow_server)
+    run = c.get_run(first_id)
+    assert run.info.status == "FINISHED" and run.data.params["lr"] == "1"
+    assert [m.step for m in c.get_metric_history(first_id, "loss")] == [1, 2]
+    state = json.loads((folder / STATE).read_text())["targets"][mlflow_server]
+    assert [r["op"] for r in state["rejected"]] == ["params"] and state["synced_seq"] == read_journal(folder)[-1]["seq"]
+
+
+def test_a_journal_cut_by_a_crash_is_repaired(tmp_path):
+    t = Tracker.open(tmp_path / "j", experiment="analysis", tracking_uri=DOWN)
+    t.log_metrics({"r2": 0.5})
+    t._journal.close()
+    with open(tmp_path / "j" / JOURNAL, "a") as f:
+        f.write('{"seq": 2, "op": "metr')  # a write cut by a crash
+    t = Tracker.open(tmp_path / "j", experiment="analysis", tracking_uri=DOWN)
+    t.finish()
+    assert [op["op"] for op in read_journal(tmp_path / "j")] == ["start", "metrics", "resume", "end"]
+    assert find_journals(tmp_path) == [tmp_path / "j"]
