@@ -52,6 +52,7 @@ class ExperimentConfig:
     configurations: list[str] = field(default_factory=lambda: ["safe", "help", "safe->help"])
     emulator: str = "Qwen3-8B"
     case_set: str = "toolemu"
+    case_range: str | None = None  # "START-END" within the case set (default: every case)
     emulation: dict[str, Any] = field(default_factory=dict)  # extra emulate options (max_steps, compat, …)
     evaluation: dict[str, Any] = field(default_factory=dict)  # extra evaluate options (replicates, …)
     train: dict[str, Any] = field(default_factory=dict)  # extra train options (max_steps, max_length, …)
@@ -90,6 +91,7 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
     cfg.validate()
     plan = Plan()
     n_cases = len(load_named_case_set(cfg.case_set))
+    cases = _case_range(cfg.case_range, n_cases)
     runs = home / "trajectories" / cfg.name
     pairs_dir, models_dir = home / "pairs", home / "models"
     max_length = int(cfg.train.get("max_length", 8192))
@@ -125,10 +127,10 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
 
     for model in cfg.source_models:
         # the source model is emulated once on every case; each arm's judge evaluates it (match and source rows)
-        source_traj = _emulate_spec(cfg, model, cfg.arms[0].evaluator, runs, n_cases, seed=None)
+        source_traj = _emulate_spec(cfg, model, cfg.arms[0].evaluator, runs, cases, seed=None)
         plan.emulate.append(source_traj)
         for arm in cfg.arms:
-            plan.evaluate.append(_evaluate_spec(cfg, model, arm, runs, n_cases, seed=None, label=None))
+            plan.evaluate.append(_evaluate_spec(cfg, model, arm, runs, cases, seed=None, label=None))
         for arm in cfg.arms:
             for seed in cfg.seeds:
                 for beta in cfg.betas:
@@ -148,29 +150,41 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
                         if key in trained:
                             continue
                         trained[key] = agent
-                        plan.emulate.append(_emulate_spec(cfg, agent, arm.evaluator, runs, n_cases, seed=seed))
-                        plan.evaluate.append(_evaluate_spec(cfg, agent, arm, runs, n_cases, seed=seed, label=None))
+                        plan.emulate.append(_emulate_spec(cfg, agent, arm.evaluator, runs, cases, seed=seed))
+                        plan.evaluate.append(_evaluate_spec(cfg, agent, arm, runs, cases, seed=seed, label=None))
     plan.analyze = {"runs": str(runs), "out": str(home / "analysis" / cfg.name), "n_bootstrap": cfg.n_bootstrap}
     return plan
 
 
-def _emulate_spec(cfg: ExperimentConfig, agent: str, evaluator: str, runs: Path, n_cases: int,
+def _case_range(text: str | None, n_cases: int) -> tuple[int, int]:
+    if not text:
+        return 0, n_cases
+    try:
+        a, b = (int(x) for x in text.split("-", 1))
+    except ValueError:
+        raise ConfigError(f"cases '{text}': expected START-END") from None
+    if not 0 <= a < b <= n_cases:
+        raise ConfigError(f"cases '{text}': expected a range within 0-{n_cases}")
+    return a, b
+
+
+def _emulate_spec(cfg: ExperimentConfig, agent: str, evaluator: str, runs: Path, cases: tuple[int, int],
                   seed: int | None) -> dict[str, Any]:
     spec = {"agent": agent, "emulator": cfg.emulator, "evaluator": evaluator, "case_set": cfg.case_set,
-            "cases": f"0-{n_cases}", "out": str(runs), "no_progress": True, **cfg.emulation}
+            "cases": f"{cases[0]}-{cases[1]}", "out": str(runs), "no_progress": True, **cfg.emulation}
     if seed is not None:
         spec.update(test_only=True, seed=seed)
     return spec
 
 
-def _evaluate_spec(cfg: ExperimentConfig, agent: str, arm: Arm, runs: Path, n_cases: int, seed: int | None,
-                   label: str | None) -> dict[str, Any]:
+def _evaluate_spec(cfg: ExperimentConfig, agent: str, arm: Arm, runs: Path, cases: tuple[int, int],
+                   seed: int | None, label: str | None) -> dict[str, Any]:
     """Evaluate the agent's trajectory file; its path follows from the emulation's naming."""
     from pipeline.data.naming import RunFileName
     from pipeline.llm.spec import parse_model_spec
 
     name = label or parse_model_spec(agent).name
     traj = RunFileName(name, parse_model_spec(cfg.emulator).name, sanitize_model_name(cfg.arms[0].evaluator),
-                       quantization=None, case_range=(0, n_cases))
+                       quantization=cfg.emulation.get("quantization") or None, case_range=cases)
     return {"trajectories": str(runs / name / traj.filename()), "evaluator": arm.evaluator, "no_progress": True,
             **cfg.evaluation}

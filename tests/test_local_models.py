@@ -115,7 +115,7 @@ def test_tiny_llama_loads_with_auto_classes(tiny, tiny_dir: Path) -> None:
     cfg = model.config
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers, cfg.intermediate_size) == (128, 2, 2, 256)
     assert cfg.hidden_size // cfg.num_attention_heads == 64
-    assert cfg.max_position_embeddings == 2048 and cfg.tie_word_embeddings
+    assert cfg.max_position_embeddings == 8192 and cfg.tie_word_embeddings
     assert 1900 <= len(tok) <= 2048 == cfg.vocab_size
     assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
     assert (cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id) == (tok.pad_token_id, tok.bos_token_id,

