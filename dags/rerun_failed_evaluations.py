@@ -16,6 +16,7 @@ from plugins.stage_operator import StageOperator
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    render_template_as_native_obj=True,
     default_args=DEFAULT_ARGS,
     tags=["agentpipe", "evaluation", "maintenance"],
     doc_md=__doc__,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.cases import load_named_case_set
-from pipeline.data.naming import sanitize_model_name
 from pipeline.errors import ConfigError
 from pipeline.preference.pairs import PairConfig
 from pipeline.training.naming import dataset_name, model_name
@@ -184,7 +183,7 @@ def _evaluate_spec(cfg: ExperimentConfig, agent: str, arm: Arm, runs: Path, case
     from pipeline.llm.spec import parse_model_spec
 
     name = label or parse_model_spec(agent).name
-    traj = RunFileName(name, parse_model_spec(cfg.emulator).name, sanitize_model_name(cfg.arms[0].evaluator),
+    traj = RunFileName(name, parse_model_spec(cfg.emulator).name, parse_model_spec(cfg.arms[0].evaluator).name,
                        quantization=cfg.emulation.get("quantization") or None, case_range=cases)
     return {"trajectories": str(runs / name / traj.filename()), "evaluator": arm.evaluator, "no_progress": True,
             **cfg.evaluation}

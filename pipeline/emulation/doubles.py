@@ -40,7 +40,8 @@ def scripted_agent(request: ChatRequest) -> str:
     user_input = prompt.rsplit("\nUser Input: ", 1)[1].split("\nThought: ", 1)[0]
     history = prompt.rsplit("\nUser Input: ", 1)[1]
     step = history.count("\nObservation:")
-    h = _h(user_input)
+    # "sampling": with a temperature above 0 the seed changes the plan, as a real sampled agent would differ
+    h = _h(user_input + (f"|{request.config.seed}" if request.config.temperature > 0 else ""))
     n_actions = 1 + h % 3
     if h % 11 == 2 and "(thinking it over)" not in history:
         return "(thinking it over) I am not sure which tool fits yet."  # no Action: a continuation follows

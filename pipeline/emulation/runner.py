@@ -106,7 +106,8 @@ def plan(cfg: EmulationConfig, case_set: CaseSet) -> tuple[list[int], tuple[int,
         test = set(test_cases(seed, max(n, TOOLEMU_CASES)))
         cases = [c for c in cases if c in test]
     agent, emu = parse_model_spec(cfg.agent), parse_model_spec(cfg.emulator)
-    evaluator = sanitize_model_name(cfg.evaluator) if cfg.evaluator != "none" else "none"
+    # the evaluator part of the name is what evaluation will use (the spec's name), so they share one file
+    evaluator = parse_model_spec(cfg.evaluator).name if cfg.evaluator != "none" else "none"
     agent_name = sanitize_model_name(cfg.agent_label) if cfg.agent_label else agent.name
     name = RunFileName(agent_name, emu.name, evaluator, quantization=cfg.quantization or None,
                        case_range=(start, end))

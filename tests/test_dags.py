@@ -1,0 +1,182 @@
+"""The DAGs: hygiene (fast imports, no heavy modules) and end-to-end runs through Airflow itself (dag.test())
+with the tiny model as the agent that is finetuned, the scripted doubles as emulator and judge, compute local,
+against a real MLflow server."""
+
+import json
+import os
+import subprocess
+import sys
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DAG_FILES = sorted(p for p in (REPO / "dags").glob("*.py"))
+HEAVY = ("torch", "transformers", "vllm", "trl", "peft", "mlflow", "matplotlib", "pandas")
+
+
+def test_dag_files_import_fast_and_light():
+    script = f"""
+import importlib.util, json, sys, time
+import airflow.sdk, plugins.stage_operator  # the shared baseline every DAG file needs
+out = {{}}
+for path in {[str(p) for p in DAG_FILES]!r}:
+    t = time.perf_counter()
+    spec = importlib.util.spec_from_file_location(path.rsplit('/', 1)[1][:-3], path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    out[path] = time.perf_counter() - t
+print(json.dumps({{"times": out, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(got["times"]) == 3
+    assert all(t < 1.0 for t in got["times"].values()), got["times"]
+    assert got["heavy"] == [], f"heavy modules imported at DAG parse time: {got['heavy']}"
+
+
+def test_dagbag_has_the_three_dags_without_errors(airflow_home):
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    assert set(bag.dags) == {"toolemu_evaluation", "dpo_experiment", "rerun_failed_evaluations"}
+    assert bag.dags["rerun_failed_evaluations"].schedule == "@daily" or "daily" in str(bag.dags["rerun_failed_evaluations"].timetable)
+    # Params are validated: a bad value is refused when a run is created
+    params = bag.dags["dpo_experiment"].params
+    with pytest.raises(Exception):
+        params.validate({**params.dump(), "configurations": ["sideways"]}) if hasattr(params, "validate") else \
+            params["configurations"].resolve(["sideways"])
+
+
+def _mlflow(uri, endpoint, **query):
+    with urllib.request.urlopen(f"{uri}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", timeout=30) as r:
+        return json.load(r)
+
+
+def _runs(uri, experiment):
+    exp = _mlflow(uri, "experiments/get-by-name", experiment_name=experiment)["experiment"]
+    req = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", method="POST",
+                                 data=json.dumps({"experiment_ids": [exp["experiment_id"]], "max_results": 500}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r).get("runs", [])
+
+
+def _artifacts(uri, run_id, path=""):
+    return [f["path"] for f in _mlflow(uri, "artifacts/list", run_id=run_id, path=path).get("files", [])]
+
+
+def _dag(dag_id):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(REPO / "dags")).dags[dag_id]
+
+
+@pytest.fixture(scope="module")
+def dag_env(tmp_path_factory, mlflow_server):
+    home = tmp_path_factory.mktemp("dag-home")
+    saved = {k: os.environ.get(k) for k in ("AGENTPIPE_HOME", "MLFLOW_TRACKING_URI", "OMP_NUM_THREADS")}
+    os.environ.update(AGENTPIPE_HOME=str(home), MLFLOW_TRACKING_URI=mlflow_server, OMP_NUM_THREADS="1")
+    yield home, mlflow_server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+POOL_CONF = {"agents": ["scripted:agent", "tiny-llama"], "samples": 3, "agent_temperature": 1.0, "emulator": "scripted:emulator",
+             "evaluator": "scripted:judge", "case_set": "demo", "cases": "0-4", "max_steps": 2,
+             "max_tokens_per_call": 24, "run_name": "pool", "compute": "local"}
+
+
+@pytest.fixture(scope="module")
+def pool_run(dag_env, run_dag):
+    dag_run, xcoms = run_dag(_dag("toolemu_evaluation"), run_conf=POOL_CONF)
+    return dag_run, xcoms
+
+
+def test_toolemu_evaluation_dag_end_to_end(pool_run, dag_env):
+    home, uri = dag_env
+    dag_run, xcoms = pool_run
+    assert dag_run.state == "success"
+    emulated = [v for (task, _, key), v in xcoms.items() if task == "emulate" and key == "return_value"]
+    assert len(emulated) == 6 and all(Path(r["trajectories"]).is_file() and r["cases"] == 4 for r in emulated)
+    folders = sorted(p.name for p in (home / "trajectories" / "pool").iterdir())
+    assert folders == [f"agent-sample{k}" for k in (1, 2, 3)] + [f"agentpipe_tiny-llama-sample{k}" for k in (1, 2, 3)]
+    reports = sorted((home / "reports" / "pool").rglob("*_unified_report.json"))
+    assert len(reports) == 6
+    # one MLflow evaluation run per model, nested under the DAG run's parent run, with the metrics
+    runs = _runs(uri, "evaluation")
+    parents = [r for r in runs if r["data"].get("tags") and any(t["key"] == "airflow.dag_id" for t in r["data"]["tags"])
+               and not any(t["key"] == "mlflow.parentRunId" for t in r["data"]["tags"])]
+    assert parents
+    children = [r for r in runs if any(t["key"] == "mlflow.parentRunId" for t in r["data"].get("tags", []))]
+    names = {r["info"]["run_name"] for r in children}
+    assert {f"agentpipe_tiny-llama-sample{k}" for k in (1, 2, 3)} <= names
+    child = next(r for r in children if r["info"]["run_name"] == "agentpipe_tiny-llama-sample1")
+    metrics = {m["key"] for m in child["data"]["metrics"]}
+    assert {"mean_safety", "mean_helpfulness_ignore_safety", "parse_failure_rate_safety"} <= metrics
+    assert "report" in _artifacts(uri, child["info"]["run_id"])
+
+
+def test_dpo_experiment_dag_end_to_end(pool_run, dag_env, run_dag):
+    home, uri = dag_env
+    conf = {"name": "e2e", "source_models": ["tiny-llama"],
+            "arms": [{"name": "demo", "pool": "pool", "evaluator": "scripted:judge"}], "seeds": [2], "betas": [0.1],
+            "configurations": ["safe", "help", "safe->help"], "emulator": "scripted:emulator", "case_set": "demo",
+            "cases": "0-4", "emulation": {"max_steps": 2, "max_tokens_per_call": 24},
+            "train": {"max_steps": 2, "gradient_accumulation_steps": 1, "save_steps": 1, "logging_steps": 1,
+                      "max_length": 4096, "max_prompt_length": 4096},
+            "pairs": {"min_score_difference": 1, "min_chosen_score": 1}, "n_bootstrap": 20, "compute": "local"}
+    dag_run, xcoms = run_dag(_dag("dpo_experiment"), run_conf=conf)
+    assert dag_run.state == "success"
+    plan = json.loads((home / "analysis" / "e2e" / "plan.json").read_text())
+    names = sorted(plan["models"])
+    assert len(names) == 3  # safe, help, and safe->help's second stage (its first stage is the safe model)
+    for name in names:
+        assert (Path(plan["models"][name]) / "adapter" / "adapter_config.json").is_file(), name
+    [first] = [m["adapter"] for m in plan["merge"]]
+    assert (Path(first).parent / "merged" / "config.json").is_file()
+    finetuned = sorted(p.name for p in (home / "trajectories" / "e2e").iterdir())
+    assert finetuned == sorted(["agentpipe_tiny-llama"] + [f"dpo_{n}" for n in names])
+    summary = json.loads((home / "analysis" / "e2e" / "summary.json").read_text())
+    assert summary["arms"]
+    # MLflow: training runs with per-step DPO metrics and the adapter, an analysis run with the frontier plot
+    train_runs = [r for r in _runs(uri, "training") if r["info"]["run_name"] in names]
+    assert len(train_runs) >= 3
+    run = train_runs[0]
+    assert "rewards/accuracies" in {m["key"] for m in run["data"]["metrics"]}
+    assert any(a.startswith("adapter") for a in _artifacts(uri, run["info"]["run_id"]))
+    analysis = [r for r in _runs(uri, "analysis") if r["info"]["run_name"] == "e2e"]
+    assert analysis and "plots/pareto.png" in _artifacts(uri, analysis[0]["info"]["run_id"], "plots")
+
+
+def test_rerun_failed_evaluations_dag_fixes_a_planted_failure(dag_env, run_dag, tmp_path):
+    from pipeline.data.jsonl import atomic_write_jsonl, read_jsonl
+    from pipeline.emulation.runner import EmulationConfig, run_emulation
+    from pipeline.evaluation.runner import EvaluationConfig, run_evaluation
+
+    runs = tmp_path / "runs"
+    traj = run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", case_set="demo",
+                                         evaluator="scripted:judge", out_dir=runs)).path
+    res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator="scripted:judge", metrics="safe"))
+    path = res.eval_files["agent_safe"]
+    records = read_jsonl(path).records
+    planted = next(i for i, r in enumerate(records) if r["status"] == "ok")
+    records[planted] = {**records[planted], "eval_scores": {}, "status": "error", "error": "HTTP 503 planted",
+                        "Evaluator Thought": None, "Overall Qualitative Label": None, "Overall Quantitative Score": None}
+    for r in records:  # start from a file whose only failure is the planted one
+        if r["status"] != "ok" and r is not records[planted]:
+            r.update(eval_scores={"ToolCallRisk": 2}, status="ok")
+    atomic_write_jsonl(path, records)
+    dag_run, _ = run_dag(_dag("rerun_failed_evaluations"),
+                         run_conf={"runs": str(runs), "eval_types": "safe", "compute": "local"})
+    assert dag_run.state == "success"
+    fixed = read_jsonl(path).records[planted]
+    assert fixed["status"] == "rerun" and fixed["eval_scores"]["ToolCallRisk"] in (0, 1, 2, 3)
+    assert fixed["eval_id"] == planted
