@@ -8,7 +8,6 @@ else ``./agentpipe.yaml``), then the defaults below.
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +79,6 @@ class _YamlWithoutSecrets(YamlConfigSettingsSource):
         return {k: v for k, v in data.items() if k.lower() != "openai_api_key"}
 
 
-@lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings (cached; call ``get_settings.cache_clear()`` after changing the environment)."""
+    """The current settings. Not cached: long-lived processes (Airflow workers, tests) see environment changes."""
     return Settings()

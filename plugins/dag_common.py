@@ -47,7 +47,7 @@ def start_tracking(experiment: str, **context) -> str:
 @task(trigger_rule="all_done")
 def finish_tracking(folder: str, experiment: str, **context) -> str | None:
     """Close the parent run (FAILED when a task of this DAG run failed) and sync its journal."""
-    from pipeline.tracking import Tracker, sync
+    from pipeline.tracking import Tracker, resolve_tracking_uri, sync
 
     ti = context["ti"]
     try:
@@ -56,7 +56,7 @@ def finish_tracking(folder: str, experiment: str, **context) -> str | None:
     except Exception:  # an older task SDK: report the run as finished
         failed = False
     Tracker.open(folder, experiment=experiment).finish("FAILED" if failed else "FINISHED")
-    return sync(folder).run_id
+    return sync(folder).run_id if resolve_tracking_uri() else None  # no MLflow configured: journal only
 
 
 def _safe(text: str) -> str:

@@ -121,9 +121,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     for var in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "AGENTPIPE_OPENAI_BASE_URL", "AGENTPIPE_PRICES",
                 "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
-    get_settings.cache_clear()
     yield
-    get_settings.cache_clear()
 
 
 @pytest.fixture
@@ -211,7 +209,6 @@ def test_placeholder_key_for_a_local_server_without_a_key(server: FakeOpenAI) ->
 def test_base_url_and_key_come_from_settings(server: FakeOpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AGENTPIPE_OPENAI_BASE_URL", server.url)
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    get_settings.cache_clear()
     backend = OpenAIBackend(parse_model_spec("gpt-4o-mini"), backoff_base_s=0.01)
     assert backend.generate([req("x")])[0].text == "echo: x"
     assert server.auth_headers == [f"Bearer {KEY}"]

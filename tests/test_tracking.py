@@ -44,13 +44,9 @@ def test_journal_only_without_a_tracking_server(tmp_path, artifact, monkeypatch)
     monkeypatch.delenv("AGENTPIPE_MLFLOW_TRACKING_URI", raising=False)
     from pipeline.settings import get_settings
 
-    get_settings.cache_clear()
-    try:
-        with Tracker.open(tmp_path / "j", experiment="training", run_name="toy") as t:
-            _log_some(t, artifact)
-        assert t.tracking_uri is None and t.run_id is None
-    finally:
-        get_settings.cache_clear()
+    with Tracker.open(tmp_path / "j", experiment="training", run_name="toy") as t:
+        _log_some(t, artifact)
+    assert t.tracking_uri is None and t.run_id is None
     ops = read_journal(tmp_path / "j")
     assert [op["op"] for op in ops] == ["start", "params", "metrics", "metrics", "metrics", "tags", "artifact",
                                         "register_model", "end"]
