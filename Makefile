@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 # pip prints one warning per package for the local mirror's missing index pages; hide that noise only.
-QUIET := 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 STAMP := $(VENV)/.installed
 
 .PHONY: setup test test-fast demo clean-venv
