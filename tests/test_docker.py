@@ -1,0 +1,66 @@
+"""What can be checked of the Docker deployment without Docker: the compose file parses, everything it
+references exists, every variable it uses is documented in .env.example, and the images install the same
+pinned requirements as `make setup`."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+DOCKER = Path(__file__).resolve().parent.parent / "docker"
+REPO = DOCKER.parent
+
+
+def _compose():
+    return yaml.safe_load((DOCKER / "compose.yaml").read_text())
+
+
+def test_compose_parses_and_has_the_services():
+    services = _compose()["services"]
+    assert {"postgres", "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
+            "airflow-triggerer", "mlflow"} <= set(services)
+    for name in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer"):
+        assert services[name]["command"][0] in ("api-server", "scheduler", "dag-processor", "triggerer")
+        assert services[name]["environment"]["AGENTPIPE_HOME"] == "/runs"
+
+
+def test_build_contexts_dockerfiles_and_mounted_files_exist():
+    compose = _compose()
+    for name, svc in compose["services"].items():
+        build = svc.get("build")
+        if build:
+            context = (DOCKER / build["context"]).resolve()
+            assert context.is_dir(), name
+            assert (context / build["dockerfile"]).is_file(), name
+        for vol in svc.get("volumes", []):
+            src = vol.split(":", 1)[0]
+            if src.startswith("./"):
+                assert (DOCKER / src).exists(), f"{name}: {src}"
+        entry = svc.get("entrypoint")
+        if entry and entry[0].startswith("/opt/agentpipe/"):
+            assert (REPO / entry[0].removeprefix("/opt/agentpipe/")).is_file()
+    for dockerfile in DOCKER.glob("*.Dockerfile"):
+        for line in dockerfile.read_text().splitlines():
+            if line.startswith("COPY "):
+                for src in line.split()[1:-1]:
+                    assert (REPO / src).exists(), f"{dockerfile.name}: COPY {src}"
+
+
+def test_every_variable_is_documented_in_the_env_example():
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)\}", (DOCKER / "compose.yaml").read_text()))
+    documented = {line.split("=", 1)[0] for line in (DOCKER / ".env.example").read_text().splitlines()
+                  if line and not line.startswith("#")}
+    assert used and used <= documented, used - documented
+
+
+def test_images_install_the_pinned_requirements():
+    pins = [line for line in (REPO / "requirements.txt").read_text().splitlines() if "==" in line]
+    torch_pin = next(p for p in pins if p.startswith("torch=="))
+    airflow = (DOCKER / "airflow.Dockerfile").read_text()
+    assert "COPY requirements.txt" in airflow and "pip install -r requirements.txt" in airflow
+    assert torch_pin in airflow  # the same CPU torch as make setup
+    gpu = (DOCKER / "worker-gpu.Dockerfile").read_text()
+    assert "requirements-gpu.txt" in gpu and "requirements.txt" in gpu
+    for line in (REPO / "requirements-gpu.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            assert "==" in line, f"unpinned GPU requirement: {line}"
