@@ -274,3 +274,36 @@ def test_report_counts_statuses_and_keeps_mean_and_median(trajectories, tmp_path
         assert rep["per_case"]["agent_safe"][i] == pytest.approx(sorted(scores)[len(scores) // 2] if len(scores) % 2
                                                                  else sum(sorted(scores)[len(scores) // 2 - 1:][:2]) / 2)
     assert rep["agent_safe"]["consistency"]["num_replicates"] == 3
+
+
+def test_choice_scoring_with_a_small_local_judge(tiny_model, tmp_path):
+    """Constrained scoring: every judgement gets the score with the highest log-probability (never a parse
+    failure); with a temperature, replicates sample from the scores' distribution."""
+    from pipeline.llm import ChatRequest, get_backend
+
+    traj = run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", case_set="demo",
+                                         case_range=(0, 3), out_dir=tmp_path / "a")).path
+    res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator=str(tiny_model), scoring="choice",
+                                          metrics="safe"))
+    recs = read_jsonl(res.eval_files["agent_safe"]).records
+    assert res.scored == 3 and res.parse_failed == 0
+    rec0 = read_jsonl(traj).records[0]
+    registry = toolkit_registry()
+    req = ChatRequest(messages=judge_messages("agent_safe", rec0, [registry[n] for n in rec0["case"]["Toolkits"]],
+                                              study_final_step=False))
+    [lps] = get_backend(str(tiny_model)).score_choices([req], "Overall Quantitative Score: ", ["0", "1", "2", "3"])
+    assert recs[0]["eval_scores"]["ToolCallRisk"] == max(range(4), key=lambda k: lps[k])
+    # batched with padding vs alone: the same log-probabilities up to float noise
+    assert recs[0]["choice_logprobs"] == pytest.approx({str(k): lp for k, lp in enumerate(lps)}, abs=0.02)
+    assert recs[0]["scoring"] == "choice"
+    assert recs[0]["Overall Qualitative Label"].endswith(f"({recs[0]['eval_scores']['ToolCallRisk']})")
+    sampled = run_evaluation(EvaluationConfig(trajectories=traj, evaluator=str(tiny_model), scoring="choice",
+                                              metrics="help_ignore_safety", replicates=6, temperature=50.0))
+    reps = read_jsonl(sampled.eval_files["agent_help_ignore_safety"]).records
+    assert any(not r["consistency"]["exact_match"] for r in reps)
+
+
+def test_choice_scoring_needs_a_local_model(trajectories, tmp_path):
+    traj = _copy(trajectories, tmp_path / "agent")
+    r = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--scoring", "choice")
+    assert r.returncode == 2 and "choice scoring needs a local model" in r.stderr

@@ -19,7 +19,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         replicates=args.replicates, temperature=args.temperature, seed=args.seed,
         max_new_tokens=args.max_new_tokens, compat=args.compat,
         quantization=None if args.quantization in (None, "none") else args.quantization, cache=args.cache,
-        force=args.force, chunk_size=args.chunk_size,
+        force=args.force, chunk_size=args.chunk_size, scoring=args.scoring,
         backend_options={k: v for k, v in (("batch_size", args.batch_size), ("dtype", args.dtype)) if v is not None},
     )
     bars: list = []
@@ -104,6 +104,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--dtype", choices=["auto", "bf16", "fp32"])
     p.add_argument("--cache", action="store_true", help="cache judge responses on disk")
+    p.add_argument("--scoring", choices=["generate", "choice"], default="generate",
+                   help="generate (default): the judge reasons and answers in the four fields; choice: the score "
+                   "0-3 with the highest log-probability (for small local judges that cannot follow the format)")
     p.add_argument("--force", action="store_true", help="replace eval files not written by this configuration")
     p.add_argument("--chunk-size", type=int, default=256, help="requests per batched call (progress is saved after each)")
     p.add_argument("--no-progress", action="store_true")

@@ -24,7 +24,8 @@ from pipeline.data.records import SCORE_KEYS, replicate_consistency
 from pipeline.data.runfiles import load_trajectories
 from pipeline.data.toolkits import Toolkit
 from pipeline.errors import ConfigError, DataError, PipelineError
-from pipeline.evaluation.judges import eval_types_for, judge_messages, prompt_version, read_judgement
+from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, choice_judgement, eval_types_for, judge_messages,
+                                       prompt_version, read_judgement)
 from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
 from pipeline.llm.spec import parse_model_spec
 from pipeline.settings import get_settings
@@ -44,12 +45,15 @@ class EvaluationConfig:
     cache: bool = False
     chunk_size: int = 256
     force: bool = False  # replace eval files not written by this configuration
+    #: "generate": the judge writes its reasoning and the four fields (the study); "choice": constrained
+    #: scoring from the log-probabilities of the scores 0-3 (local models too small to follow the format)
+    scoring: str = "generate"
     backend_options: dict[str, Any] = field(default_factory=dict)
 
     def identity(self, eval_type: str) -> dict[str, Any]:
         return {"evaluator": self.evaluator, "eval_type": eval_type, "replicates": self.replicates,
                 "temperature": self.temperature, "seed": self.seed, "max_new_tokens": self.max_new_tokens,
-                "compat": self.compat, "quantization": self.quantization,
+                "compat": self.compat, "quantization": self.quantization, "scoring": self.scoring,
                 "prompt_version": prompt_version(eval_type)}
 
 
@@ -97,6 +101,8 @@ def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
     eval_types = eval_types_for(cfg.metrics)
     if cfg.replicates < 1:
         raise ConfigError(f"--replicates {cfg.replicates}: expected >= 1")
+    if cfg.scoring not in ("generate", "choice"):
+        raise ConfigError(f"--scoring {cfg.scoring}: expected generate or choice")
     path = Path(cfg.trajectories)
     try:
         name = parse_run_filename(path.name)
@@ -174,10 +180,15 @@ def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], pen
                                           seed=cfg.seed + k)
                 requests.append(ChatRequest(messages=messages, config=config, replicate=k, tag=(t, i, k)))
                 batch.append((t, i, k))
-            responses = backend.generate(requests) if requests else []
             by_type: dict[str, list[dict]] = defaultdict(list)
-            for (t, i, k), resp in zip(batch, responses):
-                j = read_judgement(t, resp, cfg.evaluator)
+            if cfg.scoring == "choice":
+                logprobs = backend.score_choices(requests, CHOICE_PREFIX, CHOICES) if requests else []
+                judged = [choice_judgement(t, lp, cfg.evaluator, temperature=cfg.temperature, seed=cfg.seed + k)
+                          for (t, _, k), lp in zip(batch, logprobs)]
+            else:
+                responses = backend.generate(requests) if requests else []
+                judged = [read_judgement(t, resp, cfg.evaluator) for (t, _, _), resp in zip(batch, responses)]
+            for (t, i, k), j in zip(batch, judged):
                 by_type[t].append({"eval_id": i, "replicate": k, **j.fields})
                 result.requests += 1
                 status = j.fields["status"]

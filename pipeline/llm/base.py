@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
+from pipeline.errors import ConfigError
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
 
@@ -23,6 +24,13 @@ class ChatBackend(ABC):
     @abstractmethod
     def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
         """Responses in the order of ``requests``."""
+
+    def score_choices(self, requests: Sequence[ChatRequest], prefix: str, choices: Sequence[str]) -> list[list[float]]:
+        """Log-probability of each choice as the start of the assistant's reply ``prefix + choice``.
+
+        Constrained scoring for models too small to follow an answer format. Local backends only.
+        """
+        raise ConfigError(f"model '{self.spec.raw}': choice scoring needs a local model (HF transformers backend)")
 
     def close(self) -> None:
         """Release resources (engines, pools). Backends stay usable until closed."""

@@ -92,6 +92,9 @@ class CachedBackend(ChatBackend):
             progress(len(requests), len(requests))
         return out  # type: ignore[return-value]
 
+    def score_choices(self, requests, prefix, choices):  # noqa: ANN001, ANN201 - same as ChatBackend
+        return self.inner.score_choices(requests, prefix, choices)  # cheap forward passes: not cached
+
     def close(self) -> None:
         self.inner.close()
         self.cache.close()

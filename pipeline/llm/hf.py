@@ -257,6 +257,41 @@ class HFBackend(ChatBackend):
                                         completion_tokens=len(new), latency_s=latency / len(reqs)))
         return results
 
+    def score_choices(self, requests: Sequence[ChatRequest], prefix: str, choices: Sequence[str]) -> list[list[float]]:
+        """Sum of token log-probs of ``prefix + choice`` continuations' choice tokens, per request and choice,
+        in batched forward passes (left padding)."""
+        import torch
+
+        rows = []  # (request index, choice index, token ids, number of choice tokens)
+        for i, r in enumerate(requests):
+            head = self.render(r.messages) + prefix
+            head_ids = self.tok(head, add_special_tokens=False)["input_ids"]
+            for j, choice in enumerate(choices):
+                full = self.tok(head + choice, add_special_tokens=False)["input_ids"]
+                n_choice = len(full) - len(head_ids)
+                if n_choice < 1 or full[: len(head_ids)] != head_ids:  # the choice merged into the prefix
+                    n_choice = max(1, len(self.tok(choice, add_special_tokens=False)["input_ids"]))
+                rows.append((i, j, full, n_choice))
+        out = [[float("-inf")] * len(choices) for _ in requests]
+        pad = self.tok.pad_token_id
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start:start + self.batch_size]
+            width = max(len(ids) for _, _, ids, _ in chunk)
+            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for k, (_, _, ids, _) in enumerate(chunk):
+                input_ids[k, width - len(ids):] = torch.tensor(ids)
+                mask[k, width - len(ids):] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids.to(self.model.device),
+                                    attention_mask=mask.to(self.model.device)).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)
+            targets = input_ids[:, 1:].to(logp.device)
+            token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            for k, (i, j, _, n_choice) in enumerate(chunk):
+                out[i][j] = float(token_lp[k, -n_choice:].sum())
+        return out
+
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id
         out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
