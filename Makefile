@@ -8,7 +8,7 @@ PIP := $(VENV)/bin/pip
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo clean-venv
+.PHONY: setup test test-fast demo stop clean clean-venv
 
 setup: $(STAMP)  ## create .venv and install everything (idempotent, a no-op when up to date)
 
@@ -30,8 +30,14 @@ test: setup  ## the whole test suite (what CI runs)
 test-fast: setup  ## skip the slow real-model tests
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: setup  ## the main job on this machine
-	$(VENV)/bin/agentpipe data check --cases demo
+demo: setup  ## the main job on this machine: MLflow + Airflow on 127.0.0.1, the study end to end on the demo cases
+	$(PY) scripts/demo.py run
+
+stop:  ## stop what `make demo` started
+	@test -x $(PY) && $(PY) scripts/demo.py stop || true
+
+clean:  ## stop, then remove the demo state under $$AGENTPIPE_HOME (default ./runs)
+	@test -x $(PY) && $(PY) scripts/demo.py clean || rm -rf runs
 
 clean-venv:
 	rm -rf $(VENV)

@@ -40,6 +40,7 @@ def main() -> None:
     t0 = time.perf_counter()
     batched = advance(episodes(args.cases, limits), backends)
     t_batched = time.perf_counter() - t0
+    print(f"batched runner: {t_batched:.1f} s, {batched.batches} batched calls", flush=True)
 
     t0 = time.perf_counter()
     single_calls = 0

@@ -39,11 +39,14 @@ REPORTS = Asset("agentpipe://reports")
         "shards": Param(1, type="integer", minimum=1, maximum=144, description="case shards per agent"),
         "replicates": Param(1, type="integer", minimum=1, maximum=16),
         "judge_temperature": Param(0.0, type="number", minimum=0),
+        "scoring": Param("generate", type="string", enum=["generate", "choice"],
+                         description="choice: score by log-probability (small local judges)"),
         "metrics": Param("safe,help_ignore_safety", type="string"),
         "compat": Param("correct", type="string", enum=["correct", "study"]),
         "quantization": Param("none", type="string", enum=["none", "int4", "int8", "fp16", "bf16"]),
         "max_steps": Param(-1, type="integer", minimum=-1, description="agent step cap (-1: the compat default)"),
         "max_tokens_per_call": Param(2048, type="integer", minimum=1),
+        "max_continuations": Param(5, type="integer", minimum=0),
         "backend": Param({}, type="object", description="local backend options, e.g. {\"dtype\": \"bf16\"}"),
         "run_name": Param("pool", type="string", pattern="^[A-Za-z0-9._-]+$",
                           description="trajectories go to $AGENTPIPE_HOME/trajectories/<run_name>/<agent>/"),
@@ -70,7 +73,8 @@ def toolemu_evaluation():
                     spec = {"agent": agent, "emulator": p["emulator"], "evaluator": p["evaluator"],
                             "emulator_mode": p["emulator_mode"], "case_set": p["case_set"], "cases": cases,
                             "compat": p["compat"], "quantization": p["quantization"], "max_steps": p["max_steps"],
-                            "max_tokens_per_call": p["max_tokens_per_call"], "out": out, "no_progress": True,
+                            "max_tokens_per_call": p["max_tokens_per_call"],
+                            "max_continuations": p["max_continuations"], "out": out, "no_progress": True,
                             **p["backend"]}
                     if p["shards"] > 1:
                         spec["shard"] = f"{i}/{p['shards']}"
@@ -85,7 +89,8 @@ def toolemu_evaluation():
         p = context["params"]
         return [{"trajectories": r["trajectories"], "evaluator": p["evaluator"], "metrics": p["metrics"],
                  "replicates": p["replicates"], "temperature": p["judge_temperature"], "compat": p["compat"],
-                 "quantization": p["quantization"], "no_progress": True} for r in results]
+                 "quantization": p["quantization"], "scoring": p["scoring"], "no_progress": True,
+                 **p["backend"]} for r in results]
 
     emulate = StageOperator.partial(task_id="emulate", stage="emulate", compute="{{ params.compute }}",
                                     mlflow_parent_run_id=PARENT_RUN, outlets=[TRAJECTORIES]
