@@ -218,15 +218,19 @@ class Airflow:
 
 # ------------------------------------------------------------------------------------------------ the demo
 #: The trajectory pool: three sampled runs of SmolLM2-135M on the 8 demo cases, judged by SmolLM2-135M.
+#: A 135M model cannot follow the ReAct or the judge format, so the demo runs in the study's compat mode (the
+#: judge sees the agent's whole last output, as the study's judges did) and scores by log-probability.
 POOL = {"agents": ["SmolLM2-135M"], "samples": 3, "agent_temperature": 0.8, "emulator": "SmolLM2-135M",
         "evaluator": "SmolLM2-135M", "case_set": "demo", "max_steps": 2, "max_tokens_per_call": 96,
-        "max_continuations": 1, "scoring": "choice", "backend": {"dtype": "bf16"}, "run_name": "pool"}
+        "max_continuations": 1, "scoring": "choice", "compat": "study", "backend": {"dtype": "bf16"},
+        "run_name": "pool"}
 #: One source model, one seed: safe, help and safe->help, evaluated on the seed's test cases.
 EXPERIMENT = {"name": "demo", "source_models": ["SmolLM2-135M"],
               "arms": [{"name": "demo", "pool": "pool", "evaluator": "SmolLM2-135M"}], "seeds": [0], "betas": [0.1],
               "configurations": ["safe", "help", "safe->help"], "emulator": "SmolLM2-135M", "case_set": "demo",
-              "emulation": {"max_steps": 2, "max_tokens_per_call": 96, "max_continuations": 1, "dtype": "bf16"},
-              "evaluation": {"scoring": "choice", "dtype": "bf16"},
+              "emulation": {"max_steps": 2, "max_tokens_per_call": 96, "max_continuations": 1, "dtype": "bf16",
+                            "compat": "study"},
+              "evaluation": {"scoring": "choice", "dtype": "bf16", "compat": "study"},
               "train": {"max_steps": 4, "gradient_accumulation_steps": 1, "save_steps": 2, "logging_steps": 1,
                         "max_length": 4096, "max_prompt_length": 4096},
               "pairs": {"min_score_difference": 1, "min_chosen_score": 1}, "n_bootstrap": 200}

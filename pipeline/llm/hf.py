@@ -262,9 +262,12 @@ class HFBackend(ChatBackend):
         in batched forward passes (left padding)."""
         import torch
 
+        heads = [self.render(r.messages) + prefix for r in requests]
+        single = self._single_token_choices(heads[0] if heads else prefix, choices)
+        if single is not None:  # the usual case (digits): one forward pass per request scores every choice
+            return self._next_token_logprobs(heads, single)
         rows = []  # (request index, choice index, token ids, number of choice tokens)
-        for i, r in enumerate(requests):
-            head = self.render(r.messages) + prefix
+        for i, head in enumerate(heads):
             head_ids = self.tok(head, add_special_tokens=False)["input_ids"]
             for j, choice in enumerate(choices):
                 full = self.tok(head + choice, add_special_tokens=False)["input_ids"]
@@ -290,6 +293,35 @@ class HFBackend(ChatBackend):
             token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             for k, (i, j, _, n_choice) in enumerate(chunk):
                 out[i][j] = float(token_lp[k, -n_choice:].sum())
+        return out
+
+    def _single_token_choices(self, head: str, choices: Sequence[str]) -> list[int] | None:
+        """The token id of each choice when every choice is exactly one token after the prefix, else None."""
+        head_ids = self.tok(head, add_special_tokens=False)["input_ids"]
+        ids = []
+        for choice in choices:
+            full = self.tok(head + choice, add_special_tokens=False)["input_ids"]
+            if len(full) != len(head_ids) + 1 or full[:-1] != head_ids:
+                return None
+            ids.append(full[-1])
+        return ids
+
+    def _next_token_logprobs(self, heads: list[str], token_ids: list[int]) -> list[list[float]]:
+        import torch
+
+        out: list[list[float]] = []
+        order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
+        results: dict[int, list[float]] = {}
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            enc = self.tok([heads[i] for i in idx], return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(self.model.device)
+            with torch.inference_mode():
+                logits = self.model(**enc).logits[:, -1].float()  # left padding: the last position is real
+            logp = torch.log_softmax(logits, dim=-1)[:, token_ids]
+            for k, i in enumerate(idx):
+                results[i] = [float(x) for x in logp[k]]
+        out = [results[i] for i in range(len(heads))]
         return out
 
     def _eos_ids(self) -> set[int]:
