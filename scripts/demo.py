@@ -173,13 +173,23 @@ class Airflow:
         with urllib.request.urlopen(req, timeout=30) as r:
             self.token = json.load(r)["access_token"]
 
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        req = urllib.request.Request(f"{self.base}/api/v2{path}", method=method,
-                                     data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Authorization": f"Bearer {self.token}",
-                                              "Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return json.load(r)
+    def call(self, method: str, path: str, body: Any = None, attempts: int = 6) -> Any:
+        """One API call; 5xx answers (SQLite busy while tasks write) and connection errors are retried."""
+        for attempt in range(attempts):
+            req = urllib.request.Request(f"{self.base}/api/v2{path}", method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {self.token}",
+                                                  "Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return json.load(r)
+            except urllib.error.HTTPError as e:
+                if e.code < 500 or attempt == attempts - 1:
+                    raise
+            except urllib.error.URLError:
+                if attempt == attempts - 1:
+                    raise
+            time.sleep(2 * (attempt + 1))
 
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
