@@ -1,0 +1,87 @@
+"""Look at the demo's UIs in a real headless Chromium: log in to Airflow and check a DAG run's state, open the
+MLflow experiment and check it lists runs with metrics; save screenshots.
+
+    python scripts/ui_check.py AIRFLOW_URL PASSWORD MLFLOW_URL DAG_ID OUT_DIR [EXPERIMENT]
+
+Used by tests/test_ui.py and to make the README's screenshots. Needs Debian's chromium + chromium-driver and
+the selenium package.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,900"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+def wait_text(driver, texts: list[str], timeout: float = 60) -> str:
+    """Wait until the page shows one of ``texts``; returns the page text."""
+    deadline = time.monotonic() + timeout
+    body = ""
+    while time.monotonic() < deadline:
+        body = driver.find_element("tag name", "body").text
+        if any(t in body for t in texts):
+            return body
+        time.sleep(1)
+    raise AssertionError(f"none of {texts} on {driver.current_url} after {timeout:.0f} s; page text: {body[:500]}")
+
+
+def check_airflow(driver, base: str, password: str, dag_id: str, out: Path) -> str:
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{base}/")
+    wait_text(driver, ["Sign in", "Username", "username"])
+    driver.find_element(By.NAME, "username").send_keys("admin")
+    driver.find_element(By.NAME, "password").send_keys(password)
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait_text(driver, ["Dags", "DAGs", "dags"])
+    driver.get(f"{base}/dags/{dag_id}/runs")
+    body = wait_text(driver, ["success", "Success"])
+    time.sleep(2)  # let the grid settle for the screenshot
+    driver.save_screenshot(str(out / f"airflow-{dag_id}.png"))
+    return body
+
+
+def check_mlflow(driver, base: str, experiment: str, out: Path) -> str:
+    req = urllib.request.Request(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name={experiment}")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        exp_id = json.load(r)["experiment"]["experiment_id"]
+    driver.get(f"{base}/#/experiments/{exp_id}/runs")
+    body = wait_text(driver, ["Run Name", "Run name", "run name"])
+    time.sleep(3)
+    driver.save_screenshot(str(out / f"mlflow-{experiment}.png"))
+    return body
+
+
+def main(argv: list[str]) -> int:
+    airflow, password, mlflow, dag_id, out = argv[1:6]
+    experiment = argv[6] if len(argv) > 6 else "training"
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    driver = browser()
+    try:
+        check_airflow(driver, airflow, password, dag_id, out_dir)
+        check_mlflow(driver, mlflow, experiment, out_dir)
+    finally:
+        driver.quit()
+    print(f"screenshots in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,102 @@
+"""The UIs in a real browser: after a demo-sized DAG run through the real scheduler, headless Chromium logs in
+to the Airflow UI and sees the run succeeded, and opens the MLflow experiment that lists the runs.
+
+Needs Debian's chromium + chromium-driver: installed here when running as root (as in CI); elsewhere the test
+skips unless AGENTPIPE_REQUIRE_BROWSER=1 (CI sets it).
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_chromium():
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    why = "chromium/chromedriver not installed"
+    if os.geteuid() == 0:
+        cmd = "apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)"
+        p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=900,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        if p.returncode == 0 and shutil.which("chromium"):
+            return
+        why = f"apt-get install chromium failed: {p.stderr[-500:]}"
+    if os.environ.get("AGENTPIPE_REQUIRE_BROWSER") == "1":
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    _ensure_chromium()
+    demo = _load("demo")
+    home = tmp_path_factory.mktemp("ui-home")
+    saved = {k: os.environ.get(k) for k in ("AGENTPIPE_HOME", "AGENTPIPE_AIRFLOW_PORT", "AGENTPIPE_MLFLOW_PORT")}
+    os.environ.update(AGENTPIPE_HOME=str(home), AGENTPIPE_AIRFLOW_PORT=str(_free_port()),
+                      AGENTPIPE_MLFLOW_PORT=str(_free_port()))
+    try:
+        urls = demo.up()
+        yield demo, urls, home
+    finally:
+        demo.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_airflow_and_mlflow_uis_show_a_demo_sized_run(services, tmp_path):
+    demo, urls, home = services
+    ui = _load("ui_check")
+    af = demo.Airflow(urls["airflow"], urls["user"], urls["password"])
+    af.wait_for_dag("toolemu_evaluation")
+    conf = {"agents": ["scripted:agent"], "emulator": "scripted:emulator", "evaluator": "scripted:judge",
+            "case_set": "demo", "cases": "0-2", "run_name": "ui", "compute": "local"}
+    run_id = af.trigger("toolemu_evaluation", conf)
+    assert af.follow("toolemu_evaluation", run_id, timeout=600) == "success"
+
+    shots = REPO / "tests" / "artifacts" if os.environ.get("CI") else tmp_path
+    driver = ui.browser()
+    try:
+        airflow_text = ui.check_airflow(driver, urls["airflow"], urls["password"], "toolemu_evaluation", shots)
+        mlflow_text = ui.check_mlflow(driver, urls["mlflow"], "evaluation", shots)
+    finally:
+        driver.quit()
+    assert "Success" in airflow_text or "success" in airflow_text
+    assert run_id.split("T")[0] in airflow_text.replace("\n", " ")  # our run is the one listed
+    assert "toolemu_evaluation" in mlflow_text  # the DAG run's parent MLflow run
+    for name in ("airflow-toolemu_evaluation.png", "mlflow-evaluation.png"):
+        assert (shots / name).stat().st_size > 10_000
+    # the runs listed in the UI have their metrics (the evaluation run of the agent, nested under the parent)
+    with urllib.request.urlopen(f"{urls['mlflow']}/api/2.0/mlflow/experiments/get-by-name?experiment_name=evaluation") as r:
+        exp_id = json.load(r)["experiment"]["experiment_id"]
+    req = urllib.request.Request(f"{urls['mlflow']}/api/2.0/mlflow/runs/search", method="POST",
+                                 data=json.dumps({"experiment_ids": [exp_id]}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        runs = json.load(r)["runs"]
+    agent_run = next(r for r in runs if r["info"]["run_name"] == "agent")
+    assert {"mean_safety", "mean_helpfulness_ignore_safety"} <= {m["key"] for m in agent_run["data"]["metrics"]}
