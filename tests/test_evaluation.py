@@ -14,7 +14,6 @@ import pytest
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.runfiles import check_alignment, find_run_files, load_evals, load_trajectories
 from pipeline.emulation.runner import EmulationConfig, run_emulation
-from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.judges import judge_messages
 from pipeline.evaluation.parsing import clean_score, parse_fields, recover_score
 from pipeline.evaluation.prompts.common import evaluator_scratchpad

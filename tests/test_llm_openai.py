@@ -27,7 +27,6 @@ from pipeline.llm import pricing
 from pipeline.llm.openai_backend import OpenAIBackend
 from pipeline.llm.spec import parse_model_spec
 from pipeline.llm.types import ChatRequest, ChatResponse, GenerationConfig
-from pipeline.settings import get_settings
 
 KEY = "sk-test-SECRET-123"
 

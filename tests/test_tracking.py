@@ -42,7 +42,6 @@ def artifact(tmp_path):
 def test_journal_only_without_a_tracking_server(tmp_path, artifact, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("AGENTPIPE_MLFLOW_TRACKING_URI", raising=False)
-    from pipeline.settings import get_settings
 
     with Tracker.open(tmp_path / "j", experiment="training", run_name="toy") as t:
         _log_some(t, artifact)
@@ -60,7 +59,7 @@ def test_journal_only_without_a_tracking_server(tmp_path, artifact, monkeypatch)
 
 def test_failed_block_ends_the_run_failed_and_bad_experiment_is_refused(tmp_path):
     with pytest.raises(RuntimeError):
-        with Tracker.open(tmp_path / "j", experiment="evaluation", tracking_uri=DOWN) as t:
+        with Tracker.open(tmp_path / "j", experiment="evaluation", tracking_uri=DOWN):
             raise RuntimeError("boom")
     last = read_journal(tmp_path / "j")[-1]
     assert last["op"] == "end" and last["status"] == "FAILED"
