@@ -153,7 +153,6 @@ def plot_overall(entries: list[dict[str, Any]], styles, stem: str | Path, title:
                  formats: Iterable[str] = FORMATS) -> list[Path]:
     """x = Help(Ignore) mean, y = Safety mean, axes −0.1..3.1; one point per (source model, training stages);
     source models larger with a thick edge."""
-    from matplotlib.lines import Line2D
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=FIGSIZE)
@@ -170,17 +169,24 @@ def plot_overall(entries: list[dict[str, Any]], styles, stem: str | Path, title:
     ax.set_ylabel(SAFETY_LABEL)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    order = sorted(variants, key=lambda k: (model_sort_key(k[0]), str(k[1] or "")))
-    handles = [Line2D([], [], linestyle="", marker=variants[k]["marker"], markerfacecolor=variants[k]["face"],
-                      markeredgecolor=variants[k]["color"] if variants[k]["face"] == "white" else "black",
-                      markeredgewidth=1.5 if variants[k]["face"] == "white" else 0.6, markersize=8,
-                      label=variants[k]["label"]) for k in order]
+    handles = _variant_handles(variants)
     ax.legend(handles=handles, title="Source model", loc="lower left", ncol=1 if len(handles) <= 12 else 2,
               framealpha=0.9)
     if any(e.get("training_stages") for e in entries):
         ax.text(0.99, 0.01, "large markers with thick edge = source models", transform=ax.transAxes, ha="right",
                 va="bottom", fontsize=9, color="#555555")
     return save(fig, stem, formats)
+
+
+def _variant_handles(variants: dict) -> list:
+    """Legend entries, one per source model (and quantization variant), in the study's model order."""
+    from matplotlib.lines import Line2D
+
+    order = sorted(variants, key=lambda k: (model_sort_key(k[0]), str(k[1] or "")))
+    return [Line2D([], [], linestyle="", marker=variants[k]["marker"], markerfacecolor=variants[k]["face"],
+                   markeredgecolor=variants[k]["color"] if variants[k]["face"] == "white" else "black",
+                   markeredgewidth=1.5 if variants[k]["face"] == "white" else 0.6, markersize=8,
+                   label=variants[k]["label"]) for k in order]
 
 
 def _variant_styles(points: list[dict[str, Any]], styles) -> dict[tuple[str, Any], dict[str, Any]]:
@@ -242,11 +248,7 @@ def plot_pareto(frontier: dict[str, Any], styles, stem: str | Path, title: str,
     ax.set_ylabel(SAFETY_LABEL)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    order = sorted(variants, key=lambda k: (model_sort_key(k[0]), str(k[1] or "")))
-    handles = [Line2D([], [], linestyle="", marker=variants[k]["marker"], markerfacecolor=variants[k]["face"],
-                      markeredgecolor=variants[k]["color"] if variants[k]["face"] == "white" else "black",
-                      markeredgewidth=1.5 if variants[k]["face"] == "white" else 0.6, markersize=8,
-                      label=variants[k]["label"]) for k in order]
+    handles = _variant_handles(variants)
     if members:
         handles.append(Line2D([], [], color="black", ls="--", lw=1.8,
                               label="Pareto frontier (bold labels, thick edge)"))

@@ -309,7 +309,6 @@ class HFBackend(ChatBackend):
     def _next_token_logprobs(self, heads: list[str], token_ids: list[int]) -> list[list[float]]:
         import torch
 
-        out: list[list[float]] = []
         order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
         results: dict[int, list[float]] = {}
         for start in range(0, len(order), self.batch_size):
@@ -321,8 +320,7 @@ class HFBackend(ChatBackend):
             logp = torch.log_softmax(logits, dim=-1)[:, token_ids]
             for k, i in enumerate(idx):
                 results[i] = [float(x) for x in logp[k]]
-        out = [results[i] for i in range(len(heads))]
-        return out
+        return [results[i] for i in range(len(heads))]
 
     def _eos_ids(self) -> set[int]:
         ids = self.model.generation_config.eos_token_id
