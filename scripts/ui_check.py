@@ -41,6 +41,13 @@ def wait_text(driver, texts: list[str], timeout: float = 60) -> str:
     raise AssertionError(f"none of {texts} on {driver.current_url} after {timeout:.0f} s; page text: {body[:500]}")
 
 
+def screenshot(driver, path: Path) -> None:
+    """Save a screenshot, creating the folder; selenium only returns False when it cannot write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not driver.save_screenshot(str(path)):
+        raise OSError(f"could not write screenshot {path}")
+
+
 def check_airflow(driver, base: str, password: str, dag_id: str, out: Path) -> str:
     from selenium.webdriver.common.by import By
 
@@ -53,7 +60,7 @@ def check_airflow(driver, base: str, password: str, dag_id: str, out: Path) -> s
     driver.get(f"{base}/dags/{dag_id}/runs")
     body = wait_text(driver, ["success", "Success"])
     time.sleep(2)  # let the grid settle for the screenshot
-    driver.save_screenshot(str(out / f"airflow-{dag_id}.png"))
+    screenshot(driver, out / f"airflow-{dag_id}.png")
     return body
 
 
@@ -64,7 +71,7 @@ def check_mlflow(driver, base: str, experiment: str, out: Path) -> str:
     driver.get(f"{base}/#/experiments/{exp_id}/runs")
     body = wait_text(driver, ["Run Name", "Run name", "run name"])
     time.sleep(3)
-    driver.save_screenshot(str(out / f"mlflow-{experiment}.png"))
+    screenshot(driver, out / f"mlflow-{experiment}.png")
     return body
 
 
@@ -72,7 +79,6 @@ def main(argv: list[str]) -> int:
     airflow, password, mlflow, dag_id, out = argv[1:6]
     experiment = argv[6] if len(argv) > 6 else "training"
     out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     driver = browser()
     try:
         check_airflow(driver, airflow, password, dag_id, out_dir)
