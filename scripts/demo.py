@@ -269,6 +269,45 @@ def summary(urls: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _mlflow_post(base: str, path: str, body: dict[str, Any]) -> Any:
+    req = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.load(r)
+
+
+def check_against_mlflow(mlflow: str) -> str:
+    """Compare every configuration's point in ``summary.json`` with the metrics of the MLflow analysis run.
+
+    Returns a one-line verdict; raises SystemExit when a figure differs or is missing (the two must agree).
+    """
+    sys.path.insert(0, str(REPO))
+    from pipeline.tracking import metric_key
+
+    s = json.loads((home() / "analysis" / EXPERIMENT["name"] / "summary.json").read_text())
+    with urllib.request.urlopen(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=analysis",
+                                timeout=30) as r:
+        exp_id = json.load(r)["experiment"]["experiment_id"]
+    runs = _mlflow_post(mlflow, "runs/search", {
+        "experiment_ids": [exp_id], "filter": f"attributes.run_name = '{EXPERIMENT['name']}'",
+        "order_by": ["attributes.start_time DESC"], "max_results": 1}).get("runs", [])
+    if not runs:
+        raise SystemExit(f"demo: no MLflow analysis run named {EXPERIMENT['name']} at {mlflow}")
+    logged = {m["key"]: m["value"] for m in runs[0]["data"].get("metrics", [])}
+    expected = {}
+    for arm, a in s["arms"].items():
+        if a.get("r2") is not None:
+            expected[f"{arm}.r2"] = a["r2"]
+        for p in a["frontier"]["points"]:
+            for which in ("helpfulness", "safety"):
+                expected[metric_key(f"{arm}.point.{p['name']}.{which}")] = p[which]
+    bad = [f"{k}: summary {v!r}, MLflow {logged.get(k)!r}" for k, v in expected.items()
+           if logged.get(k) is None or abs(logged[k] - v) > 1e-9]
+    if bad:
+        raise SystemExit("demo: the summary and the MLflow analysis run differ: " + "; ".join(bad))
+    return f"checked: the {len(expected)} figures above equal MLflow analysis run {runs[0]['info']['run_id']}"
+
+
 def prepare_models() -> None:
     sys.path.insert(0, str(REPO))
     from pipeline.llm.local_models import smollm2
@@ -291,6 +330,7 @@ def run() -> int:
                   f"(login {urls['user']} / {urls['password']}) or {home() / 'airflow' / 'logs'}", file=sys.stderr)
             return 1
     print(summary(urls))
+    print(check_against_mlflow(urls["mlflow"]))
     print(f"demo finished in {(time.monotonic() - t0) / 60:.1f} min")
     return 0
 

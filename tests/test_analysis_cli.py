@@ -180,3 +180,11 @@ def test_metrics_for_tracking(analysed):
     assert m["pooled.persist_s.beta-0.1"] == summary["arms"]["pooled"]["persistence"]["by_beta"]["0.1"]["average"][
         "persist_s"]
     assert m["eval-gpt5m.frontier_size"] == len(summary["arms"]["eval-gpt5m"]["frontier"]["members"])
+    # every configuration's point, under a key MLflow accepts (labels like "S,H-0.1" and "S&H-0.1" stay apart)
+    points = summary["arms"]["pooled"]["frontier"]["points"]
+    assert any("," in p["name"] for p in points) and any("&" in p["name"] for p in points)
+    assert len({k for k in m if k.startswith("pooled.point.")}) == 2 * len(points)
+    for p in points:
+        key = "pooled.point." + p["name"].replace(",", ":").replace("&", " and ")
+        assert m[f"{key}.safety"] == p["safety"] and m[f"{key}.helpfulness"] == p["helpfulness"]
+    assert all(re.fullmatch(r"[\w.\- :/]+", k) for k in m)

@@ -154,6 +154,14 @@ def test_dpo_experiment_dag_end_to_end(pool_run, dag_env, run_dag):
     assert any(a.startswith("adapter") for a in _artifacts(uri, run["info"]["run_id"]))
     analysis = [r for r in _runs(uri, "analysis") if r["info"]["run_name"] == "e2e"]
     assert analysis and "plots/pareto.png" in _artifacts(uri, analysis[0]["info"]["run_id"], "plots")
+    # the analysis run carries each configuration's point, equal to the summary file's
+    logged = {m["key"]: m["value"] for m in analysis[0]["data"]["metrics"]}
+    points = [(arm, p) for arm, a in summary["arms"].items() for p in a["frontier"]["points"]]
+    assert len(points) >= 4  # source + safe, help, safe->help
+    for arm, p in points:
+        key = f"{arm}.point.{p['name'].replace(',', ':')}"
+        assert logged[f"{key}.safety"] == pytest.approx(p["safety"])
+        assert logged[f"{key}.helpfulness"] == pytest.approx(p["helpfulness"])
 
 
 def test_rerun_failed_evaluations_dag_fixes_a_planted_failure(dag_env, run_dag, tmp_path):

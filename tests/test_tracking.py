@@ -75,10 +75,14 @@ def test_sends_everything_to_a_real_server(mlflow_server, tmp_path, artifact):
     with Tracker.open(tmp_path / "child", experiment="training", run_name="toy", parent=tmp_path / "parent",
                       tracking_uri=mlflow_server) as t:
         _log_some(t, artifact)
+        t.log_metrics({"pooled.point.Phi-4 S,H-0.1.safety": 1.5, "pooled.point.Phi-4 S&H-0.1.safety": 2.5})
     assert t.pending == 0
     c = _client(mlflow_server)
     run = c.get_run(t.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "toy"
+    # names MLflow would refuse arrive under metric_key's spelling, distinct from each other
+    assert run.data.metrics["pooled.point.Phi-4 S:H-0.1.safety"] == 1.5
+    assert run.data.metrics["pooled.point.Phi-4 S and H-0.1.safety"] == 2.5
     assert run.data.params == {"learning_rate": "5e-05", "lora_r": "16", "targets": '["q_proj", "v_proj"]'}
     assert run.data.tags["dataset"] == "safe_q32" and run.data.tags["mlflow.parentRunId"] == parent.run_id
     assert [(m.step, m.value) for m in c.get_metric_history(t.run_id, "loss")] == [(1, 1.0), (2, 0.5),

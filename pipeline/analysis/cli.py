@@ -105,7 +105,7 @@ def _track(res) -> str | None:  # noqa: ANN001 - AnalysisResult, imported lazily
     with Tracker.open(res.out / "tracking", experiment="analysis", run_name=res.out.name) as t:
         t.log_params({"split": res.summary["split"], "setting": res.summary["setting"],
                       "reports": res.summary["counts"]["rows_analysed"]})
-        t.log_metrics({k.replace("@", "_"): v for k, v in res.metrics().items()})
+        t.log_metrics(res.metrics())
         t.log_artifact(res.summary_path, "analysis")
         for p in res.plots:
             t.log_artifact(p, "plots")

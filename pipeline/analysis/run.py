@@ -83,7 +83,11 @@ class AnalysisResult:
     persistence_path: Path | None = None
 
     def metrics(self) -> dict[str, float]:
-        """Flat numeric figures for a tracking backend (``<arm>.r2``, ``<arm>.persist_s.beta-0.1``, …)."""
+        """Flat numeric figures for a tracking backend, keys valid as MLflow metric names: ``<arm>.r2``,
+        ``<arm>.persist_s.beta-0.1``, and each configuration's point ``<arm>.point.<name>.safety`` / ``.helpfulness``.
+        """
+        from pipeline.tracking import metric_key
+
         out: dict[str, float] = {}
         for arm, a in self.summary["arms"].items():
             for k in ("r2", "r", "slope", "intercept", "p_value"):
@@ -96,7 +100,11 @@ class AnalysisResult:
                     if avg.get(which) is not None:
                         out[f"{arm}.{which}.beta-{beta}"] = float(avg[which])
             out[f"{arm}.frontier_size"] = float(len(a["frontier"]["members"]))
-        return out
+            for p in a["frontier"].get("points") or []:
+                for which in ("helpfulness", "safety"):
+                    if p.get(which) is not None:
+                        out[f"{arm}.point.{p['name']}.{which}"] = float(p[which])
+        return {metric_key(k): v for k, v in out.items()}
 
 
 def _counterpart_sources(rows: list) -> list:

@@ -8,14 +8,15 @@ Public API (``pipeline.tracking.journal``):
 * :func:`sync` / :func:`sync_tree` -- replay unsent journal operations into MLflow (idempotent);
   CLI ``agentpipe track sync DIR``.
 * :func:`run_id_for` -- the MLflow run id a journal folder was synced to.
+* :func:`metric_key` -- a name made valid as an MLflow metric name (``log_metrics`` applies it).
 * :data:`EXPERIMENTS` -- ``training``, ``evaluation``, ``analysis``.
 
 The tracking URI comes from the argument, else ``MLFLOW_TRACKING_URI`` (settings); with neither, runs are journaled
 only. mlflow is imported only when something is sent.
 """
 
-from pipeline.tracking.journal import (EXPERIMENTS, SyncReport, Tracker, find_journals, reachable,
-                                       resolve_tracking_uri, run_id_for, sync, sync_tree)
+from pipeline.tracking.journal import (EXPERIMENTS, SyncReport, Tracker, find_journals, metric_key,
+                                       reachable, resolve_tracking_uri, run_id_for, sync, sync_tree)
 
-__all__ = ["EXPERIMENTS", "SyncReport", "Tracker", "find_journals", "reachable", "resolve_tracking_uri",
+__all__ = ["EXPERIMENTS", "SyncReport", "Tracker", "find_journals", "metric_key", "reachable", "resolve_tracking_uri",
            "run_id_for", "sync", "sync_tree"]

@@ -60,6 +60,17 @@ _ENV_TAGS = {"AIRFLOW_CTX_DAG_ID": "airflow.dag_id", "AIRFLOW_CTX_DAG_RUN_ID": "
 PARENT_ENV = "AGENTPIPE_MLFLOW_PARENT_RUN_ID"
 
 
+_METRIC_UNSAFE = re.compile(r"[^\w.\- :/]")
+
+
+def metric_key(name: str) -> str:
+    """``name`` as a valid MLflow metric name. The configuration labels' ``,`` (sequential stages) and ``&``
+    (combined data) become ``:`` and `` and `` so that ``S,H`` and ``S&H`` stay apart; any other character
+    MLflow refuses becomes ``_``."""
+    return _METRIC_UNSAFE.sub("_", name.replace(",", ":").replace("&", " and "))
+
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -460,7 +471,7 @@ class Tracker:
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Log numeric metrics at a step (non-numeric values are ignored)."""
-        values = {k: float(v) for k, v in metrics.items()
+        values = {metric_key(k): float(v) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if values:
             self._append({"op": "metrics", "metrics": values, "step": step})
