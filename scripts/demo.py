@@ -241,7 +241,7 @@ EXPERIMENT = {"name": "demo", "source_models": ["SmolLM2-135M"],
               "emulation": {"max_steps": 2, "max_tokens_per_call": 96, "max_continuations": 1, "dtype": "bf16",
                             "compat": "study"},
               "evaluation": {"scoring": "choice", "dtype": "bf16", "compat": "study"},
-              "train": {"max_steps": 4, "gradient_accumulation_steps": 1, "save_steps": 2, "logging_steps": 1,
+              "train": {"max_steps": 2, "gradient_accumulation_steps": 1, "save_steps": 1, "logging_steps": 1,
                         "max_length": 4096, "max_prompt_length": 4096},
               "pairs": {"min_score_difference": 1, "min_chosen_score": 1}, "n_bootstrap": 200}
 
