@@ -31,8 +31,10 @@ def main() -> None:
     ap.add_argument("--max-tokens-per-call", type=int, default=64)
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--prefill", default="auto", choices=["auto", "batched", "per_request"],
+                    help="the HF backend's prefill mode for the batched runner (auto: per request on CPU)")
     args = ap.parse_args()
-    backend = get_backend(args.model, batch_size=args.cases, dtype=args.dtype)
+    backend = get_backend(args.model, batch_size=args.cases, dtype=args.dtype, prefill=args.prefill)
     backends = {"agent": backend, "emulator": backend}
     limits = Limits(max_tokens_per_call=args.max_tokens_per_call, max_steps=args.max_steps)
     advance(episodes(1, limits), backends)  # warm-up
@@ -50,7 +52,7 @@ def main() -> None:
 
     per_hour_b, per_hour_s = args.cases / t_batched * 3600, args.cases / t_single * 3600
     print(f"{args.cases} demo episodes, {args.model} ({args.dtype}) as agent and emulator, "
-          f"<= {args.max_tokens_per_call} new tokens per call, <= {args.max_steps} steps")
+          f"<= {args.max_tokens_per_call} new tokens per call, <= {args.max_steps} steps, prefill {args.prefill}")
     print(f"batched runner:  {t_batched:7.1f} s, {batched.batches:3d} batched calls, {per_hour_b:8.0f} trajectories/hour")
     print(f"one at a time:   {t_single:7.1f} s, {single_calls:3d} calls,         {per_hour_s:8.0f} trajectories/hour")
     print(f"ratio: {per_hour_b / per_hour_s:.2f}x (target >= 3x)")

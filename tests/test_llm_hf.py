@@ -33,6 +33,28 @@ def test_batched_equals_one_at_a_time_at_temperature_0(tiny):
     assert all(r.ok and r.prompt_tokens > 0 for r in batched)
 
 
+def test_per_request_prefill_equals_the_padded_batched_prefill(tiny_model, tiny):
+    """On CPU the default computes each prompt's cache alone and batches only decoding; same tokens as one padded
+    batched pass (greedy) and as the same seed when sampling."""
+    assert tiny.prefill_per_request  # auto on CPU
+    padded = get_backend(str(tiny_model), batch_size=8, prefill="batched")
+    assert not padded.prefill_per_request
+    reqs = [_req(p, max_new_tokens=c) for p, c in zip(PROMPTS, [3, 17, 5, 24, 1, 9, 12, 2])]
+    a, b = tiny.generate(reqs), padded.generate(reqs)
+    assert [(r.text, r.completion_tokens, r.finish_reason) for r in a] == \
+        [(r.text, r.completion_tokens, r.finish_reason) for r in b]
+    sampled = [_req(p, temperature=1.0, seed=7) for p in PROMPTS]
+    assert [r.text for r in tiny.generate(sampled)] == [r.text for r in padded.generate(sampled)]
+    # scoring: one unpadded pass per request vs padded batches, single-token and multi-token choices
+    for choices in (["0", "1", "2", "3"], ["safe", "risky action"]):
+        x = tiny.score_choices(reqs[:5], "Score: ", choices)
+        y = padded.score_choices(reqs[:5], "Score: ", choices)
+        for row_x, row_y in zip(x, y):
+            assert row_x == pytest.approx(row_y, abs=1e-3)
+    with pytest.raises(ConfigError, match="prefill 'fast'"):
+        get_backend(str(tiny_model), prefill="fast")
+
+
 def test_responses_come_back_in_request_order_with_mixed_lengths(tiny):
     caps = [3, 17, 5, 24, 1, 9, 12, 2]
     res = tiny.generate([_req(p, max_new_tokens=c) for p, c in zip(PROMPTS, caps)])

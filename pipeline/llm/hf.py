@@ -141,15 +141,25 @@ class _RowStopper:
         return done
 
 
+PREFILL_MODES = ("auto", "batched", "per_request")
+
+
 class HFBackend(ChatBackend):
     """Local transformers models. Options: ``batch_size`` (halved on OOM), ``dtype`` (auto: bf16 on GPU,
-    fp32 on CPU; or bf16/fp32), ``quantization`` (int4/int8 via bitsandbytes, fp16, bf16)."""
+    fp32 on CPU; or bf16/fp32), ``quantization`` (int4/int8 via bitsandbytes, fp16, bf16), ``prefill``
+    (``per_request``: each prompt's KV cache is computed alone, unpadded, and only decoding is batched;
+    ``batched``: one padded forward pass; ``auto``, the default: per request on CPU, where a padded batched
+    prefill of long prompts is slower than one prompt at a time, batched on GPU)."""
 
     def __init__(self, spec: ModelSpec, *, batch_size: int = 16, dtype: str = "auto",
-                 quantization: str | None = None, device: str | None = None) -> None:
+                 quantization: str | None = None, device: str | None = None, prefill: str = "auto") -> None:
+        if prefill not in PREFILL_MODES:
+            raise ConfigError(f"prefill '{prefill}': expected one of {', '.join(PREFILL_MODES)}")
         self.spec = spec
         self.batch_size = max(1, batch_size)
         self.model, self.tok = load_model(spec, dtype=dtype, quantization=quantization, device=device)
+        self.prefill_per_request = (prefill == "per_request"
+                                    or (prefill == "auto" and self.model.device.type == "cpu"))
         path = _resolve(spec.load_id)
         self.revision = folder_revision(path) if Path(path).is_dir() else spec.load_id
         if spec.adapter:
@@ -233,6 +243,10 @@ class HFBackend(ChatBackend):
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
+            if self.prefill_per_request and len(prompts) > 1:
+                cache = self._prefill_alone(enc)
+                if cache is not None:  # generate then runs only each prompt's last token, batched
+                    gen_kwargs["cache"] = cache
             seqs = self.model.generate(**enc, **gen_kwargs)
         latency = time.perf_counter() - t0
         eos_ids = self._eos_ids()
@@ -257,9 +271,37 @@ class HFBackend(ChatBackend):
                                         completion_tokens=len(new), latency_s=latency / len(reqs)))
         return results
 
+    def _prefill_alone(self, enc: Any) -> Any:
+        """The batch's KV cache over all but each prompt's last token, computed one unpadded prompt at a time and
+        left-padded into one cache; None (use the batched prefill) when the model's cache is not a plain one."""
+        import torch
+        from transformers import DynamicCache
+
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        width = ids.shape[1] - 1
+        rows = []
+        for row in range(ids.shape[0]):
+            n = int(mask[row].sum())
+            if n < 2:
+                return None
+            out = self.model(input_ids=ids[row:row + 1, ids.shape[1] - n:-1], use_cache=True, logits_to_keep=1)
+            cache = getattr(out, "cache", None)
+            if cache is None or type(cache) is not DynamicCache or any(
+                    type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+                return None  # sliding-window or hybrid caches: not padded here
+            rows.append(cache)
+        layers = []
+        for i in range(len(rows[0].layers)):
+            keys = [torch.nn.functional.pad(c.layers[i].keys, (0, 0, width - c.layers[i].keys.shape[-2], 0))
+                    for c in rows]
+            values = [torch.nn.functional.pad(c.layers[i].values, (0, 0, width - c.layers[i].values.shape[-2], 0))
+                      for c in rows]
+            layers.append((torch.cat(keys), torch.cat(values)))
+        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
     def score_choices(self, requests: Sequence[ChatRequest], prefix: str, choices: Sequence[str]) -> list[list[float]]:
-        """Sum of token log-probs of ``prefix + choice`` continuations' choice tokens, per request and choice,
-        in batched forward passes (left padding)."""
+        """Sum of token log-probs of ``prefix + choice`` continuations' choice tokens, per request and choice
+        (batched forward passes with left padding, or one request at a time with ``prefill`` per request)."""
         import torch
 
         heads = [self.render(r.messages) + prefix for r in requests]
@@ -277,19 +319,21 @@ class HFBackend(ChatBackend):
                 rows.append((i, j, full, n_choice))
         out = [[float("-inf")] * len(choices) for _ in requests]
         pad = self.tok.pad_token_id
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
+        step = 1 if self.prefill_per_request else self.batch_size  # unpadded passes are faster on CPU
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
             width = max(len(ids) for _, _, ids, _ in chunk)
             input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for k, (_, _, ids, _) in enumerate(chunk):
                 input_ids[k, width - len(ids):] = torch.tensor(ids)
                 mask[k, width - len(ids):] = 1
+            keep = max(n for *_, n in chunk) + 1  # only the logits that predict the choice tokens
             with torch.inference_mode():
-                logits = self.model(input_ids=input_ids.to(self.model.device),
-                                    attention_mask=mask.to(self.model.device)).logits.float()
+                logits = self.model(input_ids=input_ids.to(self.model.device), attention_mask=mask.to(
+                    self.model.device), logits_to_keep=keep).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            targets = input_ids[:, 1:].to(logp.device)
+            targets = input_ids[:, -(keep - 1):].to(logp.device)
             token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             for k, (i, j, _, n_choice) in enumerate(chunk):
                 out[i][j] = float(token_lp[k, -n_choice:].sum())
@@ -311,12 +355,13 @@ class HFBackend(ChatBackend):
 
         order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
         results: dict[int, list[float]] = {}
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        step = 1 if self.prefill_per_request else self.batch_size  # unpadded passes are faster on CPU
+        for start in range(0, len(order), step):
+            idx = order[start:start + step]
             enc = self.tok([heads[i] for i in idx], return_tensors="pt", padding=True,
                            add_special_tokens=False).to(self.model.device)
-            with torch.inference_mode():
-                logits = self.model(**enc).logits[:, -1].float()  # left padding: the last position is real
+            with torch.inference_mode():  # left padding: the last position is real
+                logits = self.model(**enc, logits_to_keep=1).logits[:, -1].float()
             logp = torch.log_softmax(logits, dim=-1)[:, token_ids]
             for k, i in enumerate(idx):
                 results[i] = [float(x) for x in logp[k]]
