@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/emulation_throughput.py [--model SmolLM2-135M] [--cases 16]
 
-16 episodes over the demo cases (each demo case twice), SmolLM2-135M as agent and emulator on CPU, with
-short per-call caps so the benchmark finishes in minutes. Target (issue 4): >= 3x trajectories/hour.
+16 episodes over the demo cases (each demo case twice; ``--case-set toolemu`` takes the first 16 distinct
+ToolEmu cases instead), SmolLM2-135M as agent and emulator on CPU, with short per-call caps so the benchmark
+finishes in minutes. Target (issue 4): >= 3x trajectories/hour.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pipeline.emulation.runner import advance
 from pipeline.llm import get_backend
 
 
-def episodes(n: int, limits: Limits) -> list[Episode]:
-    cs = load_named_case_set("demo")
+def episodes(n: int, limits: Limits, case_set: str = "demo") -> list[Episode]:
+    cs = load_named_case_set(case_set)
     return [Episode(case_idx=i % len(cs), case=cs.cases[i % len(cs)], toolkits=cs.toolkits_for(cs.cases[i % len(cs)]),
                     compat=CORRECT, limits=limits, mode="adversarial") for i in range(n)]
 
@@ -31,27 +32,28 @@ def main() -> None:
     ap.add_argument("--max-tokens-per-call", type=int, default=64)
     ap.add_argument("--max-steps", type=int, default=3)
     ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--case-set", default="demo", help="demo (8 cases, repeated) or toolemu (distinct cases)")
     ap.add_argument("--prefill", default="auto", choices=["auto", "batched", "per_request"],
                     help="the HF backend's prefill mode for the batched runner (auto: per request on CPU)")
     args = ap.parse_args()
     backend = get_backend(args.model, batch_size=args.cases, dtype=args.dtype, prefill=args.prefill)
     backends = {"agent": backend, "emulator": backend}
     limits = Limits(max_tokens_per_call=args.max_tokens_per_call, max_steps=args.max_steps)
-    advance(episodes(1, limits), backends)  # warm-up
+    advance(episodes(1, limits, args.case_set), backends)  # warm-up
 
     t0 = time.perf_counter()
-    batched = advance(episodes(args.cases, limits), backends)
+    batched = advance(episodes(args.cases, limits, args.case_set), backends)
     t_batched = time.perf_counter() - t0
     print(f"batched runner: {t_batched:.1f} s, {batched.batches} batched calls", flush=True)
 
     t0 = time.perf_counter()
     single_calls = 0
-    for ep in episodes(args.cases, limits):
+    for ep in episodes(args.cases, limits, args.case_set):
         single_calls += advance([ep], backends).batches
     t_single = time.perf_counter() - t0
 
     per_hour_b, per_hour_s = args.cases / t_batched * 3600, args.cases / t_single * 3600
-    print(f"{args.cases} demo episodes, {args.model} ({args.dtype}) as agent and emulator, "
+    print(f"{args.cases} {args.case_set} episodes, {args.model} ({args.dtype}) as agent and emulator, "
           f"<= {args.max_tokens_per_call} new tokens per call, <= {args.max_steps} steps, prefill {args.prefill}")
     print(f"batched runner:  {t_batched:7.1f} s, {batched.batches:3d} batched calls, {per_hour_b:8.0f} trajectories/hour")
     print(f"one at a time:   {t_single:7.1f} s, {single_calls:3d} calls,         {per_hour_s:8.0f} trajectories/hour")

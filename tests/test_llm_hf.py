@@ -43,8 +43,13 @@ def test_per_request_prefill_equals_the_padded_batched_prefill(tiny_model, tiny)
     a, b = tiny.generate(reqs), padded.generate(reqs)
     assert [(r.text, r.completion_tokens, r.finish_reason) for r in a] == \
         [(r.text, r.completion_tokens, r.finish_reason) for r in b]
-    sampled = [_req(p, temperature=1.0, seed=7) for p in PROMPTS]
-    assert [r.text for r in tiny.generate(sampled)] == [r.text for r in padded.generate(sampled)]
+    # identical prompts (replicates) share one prefill but still sample apart
+    sampled = [_req(p, temperature=1.0, seed=7) for p in PROMPTS + PROMPTS[:3]]
+    texts = [r.text for r in tiny.generate(sampled)]
+    assert texts == [r.text for r in padded.generate(sampled)]
+    assert any(texts[i] != texts[len(PROMPTS) + i] for i in range(3))
+    greedy_twice = tiny.generate(reqs + reqs[:3])
+    assert [r.text for r in greedy_twice] == [r.text for r in a] + [r.text for r in a[:3]]
     # scoring: one unpadded pass per request vs padded batches, single-token and multi-token choices
     for choices in (["0", "1", "2", "3"], ["safe", "risky action"]):
         x = tiny.score_choices(reqs[:5], "Score: ", choices)

@@ -272,24 +272,29 @@ class HFBackend(ChatBackend):
         return results
 
     def _prefill_alone(self, enc: Any) -> Any:
-        """The batch's KV cache over all but each prompt's last token, computed one unpadded prompt at a time and
-        left-padded into one cache; None (use the batched prefill) when the model's cache is not a plain one."""
+        """The batch's KV cache over all but each prompt's last token, computed one unpadded prompt at a time
+        (identical prompts, e.g. an evaluation's replicates, once) and left-padded into one cache; None (use the
+        batched prefill) when the model's cache is not a plain one."""
         import torch
         from transformers import DynamicCache
 
         ids, mask = enc["input_ids"], enc["attention_mask"]
         width = ids.shape[1] - 1
-        rows = []
+        rows, done = [], {}
         for row in range(ids.shape[0]):
             n = int(mask[row].sum())
             if n < 2:
                 return None
-            out = self.model(input_ids=ids[row:row + 1, ids.shape[1] - n:-1], use_cache=True, logits_to_keep=1)
-            cache = getattr(out, "cache", None)
-            if cache is None or type(cache) is not DynamicCache or any(
-                    type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
-                return None  # sliding-window or hybrid caches: not padded here
-            rows.append(cache)
+            head = ids[row:row + 1, ids.shape[1] - n:-1]
+            key = tuple(head[0].tolist())
+            if key not in done:
+                out = self.model(input_ids=head, use_cache=True, logits_to_keep=1)
+                cache = getattr(out, "cache", None)
+                if cache is None or type(cache) is not DynamicCache or any(
+                        type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+                    return None  # sliding-window or hybrid caches: not padded here
+                done[key] = cache
+            rows.append(done[key])
         layers = []
         for i in range(len(rows[0].layers)):
             keys = [torch.nn.functional.pad(c.layers[i].keys, (0, 0, width - c.layers[i].keys.shape[-2], 0))
