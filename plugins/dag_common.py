@@ -46,17 +46,25 @@ def start_tracking(experiment: str, **context) -> str:
 
 @task(trigger_rule="all_done")
 def finish_tracking(folder: str, experiment: str, **context) -> str | None:
-    """Close the parent run (FAILED when a task of this DAG run failed) and sync its journal."""
+    """Close the parent run (FAILED when a task of this DAG run failed) and sync its journal. This task runs
+    whatever happened upstream and is the DAG's last task, so it fails too when a task failed: otherwise its
+    success would make Airflow mark the whole DAG run successful."""
+    from airflow.sdk.exceptions import AirflowFailException
+
     from pipeline.tracking import Tracker, resolve_tracking_uri, sync
 
     ti = context["ti"]
     try:
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[context["run_id"]])
-        failed = "failed" in str(states)
+        failed = sorted({str(task) for run in states.values() for task, state in run.items()
+                         if state in ("failed", "upstream_failed")})
     except Exception:  # an older task SDK: report the run as finished
-        failed = False
+        failed = []
     Tracker.open(folder, experiment=experiment).finish("FAILED" if failed else "FINISHED")
-    return sync(folder).run_id if resolve_tracking_uri() else None  # no MLflow configured: journal only
+    run_id = sync(folder).run_id if resolve_tracking_uri() else None  # no MLflow configured: journal only
+    if failed:
+        raise AirflowFailException(f"tasks of this DAG run failed: {', '.join(failed)}")
+    return run_id
 
 
 def _safe(text: str) -> str:

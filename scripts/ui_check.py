@@ -71,8 +71,26 @@ def check_mlflow(driver, base: str, experiment: str, out: Path) -> str:
     driver.get(f"{base}/#/experiments/{exp_id}/runs")
     body = wait_text(driver, ["Run Name", "Run name", "run name"])
     time.sleep(3)
+    _tidy_mlflow(driver)
     screenshot(driver, out / f"mlflow-{experiment}.png")
     return body
+
+
+def _tidy_mlflow(driver) -> None:
+    """For a readable screenshot: close the assistant side panel and expand the parent runs' nested runs.
+    Best effort: the check itself does not depend on it."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+
+    try:
+        for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
+            button.click()
+        for row in driver.find_elements(By.CSS_SELECTOR, ".ag-row"):
+            for button in row.find_elements(By.CSS_SELECTOR, "button.du-bois-light-btn-icon-only"):
+                button.click()
+        time.sleep(2)
+    except WebDriverException:
+        pass
 
 
 def main(argv: list[str]) -> int:

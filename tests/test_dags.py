@@ -162,6 +162,36 @@ def test_dpo_experiment_dag_end_to_end(pool_run, dag_env, run_dag):
         key = f"{arm}.point.{p['name'].replace(',', ':')}"
         assert logged[f"{key}.safety"] == pytest.approx(p["safety"])
         assert logged[f"{key}.helpfulness"] == pytest.approx(p["helpfulness"])
+    # Rerunning the experiment reuses every finished stage (no retraining, no re-merge) and succeeds.
+    merged = Path(first).parent / "merged" / "config.json"
+    stamps = {p: p.stat().st_mtime_ns for p in [merged, *(Path(plan["models"][n]) / "adapter" / "adapter_config.json"
+                                                          for n in names)]}
+    again, _ = run_dag(_dag("dpo_experiment"), run_conf=conf)
+    assert again.state == "success"
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((home / "analysis" / "e2e" / "summary.json").read_text())["arms"] == summary["arms"]
+
+
+def test_a_failed_stage_fails_the_dag_run_and_its_parent_mlflow_run(dag_env, run_dag):
+    """finish_tracking runs whatever happened upstream; it must not turn a failed DAG run into a success."""
+    home, _ = dag_env
+    dag = _dag("toolemu_evaluation")
+    for t in dag.tasks:
+        t.retries = 0
+    conf = {**POOL_CONF, "agents": ["scripted:agent"], "case_set": str(home / "no-such-cases.json"),
+            "run_name": "broken"}
+    dag_run, xcoms = run_dag(dag, run_conf=conf)
+    assert dag_run.state == "failed"
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        states = {ti.task_id: ti.state for ti in session.query(TaskInstance).filter(
+            TaskInstance.dag_id == dag.dag_id, TaskInstance.run_id == dag_run.run_id)}
+    assert states["finish_tracking"] == "failed" and "failed" in {states[t] for t in states if t != "finish_tracking"}
+    journal = Path(xcoms[("start_tracking", -1, "return_value")]) / "journal.jsonl"
+    ends = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert [op["status"] for op in ends if op["op"] == "end"][-1] == "FAILED"
 
 
 def test_rerun_failed_evaluations_dag_fixes_a_planted_failure(dag_env, run_dag, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -187,8 +188,14 @@ def test_dpo_tiny_learns_saves_loads_and_merges(tiny_model, toy_pairs, tmp_path)
     assert (m.out / "tokenizer_config.json").is_file() and (m.out / "config.json").is_file()
     print(f"merge: max |logit diff| {m.max_abs_logit_diff:.2e} (in memory), {m.max_abs_logit_diff_saved:.2e} "
           f"(saved), {diff:.2e} (reloaded vs PeftModel)")
+    # Rerunning the same merge is a no-op (a DAG retry or rerun); another adapter into that folder is refused.
+    stamp = (m.out / "config.json").stat().st_mtime_ns
+    again = merge(adapter, tracking_uri=DOWN)
+    assert again.skipped and again.out == m.out and again.max_abs_logit_diff == m.max_abs_logit_diff
+    assert (m.out / "config.json").stat().st_mtime_ns == stamp
+    other = shutil.copytree(adapter, tmp_path / "other" / "adapter")
     with pytest.raises(ConfigError, match="refusing to overwrite"):
-        merge(adapter, tracking_uri=DOWN)
+        merge(other, m.out, tracking_uri=DOWN)
 
     # Sequential finetuning: a second stage on the merged model, same seed; 'both' data trains 3 epochs.
     both = write_pairs(tmp_path / "both_toy_s0.jsonl", [toy_pair(c) for c in split.train_cases(0)[8:12]])

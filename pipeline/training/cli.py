@@ -63,7 +63,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     res = merge(args.adapter, args.out, base=args.base, dtype=args.dtype, atol=args.atol,
                 tracking_uri=args.tracking_uri, register_model=args.register_model)
-    print(f"merge: {res.adapter} + {res.base} -> {res.out} ({res.dtype}; max |logit diff| vs base+adapter "
+    done = "already merged (skipped): " if res.skipped else ""
+    print(f"merge: {done}{res.adapter} + {res.base} -> {res.out} ({res.dtype}; max |logit diff| vs base+adapter "
           f"{res.max_abs_logit_diff:.2e} in float32, {res.max_abs_logit_diff_saved:.2e} after saving)")
     return 0
 
@@ -97,8 +98,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser(
         "merge", help="merge a LoRA adapter into its base model (verified against base+adapter)",
         description="Fold a LoRA adapter into its base and save a standalone model (weights, tokenizer, "
-        "merge_config.json). The merged logits must match base+adapter within --atol in float32. Refuses to "
-        "overwrite an existing model. Default output: <model dir>/merged for <model dir>/adapter.")
+        "merge_config.json). The merged logits must match base+adapter within --atol in float32. A rerun of the "
+        "same merge is skipped; any other existing model is never overwritten. Default output: <model dir>/merged "
+        "for <model dir>/adapter.")
     m.add_argument("--adapter", "--adapter-path", dest="adapter", required=True, type=Path,
                    help="adapter folder (or a trained model folder)")
     m.add_argument("--out", "--output-dir", dest="out", type=Path, help="output folder")

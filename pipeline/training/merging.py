@@ -11,13 +11,15 @@ adapter in and the merged model must reproduce those logits within ``atol`` (def
 the base's dtype unless ``dtype`` says otherwise) with the adapter's tokenizer and ``merge_config.json`` (source
 model, adapter, timestamp, adapter config, the measured max logit differences), reloaded from disk in the same
 precision and checked again (the saved weights must pass too when saved in float32). An existing model in the
-output folder is never overwritten. The merged folder is a standalone model: the base for a second training stage
+output folder is never overwritten: rerunning the same merge (same adapter weights, base and dtype, as recorded in
+``merge_config.json``) returns it as done (``skipped``); any other model there is an error. The merged folder is a standalone model: the base for a second training stage
 (sequential finetuning) or an agent for evaluation.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -48,6 +50,7 @@ class MergeResult:
     dtype: str
     verify_dtype: str = "float32"
     mlflow_run_id: str | None = None
+    skipped: bool = False  # this merge was already done: nothing was recomputed
 
 
 def _existing_model_files(out: Path) -> list[str]:
@@ -124,8 +127,13 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
     if out_dir is None:
         raise ConfigError(f"--adapter {adapter}: not in a trained model folder (<model>/adapter); pass --out")
     existing = _existing_model_files(out_dir)
+    adapter_sha256 = _adapter_fingerprint(adapter_dir)
     if existing:
-        raise ConfigError(f"{out_dir}: already holds a model ({', '.join(existing[:3])}); refusing to overwrite")
+        done = _same_merge(out_dir, adapter_dir, adapter_sha256, base_ref, dtype)
+        if done is not None:
+            return done
+        raise ConfigError(f"{out_dir}: already holds a model ({', '.join(existing[:3])}) that is not this merge of "
+                          f"{adapter_dir}; refusing to overwrite (pass another --out or remove it)")
 
     import torch
     from peft import PeftModel
@@ -175,6 +183,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
         lineage = _lineage(adapter_dir)
         atomic_write_json(tmp / MERGE_CONFIG, {
             "source_model": base_ref, "source_model_path": base_path, "adapter_path": str(adapter_dir),
+            "adapter_sha256": adapter_sha256,
             "merge_timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "adapter_config": adapter_cfg, "dtype": save_dtype, "verify_dtype": compute, "atol": atol,
             "max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved,
@@ -194,6 +203,33 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
                          max_abs_logit_diff_saved=diff_saved, dtype=save_dtype, verify_dtype=compute)
     result.mlflow_run_id = _track(result, lineage, tracking_uri, register_model, time.perf_counter() - t0)
     return result
+
+
+def _adapter_fingerprint(adapter_dir: Path) -> str:
+    """sha256 over the adapter's weight files (a retrained adapter in the same folder is a different merge)."""
+    h = hashlib.sha256()
+    for f in sorted(adapter_dir.glob("adapter_model*")):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _same_merge(out_dir: Path, adapter_dir: Path, adapter_sha256: str, base_ref: str,
+                dtype: str) -> MergeResult | None:
+    """The recorded result when ``out_dir`` holds exactly this merge, else None."""
+    try:
+        cfg = json.loads((out_dir / MERGE_CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+    same = (cfg.get("adapter_path") == str(adapter_dir) and cfg.get("adapter_sha256") == adapter_sha256
+            and cfg.get("source_model") == base_ref and dtype in ("auto", cfg.get("dtype")))
+    if not same:
+        return None
+    return MergeResult(out=out_dir, adapter=adapter_dir, base=base_ref, max_abs_logit_diff=cfg["max_abs_logit_diff"],
+                       max_abs_logit_diff_saved=cfg["max_abs_logit_diff_saved"], dtype=cfg["dtype"],
+                       verify_dtype=cfg.get("verify_dtype", "float32"), skipped=True)
 
 
 def _config_dtype(base_path: str) -> str:
