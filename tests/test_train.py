@@ -193,6 +193,14 @@ def test_dpo_tiny_learns_saves_loads_and_merges(tiny_model, toy_pairs, tmp_path)
     again = merge(adapter, tracking_uri=DOWN)
     assert again.skipped and again.out == m.out and again.max_abs_logit_diff == m.max_abs_logit_diff
     assert (m.out / "config.json").stat().st_mtime_ns == stamp
+    cfg_path = m.out / "merge_config.json"  # a merge recorded before adapter fingerprints: judged by timestamps
+    legacy = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k != "adapter_sha256"}
+    cfg_path.write_text(json.dumps(legacy))
+    assert merge(adapter, tracking_uri=DOWN).skipped
+    future = time.time() + 3600  # ... and an adapter retrained after it is not that merge
+    os.utime(adapter / "adapter_model.safetensors", (future, future))
+    with pytest.raises(ConfigError, match="not this merge"):
+        merge(adapter, tracking_uri=DOWN)
     other = shutil.copytree(adapter, tmp_path / "other" / "adapter")
     with pytest.raises(ConfigError, match="refusing to overwrite"):
         merge(other, m.out, tracking_uri=DOWN)

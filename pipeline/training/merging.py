@@ -223,8 +223,17 @@ def _same_merge(out_dir: Path, adapter_dir: Path, adapter_sha256: str, base_ref:
         cfg = json.loads((out_dir / MERGE_CONFIG).read_text())
     except (OSError, ValueError):
         return None
-    same = (cfg.get("adapter_path") == str(adapter_dir) and cfg.get("adapter_sha256") == adapter_sha256
-            and cfg.get("source_model") == base_ref and dtype in ("auto", cfg.get("dtype")))
+    recorded = cfg.get("adapter_sha256")
+    if recorded is None:  # merged before fingerprints were recorded: the adapter must not be newer than the merge
+        try:
+            merged_at = datetime.fromisoformat(cfg["merge_timestamp"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            return None
+        unchanged = all(f.stat().st_mtime <= merged_at + 1 for f in adapter_dir.glob("adapter_model*"))
+    else:
+        unchanged = recorded == adapter_sha256
+    same = (unchanged and cfg.get("adapter_path") == str(adapter_dir) and cfg.get("source_model") == base_ref
+            and dtype in ("auto", cfg.get("dtype")))
     if not same:
         return None
     return MergeResult(out=out_dir, adapter=adapter_dir, base=base_ref, max_abs_logit_diff=cfg["max_abs_logit_diff"],
