@@ -229,11 +229,13 @@ class Airflow:
 # ------------------------------------------------------------------------------------------------ the demo
 #: The trajectory pool: three sampled runs of SmolLM2-135M on the 8 demo cases, judged by SmolLM2-135M.
 #: A 135M model cannot follow the ReAct or the judge format, so the demo runs in the study's compat mode (the
-#: judge sees the agent's whole last output, as the study's judges did) and scores by log-probability.
+#: judge sees the agent's whole last output, as the study's judges did) and scores by log-probability. Its most
+#: likely score is nearly always 2, which gives no preference pairs; the pool's judgements therefore sample from
+#: its score distribution (judge_temperature 1), seeded per line, while the test-split evaluation takes the argmax.
 POOL = {"agents": ["SmolLM2-135M"], "samples": 3, "agent_temperature": 0.8, "emulator": "SmolLM2-135M",
         "evaluator": "SmolLM2-135M", "case_set": "demo", "max_steps": 2, "max_tokens_per_call": 96,
-        "max_continuations": 1, "scoring": "choice", "compat": "study", "backend": {"dtype": "bf16"},
-        "run_name": "pool"}
+        "max_continuations": 1, "scoring": "choice", "judge_temperature": 1.0, "compat": "study",
+        "backend": {"dtype": "bf16"}, "run_name": "pool"}
 #: One source model, one seed: safe, help and safe->help, evaluated on the seed's test cases.
 EXPERIMENT = {"name": "demo", "source_models": ["SmolLM2-135M"],
               "arms": [{"name": "demo", "pool": "pool", "evaluator": "SmolLM2-135M"}], "seeds": [0], "betas": [0.1],
