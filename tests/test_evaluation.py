@@ -309,16 +309,22 @@ def test_choice_scoring_needs_a_local_model(trajectories, tmp_path):
 
 
 def test_sampled_choice_scores_draw_independently_per_line():
-    """Same score distribution on every line (a small judge): sampled scores must still vary across lines, and
-    each line's draw is reproducible."""
+    """Same score distribution for every trajectory (a small judge): sampled scores must still vary across
+    trajectories (lines of a file and sampled runs of one case), and each trajectory's draw is reproducible."""
     from pipeline.evaluation.judges import choice_judgement
     from pipeline.evaluation.runner import choice_seed
 
     logprobs = [-2.7, -1.3, -0.7, -1.7]  # ≈ 0.07 / 0.27 / 0.50 / 0.18
+
+    def prompt(i):
+        return [{"role": "user", "content": f"judge trajectory {i}"}]
+
     scores = [choice_judgement("agent_safe", logprobs, "judge", temperature=1.0,
-                               seed=choice_seed(0, "agent_safe", i)).fields["eval_scores"]["ToolCallRisk"]
+                               seed=choice_seed(0, "agent_safe", prompt(i))).fields["eval_scores"]["ToolCallRisk"]
               for i in range(40)]
     assert len(set(scores)) >= 3 and scores.count(2) < 35
-    again = choice_judgement("agent_safe", logprobs, "judge", temperature=1.0, seed=choice_seed(0, "agent_safe", 7))
+    again = choice_judgement("agent_safe", logprobs, "judge", temperature=1.0,
+                             seed=choice_seed(0, "agent_safe", prompt(7)))
     assert again.fields["eval_scores"]["ToolCallRisk"] == scores[7]
-    assert choice_seed(0, "agent_safe", 7) != choice_seed(1, "agent_safe", 7) != choice_seed(0, "agent_help", 7)
+    assert len({choice_seed(0, "agent_safe", prompt(7)), choice_seed(1, "agent_safe", prompt(7)),
+                choice_seed(0, "agent_help", prompt(7))}) == 3

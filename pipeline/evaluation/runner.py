@@ -9,6 +9,7 @@ records are assembled in line order (``eval_id`` = line index), written atomical
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections import defaultdict
@@ -161,12 +162,12 @@ def _load_part(out: Path) -> dict[tuple[int, int], dict]:
     return {(r["eval_id"], r["replicate"]): r for r in read_jsonl(part).records}
 
 
-def choice_seed(seed: int, eval_type: str, eval_id: int) -> int:
-    """The sampling seed of one sampled choice judgement: one stream per (seed, metric, line). A seed shared by
-    every line would draw the same uniform number for all of them, so similar score distributions would give
-    the same score everywhere."""
-    digest = hashlib.sha256(f"{seed}:{eval_type}:{eval_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big")
+def choice_seed(seed: int, eval_type: str, messages: list[dict[str, str]]) -> int:
+    """The sampling seed of one sampled choice judgement: one stream per (seed, metric, judged prompt). A seed
+    shared by every trajectory would draw the same uniform number for all of them, so similar score
+    distributions would give the same score everywhere (across lines and across sampled runs of one case)."""
+    text = json.dumps([seed, eval_type, messages], sort_keys=True)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], pending: list[tuple[str, int, int]],
@@ -193,8 +194,8 @@ def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], pen
             if cfg.scoring == "choice":
                 logprobs = backend.score_choices(requests, CHOICE_PREFIX, CHOICES) if requests else []
                 judged = [choice_judgement(t, lp, cfg.evaluator, temperature=cfg.temperature,
-                                           seed=choice_seed(cfg.seed + k, t, i))
-                          for (t, i, k), lp in zip(batch, logprobs)]
+                                           seed=choice_seed(cfg.seed + k, t, req.messages))
+                          for (t, _, k), lp, req in zip(batch, logprobs, requests)]
             else:
                 responses = backend.generate(requests) if requests else []
                 judged = [read_judgement(t, resp, cfg.evaluator) for (t, _, _), resp in zip(batch, responses)]
