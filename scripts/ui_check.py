@@ -26,15 +26,28 @@ def browser():
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", "--window-size=1400,900"):
         opts.add_argument(flag)
-    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    from selenium.common.exceptions import WebDriverException
+
+    for attempt in range(3):  # a cold Chromium sometimes misses chromedriver's start-up deadline
+        try:
+            return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+        except WebDriverException:
+            if attempt == 2:
+                raise
+            time.sleep(2)
 
 
 def wait_text(driver, texts: list[str], timeout: float = 60) -> str:
     """Wait until the page shows one of ``texts``; returns the page text."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     body = ""
     while time.monotonic() < deadline:
-        body = driver.find_element("tag name", "body").text
+        try:
+            body = driver.find_element("tag name", "body").text
+        except (StaleElementReferenceException, NoSuchElementException):  # the page is navigating (redirect)
+            body = ""
         if any(t in body for t in texts):
             return body
         time.sleep(1)
@@ -51,11 +64,20 @@ def screenshot(driver, path: Path) -> None:
 def check_airflow(driver, base: str, password: str, dag_id: str, out: Path) -> str:
     from selenium.webdriver.common.by import By
 
-    driver.get(f"{base}/")
-    wait_text(driver, ["Sign in", "Username", "username"])
-    driver.find_element(By.NAME, "username").send_keys("admin")
-    driver.find_element(By.NAME, "password").send_keys(password)
-    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    for attempt in range(3):  # the login form can re-render (or the page still redirect) under our hands
+        try:
+            driver.get(f"{base}/")
+            wait_text(driver, ["Sign in", "Username", "username"])
+            driver.find_element(By.NAME, "username").send_keys("admin")
+            driver.find_element(By.NAME, "password").send_keys(password)
+            driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+            break
+        except (StaleElementReferenceException, NoSuchElementException):
+            if attempt == 2:
+                raise
+            time.sleep(2)
     wait_text(driver, ["Dags", "DAGs", "dags"])
     driver.get(f"{base}/dags/{dag_id}/runs")
     body = wait_text(driver, ["success", "Success"])
