@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the pipeline package, also when run outside the venv's editable install
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -283,10 +284,9 @@ def check_against_mlflow(mlflow: str) -> str:
 
     Returns a one-line verdict; raises SystemExit when a figure differs or is missing (the two must agree).
     """
-    sys.path.insert(0, str(REPO))
-    from pipeline.tracking import metric_key
+    from pipeline.analysis.run import AnalysisResult
 
-    s = json.loads((home() / "analysis" / EXPERIMENT["name"] / "summary.json").read_text())
+    summary_path = home() / "analysis" / EXPERIMENT["name"] / "summary.json"
     with urllib.request.urlopen(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name=analysis",
                                 timeout=30) as r:
         exp_id = json.load(r)["experiment"]["experiment_id"]
@@ -296,13 +296,10 @@ def check_against_mlflow(mlflow: str) -> str:
     if not runs:
         raise SystemExit(f"demo: no MLflow analysis run named {EXPERIMENT['name']} at {mlflow}")
     logged = {m["key"]: m["value"] for m in runs[0]["data"].get("metrics", [])}
-    expected = {}
-    for arm, a in s["arms"].items():
-        if a.get("r2") is not None:
-            expected[f"{arm}.r2"] = a["r2"]
-        for p in a["frontier"]["points"]:
-            for which in ("helpfulness", "safety"):
-                expected[metric_key(f"{arm}.point.{p['name']}.{which}")] = p[which]
+    # the figures the summary prints (fit R² and every configuration's point), keyed as the analysis logs them
+    metrics = AnalysisResult(out=summary_path.parent, summary=json.loads(summary_path.read_text()),
+                             summary_path=summary_path).metrics()
+    expected = {k: v for k, v in metrics.items() if k.endswith(".r2") or ".point." in k}
     bad = [f"{k}: summary {v!r}, MLflow {logged.get(k)!r}" for k, v in expected.items()
            if logged.get(k) is None or abs(logged[k] - v) > 1e-9]
     if bad:
@@ -311,7 +308,6 @@ def check_against_mlflow(mlflow: str) -> str:
 
 
 def prepare_models() -> None:
-    sys.path.insert(0, str(REPO))
     from pipeline.llm.local_models import smollm2
 
     print(f"SmolLM2-135M ready in {smollm2()}")

@@ -307,12 +307,25 @@ class HFBackend(ChatBackend):
     def score_choices(self, requests: Sequence[ChatRequest], prefix: str, choices: Sequence[str]) -> list[list[float]]:
         """Sum of token log-probs of ``prefix + choice`` continuations' choice tokens, per request and choice
         (batched forward passes with left padding, or one request at a time with ``prefill`` per request)."""
-        import torch
-
-        heads = [self.render(r.messages) + prefix for r in requests]
+        all_heads = [self.render(r.messages) + prefix for r in requests]
+        heads = list(dict.fromkeys(all_heads))  # identical prompts (an evaluation's replicates) are scored once
+        row_of = {h: i for i, h in enumerate(heads)}
         single = self._single_token_choices(heads[0] if heads else prefix, choices)
         if single is not None:  # the usual case (digits): one forward pass per request scores every choice
-            return self._next_token_logprobs(heads, single)
+            unique = self._next_token_logprobs(heads, single)
+        else:
+            unique = self._choice_token_logprobs(heads, choices)
+        return [list(unique[row_of[h]]) for h in all_heads]
+
+    @property
+    def _forward_batch(self) -> int:
+        """Rows per scoring forward pass: one (unpadded) when prefilling per request, else the batch size."""
+        return 1 if self.prefill_per_request else self.batch_size
+
+    def _choice_token_logprobs(self, heads: list[str], choices: Sequence[str]) -> list[list[float]]:
+        """Summed log-probs of each (possibly multi-token) choice after each head."""
+        import torch
+
         rows = []  # (request index, choice index, token ids, number of choice tokens)
         for i, head in enumerate(heads):
             head_ids = self.tok(head, add_special_tokens=False)["input_ids"]
@@ -322,9 +335,9 @@ class HFBackend(ChatBackend):
                 if n_choice < 1 or full[: len(head_ids)] != head_ids:  # the choice merged into the prefix
                     n_choice = max(1, len(self.tok(choice, add_special_tokens=False)["input_ids"]))
                 rows.append((i, j, full, n_choice))
-        out = [[float("-inf")] * len(choices) for _ in requests]
+        out = [[float("-inf")] * len(choices) for _ in heads]
         pad = self.tok.pad_token_id
-        step = 1 if self.prefill_per_request else self.batch_size  # unpadded passes are faster on CPU
+        step = self._forward_batch
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
             width = max(len(ids) for _, _, ids, _ in chunk)
@@ -360,7 +373,7 @@ class HFBackend(ChatBackend):
 
         order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
         results: dict[int, list[float]] = {}
-        step = 1 if self.prefill_per_request else self.batch_size  # unpadded passes are faster on CPU
+        step = self._forward_batch
         for start in range(0, len(order), step):
             idx = order[start:start + step]
             enc = self.tok([heads[i] for i in idx], return_tensors="pt", padding=True,

@@ -70,7 +70,6 @@ def metric_key(name: str) -> str:
     return _METRIC_UNSAFE.sub("_", name.replace(",", ":").replace("&", " and "))
 
 
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 

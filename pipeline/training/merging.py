@@ -12,8 +12,8 @@ the base's dtype unless ``dtype`` says otherwise) with the adapter's tokenizer a
 model, adapter, timestamp, adapter config, the measured max logit differences), reloaded from disk in the same
 precision and checked again (the saved weights must pass too when saved in float32). An existing model in the
 output folder is never overwritten: rerunning the same merge (same adapter weights, base and dtype, as recorded in
-``merge_config.json``) returns it as done (``skipped``); any other model there is an error. The merged folder is a standalone model: the base for a second training stage
-(sequential finetuning) or an agent for evaluation.
+``merge_config.json``) returns it as done (``skipped``); any other model there is an error. The merged folder is
+a standalone model: the base for a second training stage (sequential finetuning) or an agent for evaluation.
 """
 
 from __future__ import annotations
