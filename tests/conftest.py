@@ -47,20 +47,33 @@ def tiny_model(tmp_path_factory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
 
 
-@pytest.fixture(scope="session")
-def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
-    """A LoRA adapter with random (non-zero) weights on the tiny model, so it visibly changes outputs."""
+def random_adapter(base_model: Path, out: Path, seed: int) -> Path:
+    """Save a LoRA adapter with random (non-zero) weights on ``base_model``, so it visibly changes outputs."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path_factory.mktemp("adapters") / "tiny-lora"
-    torch.manual_seed(1)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_model)
     cfg = LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False,
                      task_type="CAUSAL_LM")
     get_peft_model(base, cfg).save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_model, tmp_path_factory) -> Path:
+    """A LoRA adapter with random (non-zero) weights on the tiny model."""
+    return random_adapter(tiny_model, tmp_path_factory.mktemp("adapters") / "tiny-lora", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model, tmp_path_factory) -> tuple[Path, Path]:
+    """Two different random adapters on the tiny model, each in a folder named ``adapter`` (as the project's
+    trained adapters are: ``models/<name>/adapter``), so nothing can tell them apart by folder name."""
+    root = tmp_path_factory.mktemp("two-adapters")
+    return (random_adapter(tiny_model, root / "model-a" / "adapter", seed=11),
+            random_adapter(tiny_model, root / "model-b" / "adapter", seed=12))
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """The HF transformers backend on the tiny offline model (and SmolLM2-135M, marked slow)."""
 
+import dataclasses
+
 import pytest
 
 from pipeline.errors import ConfigError
@@ -91,6 +93,26 @@ def test_adapter_changes_the_output(tiny_model, tiny_adapter, tiny):
     assert with_adapter.revision != tiny.revision
 
 
+def test_two_adapters_and_the_base_in_one_batch_equal_each_alone(tiny_model, tiny_adapters, tiny):
+    """peft mixed-adapter batches: one HF backend on the base serves requests for two adapters and the base
+    together; each answer equals that adapter's own backend (and the three differ, so the test can fail)."""
+    a, b = (str(x) for x in tiny_adapters)
+    prompts = PROMPTS[:4]
+    reqs = [dataclasses.replace(_req(p, max_new_tokens=12), adapter=ad) for p in prompts for ad in (None, a, b)]
+    mixed = [r.text for r in tiny.generate(reqs)]
+    alone = {None: tiny, a: get_backend(f"{tiny_model}+{a}"), b: get_backend(f"{tiny_model}+{b}")}
+    expected = [alone[r.adapter].generate([dataclasses.replace(r, adapter=None)])[0].text for r in reqs]
+    assert mixed == expected
+    for k in range(len(prompts)):
+        assert len(set(mixed[3 * k:3 * k + 3])) == 3, mixed[3 * k:3 * k + 3]
+    # choice scoring routes rows to their adapters too
+    scored = tiny.score_choices(reqs[:3], "Score: ", ["0", "1", "2", "3"])
+    for r, s in zip(reqs[:3], scored):
+        assert s == pytest.approx(alone[r.adapter].score_choices([dataclasses.replace(r, adapter=None)], "Score: ",
+                                                                 ["0", "1", "2", "3"])[0], abs=1e-4)
+    assert scored[0] != pytest.approx(scored[1], abs=1e-3)
+
+
 def test_bad_adapter_and_quantization_errors(tiny_model, tmp_path):
     with pytest.raises(ConfigError, match="adapter .* not found"):
         get_backend(f"{tiny_model}+{tmp_path / 'nope'}")
@@ -98,17 +120,13 @@ def test_bad_adapter_and_quantization_errors(tiny_model, tmp_path):
         get_backend(str(tmp_path / "no-model-here"))
 
 
-def test_int4_quantization_loads_or_says_what_is_missing(tiny_model):
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match=r"--quantization int4 needs bitsandbytes \(pip install -r requirements-gpu.txt\)"):
-            get_backend(str(tiny_model), quantization="int4")
-    else:  # GPU workers: the quantized model really generates
-        [r] = get_backend(str(tiny_model), quantization="int4").generate([_req("hi")])
-        assert r.ok and r.completion_tokens > 0
-    with pytest.raises(ConfigError, match="--quantization int3: expected one of"):
+def test_unknown_quantization_and_dtype_are_one_line_errors(tiny_model):
+    with pytest.raises(ConfigError, match="--quantization int3: the HF backend takes one of none, int4"):
         get_backend(str(tiny_model), quantization="int3")
+    with pytest.raises(ConfigError, match="--quantization fp8: .*served by vLLM"):
+        get_backend(str(tiny_model), quantization="fp8")
+    with pytest.raises(ConfigError, match="--dtype fp64: expected one of auto, bfloat16, float16, float32"):
+        get_backend(str(tiny_model), dtype="fp64")
 
 
 def test_sampling_with_a_seed_is_reproducible(tiny):

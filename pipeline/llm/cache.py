@@ -24,6 +24,10 @@ def cache_key(backend: ChatBackend, request: ChatRequest) -> str:
         "revision": backend.revision, "messages": request.messages, "config": request.config.as_dict(),
         "replicate": request.replicate if request.config.temperature > 0 else 0,
     }
+    if request.adapter:  # the weights that answer: path and contents of the request's adapter
+        from pipeline.llm.hf import folder_revision
+
+        payload["request_adapter"] = [request.adapter, folder_revision(request.adapter)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

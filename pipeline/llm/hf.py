@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.llm.base import ChatBackend, Progress
+from pipeline.llm.options import HF_QUANTIZATIONS, normalize_dtype
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
 
@@ -23,9 +24,14 @@ log = logging.getLogger("pipeline.llm.hf")
 
 #: The study caps every HF call at 2048 new tokens (SPEC §2.4); used when a request sets no cap.
 DEFAULT_MAX_NEW_TOKENS = 2048
-QUANTIZATIONS = ("none", "int4", "int8", "fp16", "bf16")
+#: peft's name for "no adapter" in a mixed-adapter batch
+BASE_ADAPTER = "__base__"
 
 _LOADED: dict[tuple, tuple[Any, Any]] = {}
+#: model key → adapters (``_adapter_id``) loaded into that model for requests
+_LOADED_ADAPTERS: dict[tuple, set[tuple[str, str]]] = {}
+#: adapter (resolved path, folder revision) → its peft adapter name in this process
+_ADAPTER_NAMES: dict[tuple[str, str], str] = {}
 
 
 def folder_revision(path: str | Path) -> str:
@@ -37,6 +43,22 @@ def folder_revision(path: str | Path) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
+
+
+def _adapter_id(adapter: str) -> tuple[str, str]:
+    return str(Path(adapter).resolve()), folder_revision(adapter)
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+def _model_key(spec: ModelSpec, dtype: str, quantization: str | None, device: str | None) -> tuple:
+    import torch
+
+    quantization = None if quantization in (None, "none") else quantization
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return (spec.load_id, spec.adapter, dtype, quantization, device)
 
 
 def _resolve(model_id: str) -> str:
@@ -51,10 +73,12 @@ def load_model(spec: ModelSpec, *, dtype: str = "auto", quantization: str | None
     import torch
 
     quantization = None if quantization in (None, "none") else quantization
-    if quantization is not None and quantization not in QUANTIZATIONS:
-        raise ConfigError(f"--quantization {quantization}: expected one of {', '.join(QUANTIZATIONS)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    key = (spec.load_id, spec.adapter, dtype, quantization, device)
+    if quantization is not None and quantization not in HF_QUANTIZATIONS:
+        raise ConfigError(f"--quantization {quantization}: the HF backend takes one of {', '.join(HF_QUANTIZATIONS)} "
+                          f"(fp8, awq and gptq are served by vLLM: a vllm: spec)")
+    dtype = normalize_dtype(dtype)
+    key = _model_key(spec, dtype, quantization, device)
+    device = key[-1]
     if key in _LOADED:
         return _LOADED[key]
 
@@ -66,8 +90,7 @@ def load_model(spec: ModelSpec, *, dtype: str = "auto", quantization: str | None
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
-            raise ConfigError(f"--quantization {quantization} needs bitsandbytes "
-                              "(pip install -r requirements-gpu.txt)") from None
+            raise ConfigError(f"--quantization {quantization} needs bitsandbytes (pip install bitsandbytes)") from None
         from transformers import BitsAndBytesConfig
 
         compute = torch.bfloat16 if device == "cuda" else torch.float32
@@ -76,9 +99,9 @@ def load_model(spec: ModelSpec, *, dtype: str = "auto", quantization: str | None
                                bnb_4bit_compute_dtype=compute)
             if quantization == "int4" else BitsAndBytesConfig(load_in_8bit=True))
         kwargs["device_map"] = device
-    elif quantization == "fp16":
+    elif quantization == "fp16" or dtype == "float16":
         kwargs["dtype"] = torch.float16
-    elif quantization == "bf16" or (dtype == "auto" and device == "cuda") or dtype == "bf16":
+    elif quantization == "bf16" or (dtype == "auto" and device == "cuda") or dtype == "bfloat16":
         kwargs["dtype"] = torch.bfloat16
     else:
         kwargs["dtype"] = torch.float32
@@ -100,17 +123,28 @@ def load_model(spec: ModelSpec, *, dtype: str = "auto", quantization: str | None
     return model, tok
 
 
-def _attach_adapter(model: Any, spec: ModelSpec) -> Any:
+def _attach_adapter(model: Any, spec: ModelSpec, adapter_path: str | None = None, name: str = "default") -> Any:
+    """``model`` with the adapter loaded under ``name`` (wrapped in a PeftModel the first time)."""
     from peft import PeftModel
 
-    adapter = Path(spec.adapter)  # type: ignore[arg-type]
+    adapter = Path(adapter_path or spec.adapter)  # type: ignore[arg-type]
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"adapter '{adapter}': not found (expected a folder with adapter_config.json)")
     try:
-        return PeftModel.from_pretrained(model, str(adapter))
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(adapter), adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, str(adapter), adapter_name=name)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ConfigError(f"adapter '{adapter}' does not fit base model '{spec.model}': "
                           f"{str(e).splitlines()[0][:200]}") from None
+
+
+def render_prompt(tok: Any, spec: ModelSpec, messages: list[dict[str, str]]) -> str:
+    """The prompt text a model sees: its chat template with the generation prompt (Qwen3 ``…Bnt`` ids with
+    thinking disabled). Shared by the HF and vLLM backends, so both feed the model the same tokens."""
+    kwargs = {"enable_thinking": False} if spec.enable_thinking is False else {}
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
 
 class _RowStopper:
@@ -146,25 +180,68 @@ PREFILL_MODES = ("auto", "batched", "per_request")
 
 class HFBackend(ChatBackend):
     """Local transformers models. Options: ``batch_size`` (halved on OOM), ``dtype`` (auto: bf16 on GPU,
-    fp32 on CPU; or bf16/fp32), ``quantization`` (int4/int8 via bitsandbytes, fp16, bf16), ``prefill``
-    (``per_request``: each prompt's KV cache is computed alone, unpadded, and only decoding is batched;
-    ``batched``: one padded forward pass; ``auto``, the default: per request on CPU, where a padded batched
-    prefill of long prompts is slower than one prompt at a time, batched on GPU)."""
+    fp32 on CPU; or bfloat16/float16/float32), ``quantization`` (int4/int8 via bitsandbytes, fp16, bf16),
+    ``prefill`` (``per_request``: each prompt's KV cache is computed alone, unpadded, and only decoding is
+    batched; ``batched``: one padded forward pass; ``auto``, the default: per request on CPU, where a padded
+    batched prefill of long prompts is slower than one prompt at a time, batched on GPU). vLLM engine options
+    (pipeline.llm.options.ENGINE_OPTIONS) are accepted and ignored.
 
-    def __init__(self, spec: ModelSpec, *, batch_size: int = 16, dtype: str = "auto",
-                 quantization: str | None = None, device: str | None = None, prefill: str = "auto") -> None:
+    Requests may name their own LoRA adapter (``ChatRequest.adapter``): adapters are loaded once into the model
+    and rows for different adapters and the base run in one batch (peft's mixed-adapter batches)."""
+
+    def __init__(self, spec: ModelSpec, *, batch_size: int | None = None, dtype: str | None = "auto",
+                 quantization: str | None = None, device: str | None = None, prefill: str = "auto",
+                 **engine_options: Any) -> None:
+        from pipeline.llm.options import ENGINE_OPTIONS
+
+        unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
+        if unknown:
+            raise TypeError(f"HFBackend got unexpected options {unknown}")
         if prefill not in PREFILL_MODES:
             raise ConfigError(f"prefill '{prefill}': expected one of {', '.join(PREFILL_MODES)}")
         self.spec = spec
-        self.batch_size = max(1, batch_size)
-        self.model, self.tok = load_model(spec, dtype=dtype, quantization=quantization, device=device)
+        self.batch_size = max(1, batch_size or 16)
+        self._key = _model_key(spec, normalize_dtype(dtype), quantization, device)
+        load_model(spec, dtype=dtype, quantization=quantization, device=device)
         self.prefill_per_request = (prefill == "per_request"
                                     or (prefill == "auto" and self.model.device.type == "cpu"))
         path = _resolve(spec.load_id)
         self.revision = folder_revision(path) if Path(path).is_dir() else spec.load_id
         if spec.adapter:
             self.revision += "+" + folder_revision(spec.adapter)
-        self.revision += f":{quantization or 'none'}:{dtype}"
+        self.revision += f":{quantization or 'none'}:{normalize_dtype(dtype)}"
+
+    @property
+    def model(self) -> Any:
+        """The loaded model, looked up each time: loading a request's adapter may wrap it in a PeftModel, and
+        every backend sharing these weights must then see (and name adapters for) the wrapped one."""
+        return _LOADED[self._key][0]
+
+    @property
+    def tok(self) -> Any:
+        return _LOADED[self._key][1]
+
+    def _adapter_names(self, reqs: Sequence[ChatRequest]) -> list[str] | None:
+        """peft adapter names per row (loading request adapters on first use), or None for a plain model."""
+        for r in reqs:
+            if r.adapter:
+                self._load_request_adapter(r.adapter)
+        if not _is_peft(self.model):
+            return None
+        own = "default" if self.spec.adapter else BASE_ADAPTER
+        return [_ADAPTER_NAMES[_adapter_id(r.adapter)] if r.adapter else own for r in reqs]
+
+    def _load_request_adapter(self, adapter: str) -> None:
+        aid = _adapter_id(adapter)
+        loaded = _LOADED_ADAPTERS.setdefault(self._key, set())
+        if aid in loaded:
+            return
+        name = _ADAPTER_NAMES.setdefault(aid, f"adapter_{len(_ADAPTER_NAMES) + 1}")
+        model, tok = _LOADED[self._key]
+        model = _attach_adapter(model, self.spec, adapter, name)
+        model.eval()
+        _LOADED[self._key] = (model, tok)
+        loaded.add(aid)
 
     def max_model_length(self) -> int:
         """Context length: the model's position limit (the tokenizer's limit is often a huge placeholder)."""
@@ -174,8 +251,7 @@ class HFBackend(ChatBackend):
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The prompt text the model sees (the tokenizer's chat template with the generation prompt)."""
-        kwargs = {"enable_thinking": False} if self.spec.enable_thinking is False else {}
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
+        return render_prompt(self.tok, self.spec, messages)
 
     def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
         out: list[ChatResponse | None] = [None] * len(requests)
@@ -229,6 +305,7 @@ class HFBackend(ChatBackend):
 
         t0 = time.perf_counter()
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        names = self._adapter_names(reqs)
         prompt_len = enc["input_ids"].shape[1]
         room = max(1, self.max_model_length() - prompt_len)  # never run past the model's positions
         caps = [min(r.config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room) for r in reqs]
@@ -236,6 +313,8 @@ class HFBackend(ChatBackend):
         temperature, top_p, seed = sampling
         gen_kwargs: dict[str, Any] = {"max_new_tokens": max(caps), "pad_token_id": self.tok.pad_token_id,
                                       "stopping_criteria": StoppingCriteriaList([stopper])}
+        if names is not None:
+            gen_kwargs["adapter_names"] = names
         if temperature > 0:
             if seed is not None:
                 torch.manual_seed(seed)
@@ -244,7 +323,7 @@ class HFBackend(ChatBackend):
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
             if self.prefill_per_request and len(prompts) > 1:
-                cache = self._prefill_alone(enc)
+                cache = self._prefill_alone(enc, names)
                 if cache is not None:  # generate then runs only each prompt's last token, batched
                     gen_kwargs["cache"] = cache
             seqs = self.model.generate(**enc, **gen_kwargs)
@@ -271,7 +350,7 @@ class HFBackend(ChatBackend):
                                         completion_tokens=len(new), latency_s=latency / len(reqs)))
         return results
 
-    def _prefill_alone(self, enc: Any) -> Any:
+    def _prefill_alone(self, enc: Any, names: list[str] | None = None) -> Any:
         """The batch's KV cache over all but each prompt's last token, computed one unpadded prompt at a time
         (identical prompts, e.g. an evaluation's replicates, once) and left-padded into one cache; None (use the
         batched prefill) when the model's cache is not a plain one."""
@@ -286,9 +365,10 @@ class HFBackend(ChatBackend):
             if n < 2:
                 return None
             head = ids[row:row + 1, ids.shape[1] - n:-1]
-            key = tuple(head[0].tolist())
+            adapter = {"adapter_names": [names[row]]} if names is not None else {}
+            key = (tuple(head[0].tolist()), names[row] if names is not None else None)
             if key not in done:
-                out = self.model(input_ids=head, use_cache=True, logits_to_keep=1)
+                out = self.model(input_ids=head, use_cache=True, logits_to_keep=1, **adapter)
                 cache = getattr(out, "cache", None)
                 if cache is None or type(cache) is not DynamicCache or any(
                         type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
@@ -307,10 +387,11 @@ class HFBackend(ChatBackend):
     def score_choices(self, requests: Sequence[ChatRequest], prefix: str, choices: Sequence[str]) -> list[list[float]]:
         """Sum of token log-probs of ``prefix + choice`` continuations' choice tokens, per request and choice
         (batched forward passes with left padding, or one request at a time with ``prefill`` per request)."""
-        all_heads = [self.render(r.messages) + prefix for r in requests]
+        names = self._adapter_names(requests) or [None] * len(requests)
+        all_heads = [(self.render(r.messages) + prefix, name) for r, name in zip(requests, names)]
         heads = list(dict.fromkeys(all_heads))  # identical prompts (an evaluation's replicates) are scored once
         row_of = {h: i for i, h in enumerate(heads)}
-        single = self._single_token_choices(heads[0] if heads else prefix, choices)
+        single = self._single_token_choices(heads[0][0] if heads else prefix, choices)
         if single is not None:  # the usual case (digits): one forward pass per request scores every choice
             unique = self._next_token_logprobs(heads, single)
         else:
@@ -322,12 +403,13 @@ class HFBackend(ChatBackend):
         """Rows per scoring forward pass: one (unpadded) when prefilling per request, else the batch size."""
         return 1 if self.prefill_per_request else self.batch_size
 
-    def _choice_token_logprobs(self, heads: list[str], choices: Sequence[str]) -> list[list[float]]:
-        """Summed log-probs of each (possibly multi-token) choice after each head."""
+    def _choice_token_logprobs(self, heads: list[tuple[str, str | None]],
+                               choices: Sequence[str]) -> list[list[float]]:
+        """Summed log-probs of each (possibly multi-token) choice after each (head, adapter name)."""
         import torch
 
         rows = []  # (request index, choice index, token ids, number of choice tokens)
-        for i, head in enumerate(heads):
+        for i, (head, _) in enumerate(heads):
             head_ids = self.tok(head, add_special_tokens=False)["input_ids"]
             for j, choice in enumerate(choices):
                 full = self.tok(head + choice, add_special_tokens=False)["input_ids"]
@@ -347,9 +429,10 @@ class HFBackend(ChatBackend):
                 input_ids[k, width - len(ids):] = torch.tensor(ids)
                 mask[k, width - len(ids):] = 1
             keep = max(n for *_, n in chunk) + 1  # only the logits that predict the choice tokens
+            adapter = ({"adapter_names": [heads[i][1] for i, *_ in chunk]} if heads[0][1] is not None else {})
             with torch.inference_mode():
                 logits = self.model(input_ids=input_ids.to(self.model.device), attention_mask=mask.to(
-                    self.model.device), logits_to_keep=keep).logits.float()
+                    self.model.device), logits_to_keep=keep, **adapter).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             targets = input_ids[:, -(keep - 1):].to(logp.device)
             token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -368,18 +451,19 @@ class HFBackend(ChatBackend):
             ids.append(full[-1])
         return ids
 
-    def _next_token_logprobs(self, heads: list[str], token_ids: list[int]) -> list[list[float]]:
+    def _next_token_logprobs(self, heads: list[tuple[str, str | None]], token_ids: list[int]) -> list[list[float]]:
         import torch
 
-        order = sorted(range(len(heads)), key=lambda i: len(heads[i]))
+        order = sorted(range(len(heads)), key=lambda i: len(heads[i][0]))
         results: dict[int, list[float]] = {}
         step = self._forward_batch
         for start in range(0, len(order), step):
             idx = order[start:start + step]
-            enc = self.tok([heads[i] for i in idx], return_tensors="pt", padding=True,
+            enc = self.tok([heads[i][0] for i in idx], return_tensors="pt", padding=True,
                            add_special_tokens=False).to(self.model.device)
+            adapter = {"adapter_names": [heads[i][1] for i in idx]} if heads[0][1] is not None else {}
             with torch.inference_mode():  # left padding: the last position is real
-                logits = self.model(**enc, logits_to_keep=1).logits[:, -1].float()
+                logits = self.model(**enc, logits_to_keep=1, **adapter).logits[:, -1].float()
             logp = torch.log_softmax(logits, dim=-1)[:, token_ids]
             for k, i in enumerate(idx):
                 results[i] = [float(x) for x in logp[k]]

@@ -35,12 +35,15 @@ class GenerationConfig:
 @dataclass(frozen=True)
 class ChatRequest:
     """One chat completion to make. ``replicate`` distinguishes repeated samples of the same prompt (it is
-    part of the cache key); ``tag`` is free caller data (e.g. the case index) and is not."""
+    part of the cache key); ``tag`` is free caller data (e.g. the case index) and is not. ``adapter``: a LoRA
+    adapter folder to answer this request with, on a local backend serving its base model (requests for the base
+    and for several adapters then run in one batch); None = the backend's own spec."""
 
     messages: list[Message]
     config: GenerationConfig = field(default_factory=GenerationConfig)
     replicate: int = 0
     tag: Any = None
+    adapter: str | None = None
 
 
 @dataclass

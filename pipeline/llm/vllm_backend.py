@@ -1,10 +1,18 @@
-"""vLLM offline backend: one engine per process, every request submitted together (continuous batching),
-prefix caching on, LoRA adapters served per request through ``LoRARequest`` so one engine runs a base model
-and many adapters in one batch. vllm is imported lazily; it is a GPU-only extra (requirements-gpu.txt).
+"""vLLM offline backend: one engine per model and engine settings per process, shared by every role that names
+the same model (an agent and an emulator on one model load it once); engines of different models split the
+memory budget (``gpu_memory_utilization``) between them. Every request of a call is submitted together
+(continuous batching, prefix caching on). LoRA adapters are served per request: requests for the base model
+and for several adapters run in one batch.
+
+Prompts are rendered and tokenized here with the model's own chat template (as the HF backend does), so both
+backends see the same token ids, and a request that cannot run (a prompt longer than the context, a broken
+message list) fails alone with its own error. vllm is imported lazily: GPU workers install it from
+requirements-gpu.txt; tests use the CPU build in ``.venv-vllm``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,83 +20,220 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.llm.base import ChatBackend, Progress
-from pipeline.llm.hf import DEFAULT_MAX_NEW_TOKENS, folder_revision
+from pipeline.llm.hf import DEFAULT_MAX_NEW_TOKENS, folder_revision, render_prompt
+from pipeline.llm.options import normalize_dtype
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
 
+#: The share of accelerator memory all engines of a process may take together (split between engines). On a
+#: CPU the vLLM CPU build reserves this fraction of RAM instead, so the default there is smaller.
+DEFAULT_MEMORY_GPU = 0.85
+DEFAULT_MEMORY_CPU = 0.2
+
+VLLM_INT4_HELP = ("vLLM has no bitsandbytes quantization: use --quantization fp8 (quantized on the fly), a "
+                  "pre-quantized checkpoint with --quantization awq or gptq, or the HF backend (a spec without vllm:)")
+
 _ENGINES: dict[tuple, Any] = {}
+_TOKENIZERS: dict[str, Any] = {}
+#: adapter (resolved path, folder revision) → the LoRA id every engine of this process knows it by
+_LORA_IDS: dict[tuple[str, str], int] = {}
 
 
 def _import_vllm() -> Any:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # vLLM logs every engine detail at INFO
     try:
         import vllm
     except ImportError:
-        raise ConfigError("vllm backend: the vllm package is not installed "
-                          "(GPU workers: pip install -r requirements-gpu.txt)") from None
+        raise ConfigError("vllm backend: the vllm package is not installed (GPU workers: pip install -r "
+                          "requirements-gpu.txt; CPU: the .venv-vllm environment made by `make setup`)") from None
     return vllm
 
 
+def default_memory_budget() -> float:
+    try:
+        import torch
+
+        return DEFAULT_MEMORY_GPU if torch.cuda.is_available() else DEFAULT_MEMORY_CPU
+    except ImportError:
+        return DEFAULT_MEMORY_GPU
+
+
+def engine_args(spec: ModelSpec, *, dtype: str | None = "auto", quantization: str | None = None,
+                max_model_len: int | None = None, tensor_parallel_size: int | None = None,
+                enforce_eager: bool | None = None, max_loras: int | None = None,
+                max_lora_rank: int | None = None) -> dict[str, Any]:
+    """The ``vllm.LLM`` arguments for a spec and options (memory share excluded); raises ConfigError."""
+    from pipeline.llm.local_models import resolve_local_model
+
+    dtype = normalize_dtype(dtype)
+    quant = None if quantization in (None, "none") else quantization
+    if quant in ("int4", "int8"):
+        raise ConfigError(f"vllm backend: --quantization {quant}: {VLLM_INT4_HELP}")
+    if quant == "fp16":
+        dtype, quant = "float16", None
+    elif quant == "bf16":
+        dtype, quant = "bfloat16", None
+    args: dict[str, Any] = {"model": resolve_local_model(spec.load_id), "dtype": dtype,
+                            "enable_prefix_caching": True, "enable_lora": True,
+                            "max_lora_rank": max_lora_rank or 64, "max_loras": max_loras or 4}
+    for name, value in (("quantization", quant), ("max_model_len", max_model_len),
+                        ("tensor_parallel_size", tensor_parallel_size), ("enforce_eager", enforce_eager)):
+        if value is not None:
+            args[name] = value
+    return args
+
+
+def engine_key(args: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in args.items()))
+
+
+def lora_request(adapter: str) -> Any:
+    """The ``LoRARequest`` for an adapter folder: one id per (path, contents) in this process, so adapters that
+    share a folder name (every project adapter ends in ``/adapter``) never share an id, and a retrained adapter
+    at the same path is loaded afresh."""
+    from vllm.lora.request import LoRARequest
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"adapter '{adapter}': not found (expected a folder with adapter_config.json)")
+    key = (str(path.resolve()), folder_revision(path))
+    if key not in _LORA_IDS:
+        _LORA_IDS[key] = len(_LORA_IDS) + 1
+    lora_id = _LORA_IDS[key]
+    return LoRARequest(f"adapter-{lora_id}", lora_id, key[0])
+
+
 class VLLMBackend(ChatBackend):
-    """``vllm:<model>[+adapter]``. Options: ``max_model_len``, ``gpu_memory_utilization``, ``quantization``
-    (int4 → bitsandbytes, fp16 → half weights), ``max_lora_rank``, ``dtype``."""
+    """``vllm:<model>[+adapter]``. Options (pipeline.llm.options): ``dtype`` (vLLM's names), ``quantization``
+    (fp8 or a pre-quantized checkpoint's method; fp16/bf16 set the dtype; int4/int8 refused), ``max_model_len``,
+    ``gpu_memory_utilization`` (this engine's share), ``tensor_parallel_size``, ``enforce_eager``, ``max_loras``,
+    ``max_lora_rank``. ``batch_size`` and ``prefill`` are accepted and ignored (vLLM schedules its own batches)."""
 
-    def __init__(self, spec: ModelSpec, *, max_model_len: int | None = None, gpu_memory_utilization: float = 0.85,
-                 quantization: str | None = None, max_lora_rank: int = 64, dtype: str = "auto",
-                 max_loras: int = 4) -> None:
+    def __init__(self, spec: ModelSpec, *, gpu_memory_utilization: float | None = None,
+                 batch_size: int | None = None, prefill: str | None = None, **options: Any) -> None:
+        del batch_size, prefill  # HF-only options, meaningless to continuous batching
+        args = engine_args(spec, **options)
         vllm = _import_vllm()
-        from pipeline.llm.local_models import resolve_local_model
-
         self.spec = spec
-        self.model_path = resolve_local_model(spec.load_id)
-        key = (self.model_path, quantization, dtype, max_model_len)
+        self.model_path = args["model"]
+        key = engine_key(args)
         if key not in _ENGINES:
-            kwargs: dict[str, Any] = {"model": self.model_path, "enable_prefix_caching": True, "enable_lora": True,
-                                      "max_lora_rank": max_lora_rank, "max_loras": max_loras,
-                                      "gpu_memory_utilization": gpu_memory_utilization, "dtype": dtype}
-            if max_model_len:
-                kwargs["max_model_len"] = max_model_len
-            if quantization == "int4":
-                kwargs["quantization"] = "bitsandbytes"
-            elif quantization == "fp16":
-                kwargs["dtype"] = "float16"
-            elif quantization not in (None, "none", "bf16"):
-                raise ConfigError(f"vllm backend: --quantization {quantization} is not supported (int4, fp16, bf16)")
-            _ENGINES[key] = vllm.LLM(**kwargs)
+            memory = gpu_memory_utilization if gpu_memory_utilization is not None else default_memory_budget()
+            try:
+                _ENGINES[key] = vllm.LLM(**args, gpu_memory_utilization=memory)
+            except (ValueError, OSError, RuntimeError) as e:
+                raise ConfigError(f"vllm backend: cannot start an engine for '{spec.raw}': "
+                                  f"{str(e).strip().splitlines()[-1][:300]}") from None
         self.llm = _ENGINES[key]
-        self.lora = None
-        if spec.adapter:
-            if not (Path(spec.adapter) / "adapter_config.json").is_file():
-                raise ConfigError(f"adapter '{spec.adapter}': not found (expected a folder with adapter_config.json)")
-            from vllm.lora.request import LoRARequest
+        self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        if self.model_path not in _TOKENIZERS:
+            from transformers import AutoTokenizer
 
-            # a stable small int id per adapter path, so several backends can share the engine
-            lora_id = 1 + int.from_bytes(str(Path(spec.adapter).resolve()).encode()[-6:], "big") % 1_000_000
-            self.lora = LoRARequest(Path(spec.adapter).name, lora_id, str(spec.adapter))
+            _TOKENIZERS[self.model_path] = AutoTokenizer.from_pretrained(self.model_path)
+        self.tok = _TOKENIZERS[self.model_path]
+        self.lora = lora_request(spec.adapter) if spec.adapter else None
         rev = folder_revision(self.model_path) if Path(self.model_path).is_dir() else self.model_path
-        self.revision = rev + ("+" + folder_revision(spec.adapter) if spec.adapter else "") + f":{quantization}"
+        self.revision = (rev + ("+" + folder_revision(spec.adapter) if spec.adapter else "")
+                         + f":{args.get('quantization') or 'none'}:{args['dtype']}")
+
+    def render(self, messages: list[dict[str, str]]) -> str:
+        return render_prompt(self.tok, self.spec, messages)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _lora_for(self, r: ChatRequest) -> Any:
+        return lora_request(r.adapter) if r.adapter else self.lora
 
     def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
-        params = [SamplingParams(temperature=r.config.temperature, top_p=r.config.top_p, seed=r.config.seed,
-                                 max_tokens=r.config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
-                                 stop=list(r.config.stop) or None) for r in requests]
-        chat_kwargs: dict[str, Any] = {}
-        if self.spec.enable_thinking is False:
-            chat_kwargs["chat_template_kwargs"] = {"enable_thinking": False}
+        out: list[ChatResponse | None] = [None] * len(requests)
+        jobs: list[tuple[int, Any, Any, Any]] = []  # (request index, prompt, params, lora)
+        for i, r in enumerate(requests):
+            try:
+                ids = self._encode(self.render(r.messages))
+                lora = self._lora_for(r)
+            except ConfigError as e:
+                out[i] = ChatResponse.failure(str(e))
+                continue
+            except Exception as e:  # a bad message list fails only its own request
+                out[i] = ChatResponse.failure(f"chat template failed: {e}")
+                continue
+            room = self.max_model_len - len(ids)
+            if room < 1:
+                out[i] = ChatResponse.failure(f"prompt of {len(ids)} tokens is longer than the maximum model "
+                                              f"length {self.max_model_len}")
+                continue
+            c = r.config
+            params = SamplingParams(temperature=c.temperature, top_p=c.top_p, seed=c.seed,
+                                    max_tokens=min(c.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room),
+                                    stop=list(c.stop) or None)
+            jobs.append((i, TokensPrompt(prompt_token_ids=ids), params, lora))
         t0 = time.perf_counter()
-        try:
-            outs = self.llm.chat([r.messages for r in requests], params, lora_request=self.lora, use_tqdm=False,
-                                 **chat_kwargs)
-        except Exception as e:  # engine-level failure: report it on every request rather than crash the stage
-            return [ChatResponse.failure(f"vllm: {type(e).__name__}: {e}")] * len(requests)
-        latency = (time.perf_counter() - t0) / max(1, len(requests))
-        results = []
-        for o in outs:
-            c = o.outputs[0]
-            results.append(ChatResponse(text=c.text, finish_reason=c.finish_reason or "stop",
-                                        prompt_tokens=len(o.prompt_token_ids or []),
-                                        completion_tokens=len(c.token_ids), latency_s=latency))
+        results = self._run(jobs)
+        latency = (time.perf_counter() - t0) / max(1, len(jobs))
+        for (i, prompt, _, _), res in zip(jobs, results):
+            if isinstance(res, str):
+                out[i] = ChatResponse.failure(res)
+                continue
+            c = res.outputs[0]
+            out[i] = ChatResponse(text=c.text, finish_reason="length" if c.finish_reason == "length" else "stop",
+                                  prompt_tokens=len(prompt["prompt_token_ids"]), completion_tokens=len(c.token_ids),
+                                  latency_s=latency)
         if progress:
             progress(len(requests), len(requests))
+        return out  # type: ignore[return-value]
+
+    def _run(self, jobs: list[tuple[int, Any, Any, Any]]) -> list[Any]:
+        """Outputs in job order; when the engine rejects the batch, each job is retried alone so that only the
+        requests that fail carry the error (a string)."""
+        if not jobs:
+            return []
+        try:
+            return self.llm.generate([j[1] for j in jobs], [j[2] for j in jobs],
+                                     lora_request=[j[3] for j in jobs], use_tqdm=False)
+        except Exception:
+            if len(jobs) == 1:
+                raise
+        results: list[Any] = []
+        for job in jobs:
+            try:
+                results.extend(self._run([job]))
+            except Exception as e:
+                results.append(f"vllm: {type(e).__name__}: {str(e).strip()[:500]}")
         return results
+
+    def score_choices(self, requests: Sequence[ChatRequest], prefix: str, choices: Sequence[str]) -> list[list[float]]:
+        """Summed log-probabilities of each choice's tokens after ``render(messages) + prefix``, from vLLM's
+        prompt log-probabilities (one prompt per request and choice; prefix caching shares the heads)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        heads = [(self.render(r.messages) + prefix, r.adapter) for r in requests]
+        unique = list(dict.fromkeys(heads))  # identical prompts (an evaluation's replicates) are scored once
+        jobs, spans = [], []
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        for head, adapter in unique:
+            head_ids = self._encode(head)
+            lora = lora_request(adapter) if adapter else self.lora
+            for choice in choices:
+                full = self._encode(head + choice)
+                n_choice = len(full) - len(head_ids)
+                if n_choice < 1 or full[: len(head_ids)] != head_ids:  # the choice merged into the prefix
+                    n_choice = max(1, len(self._encode(choice)))
+                if len(full) >= self.max_model_len:
+                    raise ConfigError(f"choice scoring: prompt of {len(full)} tokens is longer than the maximum "
+                                      f"model length {self.max_model_len}")
+                jobs.append((len(jobs), TokensPrompt(prompt_token_ids=full), params, lora))
+                spans.append((full, n_choice))
+        outs = self._run(jobs)
+        scores = []
+        for k, (full, n_choice) in enumerate(spans):
+            if isinstance(outs[k], str):
+                raise ConfigError(f"choice scoring failed: {outs[k]}")
+            plp = outs[k].prompt_logprobs
+            scores.append(sum(plp[p][full[p]].logprob for p in range(len(full) - n_choice, len(full))))
+        by_head = {h: scores[j * len(choices):(j + 1) * len(choices)] for j, h in enumerate(unique)}
+        return [list(by_head[h]) for h in heads]
