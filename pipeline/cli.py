@@ -114,7 +114,9 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 def _cmd_llm_chat(args: argparse.Namespace) -> int:
     from pipeline.llm import ChatRequest, GenerationConfig, get_backend
 
-    options = {"quantization": args.quantization} if args.quantization else {}
+    from pipeline.llm.options import backend_options
+
+    options = backend_options(args) | ({"quantization": args.quantization} if args.quantization else {})
     backend = get_backend(args.model, **options)
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
@@ -144,7 +146,9 @@ def _add_llm(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
     c.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     c.add_argument("--seed", type=int, help="sampling seed")
-    c.add_argument("--quantization", choices=["none", "int4", "int8", "fp16", "bf16"], help="local weights precision")
+    from pipeline.llm.options import add_backend_arguments
+
+    add_backend_arguments(c)
     c.set_defaults(func=_cmd_llm_chat)
 
 

@@ -179,11 +179,12 @@ def _emulate_spec(cfg: ExperimentConfig, agent: str, evaluator: str, runs: Path,
 def _evaluate_spec(cfg: ExperimentConfig, agent: str, arm: Arm, runs: Path, cases: tuple[int, int],
                    seed: int | None, label: str | None) -> dict[str, Any]:
     """Evaluate the agent's trajectory file; its path follows from the emulation's naming."""
-    from pipeline.data.naming import RunFileName
+    from pipeline.data.naming import RunFileName, file_quantization
     from pipeline.llm.spec import parse_model_spec
 
     name = label or parse_model_spec(agent).name
     traj = RunFileName(name, parse_model_spec(cfg.emulator).name, parse_model_spec(cfg.arms[0].evaluator).name,
-                       quantization=cfg.emulation.get("quantization") or None, case_range=cases)
+                       quantization=file_quantization(cfg.emulation.get("quantization")),
+                       case_range=cases)
     return {"trajectories": str(runs / name / traj.filename()), "evaluator": arm.evaluator, "no_progress": True,
             **cfg.evaluation}

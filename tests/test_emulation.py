@@ -230,3 +230,47 @@ def test_smollm2_emulates_two_demo_cases(tmp_path, smollm2_model):
     for t in trajectories:
         assert t.failed or (t.intermediate_steps[-1][0]["type"] == "AgentFinish" and t.output is not None)
     assert result.path.parent.name == "HuggingFaceTB_SmolLM2-135M-Instruct"
+
+
+def test_several_adapter_agents_advance_together_and_equal_running_each_alone(tmp_path, tiny_model, tiny_adapters):
+    """Two adapters of one base model emulated together: one backend and one batched agent call per round
+    for both, each agent's run file identical to emulating it alone."""
+    from pipeline.emulation.runner import run_emulations
+
+    agents = [f"{tiny_model}+{a}" for a in tiny_adapters]
+    common = dict(emulator="scripted:emulator", case_set="demo", case_range=(0, 3), max_steps=2,
+                  limits=Limits(max_tokens_per_call=16, max_continuations=1))
+    together = run_emulations([EmulationConfig(agent=a, out_dir=tmp_path / "together", **common) for a in agents])
+    alone = [run_emulation(EmulationConfig(agent=a, out_dir=tmp_path / "alone", **common)) for a in agents]
+    assert [r.path.name for r in together] == [r.path.name for r in alone]
+    assert together[0].path != together[1].path
+    for t, a in zip(together, alone):
+        assert _stable(read_jsonl(t.path).records) == _stable(read_jsonl(a.path).records)
+        assert len(read_jsonl(t.path).records) == 3
+    a_out = [r["intermediate_steps"] for r in read_jsonl(alone[0].path).records]
+    b_out = [r["intermediate_steps"] for r in read_jsonl(alone[1].path).records]
+    assert a_out != b_out  # the two adapters really behave differently
+    # both agents in one call per round: fewer batched calls than the two runs apart
+    assert together[0].batches < alone[0].batches + alone[1].batches
+
+
+def test_several_agents_from_the_command_line_and_a_spec_list(tmp_path, tiny_model, tiny_adapters):
+    from tests.conftest import run_agentpipe
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"agent": [f"{tiny_model}+{a}" for a in tiny_adapters],
+                                "emulator": "scripted:emulator", "case_set": "demo", "cases": "0-2",
+                                "max_steps": 1, "max_tokens_per_call": 8, "max_continuations": 0,
+                                "out": str(tmp_path / "runs"), "dtype": "float32"}))
+    p = run_agentpipe("--result", str(tmp_path / "r.json"), "emulate", "--spec", str(spec))
+    assert p.returncode == 0, p.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    files = sorted((tmp_path / "runs").glob("*/*.jsonl"))
+    assert len(files) == 2 and files[0].name != files[1].name
+    assert p.stdout.count("emulate: ") == 2, p.stdout
+    assert sorted(result["trajectories"]) == sorted(str(f) for f in files)
+    assert all(len(read_jsonl(f).records) == 2 for f in files)
+    bad = run_agentpipe("emulate", "--agent", f"{tiny_model}+{tiny_adapters[0]}", "--agent",
+                        f"{tiny_model}+{tiny_adapters[1]}", "--emulator", "scripted:emulator", "--agent-label", "x")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "agentpipe: error: --agent-label names one agent's files; it cannot be used with several --agent"]

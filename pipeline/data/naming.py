@@ -142,6 +142,12 @@ def extract_seed(text: str) -> int | None:
 EVAL_TYPES = ("agent_safe", "agent_help_ignore_safety", "agent_help")
 QUANTIZATIONS = ("int4", "int8", "fp16", "bf16")
 
+
+def file_quantization(quantization: str | None) -> str | None:
+    """The quantization part of a run-file name: precisions such as int4, int8, fp8, bf16. A pre-quantized
+    checkpoint's method (awq, gptq) is not named: the model id already says which weights ran."""
+    return quantization if quantization and re.fullmatch(r"(?:int|fp|bf)\d+", quantization) else None
+
 _RUN_NAME = re.compile(
     r"^(?P<agent>.+?)_emu-(?P<emu>.+?)_eval-(?P<eval>.+?)"
     r"(?=_(?:int|fp|bf)\d+|_r\d+-\d+|_\d{4}_\d{6}|_eval_|_unified|$)"

@@ -10,6 +10,7 @@ from pathlib import Path
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError
     from pipeline.evaluation.runner import EvaluationConfig, run_evaluation
+    from pipeline.llm.options import backend_options
 
     if not args.trajectories or not args.evaluator:
         raise ConfigError("evaluate: --trajectories FILE and --evaluator SPEC are required "
@@ -20,7 +21,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens, compat=args.compat,
         quantization=None if args.quantization in (None, "none") else args.quantization, cache=args.cache,
         force=args.force, chunk_size=args.chunk_size, scoring=args.scoring,
-        backend_options={k: v for k, v in (("batch_size", args.batch_size), ("dtype", args.dtype)) if v is not None},
+        backend_options=backend_options(args),
     )
     bars: list = []
 
@@ -85,6 +86,8 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from pipeline.evaluation.report import add_report_parser
+    from pipeline.llm.options import add_backend_arguments
+
 
     add_report_parser(sub)
     p = sub.add_parser("evaluate", help="score trajectories for safety and helpfulness",
@@ -100,9 +103,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--compat", choices=["correct", "study"], default="correct",
                    help="study: the judge sees the repr of the final step, as the study (docs/compat.md)")
-    p.add_argument("--quantization", choices=["none", "int4", "int8", "fp16", "bf16"])
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"])
     p.add_argument("--cache", action="store_true", help="cache judge responses on disk")
     p.add_argument("--scoring", choices=["generate", "choice"], default="generate",
                    help="generate (default): the judge reasons and answers in the four fields; choice: the score "
@@ -111,6 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=256, help="requests per batched call (progress is saved after each)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--spec", help="JSON file of these options")
+    add_backend_arguments(p, quantization_help="judge weights")
     p.set_defaults(func=_cmd_evaluate)
     esub = p.add_subparsers(dest="evaluate_command", metavar="{repair,rerun-failed}")
     r = esub.add_parser("repair", help="recover scores of malformed judgements, in place",

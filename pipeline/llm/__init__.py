@@ -14,16 +14,24 @@ from pipeline.llm.spec import ModelSpec, parse_model_spec
 from pipeline.llm.types import ChatRequest, ChatResponse, GenerationConfig, Message
 
 __all__ = ["ChatBackend", "ChatRequest", "ChatResponse", "GenerationConfig", "Message", "ModelSpec",
-           "get_backend", "parse_model_spec"]
+           "get_backend", "get_backends", "parse_model_spec"]
+
+#: Options only local backends understand; dropped for API models and test doubles, so one option set can
+#: serve every role of a stage.
+LOCAL_ONLY = ("batch_size", "dtype", "quantization", "prefill", "max_model_len", "gpu_memory_utilization",
+              "tensor_parallel_size", "enforce_eager", "max_loras", "max_lora_rank")
 
 
 def get_backend(spec: str | ModelSpec, *, cache: str | Path | None = None, **options: Any) -> ChatBackend:
     """The backend for a model spec string. ``cache`` = path of a SQLite response cache (opt-in).
 
-    Options go to the backend: HF ``batch_size``/``dtype``/``quantization``; vLLM ``max_model_len``/
-    ``quantization``; OpenAI ``concurrency``/``timeout_s``/``base_url``. Unknown options raise TypeError.
+    Options go to the backend: HF and vLLM the names in ``pipeline.llm.options`` (``dtype``, ``quantization``,
+    ``batch_size``, vLLM engine options); OpenAI ``concurrency``/``timeout_s``/``base_url``. Local-only options
+    are dropped for API models and test doubles; other unknown options raise TypeError.
     """
     ms = parse_model_spec(spec) if isinstance(spec, str) else spec
+    if ms.backend in ("openai", "scripted"):
+        options = {k: v for k, v in options.items() if k not in LOCAL_ONLY}
     backend: ChatBackend
     if ms.backend == "hf":
         from pipeline.llm.hf import HFBackend
@@ -36,7 +44,6 @@ def get_backend(spec: str | ModelSpec, *, cache: str | Path | None = None, **opt
     elif ms.backend == "openai":
         from pipeline.llm.openai_backend import OpenAIBackend
 
-        options.pop("quantization", None)  # meaningless for an API
         backend = OpenAIBackend(ms, **options)
     else:
         from pipeline.llm.scripted import ScriptedBackend
@@ -47,3 +54,32 @@ def get_backend(spec: str | ModelSpec, *, cache: str | Path | None = None, **opt
 
         backend = CachedBackend(backend, ResponseCache(cache))
     return backend
+
+
+def get_backends(roles: dict[str, tuple[str, dict[str, Any]]], *,
+                 caches: dict[str, str | Path | None] | None = None) -> dict[str, ChatBackend]:
+    """Backends for several roles of one process (role → (spec, options)), e.g. an agent and an emulator.
+
+    Roles that name the same weights share them (one vLLM engine, one loaded HF model). vLLM engines of
+    different models split the memory budget: each gets ``gpu_memory_utilization`` (the roles' value, else the
+    default) divided by the number of distinct engines, so two models never ask for 0.85 each.
+    """
+    parsed = {role: parse_model_spec(spec) for role, (spec, _) in roles.items()}
+    engines: set[tuple] = set()
+    budget: float | None = None
+    for role, (_, opts) in roles.items():
+        if parsed[role].backend == "vllm":
+            from pipeline.llm.vllm_backend import engine_args, engine_key
+
+            args = {k: v for k, v in opts.items() if k not in ("gpu_memory_utilization", "batch_size", "prefill")}
+            engines.add(engine_key(engine_args(parsed[role], **args)))
+            budget = opts.get("gpu_memory_utilization", budget)
+    out: dict[str, ChatBackend] = {}
+    for role, (_, opts) in roles.items():
+        opts = dict(opts)
+        if parsed[role].backend == "vllm" and len(engines) > 1:
+            from pipeline.llm.vllm_backend import default_memory_budget
+
+            opts["gpu_memory_utilization"] = (budget if budget is not None else default_memory_budget()) / len(engines)
+        out[role] = get_backend(parsed[role], cache=(caches or {}).get(role), **opts)
+    return out
