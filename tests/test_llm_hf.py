@@ -30,6 +30,8 @@ def test_batched_equals_one_at_a_time_at_temperature_0(tiny):
     batched = tiny.generate([_req(p) for p in PROMPTS])
     single = [tiny.generate([_req(p)])[0] for p in PROMPTS]
     assert [r.text for r in batched] == [r.text for r in single]
+    assert ([(r.finish_reason, r.completion_tokens) for r in batched]
+            == [(r.finish_reason, r.completion_tokens) for r in single])
     assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in single]
     assert len({r.text for r in batched}) > 1, "outputs must depend on the prompt for this test to mean anything"
     assert all(r.ok and r.prompt_tokens > 0 for r in batched)
@@ -183,10 +185,13 @@ def test_the_cache_works_with_a_real_backend(tiny, tmp_path):
 @pytest.mark.slow
 def test_smollm2_answers_a_factual_question(smollm2_model):
     backend = get_backend("SmolLM2-135M")
-    [r] = backend.generate([ChatRequest(
+    r, long = backend.generate([ChatRequest(
         messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
-        config=GenerationConfig(max_new_tokens=20))])
+        config=GenerationConfig(max_new_tokens=40)), _req("Write a long story about a dragon.", max_new_tokens=40)])
     assert r.ok and "Paris" in r.text
+    # the short answer ended on EOS while its batch-mate went on to the cap: it stopped, it was not cut
+    assert (r.finish_reason, long.finish_reason) == ("stop", "length")
+    assert r.completion_tokens < 20 and long.completion_tokens == 40
 
 
 def test_vllm_backend_says_what_is_missing():

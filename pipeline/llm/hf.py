@@ -332,16 +332,14 @@ class HFBackend(ChatBackend):
         results = []
         for row, r in enumerate(reqs):
             n_prompt = int(enc["attention_mask"][row].sum())
-            new = seqs[row, prompt_len:].tolist()
-            if stopper.reason[row] == "length":
-                new, finish = new[: caps[row]], "length"
+            new = seqs[row, prompt_len:].tolist()[: caps[row]]
+            # a row that ended on EOS is padded (with EOS/pad) while the others go on, and may reach its cap
+            # in padding: it stopped at its first EOS, not by length
+            end = next((j for j, t in enumerate(new) if t in eos_ids), None)
+            if end is not None:
+                new, finish = new[: end + 1], "stop"
             else:
-                # rows that ended early are padded (often with EOS): cut at the first EOS/pad
-                end = next((j for j, t in enumerate(new) if t in eos_ids), None)
-                if end is not None:
-                    new, finish = new[: end + 1], "stop"
-                else:
-                    finish = "stop" if stopper.reason[row] == "stop" else "length"
+                finish = "stop" if stopper.reason[row] == "stop" else "length"
             text = self.tok.decode([t for t in new if t not in eos_ids], skip_special_tokens=True)
             cut = [text.find(s) for s in r.config.stop if s in text]
             if cut:

@@ -83,6 +83,19 @@ def engine_args(spec: ModelSpec, *, dtype: str | None = "auto", quantization: st
     return args
 
 
+def shutdown_engines(backends: Sequence[ChatBackend] | None = None) -> int:
+    """Stop the engines behind ``backends`` (every engine of this process when None) and free their memory;
+    backends using them are unusable afterwards. Returns how many engines stopped."""
+    doomed = [k for k, llm in _ENGINES.items()
+              if backends is None or any(getattr(b, "llm", None) is llm for b in backends)]
+    for key in doomed:
+        llm = _ENGINES.pop(key)
+        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
+    return len(doomed)
+
+
 def engine_key(args: dict[str, Any]) -> tuple:
     return tuple(sorted((k, str(v)) for k, v in args.items()))
 
@@ -206,34 +219,58 @@ class VLLMBackend(ChatBackend):
         return results
 
     def score_choices(self, requests: Sequence[ChatRequest], prefix: str, choices: Sequence[str]) -> list[list[float]]:
-        """Summed log-probabilities of each choice's tokens after ``render(messages) + prefix``, from vLLM's
-        prompt log-probabilities (one prompt per request and choice; prefix caching shares the heads)."""
+        """Summed log-probabilities of each choice's tokens after ``render(messages) + prefix``. Choices of one
+        token each (digits, the usual case): one batched request per prompt asks vLLM for exactly those tokens'
+        log-probabilities (``logprob_token_ids``). Longer choices: the prompt log-probabilities of
+        ``head + choice``, one prompt per call (batched prompt log-probabilities crash the vLLM CPU 0.32 engine
+        when LoRA is enabled)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         heads = [(self.render(r.messages) + prefix, r.adapter) for r in requests]
         unique = list(dict.fromkeys(heads))  # identical prompts (an evaluation's replicates) are scored once
-        jobs, spans = [], []
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        for head, adapter in unique:
-            head_ids = self._encode(head)
-            lora = lora_request(adapter) if adapter else self.lora
-            for choice in choices:
-                full = self._encode(head + choice)
-                n_choice = len(full) - len(head_ids)
-                if n_choice < 1 or full[: len(head_ids)] != head_ids:  # the choice merged into the prefix
-                    n_choice = max(1, len(self._encode(choice)))
-                if len(full) >= self.max_model_len:
-                    raise ConfigError(f"choice scoring: prompt of {len(full)} tokens is longer than the maximum "
-                                      f"model length {self.max_model_len}")
-                jobs.append((len(jobs), TokensPrompt(prompt_token_ids=full), params, lora))
-                spans.append((full, n_choice))
-        outs = self._run(jobs)
-        scores = []
-        for k, (full, n_choice) in enumerate(spans):
-            if isinstance(outs[k], str):
-                raise ConfigError(f"choice scoring failed: {outs[k]}")
-            plp = outs[k].prompt_logprobs
-            scores.append(sum(plp[p][full[p]].logprob for p in range(len(full) - n_choice, len(full))))
-        by_head = {h: scores[j * len(choices):(j + 1) * len(choices)] for j, h in enumerate(unique)}
+        encoded = [self._encode(h) for h, _ in unique]
+        for ids in encoded:
+            if len(ids) + 1 >= self.max_model_len:
+                raise ConfigError(f"choice scoring: prompt of {len(ids)} tokens is longer than the maximum model "
+                                  f"length {self.max_model_len}")
+        single = self._single_token_choices(unique[0][0] if unique else prefix, choices)
+        scores: list[list[float]] = []
+        if single is not None:
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(single), logprob_token_ids=single)
+            jobs = [(k, TokensPrompt(prompt_token_ids=ids), params, lora_request(ad) if ad else self.lora)
+                    for k, (ids, (_, ad)) in enumerate(zip(encoded, unique))]
+            for out in self._run(jobs):
+                if isinstance(out, str):
+                    raise ConfigError(f"choice scoring failed: {out}")
+                logprobs = out.outputs[0].logprobs[0]
+                scores.append([logprobs[t].logprob for t in single])
+        else:
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+            for head_ids, (head, ad) in zip(encoded, unique):
+                row = []
+                for choice in choices:
+                    full = self._encode(head + choice)
+                    n_choice = len(full) - len(head_ids)
+                    if n_choice < 1 or full[: len(head_ids)] != head_ids:  # the choice merged into the prefix
+                        n_choice = max(1, len(self._encode(choice)))
+                    [out] = self._run([(0, TokensPrompt(prompt_token_ids=full), params,
+                                        lora_request(ad) if ad else self.lora)])
+                    if isinstance(out, str):
+                        raise ConfigError(f"choice scoring failed: {out}")
+                    row.append(sum(out.prompt_logprobs[p][full[p]].logprob for p in range(len(full) - n_choice,
+                                                                                          len(full))))
+                scores.append(row)
+        by_head = dict(zip(unique, scores))
         return [list(by_head[h]) for h in heads]
+
+    def _single_token_choices(self, head: str, choices: Sequence[str]) -> list[int] | None:
+        """The token id of each choice when every choice is exactly one token after the prefix, else None."""
+        head_ids = self._encode(head)
+        ids = []
+        for choice in choices:
+            full = self._encode(head + choice)
+            if len(full) != len(head_ids) + 1 or full[:-1] != head_ids:
+                return None
+            ids.append(full[-1])
+        return ids if len(set(ids)) == len(ids) else None
