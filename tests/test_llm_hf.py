@@ -197,7 +197,7 @@ def test_smollm2_answers_a_factual_question(smollm2_model):
 def test_vllm_backend_says_what_is_missing():
     try:
         import vllm  # noqa: F401
-        pytest.skip("vllm is installed here; covered by the gpu tests")
+        pytest.skip("vllm is installed here; covered by tests/test_llm_vllm.py")
     except ImportError:
         with pytest.raises(ConfigError, match="the vllm package is not installed"):
             get_backend("vllm:tiny-llama")

@@ -258,8 +258,6 @@ def test_bad_inputs_are_one_line_errors(tiny_model, tiny_adapter, toy_pairs, tmp
     only_test = write_pairs(tmp_path / "safe_t.jsonl", [toy_pair(c) for c in split.test_cases(0)[:2]])
     with pytest.raises(DataError, match="no training pairs for seed 0"):
         train(tiny_cfg(tiny_model, only_test, tmp_path / "o2"))
-    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-        train(tiny_cfg(tiny_model, toy_pairs, tmp_path / "o3", quantization="int4"))
     leaky_val = write_pairs(tmp_path / "val.jsonl", [toy_pair(split.train_cases(0)[0])])
     with pytest.raises(DataError, match="validation pairs of train cases"):
         train(tiny_cfg(tiny_model, toy_pairs, tmp_path / "o4", val_pairs=str(leaky_val)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 #: (flag, TrainConfig field, type, help). Flags default to None so that only given ones override the config file.
 _TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
-    ("--quantization", "quantization", str, "none (default), int4 or int8 (GPU only: bitsandbytes), fp16, bf16"),
+    ("--quantization", "quantization", str, "none (default), int4 or int8 (QLoRA: bitsandbytes base weights, GPU or CPU), fp16, bf16"),
     ("--batch-size", "batch_size", int, "per-device batch size (default 1)"),
     ("--gradient-accumulation-steps", "gradient_accumulation_steps", int, "gradient accumulation (default 8)"),
     ("--learning-rate", "learning_rate", float, "learning rate (default 5e-5)"),

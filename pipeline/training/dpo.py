@@ -196,15 +196,24 @@ def _load_model(path: str, cfg: TrainConfig, cuda: bool) -> Any:
 
     kwargs: dict[str, Any] = {}
     if cfg.quantization in ("int4", "int8"):
-        from transformers import BitsAndBytesConfig
+        try:
+            from transformers import BitsAndBytesConfig
 
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"--quantization {cfg.quantization} needs bitsandbytes (pip install bitsandbytes)") from None
+        # QLoRA as the study trains: NF4 (double-quantized) or 8-bit base weights, bf16 compute on a GPU; bitsandbytes
+        # also runs on CPU, where compute stays float32
+        compute = torch.bfloat16 if cuda else torch.float32
         skip = ["embed_tokens", "lm_head"]
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
+                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
                                llm_int8_skip_modules=skip)
             if cfg.quantization == "int4" else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip))
-        kwargs["dtype"] = torch.bfloat16
+        kwargs["dtype"] = compute
+        if not cuda:
+            kwargs["device_map"] = {"": "cpu"}
     elif cfg.quantization == "fp16":
         kwargs["dtype"] = torch.float16
     elif cuda or cfg.quantization == "bf16":
@@ -279,9 +288,6 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
     import torch
 
     cuda = torch.cuda.is_available()
-    if cfg.quantization in ("int4", "int8") and not cuda:
-        raise ConfigError(f"--quantization {cfg.quantization}: quantized (bitsandbytes) training needs a CUDA GPU; "
-                          "none is available here (use --quantization none on CPU)")
     gc = cuda if cfg.gradient_checkpointing is None else cfg.gradient_checkpointing
     cfg = cfg.model_copy(update={"gradient_checkpointing": gc})
     epochs = cfg.num_epochs
