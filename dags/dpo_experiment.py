@@ -12,7 +12,8 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from plugins.dag_common import PARENT_RUN, DEFAULT_ARGS, common_params, finish_tracking, home, start_tracking
+from plugins.dag_common import (PARENT_RUN, DEFAULT_ARGS, backend_param, common_params, finish_tracking, home,
+                                start_tracking)
 from plugins.stage_operator import StageOperator
 
 ANALYSIS = Asset("agentpipe://analysis")
@@ -45,6 +46,7 @@ _ARM = {"type": "object", "required": ["name", "pool", "evaluator"],
         "cases": Param("", type="string", pattern="^([0-9]+-[0-9]+)?$", description="START-END (default: all)"),
         "emulation": Param({}, type="object", description="extra emulate options, e.g. {\"max_steps\": 3}"),
         "evaluation": Param({}, type="object", description="extra evaluate options, e.g. {\"replicates\": 3}"),
+        "backend": backend_param(),
         "train": Param({}, type="object", description="extra train options, e.g. {\"max_steps\": 10}"),
         "pairs": Param({}, type="object", description="extra pairs options, e.g. {\"min_score_difference\": 1}"),
         "n_bootstrap": Param(1000, type="integer", minimum=0),
@@ -68,7 +70,8 @@ def dpo_experiment():
         cfg = ExperimentConfig(name=p["name"], source_models=list(p["source_models"]), arms=arms,
                                seeds=list(p["seeds"]), betas=[float(b) for b in p["betas"]],
                                configurations=list(p["configurations"]), emulator=p["emulator"],
-                               case_set=p["case_set"], case_range=p["cases"] or None, emulation=dict(p["emulation"]), evaluation=dict(p["evaluation"]),
+                               case_set=p["case_set"], case_range=p["cases"] or None, emulation=dict(p["emulation"]),
+                               evaluation=dict(p["evaluation"]), backend=dict(p["backend"]),
                                train=dict(p["train"]), pairs=dict(p["pairs"]), n_bootstrap=p["n_bootstrap"])
         result = plan_experiment(cfg, root).as_dict()
         atomic_write_json(root / "analysis" / p["name"] / "plan.json", result)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from plugins.dag_common import PARENT_RUN, DEFAULT_ARGS, common_params, finish_tracking, home, start_tracking
+from plugins.dag_common import (PARENT_RUN, DEFAULT_ARGS, backend_param, common_params, finish_tracking, home,
+                                quantization_param, start_tracking)
 from plugins.stage_operator import StageOperator
 
 TRAJECTORIES = Asset("agentpipe://trajectories")
@@ -43,11 +44,11 @@ REPORTS = Asset("agentpipe://reports")
                          description="choice: score by log-probability (small local judges)"),
         "metrics": Param("safe,help_ignore_safety", type="string"),
         "compat": Param("correct", type="string", enum=["correct", "study"]),
-        "quantization": Param("none", type="string", enum=["none", "int4", "int8", "fp16", "bf16"]),
+        "quantization": quantization_param("agent and judge weights"),
         "max_steps": Param(-1, type="integer", minimum=-1, description="agent step cap (-1: the compat default)"),
         "max_tokens_per_call": Param(2048, type="integer", minimum=1),
         "max_continuations": Param(5, type="integer", minimum=0),
-        "backend": Param({}, type="object", description="local backend options, e.g. {\"dtype\": \"bf16\"}"),
+        "backend": backend_param(),
         "run_name": Param("pool", type="string", pattern="^[A-Za-z0-9._-]+$",
                           description="trajectories go to $AGENTPIPE_HOME/trajectories/<run_name>/<agent>/"),
         **common_params(),

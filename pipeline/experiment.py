@@ -54,6 +54,8 @@ class ExperimentConfig:
     case_range: str | None = None  # "START-END" within the case set (default: every case)
     emulation: dict[str, Any] = field(default_factory=dict)  # extra emulate options (max_steps, compat, …)
     evaluation: dict[str, Any] = field(default_factory=dict)  # extra evaluate options (replicates, …)
+    #: model backend options of the emulate and evaluate stages (pipeline.llm.options: dtype, max_model_len, …)
+    backend: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)  # extra train options (max_steps, max_length, …)
     pairs: dict[str, Any] = field(default_factory=dict)  # extra pairs options (min_score_difference, …)
     n_bootstrap: int = 1000
@@ -111,6 +113,20 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
         return pair_paths[key]
 
     trained: dict[tuple, str] = {}  # (model, arm, seed, beta, datasets…) → model folder
+    #: (base model, seed) → the test-split emulation of that base's first-stage adapters: one run for them all
+    #: (one engine or loaded model; every adapter's episodes in the same batches; a run file per adapter)
+    by_base: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def emulate_test_split(agent: str, base: str | None, seed: int) -> None:
+        if base is None:  # a second-stage model: its base is its own merged parent
+            plan.emulate.append(_emulate_spec(cfg, agent, cfg.arms[0].evaluator, runs, cases, seed=seed))
+        elif (base, seed) in by_base:
+            by_base[(base, seed)]["agent"].append(agent)
+        else:
+            spec = _emulate_spec(cfg, agent, cfg.arms[0].evaluator, runs, cases, seed=seed)
+            spec["agent"] = [agent]
+            by_base[(base, seed)] = spec
+            plan.emulate.append(spec)
 
     def train(base: str, arm: Arm, seed: int, beta: float, dataset: str, stage: int) -> str:
         pairs = pairs_for(arm, seed, dataset)
@@ -137,9 +153,11 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
                         stages = CONFIGURATIONS[conf]
                         first = train(model, arm, seed, beta, stages[0], 1)
                         key = (model, arm.name, seed, beta, *stages)
+                        base: str | None = model
                         if len(stages) == 1:
                             agent = f"{model}+{first}/adapter"
                         else:
+                            base = None
                             merged = f"{first}/merged"
                             spec = {"adapter": f"{first}/adapter", "out": merged}
                             if spec not in plan.merge:
@@ -149,7 +167,7 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
                         if key in trained:
                             continue
                         trained[key] = agent
-                        plan.emulate.append(_emulate_spec(cfg, agent, arm.evaluator, runs, cases, seed=seed))
+                        emulate_test_split(agent, base, seed)
                         plan.evaluate.append(_evaluate_spec(cfg, agent, arm, runs, cases, seed=seed, label=None))
     plan.analyze = {"runs": str(runs), "out": str(home / "analysis" / cfg.name), "n_bootstrap": cfg.n_bootstrap}
     return plan
@@ -170,7 +188,8 @@ def _case_range(text: str | None, n_cases: int) -> tuple[int, int]:
 def _emulate_spec(cfg: ExperimentConfig, agent: str, evaluator: str, runs: Path, cases: tuple[int, int],
                   seed: int | None) -> dict[str, Any]:
     spec = {"agent": agent, "emulator": cfg.emulator, "evaluator": evaluator, "case_set": cfg.case_set,
-            "cases": f"{cases[0]}-{cases[1]}", "out": str(runs), "no_progress": True, **cfg.emulation}
+            "cases": f"{cases[0]}-{cases[1]}", "out": str(runs), "no_progress": True, **cfg.backend,
+            **cfg.emulation}
     if seed is not None:
         spec.update(test_only=True, seed=seed)
     return spec
@@ -187,4 +206,4 @@ def _evaluate_spec(cfg: ExperimentConfig, agent: str, arm: Arm, runs: Path, case
                        quantization=file_quantization(cfg.emulation.get("quantization")),
                        case_range=cases)
     return {"trajectories": str(runs / name / traj.filename()), "evaluator": arm.evaluator, "no_progress": True,
-            **cfg.evaluation}
+            **cfg.backend, **cfg.evaluation}

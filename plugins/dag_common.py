@@ -21,6 +21,24 @@ def home() -> Path:
     return Path(os.environ.get("AGENTPIPE_HOME", "runs")).expanduser().resolve()
 
 
+def backend_param() -> Param:
+    """Model backend options for the emulate and evaluate stages, with the CLI's names (``max_model_len`` is
+    ``--max-model-len``); unknown keys are refused."""
+    from pipeline.llm.options import json_schema
+
+    schema = json_schema()
+    return Param({}, type="object", properties=schema["properties"], additionalProperties=False,
+                 description="model backend options, e.g. {\"dtype\": \"bfloat16\", \"max_model_len\": 16384, "
+                 "\"gpu_memory_utilization\": 0.85, \"tensor_parallel_size\": 2, \"enforce_eager\": false}")
+
+
+def quantization_param(what: str) -> Param:
+    from pipeline.llm.options import QUANTIZATIONS
+
+    return Param("none", type="string", enum=list(QUANTIZATIONS), description=f"{what}: int4/int8 (HF, "
+                 "bitsandbytes), fp16, bf16; vLLM: fp8 or a pre-quantized checkpoint's method (awq, gptq, …)")
+
+
 def common_params() -> dict[str, Param]:
     return {
         "compute": Param("", type="string", enum=["", "local", "slurm"],

@@ -60,7 +60,34 @@ def test_images_install_the_pinned_requirements():
     assert "COPY requirements.txt" in airflow and "pip install -r requirements.txt" in airflow
     assert torch_pin in airflow  # the same CPU torch as make setup
     gpu = (DOCKER / "worker-gpu.Dockerfile").read_text()
-    assert "requirements-gpu.txt" in gpu and "requirements.txt" in gpu
+    assert "pip install -r requirements-gpu.txt" in gpu
+    assert "-r requirements.txt" not in gpu  # the GPU lock is the whole environment: no second torch/transformers
+    # the base image's Python is the one the lock is resolved for (Ubuntu 24.04 packages 3.12, not 3.11)
+    assert re.search(r"^FROM nvidia/cuda:13[.\d]+-\w+-ubuntu24\.04$", gpu, re.M)
+    assert "python3.11" not in gpu and "(3, 12)" in gpu
     for line in (REPO / "requirements-gpu.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             assert "==" in line, f"unpinned GPU requirement: {line}"
+
+
+def test_the_gpu_lock_resolves_for_python_312_with_vllm():
+    """requirements-gpu.txt is one consistent environment: pip's resolver (metadata only, nothing installed)
+    finds every pin compatible with vllm's own for CPython 3.12 on manylinux x86-64."""
+    import subprocess
+    import sys
+
+    platforms = [a for n in range(5, 41) for a in ("--platform", f"manylinux_2_{n}_x86_64")]
+    p = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                        "--python-version", "3.12", *platforms, "--platform", "manylinux2014_x86_64",
+                        "--only-binary=:all:", "--target", "/tmp/agentpipe-gpu-lock-check",
+                        "--report", "-", "-r", str(REPO / "requirements-gpu.txt")],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    report = json.loads(p.stdout[p.stdout.index("{"):])
+    got = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in report["install"]}
+    pins = dict(line.lower().split("==") for line in (REPO / "requirements-gpu.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert {k: got.get(k) for k in pins} == pins  # nothing pinned was replaced by the resolver
+    assert got["vllm"] == "0.33.0" and got["transformers"].startswith("5.20")

@@ -73,3 +73,15 @@ def backend_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options given on the command line (or in a --spec), as ``get_backend`` keyword arguments."""
     names = ("batch_size", "dtype", *ENGINE_OPTIONS)
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of a backend-options object (the DAG params' ``backend``), from the same names and types
+    as the CLI flags, so a misspelt option is refused by the form instead of ignored."""
+    types = {int: "integer", float: "number", bool: "boolean"}
+    props: dict[str, Any] = {"dtype": {"type": "string", "enum": [*DTYPES, *DTYPE_ALIASES]},
+                             "batch_size": {"type": "integer", "minimum": 1}}
+    for name, (typ, text) in ENGINE_OPTIONS.items():
+        props[name] = {"type": types[typ], "description": text}
+    props["gpu_memory_utilization"].update(exclusiveMinimum=0, maximum=1)
+    return {"type": "object", "properties": props, "additionalProperties": False}

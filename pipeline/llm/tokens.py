@@ -8,8 +8,14 @@ from typing import Any
 
 @lru_cache(maxsize=1)
 def _cl100k() -> Any:
-    import bpe_openai  # ships the cl100k vocabulary: no download
+    try:
+        import bpe_openai  # ships the cl100k vocabulary: no download
+    except ImportError:
+        # where its 41 MB wheel cannot go (a bare GPU node): tiktoken with the same vocabulary file in
+        # TIKTOKEN_CACHE_DIR (`make gpu-wheels` puts it there), else tiktoken downloads it
+        import tiktoken
 
+        return tiktoken.get_encoding("cl100k_base")
     return bpe_openai.get_encoding("cl100k_base")
 
 
