@@ -52,8 +52,8 @@ test: setup  ## the whole test suite (what CI runs): .venv, then the vLLM tests 
 test-main: $(STAMP)  ## every test but the vLLM ones, in .venv
 	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS); $(NOTESTS)
 
-test-vllm: $(VSTAMP)  ## the tests on a real vLLM engine (CPU build), in .venv-vllm
-	$(VPY) -m pytest -m vllm -p no:cacheprovider $(PYTEST_ARGS); $(NOTESTS)
+test-vllm: $(VSTAMP)  ## the real vLLM engine tests (CPU build), and the quantized ones again on its lower transformers line
+	$(VPY) -m pytest -m "vllm or quantized" -p no:cacheprovider $(PYTEST_ARGS); $(NOTESTS)
 
 test-fast: $(STAMP)  ## skip the slow real-model tests and the vLLM engine
 	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)

@@ -35,6 +35,9 @@ def main() -> None:
     ap.add_argument("--case-set", default="demo", help="demo (8 cases, repeated) or toolemu (distinct cases)")
     ap.add_argument("--prefill", default="auto", choices=["auto", "batched", "per_request"],
                     help="the HF backend's prefill mode for the batched runner (auto: per request on CPU)")
+    ap.add_argument("--vllm", action="store_true",
+                    help="also run the batched runner on vllm:<model> (same cases and limits; run in .venv-vllm)")
+    ap.add_argument("--no-single", action="store_true", help="skip the one-case-at-a-time baseline")
     args = ap.parse_args()
     backend = get_backend(args.model, batch_size=args.cases, dtype=args.dtype, prefill=args.prefill)
     backends = {"agent": backend, "emulator": backend}
@@ -45,6 +48,18 @@ def main() -> None:
     batched = advance(episodes(args.cases, limits, args.case_set), backends)
     t_batched = time.perf_counter() - t0
     print(f"batched runner: {t_batched:.1f} s, {batched.batches} batched calls", flush=True)
+    if args.vllm:
+        v = get_backend(f"vllm:{args.model}", dtype=args.dtype, max_model_len=8192)
+        vb = {"agent": v, "emulator": v}
+        advance(episodes(1, limits, args.case_set), vb)  # warm-up (the engine's start is not counted)
+        t0 = time.perf_counter()
+        v_stats = advance(episodes(args.cases, limits, args.case_set), vb)
+        t_vllm = time.perf_counter() - t0
+        print(f"vLLM ({args.dtype}), batched runner: {t_vllm:7.1f} s, {v_stats.batches:3d} batched calls, "
+              f"{args.cases / t_vllm * 3600:8.0f} trajectories/hour; HF batched {t_batched:.1f} s "
+              f"-> vLLM/HF {t_batched / t_vllm:.2f}x", flush=True)
+    if args.no_single:
+        return
 
     t0 = time.perf_counter()
     single_calls = 0

@@ -16,6 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -208,10 +209,8 @@ def run_emulations(cfgs: list[EmulationConfig], *, agent_backend: ChatBackend | 
                 progress({"done": already + stats.done, "failed": stats.failed, "total": total,
                           "active": n_active, "batches": stats.batches, "agent_tokens": stats.agent_tokens})
 
-        appenders = {id(j): JsonlAppender(j.part) for j in active}
-        try:
-            for a in appenders.values():
-                a.__enter__()
+        with ExitStack() as stack:
+            appenders = {id(j): stack.enter_context(JsonlAppender(j.part)) for j in active}
 
             def persist(finished: list[Episode]) -> None:
                 for ep in finished:
@@ -222,9 +221,6 @@ def run_emulations(cfgs: list[EmulationConfig], *, agent_backend: ChatBackend | 
                     j.result.agent_tokens += ep.usage["agent"].completion_tokens
 
             stats = advance(episodes, lambda ep, role: route(owner[id(ep)], role), persist, report)
-        finally:
-            for a in appenders.values():
-                a.__exit__(None, None, None)
         for j in active:
             j.result.batches = stats.batches
             j.records = _load_records(j.path, j.part, j.identity, restart=False)

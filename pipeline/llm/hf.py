@@ -323,9 +323,9 @@ class HFBackend(ChatBackend):
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
             if self.prefill_per_request and len(prompts) > 1:
-                cache = self._prefill_alone(enc, names)
-                if cache is not None:  # generate then runs only each prompt's last token, batched
-                    gen_kwargs["cache"] = cache
+                prefilled = self._prefill_alone(enc, names)
+                if prefilled is not None:  # generate then runs only each prompt's last token, batched
+                    gen_kwargs[prefilled[0]] = prefilled[1]
             seqs = self.model.generate(**enc, **gen_kwargs)
         latency = time.perf_counter() - t0
         eos_ids = self._eos_ids()
@@ -348,10 +348,11 @@ class HFBackend(ChatBackend):
                                         completion_tokens=len(new), latency_s=latency / len(reqs)))
         return results
 
-    def _prefill_alone(self, enc: Any, names: list[str] | None = None) -> Any:
+    def _prefill_alone(self, enc: Any, names: list[str] | None = None) -> tuple[str, Any] | None:
         """The batch's KV cache over all but each prompt's last token, computed one unpadded prompt at a time
-        (identical prompts, e.g. an evaluation's replicates, once) and left-padded into one cache; None (use the
-        batched prefill) when the model's cache is not a plain one."""
+        (identical prompts, e.g. an evaluation's replicates, once) and left-padded into one cache, with the
+        keyword ``generate`` takes it by; None (use the batched prefill) when the model's cache is not a plain
+        one."""
         import torch
         from transformers import DynamicCache
 
@@ -367,7 +368,7 @@ class HFBackend(ChatBackend):
             key = (tuple(head[0].tolist()), names[row] if names is not None else None)
             if key not in done:
                 out = self.model(input_ids=head, use_cache=True, logits_to_keep=1, **adapter)
-                cache = getattr(out, "cache", None)
+                cache_kw, cache = _output_cache(out)
                 if cache is None or type(cache) is not DynamicCache or any(
                         type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
                     return None  # sliding-window or hybrid caches: not padded here
@@ -380,7 +381,7 @@ class HFBackend(ChatBackend):
             values = [torch.nn.functional.pad(c.layers[i].values, (0, 0, width - c.layers[i].values.shape[-2], 0))
                       for c in rows]
             layers.append((torch.cat(keys), torch.cat(values)))
-        return DynamicCache(ddp_cache_data=layers, config=self.model.config)
+        return cache_kw, DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
     def score_choices(self, requests: Sequence[ChatRequest], prefix: str, choices: Sequence[str]) -> list[list[float]]:
         """Sum of token log-probs of ``prefix + choice`` continuations' choice tokens, per request and choice
@@ -472,6 +473,14 @@ class HFBackend(ChatBackend):
         out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
         out.update(i for i in (self.tok.eos_token_id, self.tok.pad_token_id) if i is not None)
         return out
+
+
+def _output_cache(out: Any) -> tuple[str, Any]:
+    """(keyword, cache) of a forward pass's KV cache: transformers 5.2x calls it ``cache``, earlier 5.x lines
+    (the one vLLM pins) ``past_key_values``; ``generate`` takes it by the same name."""
+    fields = getattr(out, "__dataclass_fields__", {})
+    name = "cache" if "cache" in fields else "past_key_values"
+    return name, getattr(out, name, None)
 
 
 def _is_oom(e: Exception) -> bool:
