@@ -299,3 +299,14 @@ def test_trigger_serializes_round_trip():
     assert path == "plugins.slurm.trigger.SlurmJobTrigger"
     assert SlurmJobTrigger(**kwargs).serialize() == (path, kwargs)
     assert kwargs["initial_delay"] == 10.0
+
+
+def test_adapters_of_one_base_are_sized_once_and_vllm_quantizations_are_known():
+    from plugins.slurm.resources import resources_for
+
+    one = resources_for(["Qwen2.5-7B+/runs/models/a/adapter"], None, "emulate")
+    many = resources_for([f"Qwen2.5-7B+/runs/models/m{k}/adapter" for k in range(12)], None, "emulate")
+    assert many.size_b == one.size_b and many.tier == one.tier == "gpu"
+    assert resources_for(["Qwen2.5-32B"], "fp8", "emulate").tier == "gpu"  # 32 B at a byte each: a normal GPU
+    assert resources_for(["Qwen2.5-32B"], None, "emulate").tier == "big"
+    assert resources_for(["vllm:Llama3.3-70B"], "awq", "emulate").tier == "big"  # 70 B > 65 B at 4 bits

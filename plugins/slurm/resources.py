@@ -28,7 +28,11 @@ from typing import Any
 #: Abstract GPU classes the rule can ask for (mapped to --constraint by the connection's gpu_constraints).
 GPU_CLASSES = ("big",)
 #: Big-GPU thresholds in billions of parameters, by quantization.
-THRESHOLDS_B = {"none": 24.0, "fp16": 24.0, "bf16": 24.0, "int8": 35.0, "int4": 65.0}
+THRESHOLDS_B = {"none": 24.0, "fp16": 24.0, "bf16": 24.0, "int8": 35.0, "int4": 65.0,
+                # vLLM: fp8 weights take a byte per parameter; AWQ/GPTQ checkpoints are 4-bit; compressed-tensors
+                # can be anything, so it is sized as unquantized
+                "fp8": 35.0, "awq": 65.0, "gptq": 65.0, "awq_marlin": 65.0, "gptq_marlin": 65.0,
+                "compressed-tensors": 24.0}
 #: What an adapter adds to its base model's size (study: +4).
 ADAPTER_EXTRA_B = 4.0
 #: Below this total size, local models run as CPU jobs ("small").
@@ -202,7 +206,12 @@ def resources_for(models: Iterable[str | None], quantization: str | None = None,
         d = {**DEFAULT_STAGE, **{k: v for k, v in (("time", default_time), ("mem", default_mem)) if v}}
     time, mem = d["time"], d["mem"]
     cpus = int(d["cpus"])
-    sizes = [model_size_b(m) for m in models if m]
+    # adapters of one base model (several agents emulated together) and roles on one model load its weights once
+    bases: dict[str, str] = {}
+    for m in models:
+        if m:
+            bases.setdefault(m.partition("+")[0], m)
+    sizes = [model_size_b(m) for m in bases.values()]
     local = [s for s in sizes if s != 0.0]
     if d.get("cpu_only") or not local:
         return Resources(gpus=0, mem=mem, time=time, cpus=cpus, tier="cpu", size_b=0.0)
