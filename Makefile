@@ -53,7 +53,8 @@ test-main: $(STAMP)  ## every test but the vLLM ones, in .venv
 	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS); $(NOTESTS)
 
 test-vllm: $(VSTAMP)  ## the real vLLM engine tests (CPU build), and the quantized ones again on its lower transformers line
-	$(VPY) -m pytest -m "vllm or quantized" -p no:cacheprovider $(PYTEST_ARGS); $(NOTESTS)
+	$(VPY) -m pytest -m "vllm or quantized" -p no:cacheprovider tests/test_llm_vllm.py tests/test_quantized.py \
+	  $(PYTEST_ARGS); $(NOTESTS)
 
 test-fast: $(STAMP)  ## skip the slow real-model tests and the vLLM engine
 	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)

@@ -247,3 +247,15 @@ def run_dag(airflow_home):
         return dag_run, xcoms
 
     return run
+
+
+#: `make test-vllm` runs these files in .venv-vllm; the main run deselects `vllm` tests everywhere
+VLLM_TEST_FILES = {"test_llm_vllm.py", "test_quantized.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """A `vllm` test outside the files `make test-vllm` runs would never run anywhere: refuse it."""
+    stray = [item.nodeid for item in items
+             if item.get_closest_marker("vllm") and Path(str(item.fspath)).name not in VLLM_TEST_FILES]
+    if stray:
+        raise pytest.UsageError(f"tests marked vllm outside {sorted(VLLM_TEST_FILES)} (Makefile test-vllm): {stray}")

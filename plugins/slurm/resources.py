@@ -206,12 +206,13 @@ def resources_for(models: Iterable[str | None], quantization: str | None = None,
         d = {**DEFAULT_STAGE, **{k: v for k, v in (("time", default_time), ("mem", default_mem)) if v}}
     time, mem = d["time"], d["mem"]
     cpus = int(d["cpus"])
-    # adapters of one base model (several agents emulated together) and roles on one model load its weights once
-    bases: dict[str, str] = {}
+    # adapters of one base model (several agents emulated together) share one load of the base's weights
+    plain = [m for m in models if m and "+" not in m]
+    adapted: dict[str, str] = {}
     for m in models:
-        if m:
-            bases.setdefault(m.partition("+")[0], m)
-    sizes = [model_size_b(m) for m in bases.values()]
+        if m and "+" in m:
+            adapted.setdefault(m.partition("+")[0], m)
+    sizes = [model_size_b(m) for m in [*plain, *adapted.values()]]
     local = [s for s in sizes if s != 0.0]
     if d.get("cpu_only") or not local:
         return Resources(gpus=0, mem=mem, time=time, cpus=cpus, tier="cpu", size_b=0.0)
