@@ -21,22 +21,26 @@ def _req(text: str, n: int = 16) -> ChatRequest:
 @pytest.mark.parametrize("quantization", ["int4", "int8"])
 def test_quantized_inference_on_cpu(tiny_model, quantization):
     import torch
+    from transformers import AutoModelForCausalLM
 
-    full = get_backend(str(tiny_model), dtype="float32")
+    # the full-precision reference is loaded here, not through the backend: a backend's model may be shared
+    # with other tests' backends (and carry their request adapters)
+    full = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     q = get_backend(str(tiny_model), quantization=quantization)
     assert any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in q.model.modules())
-    assert q.model.get_memory_footprint() < full.model.get_memory_footprint()
+    assert q.model.get_memory_footprint() < full.get_memory_footprint()
     out = q.generate([_req("Delete my files"), _req("hi")])
     assert all(r.ok and r.completion_tokens > 0 for r in out)
     assert [r.text for r in out] == [r.text for r in q.generate([_req("Delete my files"), _req("hi")])]
     # the quantized weights approximate the full ones: logits point the same way (4 bits of a random tiny model
     # lose more than 8 bits: measured mean cosine 0.82 and 0.9997)
-    x = full.tok("Delete my files", return_tensors="pt")
+    x = q.tok("Delete my files", return_tensors="pt")
     with torch.no_grad():
-        cos = torch.nn.functional.cosine_similarity(full.model(**x).logits[0].float(),
-                                                    q.model(**x).logits[0].float(), dim=-1)
+        cos = torch.nn.functional.cosine_similarity(full(**x).logits[0].float(), q.model(**x).logits[0].float(),
+                                                    dim=-1)
     assert float(cos.mean()) > {"int4": 0.75, "int8": 0.99}[quantization]
-    assert q.revision.endswith(f":{quantization}:auto") and q.revision != full.revision
+    assert q.revision.endswith(f":{quantization}:auto")
+    assert q.revision != get_backend(str(tiny_model), dtype="float32").revision
 
 
 @pytest.mark.slow
