@@ -12,6 +12,7 @@ requirements-gpu.txt; tests use the CPU build in ``.venv-vllm``.
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 from collections.abc import Sequence
@@ -132,6 +133,8 @@ class VLLMBackend(ChatBackend):
         key = engine_key(args)
         if key not in _ENGINES:
             memory = gpu_memory_utilization if gpu_memory_utilization is not None else default_memory_budget()
+            if not _ENGINES:  # stop engines in order at exit, not by the engine core finding its parent gone
+                atexit.register(shutdown_engines)
             try:
                 _ENGINES[key] = vllm.LLM(**args, gpu_memory_utilization=memory)
             except (ValueError, OSError, RuntimeError) as e:
