@@ -65,6 +65,8 @@ def test_qlora_int4_trains_on_cpu_loads_quantized_and_merges_into_full_precision
     hist = [h for h in res.metrics["log_history"] if "loss" in h and "rewards/margins" in h]
     assert hist[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.05 and hist[-1]["rewards/margins"] > 0
+    print(f"\nQLoRA int4 tiny: loss {hist[0]['loss']:.4f} -> {hist[-1]['loss']:.4f}, margin "
+          f"{hist[-1]['rewards/margins']:.3f}, {res.metrics['train_wall_s']} s for 10 steps")
     cfg = json.loads((res.out / "training_config.json").read_text())
     assert cfg["config"]["quantization"] == "int4" and res.metrics["device"] == "cpu"
     adapter = res.adapter
@@ -78,6 +80,7 @@ def test_qlora_int4_trains_on_cpu_loads_quantized_and_merges_into_full_precision
     # merged into the full-precision base: the merge's own logit check, then against base+adapter reloaded
     m = merge(adapter, tracking_uri=DOWN)
     assert m.max_abs_logit_diff <= 1e-3
+    print(f"merge into full precision: max |logit diff| {m.max_abs_logit_diff:.2e}")
     tok = AutoTokenizer.from_pretrained(adapter)
     x = tok.apply_chat_template(toy_pair(3)["prompt"], tokenize=True, return_tensors="pt", return_dict=True)
     from peft import PeftModel
