@@ -274,3 +274,63 @@ def test_several_agents_from_the_command_line_and_a_spec_list(tmp_path, tiny_mod
                         f"{tiny_model}+{tiny_adapters[1]}", "--emulator", "scripted:emulator", "--agent-label", "x")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "agentpipe: error: --agent-label names one agent's files; it cannot be used with several --agent"]
+
+
+def test_a_second_emulate_on_the_same_output_refuses_at_once(tmp_path, tiny_model):
+    """One writer per run file: a second `agentpipe emulate` on the output another process is writing (an Airflow
+    retry while the first Slurm job still runs) refuses in one line naming the holder; nothing is touched."""
+    from tests.conftest import run_agentpipe
+
+    args = ["emulate", "--agent", str(tiny_model), "--emulator", "scripted:emulator", "--cases", "0-144",
+            "--max-steps", "3", "--max-tokens-per-call", "64", "--out", str(tmp_path), "--no-progress"]
+    exe = Path(sys.executable).with_name("agentpipe")
+    first = subprocess.Popen([str(exe), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob("*/*.jsonl.part")):  # the first process holds the lock and is working
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "the first emulate never started"
+            time.sleep(0.2)
+        [part] = list(tmp_path.glob("*/*.jsonl.part"))
+        before = part.read_bytes()
+        t0 = time.monotonic()
+        second = run_agentpipe(*args)
+        assert time.monotonic() - t0 < 30 and first.poll() is None
+        assert second.returncode == 2
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and "another process is writing this run file (pid " in lines[0], second.stderr
+        assert f"pid {first.pid} on " in lines[0] and "--wait" in lines[0]
+        assert part.read_bytes()[: len(before)] == before  # the first writer's journal is untouched
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+
+
+def test_emulate_wait_waits_for_the_other_writer(tmp_path):
+    import threading
+
+    from pipeline.data.cases import load_named_case_set
+    from pipeline.data.locks import writer_lock
+    from pipeline.emulation.runner import plan
+    from tests.conftest import run_agentpipe
+
+    cfg = _cfg(tmp_path, case_set="demo", case_range=(0, 2))
+    path = plan(cfg, load_named_case_set("demo"))[2]
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with writer_lock(path):
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    threading.Timer(2.0, release.set).start()
+    t0 = time.monotonic()
+    p = run_agentpipe("emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--case-set", "demo",
+                      "--cases", "0-2", "--out", str(tmp_path), "--wait", "--no-progress")
+    t.join()
+    assert p.returncode == 0, p.stderr
+    assert time.monotonic() - t0 >= 1.5  # it waited for the holder
+    assert len(read_jsonl(path).records) == 2

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -328,3 +329,23 @@ def test_sampled_choice_scores_draw_independently_per_line():
     assert again.fields["eval_scores"]["ToolCallRisk"] == scores[7]
     assert len({choice_seed(0, "agent_safe", prompt(7)), choice_seed(1, "agent_safe", prompt(7)),
                 choice_seed(0, "agent_help", prompt(7))}) == 3
+
+
+def test_a_second_evaluation_of_the_same_file_refuses_at_once(tmp_path):
+    from pipeline.data.locks import writer_lock
+    from pipeline.llm.spec import parse_model_spec
+    from tests.conftest import run_agentpipe
+
+    traj = run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", case_set="demo",
+                                         case_range=(0, 2), out_dir=tmp_path)).path
+    target = traj.with_name(traj.name.replace("eval-none", f"eval-{parse_model_spec('scripted:judge').name}"))
+    with writer_lock(target):  # another evaluation holds this trajectory file
+        p = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--no-progress")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == [
+        f"agentpipe: error: {target}: another process is writing this trajectory file's evaluation (pid "
+        f"{os.getpid()} on {socket.gethostname()} since {json.loads(Path(str(target) + '.lock').read_text())['since']});"
+        " wait for it to finish or rerun with --wait"]
+    assert not list(tmp_path.glob("*/*_eval_*.jsonl"))
+    ok = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--no-progress")
+    assert ok.returncode == 0, ok.stderr

@@ -34,7 +34,8 @@ def file_digest(path: str | Path) -> str:
     """sha256 of a file (of every file below it, in path order, for a folder)."""
     p = Path(path)
     h = hashlib.sha256()
-    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    # writer lock files (pipeline.data.locks) say who wrote, not what: they are not part of a folder's contents
+    files = sorted(x for x in p.rglob("*") if x.is_file() and x.suffix != ".lock") if p.is_dir() else [p]
     for f in files:
         h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
         with open(f, "rb") as fh:

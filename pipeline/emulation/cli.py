@@ -51,7 +51,7 @@ def _cmd_emulate(args: argparse.Namespace) -> int:
     ) for agent in agents]
     bar = _progress_bar(args.no_progress)
     try:
-        results = run_emulations(cfgs, restart=args.restart, progress=bar.update if bar else None)
+        results = run_emulations(cfgs, restart=args.restart, progress=bar.update if bar else None, wait=args.wait)
     finally:
         if bar:
             bar.close()
@@ -136,6 +136,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", help="cache LLM responses on disk for these roles: agent,emulator")
     p.add_argument("--out", type=_path, help="output root (default $AGENTPIPE_HOME/trajectories)")
     p.add_argument("--restart", action="store_true", help="discard partial output of an earlier run and start over")
+    p.add_argument("--wait", action="store_true",
+                   help="when another process is writing the same run file, wait for it (default: refuse at once)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--spec", help="JSON file of these options (stage spec, as the Airflow operator passes)")
     add_backend_arguments(p, quantization_help="agent weights (the emulator runs unquantized)")

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipeline.data.cases import CaseSet, load_named_case_set
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
+from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import is_complete as manifest_complete
 from pipeline.data.manifest import write_manifest
 from pipeline.data.naming import RunFileName, extract_seed, file_quantization, sanitize_model_name
@@ -142,10 +143,10 @@ def _load_records(path: Path, part: Path, identity: dict[str, Any], restart: boo
 
 def run_emulation(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = None,
                   emulator_backend: ChatBackend | None = None, restart: bool = False,
-                  progress: Callable[[dict[str, Any]], None] | None = None) -> EmulationResult:
+                  progress: Callable[[dict[str, Any]], None] | None = None, wait: bool = False) -> EmulationResult:
     """Emulate every planned case of ``cfg``; resumable and idempotent (see the module docstring)."""
     return run_emulations([cfg], agent_backend=agent_backend, emulator_backend=emulator_backend, restart=restart,
-                          progress=progress)[0]
+                          progress=progress, wait=wait)[0]
 
 
 @dataclass
@@ -168,24 +169,36 @@ class _Job:
 
 def run_emulations(cfgs: list[EmulationConfig], *, agent_backend: ChatBackend | None = None,
                    emulator_backend: ChatBackend | None = None, restart: bool = False,
-                   progress: Callable[[dict[str, Any]], None] | None = None) -> list[EmulationResult]:
+                   progress: Callable[[dict[str, Any]], None] | None = None,
+                   wait: bool = False) -> list[EmulationResult]:
     """Emulate several agents on one emulator together: every agent's episodes advance in the same batched
     calls, and agents that are adapters of one base model are answered by one backend (one engine or loaded
     model, one batch). Each agent gets its own run file, identical to running it alone. The configurations
-    must agree on everything but the agent (and its label)."""
-    t0 = time.monotonic()
+    must agree on everything but the agent (and its label). One process writes a run file at a time: another
+    one on the same file refuses at once (or, with ``wait``, waits for it)."""
     if not cfgs:
         return []
     _check_compatible(cfgs)
     first = cfgs[0]
     if first.emulator_mode not in ("adversarial", "standard"):
         raise ConfigError(f"--emulator-mode {first.emulator_mode}: expected adversarial or standard")
-    compat = get_compat(first.compat)
     case_set = load_named_case_set(first.case_set)
-    jobs = [_prepare(cfg, case_set, compat.name, restart) for cfg in cfgs]
-    paths = [j.path for j in jobs]
+    paths = [plan(cfg, case_set)[2] for cfg in cfgs]
     if len(set(paths)) != len(paths):
         raise ConfigError("--agent: two agents would write the same run file; give each a distinct --agent-label")
+    with ExitStack() as locks:
+        for path in paths:
+            locks.enter_context(writer_lock(path, wait=wait, what="run file"))
+        return _run_locked(cfgs, case_set, agent_backend, emulator_backend, restart, progress)
+
+
+def _run_locked(cfgs: list[EmulationConfig], case_set: CaseSet, agent_backend: ChatBackend | None,
+                emulator_backend: ChatBackend | None, restart: bool,
+                progress: Callable[[dict[str, Any]], None] | None) -> list[EmulationResult]:
+    t0 = time.monotonic()
+    first = cfgs[0]
+    compat = get_compat(first.compat)
+    jobs = [_prepare(cfg, case_set, compat.name, restart) for cfg in cfgs]
     active = [j for j in jobs if j.todo]
     if active:
         max_steps = compat.max_steps if first.max_steps == -1 else first.max_steps

@@ -35,7 +35,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     show = not args.no_progress and sys.stderr.isatty()
     try:
-        res = run_evaluation(cfg, progress=progress if show else None)
+        res = run_evaluation(cfg, progress=progress if show else None, wait=args.wait)
     finally:
         for bar in bars:
             bar.close()
@@ -110,6 +110,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace eval files not written by this configuration")
     p.add_argument("--chunk-size", type=int, default=256, help="requests per batched call (progress is saved after each)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--wait", action="store_true",
+                   help="when another process is evaluating the same trajectory file, wait for it (default: refuse)")
     p.add_argument("--spec", help="JSON file of these options")
     add_backend_arguments(p, quantization_help="judge weights")
     p.set_defaults(func=_cmd_evaluate)

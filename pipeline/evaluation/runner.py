@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from pipeline.data.cases import load_named_case_set
 from pipeline.data.jsonl import JsonlAppender, atomic_write_jsonl, read_jsonl
+from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import is_complete as manifest_complete
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.data.naming import parse_run_filename
@@ -98,7 +99,9 @@ def _target_trajectory(path: Path, evaluator_name: str) -> Path:
 
 
 def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> EvaluationResult:
+                   progress: Callable[[int, int], None] | None = None, wait: bool = False) -> EvaluationResult:
+    """Judge a trajectory file (resumable; see the module docstring). One process evaluates a trajectory file
+    at a time: another one on the same file refuses at once (or, with ``wait``, waits for it)."""
     t0 = time.monotonic()
     eval_types = eval_types_for(cfg.metrics)
     if cfg.replicates < 1:
@@ -119,7 +122,14 @@ def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
     target = _target_trajectory(path, evaluator_name)
     tname = parse_run_filename(target.name)
     result = EvaluationResult(target, {t: target.with_name(tname.eval_file(t).filename()) for t in eval_types})
+    with writer_lock(target, wait=wait, what="trajectory file's evaluation"):
+        _evaluate_locked(cfg, backend, progress, trajectories, target, result)
+    result.wall_s = time.monotonic() - t0
+    return result
 
+
+def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progress: Callable[[int, int], None] | None,
+                     trajectories: list[Any], target: Path, result: EvaluationResult) -> None:
     records = [t.model_dump(exclude_unset=True) for t in trajectories]
     todo: dict[str, list[tuple[int, int]]] = {}
     done: dict[str, dict[tuple[int, int], dict]] = {}
@@ -147,8 +157,6 @@ def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
             write_manifest(out, stage="evaluate", config=cfg.identity(t), inputs={"trajectories": target},
                            counts=_counts(read_jsonl(out).records, SCORE_KEYS[t]))
             _part(out).unlink(missing_ok=True)
-    result.wall_s = time.monotonic() - t0
-    return result
 
 
 def _part(out: Path) -> Path:

@@ -85,18 +85,11 @@ def is_complete(folder: Path, recipe: dict) -> bool:
 
 @contextlib.contextmanager
 def _lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock on ``path`` (a no-op where ``fcntl`` is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    """An exclusive inter-process lock on ``path``."""
+    from pipeline.data.locks import file_lock
+
+    with file_lock(path):
         yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _clean_stale_temps(target: Path, max_age_s: float = 3600) -> None:

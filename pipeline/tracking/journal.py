@@ -119,21 +119,10 @@ def _context_tags() -> dict[str, str]:
 @contextlib.contextmanager
 def _locked(folder: Path, blocking: bool = True) -> Iterator[bool]:
     """An exclusive lock on the folder's sync lock file; yields False when ``blocking=False`` and it is taken."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield True
-        return
-    with open(folder / _LOCK, "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    from pipeline.data.locks import file_lock
+
+    with file_lock(folder / _LOCK, blocking=blocking) as (acquired, _):
+        yield acquired
 
 
 # --------------------------------------------------------------------------------------------------- sync state
