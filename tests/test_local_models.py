@@ -263,3 +263,33 @@ def test_smollm2_answers_capital_of_france(smollm2_dir: Path) -> None:
         out = model.generate(**enc, max_new_tokens=20, do_sample=False)
     answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_an_unknown_hub_model_fails_fast_in_one_line(monkeypatch):
+    import time
+
+    from pipeline.errors import ConfigError
+    from pipeline.llm import get_backend
+    from pipeline.llm.local_models import check_hub_model
+    from tests.conftest import run_agentpipe
+
+    import pipeline.llm.hf  # noqa: F401 - the backend's imports (torch) are not what is timed
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="model 'NoSuchOrg/no-such-model': not in the local Hub cache and "
+                                          "HF_HUB_OFFLINE is set"):
+        get_backend("NoSuchOrg/no-such-model")
+    assert time.monotonic() - t0 < 2
+    # the Hub not answering (a closed port on this machine stands for it): one line, no minute of retries
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=r"not in the local Hub cache and the Hub \(127.0.0.1\) is unreachable"):
+        check_hub_model("NoSuchOrg/no-such-model")
+    assert time.monotonic() - t0 < 2
+    p = run_agentpipe("llm", "chat", "hi", "--model", "NoSuchOrg/no-such-model",
+                      env={"HF_HUB_OFFLINE": "", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "agentpipe: error: model 'NoSuchOrg/no-such-model': not in the local Hub cache and the Hub (127.0.0.1) is "
+        "unreachable; give a local folder or download it where the Hub can be reached"]

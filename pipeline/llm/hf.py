@@ -85,6 +85,9 @@ def load_model(spec: ModelSpec, *, dtype: str = "auto", quantization: str | None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _resolve(spec.load_id)
+    from pipeline.llm.local_models import check_hub_model
+
+    check_hub_model(path)
     kwargs: dict[str, Any] = {}
     if quantization in ("int4", "int8"):
         try:

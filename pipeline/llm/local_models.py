@@ -300,3 +300,29 @@ def resolve_local_model(model_id: str) -> str:
     """The local folder (built on first use) for ids in :data:`LOCAL_MODELS`; any other id unchanged."""
     builder = LOCAL_MODELS.get(model_id)
     return str(builder()) if builder is not None else model_id
+
+
+def check_hub_model(model_id: str, timeout_s: float = 1.5) -> None:
+    """Before loading ``model_id`` (what :func:`resolve_local_model` returned): raise ``ConfigError`` at once when
+    it is no local folder and neither in the local Hub cache nor fetchable (offline mode set, or the Hub endpoint
+    not answering within ``timeout_s``), instead of a minute of retries before the same conclusion."""
+    if Path(model_id).expanduser().exists():
+        return
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if "/" not in model_id.strip("/") or model_id.startswith((".", "/", "~")):
+        raise ConfigError(f"model '{model_id}': no such local folder, and not a Hub id (owner/name)")
+    if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+        return  # cached: transformers loads it offline
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise ConfigError(f"model '{model_id}': not in the local Hub cache and HF_HUB_OFFLINE is set (download it "
+                          "first or give a local folder)")
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname or "", endpoint.port or 443), timeout=timeout_s).close()
+    except OSError:
+        raise ConfigError(f"model '{model_id}': not in the local Hub cache and the Hub ({endpoint.hostname}) is "
+                          "unreachable; give a local folder or download it where the Hub can be reached") from None

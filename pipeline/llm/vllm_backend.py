@@ -132,6 +132,9 @@ class VLLMBackend(ChatBackend):
         self.model_path = args["model"]
         key = engine_key(args)
         if key not in _ENGINES:
+            from pipeline.llm.local_models import check_hub_model
+
+            check_hub_model(self.model_path)
             memory = gpu_memory_utilization if gpu_memory_utilization is not None else default_memory_budget()
             if not _ENGINES:  # stop engines in order at exit, not by the engine core finding its parent gone
                 atexit.register(shutdown_engines)

@@ -77,7 +77,7 @@ def resolve_model_path(model: str) -> str:
     """What ``from_pretrained`` loads for a base spec: a local folder (a trained model folder means its
     ``merged/``), an offline model built on demand, or a Hub id."""
     from pipeline.data.naming import expand_model_name
-    from pipeline.llm.local_models import resolve_local_model
+    from pipeline.llm.local_models import check_hub_model, resolve_local_model
 
     if _looks_like_path(model):
         p = Path(model).expanduser()
@@ -87,7 +87,9 @@ def resolve_model_path(model: str) -> str:
             return str((p / "merged").resolve())
         raise ConfigError(f"--model {model}: not a model folder (no config.json"
                           f"{'; merge the adapter first with `agentpipe merge`' if (p / ADAPTER).is_dir() else ''})")
-    return resolve_local_model(expand_model_name(model))
+    path = resolve_local_model(expand_model_name(model))
+    check_hub_model(path)
+    return path
 
 
 def lineage(model: str, dataset: str, seed: int, beta: float) -> dict[str, str]:
