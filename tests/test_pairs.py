@@ -374,3 +374,27 @@ def test_released_data_cli_both_seed0(released_runs, tmp_path):
                and min(p["chosen_score"], p["chosen_score2"]) >= 2 for p in pairs)
     stats = json.loads((tmp_path / "both_q32_s0.stats.json").read_text())
     assert sum(stats["pairs_per_case"].values()) == len(pairs) and stats["load"]["items"] == 3888 - 72 * 27
+
+
+def test_a_folder_judged_by_two_judges_is_refused_unless_one_is_chosen(five_models, tmp_path):
+    """A trajectory evaluated by a second judge is stored again under that judge's name: pairing both would pair
+    a trajectory with itself. `pairs` refuses and names the judges; --judge picks one."""
+    import shutil
+
+    one_judge = models(pairs_of(five_models, metric="safe"))
+    for f in sorted(five_models.rglob("*eval-judge*.jsonl")):  # the same trajectories judged by "judge-b"
+        shutil.copyfile(f, f.with_name(f.name.replace("eval-judge", "eval-judge-b")))
+    out = tmp_path / "pairs"
+    args = ["pairs", "--data-dir", str(five_models), "--metric", "safe", "--cases", "demo", "--evaluator", "toy",
+            "--out", str(out)]
+    r = run_agentpipe(*args)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"agentpipe: error: --data-dir {five_models}: evaluations by 2 judges (judge, judge-b); pairs take one "
+        "judge's scores: choose one with --judge"]
+    assert not out.exists()
+    r = run_agentpipe(*args, "--judge", "judge-b")
+    assert r.returncode == 0, r.stderr
+    pairs = load_pairs(out / "safe_toy.jsonl")
+    assert models(pairs) == one_judge and len(pairs) == 5  # as with one judge alone: no trajectory twice
+    r = run_agentpipe(*args, "--judge", "judge-c", "--force")
+    assert r.returncode == 2 and "--judge judge-c: no evaluations by that judge" in r.stderr

@@ -60,6 +60,10 @@ def find_run_files(root: str | Path) -> list[RunFile]:
         traj = path.with_name(name.trajectory().filename())
         if traj not in trajectories:
             raise DataError(f"{path}: eval file without its trajectory file {traj.name}")
+        earlier = trajectories[traj].eval_files.get(name.eval_type)  # type: ignore[arg-type]
+        if earlier is not None:
+            raise DataError(f"{traj}: two {name.eval_type} eval files for one trajectory file: {earlier.name} and "
+                            f"{path.name}; keep one")
         trajectories[traj].eval_files[name.eval_type] = path  # type: ignore[index]
     run_files = list(trajectories.values())
     check_no_overlap(run_files)

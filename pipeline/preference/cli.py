@@ -25,7 +25,8 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
     out = Path(args.out)
     path = out / f"{name}.jsonl"
     manifest_config = {
-        "pairs": {k: v for k, v in vars(cfg).items()}, "evaluator": evaluator, "cases": args.cases,
+        "pairs": {k: v for k, v in vars(cfg).items()}, "evaluator": evaluator, "judge": args.judge,
+        "cases": args.cases,
         "tokenizer": args.tokenizer, "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
         "inputs": {str(d.resolve()): file_digest(d) for d in run_dirs if d.is_dir()},
     }
@@ -34,7 +35,7 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         return 0
     case_set = load_named_case_set(args.cases, get_settings().resolved_data_dir)
     result = build_pair_set(run_dirs, cfg, evaluator=evaluator, case_set=case_set, tokenizer=tokenizer,
-                            max_length=args.max_length, max_prompt_length=args.max_prompt_length)
+                            max_length=args.max_length, max_prompt_length=args.max_prompt_length, judge=args.judge)
     write_pair_set(result, out, manifest_config=manifest_config)
     s = result.stats
     dropped = f", {s['dropped_too_long']} dropped as too long" if tokenizer is not None else ""
@@ -81,6 +82,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["train", "test", "all"],
                    help="which cases of the seed's split (default train with --seed, all without)")
     p.add_argument("--evaluator", help="evaluator name used in the file name (default: the run folder's name)")
+    p.add_argument("--judge", help="the judge whose evaluations are paired, when the folders hold several (the "
+                   "evaluator part of the run-file names, e.g. Qwen_Qwen3-32B, or its model spec)")
     p.add_argument("--cases", default="toolemu", help="case set for the toolkits in the prompt (default toolemu)")
     p.add_argument("--tokenizer", metavar="MODEL",
                    help="drop pairs longer than --max-length/--max-prompt-length tokens with this model's chat "

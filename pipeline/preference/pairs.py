@@ -179,11 +179,13 @@ def item_score(ev: EvalRecord, metric: str, consistency: str = "none", where: st
 
 
 def load_items(run_dirs: Sequence[str | Path], metrics: Sequence[str], consistency: str = "none",
-               cases: set[int] | None = None) -> tuple[list[Item], LoadStats]:
+               cases: set[int] | None = None, judge: str | None = None) -> tuple[list[Item], LoadStats]:
     """Scored items from every trajectory file below ``run_dirs``, in load order (sorted paths, then lines).
 
     An item keeps the metrics it has a usable score for; items without a metric-1 score are dropped.
-    ``cases`` restricts loading to those case indices (the split).
+    ``cases`` restricts loading to those case indices (the split). Pairs come from one judge's scores: when the
+    folders hold evaluations by several judges (a trajectory judged twice is stored once per judge), ``judge``
+    (the evaluator part of the file names, or its model spec) selects one; without it that is an error.
     """
     stats = LoadStats()
     run_files: list[RunFile] = []
@@ -192,6 +194,7 @@ def load_items(run_dirs: Sequence[str | Path], metrics: Sequence[str], consisten
         if not found:
             raise DataError(f"{d}: no trajectory files found")
         run_files.extend(found)
+    run_files = select_judge(run_files, judge, run_dirs)
     run_files.sort(key=lambda rf: str(rf.path))
     eval_types = [METRICS[m] for m in metrics]
     for rf in run_files:
@@ -236,6 +239,24 @@ def load_items(run_dirs: Sequence[str | Path], metrics: Sequence[str], consisten
                               file_name=rf.path.name, line=line))
     stats.items = len(items)
     return items, stats
+
+
+def select_judge(run_files: list[RunFile], judge: str | None, run_dirs: Sequence[str | Path]) -> list[RunFile]:
+    """The run files of one judge (see ``load_items``)."""
+    judges = sorted({rf.name.evaluator for rf in run_files})
+    where = ", ".join(str(d) for d in run_dirs)
+    if judge is None:
+        if len(judges) > 1:
+            raise ConfigError(f"--data-dir {where}: evaluations by {len(judges)} judges ({', '.join(judges)}); pairs "
+                              "take one judge's scores: choose one with --judge")
+        return run_files
+    from pipeline.llm.spec import parse_model_spec
+
+    names = {judge, parse_model_spec(judge).name}
+    chosen = [rf for rf in run_files if rf.name.evaluator in names]
+    if not chosen:
+        raise ConfigError(f"--judge {judge}: no evaluations by that judge under {where} (found: {', '.join(judges)})")
+    return chosen
 
 
 @dataclass
@@ -398,8 +419,8 @@ class PairSetResult:
 
 def build_pair_set(run_dirs: Sequence[str | Path], cfg: PairConfig, *, evaluator: str | None = None,
                    case_set: Any = None, tokenizer: Any = None, max_length: int = 8192,
-                   max_prompt_length: int = 8192, items: tuple[list[Item], LoadStats] | None = None
-                   ) -> PairSetResult:
+                   max_prompt_length: int = 8192, items: tuple[list[Item], LoadStats] | None = None,
+                   judge: str | None = None) -> PairSetResult:
     """Load, pair, render and validate one pair set.
 
     ``evaluator`` names the set (default: the run folders' base names joined by ``+``); ``case_set`` supplies the
@@ -415,7 +436,7 @@ def build_pair_set(run_dirs: Sequence[str | Path], cfg: PairConfig, *, evaluator
 
         case_set = load_named_case_set("toolemu")
     loaded, load_stats = items if items is not None else load_items(run_dirs, cfg.metrics, cfg.consistency,
-                                                                   cfg.cases())
+                                                                   cfg.cases(), judge=judge)
     wanted = cfg.cases()
     if wanted is not None:
         loaded = [it for it in loaded if it.case_idx in wanted]
