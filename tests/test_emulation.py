@@ -334,3 +334,16 @@ def test_emulate_wait_waits_for_the_other_writer(tmp_path):
     assert p.returncode == 0, p.stderr
     assert time.monotonic() - t0 >= 1.5  # it waited for the holder
     assert len(read_jsonl(path).records) == 2
+
+
+def test_an_output_path_that_cannot_be_written_is_one_line(tmp_path):
+    from tests.conftest import run_agentpipe
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the output folder should be")
+    p = run_agentpipe("emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--case-set", "demo",
+                      "--cases", "0-2", "--out", str(blocker / "runs"), "--no-progress")
+    assert p.returncode == 2
+    [line] = p.stderr.strip().splitlines()
+    assert line.startswith("agentpipe: error: ") and "cannot write here (Not a directory: " in line
+    assert str(blocker) in line and blocker.read_text() == "a file where the output folder should be"

@@ -63,7 +63,8 @@ def writer_lock(output: str | Path, *, wait: bool = False, what: str = "output")
                                      "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
                 fh.flush()
             yield
-    except PermissionError as e:
+    except (PermissionError, NotADirectoryError, FileExistsError, IsADirectoryError) as e:
+        # an unwritable folder, or a file where a folder is expected: one line naming the path, not a traceback
         raise ConfigError(f"{output}: cannot write here ({e.strerror}: {e.filename})") from None
 
 
