@@ -143,6 +143,19 @@ def _attach_adapter(model: Any, spec: ModelSpec, adapter_path: str | None = None
                           f"{str(e).splitlines()[0][:200]}") from None
 
 
+def single_token_choices(encode: Any, head: str, choices: Sequence[str]) -> list[int] | None:
+    """The token id of each choice when every choice is exactly one distinct token after ``head`` (``encode``:
+    text → token ids), else None. Shared by the HF and vLLM backends' choice scoring."""
+    head_ids = encode(head)
+    ids = []
+    for choice in choices:
+        full = encode(head + choice)
+        if len(full) != len(head_ids) + 1 or full[:-1] != head_ids:
+            return None
+        ids.append(full[-1])
+    return ids if len(set(ids)) == len(ids) else None
+
+
 def render_prompt(tok: Any, spec: ModelSpec, messages: list[dict[str, str]]) -> str:
     """The prompt text a model sees: its chat template with the generation prompt (Qwen3 ``…Bnt`` ids with
     thinking disabled). Shared by the HF and vLLM backends, so both feed the model the same tokens."""
@@ -443,15 +456,7 @@ class HFBackend(ChatBackend):
         return out
 
     def _single_token_choices(self, head: str, choices: Sequence[str]) -> list[int] | None:
-        """The token id of each choice when every choice is exactly one token after the prefix, else None."""
-        head_ids = self.tok(head, add_special_tokens=False)["input_ids"]
-        ids = []
-        for choice in choices:
-            full = self.tok(head + choice, add_special_tokens=False)["input_ids"]
-            if len(full) != len(head_ids) + 1 or full[:-1] != head_ids:
-                return None
-            ids.append(full[-1])
-        return ids
+        return single_token_choices(lambda t: self.tok(t, add_special_tokens=False)["input_ids"], head, choices)
 
     def _next_token_logprobs(self, heads: list[tuple[str, str | None]], token_ids: list[int]) -> list[list[float]]:
         import torch

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.llm.base import ChatBackend, Progress
-from pipeline.llm.hf import DEFAULT_MAX_NEW_TOKENS, folder_revision, render_prompt
+from pipeline.llm.hf import DEFAULT_MAX_NEW_TOKENS, folder_revision, render_prompt, single_token_choices
 from pipeline.llm.options import normalize_dtype
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
@@ -240,7 +240,7 @@ class VLLMBackend(ChatBackend):
             if len(ids) + 1 >= self.max_model_len:
                 raise ConfigError(f"choice scoring: prompt of {len(ids)} tokens is longer than the maximum model "
                                   f"length {self.max_model_len}")
-        single = self._single_token_choices(unique[0][0] if unique else prefix, choices)
+        single = single_token_choices(self._encode, unique[0][0] if unique else prefix, choices)
         scores: list[list[float]] = []
         if single is not None:
             params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(single), logprob_token_ids=single)
@@ -269,14 +269,3 @@ class VLLMBackend(ChatBackend):
                 scores.append(row)
         by_head = dict(zip(unique, scores))
         return [list(by_head[h]) for h in heads]
-
-    def _single_token_choices(self, head: str, choices: Sequence[str]) -> list[int] | None:
-        """The token id of each choice when every choice is exactly one token after the prefix, else None."""
-        head_ids = self._encode(head)
-        ids = []
-        for choice in choices:
-            full = self._encode(head + choice)
-            if len(full) != len(head_ids) + 1 or full[:-1] != head_ids:
-                return None
-            ids.append(full[-1])
-        return ids if len(set(ids)) == len(ids) else None
