@@ -12,9 +12,18 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from pipeline.analysis.run import AnalyzeConfig
+from pipeline.emulation.runner import EmulationConfig
+from pipeline.evaluation.runner import EvaluationConfig
+from pipeline.preference.stage import PairsConfig
+from pipeline.training.config import TrainConfig
 from plugins.dag_common import (PARENT_RUN, DEFAULT_ARGS, backend_param, common_params, finish_tracking, home,
-                                start_tracking)
+                                options_param, stage_param, start_tracking)
 from plugins.stage_operator import StageOperator
+
+#: options the experiment's plan sets itself (pipeline.experiment)
+_PLANNED_EMULATE = ("agent", "emulator", "evaluator", "case_set", "cases", "out", "test_only", "seed", "no_progress")
+_PLANNED_EVALUATE = ("trajectories", "evaluator", "no_progress")
 
 ANALYSIS = Asset("agentpipe://analysis")
 _ARM = {"type": "object", "required": ["name", "pool", "evaluator"],
@@ -44,12 +53,14 @@ _ARM = {"type": "object", "required": ["name", "pool", "evaluator"],
         "emulator": Param("SmolLM2-135M", type="string", minLength=1),
         "case_set": Param("demo", type="string", minLength=1),
         "cases": Param("", type="string", pattern="^([0-9]+-[0-9]+)?$", description="START-END (default: all)"),
-        "emulation": Param({}, type="object", description="extra emulate options, e.g. {\"max_steps\": 3}"),
-        "evaluation": Param({}, type="object", description="extra evaluate options, e.g. {\"replicates\": 3}"),
+        "emulation": options_param(EmulationConfig, _PLANNED_EMULATE, '{"max_steps": 3}'),
+        "evaluation": options_param(EvaluationConfig, _PLANNED_EVALUATE, '{"replicates": 3}'),
         "backend": backend_param(),
-        "train": Param({}, type="object", description="extra train options, e.g. {\"max_steps\": 10}"),
-        "pairs": Param({}, type="object", description="extra pairs options, e.g. {\"min_score_difference\": 1}"),
-        "n_bootstrap": Param(1000, type="integer", minimum=0),
+        "train": options_param(TrainConfig, ("model", "pairs", "seed", "beta", "out"), '{"max_steps": 10}'),
+        "pairs": options_param(PairsConfig, ("data_dir", "evaluator", "cases", "seed", "split", "out", "metric",
+                                             "metric2"),
+                               '{"min_score_difference": 1}'),
+        "n_bootstrap": stage_param(AnalyzeConfig, "n_bootstrap"),
         **common_params(),
     },
 )
@@ -74,7 +85,7 @@ def dpo_experiment():
                                evaluation=dict(p["evaluation"]), backend=dict(p["backend"]),
                                train=dict(p["train"]), pairs=dict(p["pairs"]), n_bootstrap=p["n_bootstrap"])
         result = plan_experiment(cfg, root).as_dict()
-        atomic_write_json(root / "analysis" / p["name"] / "plan.json", result)
+        atomic_write_json(root / "experiments" / p["name"] / "plan.json", result)  # beside, not inside, the analysis
         return result
 
     @task

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag
 
-from plugins.dag_common import DEFAULT_ARGS, common_params, home
+from pipeline.evaluation.repair import RerunFailedConfig
+from plugins.dag_common import DEFAULT_ARGS, common_params, home, stage_param
 from plugins.stage_operator import StageOperator
 
 
@@ -23,9 +24,9 @@ from plugins.stage_operator import StageOperator
     params={
         "runs": Param("", type="string", description="folder to scan (default $AGENTPIPE_HOME/trajectories)"),
         "evaluator": Param("", type="string", description="judge spec (default: the one each judgement names)"),
-        "temperature": Param(0.3, type="number", minimum=0),
-        "max_retries": Param(20, type="integer", minimum=1, maximum=100),
-        "eval_types": Param("safe,help_ignore_safety", type="string"),
+        "temperature": stage_param(RerunFailedConfig, "temperature"),
+        "max_retries": stage_param(RerunFailedConfig, "max_retries", maximum=100),
+        "eval_types": stage_param(RerunFailedConfig, "eval_types"),
         **common_params(),
     },
 )

@@ -9,8 +9,10 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from pipeline.emulation.runner import EmulationConfig
+from pipeline.evaluation.runner import EvaluationConfig
 from plugins.dag_common import (PARENT_RUN, DEFAULT_ARGS, backend_param, common_params, finish_tracking, home,
-                                quantization_param, start_tracking)
+                                quantization_param, stage_param, start_tracking)
 from plugins.stage_operator import StageOperator
 
 TRAJECTORIES = Asset("agentpipe://trajectories")
@@ -31,23 +33,22 @@ REPORTS = Asset("agentpipe://reports")
                         description="agent model specs (nickname, Hub id, path, vllm:, openai:, base+adapter)"),
         "samples": Param(1, type="integer", minimum=1, maximum=32,
                          description="sampled runs per agent (>1: agent temperature > 0, folders <agent>-sample<k>)"),
-        "agent_temperature": Param(0.0, type="number", minimum=0),
+        "agent_temperature": stage_param(EmulationConfig, "agent_temperature"),
         "emulator": Param("SmolLM2-135M", type="string", minLength=1),
         "evaluator": Param("SmolLM2-135M", type="string", minLength=1),
-        "emulator_mode": Param("adversarial", type="string", enum=["adversarial", "standard"]),
+        "emulator_mode": stage_param(EmulationConfig, "emulator_mode"),
         "case_set": Param("demo", type="string", minLength=1, description="toolemu, demo or a cases .json path"),
         "cases": Param("", type="string", pattern="^([0-9]+-[0-9]+)?$", description="START-END (default: all)"),
         "shards": Param(1, type="integer", minimum=1, maximum=144, description="case shards per agent"),
-        "replicates": Param(1, type="integer", minimum=1, maximum=16),
-        "judge_temperature": Param(0.0, type="number", minimum=0),
-        "scoring": Param("generate", type="string", enum=["generate", "choice"],
-                         description="choice: score by log-probability (small local judges)"),
-        "metrics": Param("safe,help_ignore_safety", type="string"),
-        "compat": Param("correct", type="string", enum=["correct", "study"]),
+        "replicates": stage_param(EvaluationConfig, "replicates", maximum=16),
+        "judge_temperature": stage_param(EvaluationConfig, "temperature"),
+        "scoring": stage_param(EvaluationConfig, "scoring"),
+        "metrics": stage_param(EvaluationConfig, "metrics"),
+        "compat": stage_param(EmulationConfig, "compat"),
         "quantization": quantization_param("agent and judge weights"),
-        "max_steps": Param(-1, type="integer", minimum=-1, description="agent step cap (-1: the compat default)"),
-        "max_tokens_per_call": Param(2048, type="integer", minimum=1),
-        "max_continuations": Param(5, type="integer", minimum=0),
+        "max_steps": stage_param(EmulationConfig, "max_steps"),
+        "max_tokens_per_call": stage_param(EmulationConfig, "max_tokens_per_call"),
+        "max_continuations": stage_param(EmulationConfig, "max_continuations"),
         "backend": backend_param(),
         "run_name": Param("pool", type="string", pattern="^[A-Za-z0-9._-]+$",
                           description="trajectories go to $AGENTPIPE_HOME/trajectories/<run_name>/<agent>/"),
@@ -88,7 +89,7 @@ def toolemu_evaluation():
     @task
     def plan_evaluation(results: list[dict], **context) -> list[dict]:
         p = context["params"]
-        return [{"trajectories": r["trajectories"], "evaluator": p["evaluator"], "metrics": p["metrics"],
+        return [{"trajectories": r["outputs"]["trajectories"], "evaluator": p["evaluator"], "metrics": p["metrics"],
                  "replicates": p["replicates"], "temperature": p["judge_temperature"], "compat": p["compat"],
                  "quantization": p["quantization"], "scoring": p["scoring"], "no_progress": True,
                  **p["backend"]} for r in results]

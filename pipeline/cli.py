@@ -14,17 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.errors import ConfigError, PipelineError
-
-
-#: What the running command produced (paths, counts); written as JSON by ``agentpipe --result FILE …`` so
-#: that callers (the Airflow operator) get outputs without parsing text.
-_RESULT: dict = {}
-
-
-def report_result(**data: object) -> None:
-    """Record outputs of the running command for ``--result`` (paths become strings)."""
-    _RESULT.update({k: str(v) if isinstance(v, Path) else v for k, v in data.items()})
+from pipeline.errors import PipelineError
+from pipeline.stage import StageResult
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -114,10 +105,12 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 def _cmd_llm_chat(args: argparse.Namespace) -> int:
     from pipeline.llm import ChatRequest, GenerationConfig, get_backend
 
-    from pipeline.llm.options import backend_options
+    from pipeline.cli_args import validate_config
+    from pipeline.llm.options import BackendOptions
 
-    options = backend_options(args) | ({"quantization": args.quantization} if args.quantization else {})
-    backend = get_backend(args.model, **options)
+    opts = validate_config(BackendOptions, {k: v for k, v in vars(args).items() if k in BackendOptions.model_fields})
+    backend = get_backend(args.model, **opts.backend_options(),
+                          **({"quantization": opts.quantization} if opts.quantization else {}))
     messages = ([{"role": "system", "content": args.system}] if args.system else [])
     messages.append({"role": "user", "content": args.prompt})
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -146,9 +139,11 @@ def _add_llm(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
     c.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     c.add_argument("--seed", type=int, help="sampling seed")
-    from pipeline.llm.options import add_backend_arguments
+    from pipeline.cli_args import add_config_arguments
+    from pipeline.llm.options import BackendOptions
 
-    add_backend_arguments(c)
+    add_config_arguments(c.add_argument_group("model backend", "local backends (HF transformers, vLLM)"),
+                         BackendOptions, spec=False)
     c.set_defaults(func=_cmd_llm_chat)
 
 
@@ -165,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "helpfulness: emulate, evaluate, build DPO pairs, train, analyse.")
     parser.add_argument("--version", action="version", version=f"agentpipe {__version__}")
     parser.add_argument("--result", type=Path, metavar="FILE",
-                        help="write the command's outputs (paths, counts) as JSON to FILE on success")
+                        help="write the command's result (status, output paths, counts) as JSON to FILE")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -182,60 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def expand_spec(argv: list[str]) -> list[str]:
-    """``<command> --spec FILE …`` → the options in FILE (a JSON object) as flags, then the explicit ones.
-
-    Keys are option names (``case_range`` or ``case-range``); ``true`` gives a bare flag, ``false``/``null``
-    nothing, a list repeats the flag. Flags given on the command line come later and so take precedence.
-    """
-    if "--spec" not in argv:
-        return argv
-    i = argv.index("--spec")
-    if i + 1 >= len(argv):
-        raise ConfigError("--spec: expected a JSON file")
-    path = Path(argv[i + 1])
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--spec {path}: cannot read a JSON object ({e})") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"--spec {path}: expected a JSON object of option names to values")
-    flags: list[str] = []
-    for key, value in spec.items():
-        flag = "--" + key.replace("_", "-")
-        for v in value if isinstance(value, list) else [value]:
-            if v is True:
-                flags.append(flag)
-            elif v is not False and v is not None:
-                flags += [flag, str(v)]
-    rest = argv[:i] + argv[i + 2:]
-    positional = next((j for j, a in enumerate(rest)
-                       if not a.startswith("-") and (j == 0 or rest[j - 1] != "--result")), 0)
-    nested = (rest[positional] in _NESTED and len(rest) > positional + 1 and not rest[positional + 1].startswith("-"))
-    depth = 2 if nested else 1
-    return rest[:positional + depth] + flags + rest[positional + depth:]
-
-
-#: Commands whose stage is a sub-command (``data fetch``, ``analyze all``): --spec flags go after both words.
-_NESTED = {"data", "llm", "analyze", "evaluate", "track"}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``agentpipe`` console script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        argv = expand_spec(argv)
-    except PipelineError as e:
-        print(f"agentpipe: error: {e}", file=sys.stderr)
-        return e.exit_code
     args = build_parser().parse_args(argv)
-    _RESULT.clear()
     try:
-        code = int(args.func(args) or 0)
+        out = args.func(args)
+        # a stage returns its StageResult (status, outputs, counts); other commands an exit code
+        code, data = (out.exit_code, out.to_json()) if isinstance(out, StageResult) else (int(out or 0), {})
         if args.result is not None:
             from pipeline.data.jsonl import atomic_write_json
 
-            atomic_write_json(args.result, {"command": argv, "exit_code": code, **_RESULT})
+            atomic_write_json(args.result, {"command": argv, "exit_code": code, **data})
         return code
     except PipelineError as e:
         print(f"agentpipe: error: {e}", file=sys.stderr)

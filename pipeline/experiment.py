@@ -133,7 +133,7 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
         name = model_name(base, dataset_name(pairs, seed), seed, beta=beta, max_length=max_length,
                           batch_size=batch_size)
         out = models_dir / name
-        spec = {"model": base, "pairs": pairs, "seed": seed, "dpo_beta": beta, "out": str(out), **cfg.train}
+        spec = {"model": base, "pairs": pairs, "seed": seed, "beta": beta, "out": str(out), **cfg.train}
         target = plan.train_stage1 if stage == 1 else plan.train_stage2
         if spec not in target:
             target.append(spec)

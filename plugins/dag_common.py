@@ -1,6 +1,7 @@
 """Shared pieces of the DAG files (dags/): default args, the MLflow parent run of a DAG run, common Params.
 
-Kept light: only the Airflow SDK and ``plugins`` at module level; ``pipeline`` modules load inside tasks.
+Kept light: the Airflow SDK, ``plugins`` and the stages' config models (pydantic, no ML libraries) at module
+level; everything else of ``pipeline`` loads inside tasks.
 """
 
 from __future__ import annotations
@@ -30,6 +31,30 @@ def backend_param() -> Param:
     return Param({}, type="object", properties=schema["properties"], additionalProperties=False,
                  description="model backend options, e.g. {\"dtype\": \"bfloat16\", \"max_model_len\": 16384, "
                  "\"gpu_memory_utilization\": 0.85, \"tensor_parallel_size\": 2, \"enforce_eager\": false}")
+
+
+def _field_schema(model: type, field: str) -> dict:
+    schema = dict(model.model_json_schema()["properties"][field])
+    for key in ("title", "flags", "metavar", "nargs", "cli_type"):  # names, and hints for the command line
+        schema.pop(key, None)
+    return schema
+
+
+def stage_param(model: type, field: str, **overrides) -> Param:
+    """A Param for one stage option: type, bounds, choices, default and description come from the stage's config
+    model (``pipeline.stage``), the one place the CLI's ``--help`` reads them from too; ``overrides`` narrow it
+    (e.g. a different default or a maximum for the form)."""
+    schema = _field_schema(model, field) | overrides
+    return Param(schema.pop("default", None), **schema)
+
+
+def options_param(model: type, exclude: tuple[str, ...], example: str) -> Param:
+    """An object of extra options for one stage (the DPO experiment's ``train``, ``pairs``, …): keys and types
+    from the stage's config model, so a misspelt option is refused by the form; ``exclude`` the ones the plan
+    sets itself."""
+    props = {name: _field_schema(model, name) for name in model.model_fields if name not in exclude}
+    return Param({}, type="object", properties=props, additionalProperties=False,
+                 description=f"extra {model.stage} options, e.g. {example}")
 
 
 def quantization_param(what: str) -> Param:

@@ -60,6 +60,18 @@ def stage_words(stage: str | Sequence[str]) -> list[str]:
     return words
 
 
+def _failure(rc: int, result_path: Path) -> str:
+    """Why a stage exited non-zero: ``incomplete`` (exit 1, its result says what failed; a retry resumes and
+    retries exactly that) or a plain failure."""
+    try:
+        result = json.loads(Path(result_path).read_text())
+    except (OSError, ValueError):
+        result = {}
+    if result.get("status") == "incomplete":
+        return f"is incomplete (exit code {rc}; counts {result.get('counts')}); a retry redoes only what failed"
+    return f"failed with exit code {rc}"
+
+
 def stage_argv(executable: str, stage: str | Sequence[str], spec_path: str | Path,
                result_path: str | Path) -> list[str]:
     """``agentpipe --result R <stage…> --spec S``."""
@@ -253,7 +265,7 @@ class StageOperator(BaseOperator):
         rc = self._proc.wait()
         self._proc = None
         if rc != 0:
-            why = "was killed" if self._killed else f"failed with exit code {rc}"
+            why = "was killed" if self._killed else _failure(rc, result_path)
             raise AirflowException(f"stage {' '.join(stage_words(self.stage))} {why}; last lines:\n" + "\n".join(tail))
         return read_result(result_path)
 

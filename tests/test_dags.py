@@ -105,7 +105,7 @@ def test_toolemu_evaluation_dag_end_to_end(pool_run, dag_env):
     dag_run, xcoms = pool_run
     assert dag_run.state == "success"
     emulated = [v for (task, _, key), v in xcoms.items() if task == "emulate" and key == "return_value"]
-    assert len(emulated) == 6 and all(Path(r["trajectories"]).is_file() and r["cases"] == 4 for r in emulated)
+    assert len(emulated) == 6 and all(Path(r["outputs"]["trajectories"]).is_file() and r["counts"]["cases"] == 4 for r in emulated)
     folders = sorted(p.name for p in (home / "trajectories" / "pool").iterdir())
     assert folders == [f"agent-sample{k}" for k in (1, 2, 3)] + [f"agentpipe_tiny-llama-sample{k}" for k in (1, 2, 3)]
     reports = sorted((home / "reports" / "pool").rglob("*_unified_report.json"))
@@ -135,7 +135,7 @@ def test_dpo_experiment_dag_end_to_end(pool_run, dag_env, run_dag):
             "pairs": {"min_score_difference": 1, "min_chosen_score": 1}, "n_bootstrap": 20, "compute": "local"}
     dag_run, xcoms = run_dag(_dag("dpo_experiment"), run_conf=conf)
     assert dag_run.state == "success"
-    plan = json.loads((home / "analysis" / "e2e" / "plan.json").read_text())
+    plan = json.loads((home / "experiments" / "e2e" / "plan.json").read_text())
     names = sorted(plan["models"])
     assert len(names) == 3  # safe, help, and safe->help's second stage (its first stage is the safe model)
     for name in names:
@@ -201,7 +201,7 @@ def test_rerun_failed_evaluations_dag_fixes_a_planted_failure(dag_env, run_dag, 
 
     runs = tmp_path / "runs"
     traj = run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", case_set="demo",
-                                         evaluator="scripted:judge", out_dir=runs)).path
+                                         evaluator="scripted:judge", out=runs)).path
     res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator="scripted:judge", metrics="safe"))
     path = res.eval_files["agent_safe"]
     records = read_jsonl(path).records

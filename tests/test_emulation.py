@@ -28,7 +28,7 @@ VOLATILE = {"wall_s", "usage"}  # timings differ between runs
 
 
 def _cfg(tmp, **kw):
-    base = dict(agent="scripted:agent", emulator="scripted:emulator", out_dir=Path(tmp))
+    base = dict(agent="scripted:agent", emulator="scripted:emulator", out=Path(tmp))
     return EmulationConfig(**{**base, **kw})
 
 
@@ -132,12 +132,12 @@ def test_token_budget_and_continuations(tmp_path):
     rambling = ScriptedBackend(parse_model_spec("scripted:ramble"), responder=lambda r: "hmm " * 3000)
     quiet = ScriptedBackend(parse_model_spec("scripted:quiet"), responder=lambda r: "no action here")
     emulator = ScriptedBackend(parse_model_spec("scripted:emulator"))
-    over = run_emulation(_cfg(tmp_path / "a", case_set="demo", case_range=(0, 2)), agent_backend=rambling,
+    over = run_emulation(_cfg(tmp_path / "a", case_set="demo", cases=(0, 2)), agent_backend=rambling,
                          emulator_backend=emulator)
     for r in read_jsonl(over.path).records:
         assert r["output"] == "Agent stopped: token limit exceeded" and r["finish_reason"] == "token_limit"
         assert r["agent_output_tokens"] >= 8000
-    stuck = run_emulation(_cfg(tmp_path / "b", case_set="demo", case_range=(0, 1)), agent_backend=quiet,
+    stuck = run_emulation(_cfg(tmp_path / "b", case_set="demo", cases=(0, 1)), agent_backend=quiet,
                           emulator_backend=emulator)
     [r] = read_jsonl(stuck.path).records
     assert r["finish_reason"] == "max_continuations" and r["output"] == "Agent stopped: token limit exceeded"
@@ -153,7 +153,7 @@ def test_llm_failures_become_error_records_and_are_retried(tmp_path):
 
     broken = ScriptedBackend(parse_model_spec("scripted:broken"), responder=flaky)
     emulator = ScriptedBackend(parse_model_spec("scripted:emulator"))
-    cfg = _cfg(tmp_path, case_set="demo", case_range=(0, 2), limits=Limits(max_attempts=2))
+    cfg = _cfg(tmp_path, case_set="demo", cases=(0, 2), max_attempts=2)
     res = run_emulation(cfg, agent_backend=broken, emulator_backend=emulator)
     records = read_jsonl(res.path).records
     assert res.failed == 2 and [r["error_type"] for r in records] == ["LLMError", "LLMError"]
@@ -163,15 +163,17 @@ def test_llm_failures_become_error_records_and_are_retried(tmp_path):
 
 
 def test_partial_output_of_another_configuration_is_refused(tmp_path):
-    cfg = _cfg(tmp_path, case_set="demo", case_range=(0, 2))
+    cfg = _cfg(tmp_path, case_set="demo", cases=(0, 2))
     res = run_emulation(cfg)
     part = res.path.with_name(res.path.name + ".part")
     part.write_text(res.path.read_text().splitlines()[0] + "\n")
     part.with_name(part.name + ".json").write_text(json.dumps({"something": "else"}))
     res.path.with_name(res.path.name + ".manifest.json").unlink()
-    with pytest.raises(DataError, match=r"\.part: partial output of a different configuration; rerun with --restart"):
+    with pytest.raises(ConfigError, match=r"\.part: made by a different emulate configuration \(agent \(unset\) → "
+                       r"\"scripted:agent\"; .* and \d+ more\); .*--force"):
         run_emulation(cfg)
-    assert run_emulation(cfg, restart=True).newly_done == 2
+    assert run_emulation(cfg.model_copy(update={"force": True})).newly_done == 2
+    assert len(list(tmp_path.rglob("*.replaced-*"))) == 3  # the partial run and the old final file, kept aside
 
 
 def test_resume_after_sigkill_gives_the_same_records(tmp_path, full_run):
@@ -221,9 +223,8 @@ def test_parsing_rules():
 
 @pytest.mark.slow
 def test_smollm2_emulates_two_demo_cases(tmp_path, smollm2_model):
-    cfg = EmulationConfig(agent="SmolLM2-135M", emulator="SmolLM2-135M", case_set="demo", case_range=(0, 2),
-                          out_dir=tmp_path, limits=Limits(max_tokens_per_call=96), max_steps=3,
-                          backend_options={"dtype": "bf16"})
+    cfg = EmulationConfig(agent="SmolLM2-135M", emulator="SmolLM2-135M", case_set="demo", cases=(0, 2),
+                          out=tmp_path, max_tokens_per_call=96, max_steps=3, dtype="bf16")
     result = run_emulation(cfg)
     trajectories = load_trajectories(result.path)
     assert [t.case_idx for t in trajectories] == [0, 1]
@@ -238,10 +239,10 @@ def test_several_adapter_agents_advance_together_and_equal_running_each_alone(tm
     from pipeline.emulation.runner import run_emulations
 
     agents = [f"{tiny_model}+{a}" for a in tiny_adapters]
-    common = dict(emulator="scripted:emulator", case_set="demo", case_range=(0, 3), max_steps=2,
-                  limits=Limits(max_tokens_per_call=16, max_continuations=1))
-    together = run_emulations([EmulationConfig(agent=a, out_dir=tmp_path / "together", **common) for a in agents])
-    alone = [run_emulation(EmulationConfig(agent=a, out_dir=tmp_path / "alone", **common)) for a in agents]
+    common = dict(emulator="scripted:emulator", case_set="demo", cases=(0, 3), max_steps=2, max_tokens_per_call=16,
+                  max_continuations=1)
+    together = run_emulations(EmulationConfig(agent=agents, out=tmp_path / "together", **common))
+    alone = [run_emulation(EmulationConfig(agent=a, out=tmp_path / "alone", **common)) for a in agents]
     assert [r.path.name for r in together] == [r.path.name for r in alone]
     assert together[0].path != together[1].path
     for t, a in zip(together, alone):
@@ -268,7 +269,7 @@ def test_several_agents_from_the_command_line_and_a_spec_list(tmp_path, tiny_mod
     files = sorted((tmp_path / "runs").glob("*/*.jsonl"))
     assert len(files) == 2 and files[0].name != files[1].name
     assert p.stdout.count("emulate: ") == 2, p.stdout
-    assert sorted(result["trajectories"]) == sorted(str(f) for f in files)
+    assert sorted(result["outputs"]["trajectories"]) == sorted(str(f) for f in files)
     assert all(len(read_jsonl(f).records) == 2 for f in files)
     bad = run_agentpipe("emulate", "--agent", f"{tiny_model}+{tiny_adapters[0]}", "--agent",
                         f"{tiny_model}+{tiny_adapters[1]}", "--emulator", "scripted:emulator", "--agent-label", "x")
@@ -314,8 +315,8 @@ def test_emulate_wait_waits_for_the_other_writer(tmp_path):
     from pipeline.emulation.runner import plan
     from tests.conftest import run_agentpipe
 
-    cfg = _cfg(tmp_path, case_set="demo", case_range=(0, 2))
-    path = plan(cfg, load_named_case_set("demo"))[2]
+    cfg = _cfg(tmp_path, case_set="demo", cases=(0, 2))
+    path = plan(cfg, cfg.agent[0], load_named_case_set("demo"))[2]
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:

@@ -18,7 +18,7 @@ from pipeline.emulation.runner import EmulationConfig, run_emulation
 from pipeline.evaluation.judges import judge_messages
 from pipeline.evaluation.parsing import clean_score, parse_fields, recover_score
 from pipeline.evaluation.prompts.common import evaluator_scratchpad
-from pipeline.evaluation.repair import rerun_failed
+from pipeline.evaluation.repair import RerunFailedConfig, rerun_failed
 from pipeline.evaluation.runner import EvaluationConfig, run_evaluation, toolkit_registry
 from tests.conftest import run_agentpipe
 
@@ -27,7 +27,7 @@ from tests.conftest import run_agentpipe
 def trajectories(tmp_path_factory):
     """144 real cases emulated by the scripted doubles (evaluator 'none' in the name)."""
     out = tmp_path_factory.mktemp("traj")
-    return run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", out_dir=out)).path
+    return run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", out=out)).path
 
 
 def _copy(path, dest):
@@ -109,7 +109,7 @@ def test_rerun_failed_reports_what_remains(trajectories, tmp_path):
     traj = _copy(trajectories, tmp_path / "agent")
     run_evaluation(EvaluationConfig(trajectories=traj, evaluator="scripted:judge", metrics="safe"))
     hopeless = ScriptedBackend(parse_model_spec("scripted:hopeless"), responder=lambda r: "no idea")
-    rep = rerun_failed(tmp_path, ["agent_safe"], backend=hopeless, max_rounds=2)
+    rep = rerun_failed(RerunFailedConfig(data_dir=tmp_path, eval_types="safe", max_retries=2), backend=hopeless)
     assert rep.rounds == 2 and rep.fixed == 0 and rep.remaining
     assert hopeless.batches == 2
 
@@ -201,9 +201,9 @@ def test_released_data_needs_no_repair(released_runs):
 @pytest.mark.slow
 def test_smollm2_judges_two_demo_trajectories(tmp_path, smollm2_model):
     traj = run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", case_set="demo",
-                                         case_range=(0, 2), out_dir=tmp_path)).path
+                                         cases=(0, 2), out=tmp_path)).path
     res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator="SmolLM2-135M", max_new_tokens=160,
-                                          backend_options={"dtype": "bf16"}))
+                                          dtype="bf16"))
     for t, path in res.eval_files.items():
         recs = read_jsonl(path).records
         assert [r["eval_id"] for r in recs] == [0, 1]
@@ -282,7 +282,7 @@ def test_choice_scoring_with_a_small_local_judge(tiny_model, tmp_path):
     from pipeline.llm import ChatRequest, get_backend
 
     traj = run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", case_set="demo",
-                                         case_range=(0, 3), out_dir=tmp_path / "a")).path
+                                         cases=(0, 3), out=tmp_path / "a")).path
     res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator=str(tiny_model), scoring="choice",
                                           metrics="safe"))
     recs = read_jsonl(res.eval_files["agent_safe"]).records
@@ -337,7 +337,7 @@ def test_a_second_evaluation_of_the_same_file_refuses_at_once(tmp_path):
     from tests.conftest import run_agentpipe
 
     traj = run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", case_set="demo",
-                                         case_range=(0, 2), out_dir=tmp_path)).path
+                                         cases=(0, 2), out=tmp_path)).path
     target = traj.with_name(traj.name.replace("eval-none", f"eval-{parse_model_spec('scripted:judge').name}"))
     with writer_lock(target):  # another evaluation holds this trajectory file
         p = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--no-progress")

@@ -46,12 +46,9 @@ def test_emulation_writes_the_files_the_evaluations_read(tmp_path):
     cs = load_named_case_set("demo")
     written = set()
     for e in plan.emulate:
-        for agent in e["agent"] if isinstance(e["agent"], list) else [e["agent"]]:
-            a, b = (int(x) for x in e["cases"].split("-"))
-            ec = EmulationConfig(agent=agent, emulator=e["emulator"], evaluator=e["evaluator"], case_set="demo",
-                                 case_range=(a, b), test_only=e.get("test_only", False), seed=e.get("seed"),
-                                 out_dir=Path(e["out"]))
-            written.add(str(plan_emulation(ec, cs)[2]))
+        ec = EmulationConfig.model_validate(e)  # each planned spec is a valid emulate configuration as it is
+        for agent in ec.agent:
+            written.add(str(plan_emulation(ec, agent, cs)[2]))
     assert {e["trajectories"] for e in plan.evaluate} <= written
 
 

@@ -176,7 +176,7 @@ def test_emulate_and_evaluate_two_demo_cases_end_to_end(tmp_path, smollm2_model)
                       "--compat", "study", "--max-model-len", "4096", "--gpu-memory-utilization", "0.25",
                       "--dtype", "bfloat16", "--no-progress", env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    traj = json.loads((tmp_path / "emu.json").read_text())["trajectories"]
+    traj = json.loads((tmp_path / "emu.json").read_text())["outputs"]["trajectories"]
     records = read_jsonl(traj).records
     assert [r["case_idx"] for r in records] == [0, 1]
     assert all("error" not in r and r["intermediate_steps"] for r in records)
@@ -184,7 +184,7 @@ def test_emulate_and_evaluate_two_demo_cases_end_to_end(tmp_path, smollm2_model)
     e = run_agentpipe("--result", str(tmp_path / "eval.json"), "evaluate", "--trajectories", traj, "--evaluator", spec, "--scoring", "choice",
                       "--max-model-len", "4096", "--gpu-memory-utilization", "0.25", "--no-progress", env=env)
     assert e.returncode == 0, e.stderr[-3000:]
-    eval_files = json.loads((tmp_path / "eval.json").read_text())["eval_files"]
+    eval_files = json.loads((tmp_path / "eval.json").read_text())["outputs"]["eval_files"]
     assert sorted(eval_files) == ["agent_help_ignore_safety", "agent_safe"]
     for path in eval_files.values():
         evals = read_jsonl(path).records

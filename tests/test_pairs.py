@@ -331,7 +331,7 @@ def test_cli_pairs_writes_once_and_reports_bad_input(five_models, tmp_path, tiny
         assert lines[-1].startswith("agentpipe: error: ") and fragment in lines[-1], r.stderr
         assert "Traceback" not in r.stderr
     r = run_agentpipe("pairs", "--data-dir", str(tmp_path / "nope"), "--metric", "safe", "--out", str(out))
-    assert r.returncode == 2 and "run folder not found" in r.stderr
+    assert r.returncode == 2 and r.stderr == f"agentpipe: error: --data-dir {tmp_path / 'nope'}: not a folder\n"
 
 
 # ------------------------------------------------------------------------------------------- the released data

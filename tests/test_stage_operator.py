@@ -137,13 +137,13 @@ def test_local_stages_through_airflow(run_dag, tmp_path, monkeypatch):
     assert states == {("emulate", -1): "success", ("shard", 0): "success", ("shard", 1): "success",
                       ("bad", -1): "failed"}
     result = xcoms[("emulate", -1, "return_value")]
-    assert result["cases"] == 2 and result["failed"] == 0 and result["exit_code"] == 0
-    trajectories = Path(result["trajectories"])
+    assert result["counts"]["cases"] == 2 and result["counts"]["failed"] == 0 and result["exit_code"] == 0
+    trajectories = Path(result["outputs"]["trajectories"])
     assert trajectories.is_file() and trajectories.is_relative_to(tmp_path)
     assert len(trajectories.read_text().splitlines()) == 2
     run_dir = tmp_path / "specs" / dag.dag_id / safe_path_part(dr.run_id)
     assert json.loads((run_dir / "emulate.json").read_text())["cases"] == "0-2"  # templated from params
     assert {json.loads((run_dir / f"shard_{i}.json").read_text())["cases"] for i in (0, 1)} == {"0-1", "1-2"}
-    assert {xcoms[("shard", i, "return_value")]["cases"] for i in (0, 1)} == {1}
+    assert {xcoms[("shard", i, "return_value")]["counts"]["cases"] for i in (0, 1)} == {1}
     assert "failed with exit code 2" in errors["bad"]
     assert "agentpipe: error: case set 'no-such-set'" in errors["bad"]

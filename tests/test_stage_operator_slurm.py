@@ -71,9 +71,9 @@ def test_stage_completes_as_a_slurm_job(slurm_dag_run):
     r = slurm_dag_run
     assert r["states"]["emulate"] == "success", r["errors"].get("emulate")
     result = r["xcoms"][("emulate", -1, "return_value")]
-    trajectories = Path(result["trajectories"])
+    trajectories = Path(result["outputs"]["trajectories"])
     assert trajectories.is_file() and trajectories.is_relative_to(r["home"])
-    assert result["cases"] == 2 and result["failed"] == 0
+    assert result["counts"]["cases"] == 2 and result["counts"]["failed"] == 0
     job_id = r["xcoms"][("emulate", -1, "slurm_job_id")]
     log = Path(r["xcoms"][("emulate", -1, "slurm_log")])
     assert job_id.isdigit() and log.is_file() and log.name.endswith(f"-{job_id}.out")

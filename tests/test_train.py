@@ -18,7 +18,8 @@ from pipeline.data import split
 from pipeline.data.jsonl import dumps
 from pipeline.errors import ConfigError, DataError, NamingError
 from pipeline.training import TrainConfig, dataset_name, merge, model_name, train
-from pipeline.training.config import build_config, read_config_file
+from pipeline.cli import build_parser
+from pipeline.cli_args import config_from_args
 from pipeline.training.naming import base_nickname, is_both_dataset
 from tests.conftest import run_agentpipe
 
@@ -104,15 +105,19 @@ def test_config_defaults_file_and_flags(tmp_path):
     assert (cfg.save_steps, cfg.save_total_limit, cfg.logging_steps) == (100, 2, 40)
     assert cfg.effective_eval_sample_size == 320  # logging steps x accumulation x batch
     (tmp_path / "c.yaml").write_text("lora-r: 8\nbeta: 0.05\nlora_target_modules: q_proj, v_proj\nseed: 3\n")
-    file_values = read_config_file(tmp_path / "c.yaml")
-    cfg, explicit = build_config(file_values, {"model": "m", "pairs": "p.jsonl", "seed": 1, "lora_r": None})
+
+    def from_cli(*argv: str) -> TrainConfig:
+        return config_from_args(TrainConfig, build_parser().parse_args(["train", *argv]))
+
+    cfg = from_cli("--config", str(tmp_path / "c.yaml"), "--model", "m", "--pairs", "p.jsonl", "--seed", "1")
     assert (cfg.lora_r, cfg.beta, cfg.seed, cfg.lora_target_modules) == (8, 0.05, 1, ["q_proj", "v_proj"])
-    assert "num_epochs" not in explicit and "beta" in explicit
+    assert "num_epochs" not in cfg.model_fields_set and "beta" in cfg.model_fields_set
+    assert from_cli("--model", "m", "--pairs", "p", "-s", "2", "--dpo-beta", "0.05").beta == 0.05
     (tmp_path / "bad.json").write_text('{"lora_rank": 8}')
-    with pytest.raises(ConfigError, match="--lora-rank"):
-        build_config(read_config_file(tmp_path / "bad.json"), {"model": "m", "pairs": "p", "seed": 0})
-    with pytest.raises(ConfigError, match="--seed"):
-        build_config({}, {"model": "m", "pairs": "p"})
+    with pytest.raises(ConfigError, match="unknown option 'lora_rank' for train"):
+        from_cli("--spec", str(tmp_path / "bad.json"), "--model", "m", "--pairs", "p", "--seed", "0")
+    with pytest.raises(ConfigError, match="--seed is required"):
+        from_cli("--model", "m", "--pairs", "p")
 
 
 def test_sampled_validation_is_deterministic_per_step():
@@ -202,7 +207,8 @@ def test_dpo_tiny_learns_saves_loads_and_merges(tiny_model, toy_pairs, tmp_path)
     with pytest.raises(ConfigError, match="not this merge"):
         merge(adapter, tracking_uri=DOWN)
     other = shutil.copytree(adapter, tmp_path / "other" / "adapter")
-    with pytest.raises(ConfigError, match="refusing to overwrite"):
+    with pytest.raises(ConfigError, match=r"made by a different merge configuration \(adapter \".*/adapter\" → "
+                       r"\".*/other/adapter\"\); .*--force"):
         merge(other, m.out, tracking_uri=DOWN)
 
     # Sequential finetuning: a second stage on the merged model, same seed; 'both' data trains 3 epochs.
@@ -351,7 +357,8 @@ def test_killed_training_resumes_from_its_checkpoint_into_the_same_mlflow_run(ti
     # Resuming with another split is refused (the interrupted run's split is in training_config.json).
     r = run_agentpipe("train", "--model", str(tiny_model), "--pairs", str(toy_pairs), "--seed", "1", "--out", str(out),
                       "--tracking-uri", DOWN, env=ONE_THREAD)
-    assert r.returncode == 2 and "train/test split differs" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 2 and "made by a different train configuration" in r.stderr, r.stderr[-2000:]
+    assert "seed 0 → 1" in r.stderr and r.stderr.count("\n") == 1
 
     r = run_agentpipe("train", "--model", str(tiny_model), "--pairs", str(toy_pairs), "--seed", "0", "--out", str(out),
                       "--batch-size", "1", "--gradient-accumulation-steps", "1", "--learning-rate", "1e-3",

@@ -18,21 +18,24 @@ from pathlib import Path
 from pipeline.errors import ConfigError
 
 
-def _cmd_aggregate(args: argparse.Namespace) -> int:
-    from pipeline.analysis.run import aggregate
+def _cmd_aggregate(args: argparse.Namespace):  # noqa: ANN202 - returns a StageResult
+    from pipeline.analysis.run import AggregateConfig, aggregate_stage
+    from pipeline.cli_args import config_from_args
 
-    split = args.split or ("test" if args.seed else "all")
-    if split == "all" and args.seed:
-        raise ConfigError("--seed selects a seed's train or test cases; expected --split train or --split test")
-    res = aggregate(args.runs, args.out, split=split, seeds=args.seed, strict=args.strict)
-    print(f"analyze aggregate: {len(res.reports)} unified reports ({split} split"
-          + (f", seeds {', '.join(map(str, res.seeds))}" if res.seeds else "") + f") from {res.files_processed} "
-          f"trajectory files in {args.runs} → {res.out}")
+    cfg = config_from_args(AggregateConfig, args)
+    res = aggregate_stage(cfg)
+    if res.status == "skipped":
+        print(f"analyze aggregate: {res.counts.get('reports', 0)} unified reports up to date (same configuration, "
+              f"runs unchanged) → {cfg.out}")
+        return res
+    print(f"analyze aggregate: {res.counts['reports']} unified reports ({cfg.split} split"
+          + (f", seeds {', '.join(map(str, res.seeds))}" if res.seeds else "") + f") from "
+          f"{res.counts['files_processed']} trajectory files in {cfg.runs} → {cfg.out}")
     if res.skipped_files:
         print(f"  {len(res.skipped_files)} file(s) skipped (incomplete or invalid; see aggregate_summary.json)")
     if res.skipped_configs:
         print(f"  {len(res.skipped_configs)} configuration(s) left out (see aggregate_summary.json)")
-    return 0
+    return res
 
 
 def _cmd_table(args: argparse.Namespace) -> int:
@@ -58,13 +61,15 @@ def _cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_all(args: argparse.Namespace) -> int:
-    from pipeline.analysis.run import run_all
+def _cmd_all(args: argparse.Namespace):  # noqa: ANN202 - returns a StageResult
+    from pipeline.analysis.run import AnalyzeConfig, analyze
+    from pipeline.cli_args import config_from_args
 
-    if args.n_bootstrap < 0:
-        raise ConfigError(f"--n-bootstrap {args.n_bootstrap}: expected 0 or more")
-    res = run_all(args.runs, args.out, split=args.split, seeds=args.seed, n_bootstrap=args.n_bootstrap,
-                  setting=args.setting, formats=tuple(args.formats or ('png', 'pdf')), strict=args.strict)
+    cfg = config_from_args(AnalyzeConfig, args)
+    result, res = analyze(cfg)
+    if res is None:
+        print(f"analyze all: up to date (same configuration, runs unchanged) → {cfg.out}")
+        return result
     s = res.summary
     print(f"analyze all: {s['counts']['rows_analysed']} reports analysed ({s['split']} split, setting "
           f"{s['setting']}) → {res.out}")
@@ -86,14 +91,11 @@ def _cmd_all(args: argparse.Namespace) -> int:
         print(f"  {arm}: {fit}; {pers_txt}; frontier: {', '.join(a['frontier']['members'])}")
     print(f"  {len(res.plots)} plot files in {res.out / 'plots'}, {len(res.tables)} table files in "
           f"{res.out / 'tables'}, summary {res.summary_path}")
-    run_id = None if args.no_track else _track(res)
+    run_id = None if cfg.no_track else _track(res)
     if run_id:
         print(f"  MLflow analysis run {run_id}")
-    from pipeline.cli import report_result
-
-    report_result(summary=res.summary_path, out=res.out, plots=[str(p) for p in res.plots],
-                  tables=[str(p) for p in res.tables], mlflow_run=run_id, metrics=res.metrics())
-    return 0
+    result.outputs["mlflow_run"] = run_id
+    return result
 
 
 def _track(res) -> str | None:  # noqa: ANN001 - AnalysisResult, imported lazily
@@ -125,6 +127,9 @@ def _seed(text: str) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from pipeline.analysis.run import AggregateConfig, AnalyzeConfig
+    from pipeline.cli_args import add_config_arguments
+
     p = subparsers.add_parser("analyze", help="unified reports, trade-off fit, Pareto frontier, persistence, plots, "
                               "tables", description="Analyse evaluated runs (SPEC §7): a --runs folder holds model "
                               "folders of trajectory and eval files, as the study's results/match_eval_results.")
@@ -135,13 +140,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        "to OUT/<evaluator>/. With --split train|test, finetuned folders are restricted to the cases "
                        "of their own _s<seed>, and source folders are reported once per seed as <folder>_s<seed> "
                        "(seeds of their finetuned counterparts, or every --seed given).")
-    a.add_argument("--runs", type=Path, required=True, metavar="DIR", help="folder of model folders")
-    a.add_argument("--out", type=Path, required=True, metavar="DIR", help="report folder")
-    a.add_argument("--split", choices=["all", "train", "test"],
-                   help="cases to keep (default: all; test when --seed is given)")
-    a.add_argument("--seed", type=_seed, action="append", help="split seed(s) to report (repeatable)")
-    a.add_argument("--strict", action="store_true", help="fail on the first invalid or incomplete file instead of "
-                   "skipping it")
+    add_config_arguments(a, AggregateConfig)
     a.set_defaults(func=_cmd_aggregate)
 
     t = sub.add_parser("table", help="print the results table (SPEC §7.8)",
@@ -160,21 +159,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         description="Everything in one command: OUT/reports/{all,test}/, OUT/plots/ (PNG+PDF), "
                         "OUT/tables/ (LaTeX+Markdown), OUT/persistence_stats.json and OUT/summary.json with, per "
                         "evaluator arm and pooled, r2, r, slope, intercept, p_value, n_points, persistence and "
-                        "the frontier members. Works on source models only (fit and persistence then not available).")
-    al.add_argument("--runs", type=Path, required=True, metavar="DIR", help="folder of model folders")
-    al.add_argument("--out", type=Path, required=True, metavar="DIR", help="analysis folder")
-    al.add_argument("--split", choices=["auto", "test", "all"], default="auto",
-                    help="cases analysed: test splits (default when finetuned models exist) or all cases "
-                    "(default for source models only)")
-    al.add_argument("--seed", type=_seed, action="append",
-                    help="split seed(s) (default: the finetuned models' seeds, else 0 1 2)")
-    al.add_argument("--n-bootstrap", type=int, default=1000,
-                    help="bootstrap resamples for CIs (default 1000; 0 = none)")
-    al.add_argument("--setting", choices=["match", "cross"],
-                    help="analyse only finetuned models evaluated by their own (match) or the other (cross) evaluator")
-    al.add_argument("--formats", nargs="+", action="extend", choices=["png", "pdf", "svg"],
-                    help="plot formats (default png pdf)")
-    al.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    al.add_argument("--spec", help="JSON file of these options")
-    al.add_argument("--strict", action="store_true", help="fail on the first invalid or incomplete file")
+                        "the frontier members. Works on source models only (fit and persistence then not available). "
+                        "Reads only what it builds from --runs; a rerun skips when nothing changed.")
+    add_config_arguments(al, AnalyzeConfig)
     al.set_defaults(func=_cmd_all)

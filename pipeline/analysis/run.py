@@ -16,9 +16,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Literal
 
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.data.locks import writer_lock
+from pipeline.data.manifest import read_manifest
 from pipeline.errors import DataError
+from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, stat_digest
 
 POOLED = "pooled"
 
@@ -37,8 +42,76 @@ class AggregateResult:
     seeds: list[int]
 
 
+def _remove_stale_reports(folder: Path, current: list[Path]) -> None:
+    """Reports of configurations no longer in the runs (this same analysis, refreshed) are removed, so the folder
+    holds exactly what the summary describes."""
+    from pipeline.analysis.rows import REPORT_SUFFIX
+
+    keep = {p.resolve() for p in current}
+    for f in folder.rglob(f"*{REPORT_SUFFIX}") if folder.is_dir() else []:
+        if f.resolve() not in keep:
+            f.unlink()
+
+
+class AggregateConfig(StageConfig):
+    """``analyze aggregate``: unified reports of a folder of runs, optionally a seed's train or test cases."""
+
+    stage: ClassVar[str] = "analyze aggregate"
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "strict", "force"})
+
+    runs: Path = Field(description="folder of model folders", json_schema_extra={"metavar": "DIR"})
+    out: Path = Field(description="report folder", json_schema_extra={"metavar": "DIR"})
+    split: Literal["all", "train", "test"] | None = Field(default=None, description="cases to keep (default: all; "
+                                                          "test when --seed is given)")
+    seed: list[int] | None = Field(default=None, description="split seed(s) to report (repeatable)")
+    strict: bool = Field(default=False, description="fail on the first invalid or incomplete file instead of "
+                         "skipping it")
+    force: bool = Field(default=False, description="a report folder of another configuration is moved aside as "
+                        "<name>.replaced-<time> (default: refuse)")
+
+    _runs = field_validator("runs", mode="after")(lambda v: Path(v).resolve())
+    _seeds = field_validator("seed", mode="after")(lambda v: _check_seeds(v))
+
+    @model_validator(mode="after")
+    def _split(self) -> AggregateConfig:
+        if self.split is None:
+            self.split = "test" if self.seed else "all"
+        if self.split == "all" and self.seed:
+            raise ValueError("--seed selects a seed's train or test cases; expected --split train or --split test")
+        return self
+
+
+def _inputs(runs: Path) -> str:
+    if not runs.is_dir():
+        raise DataError(f"--runs {runs}: not a folder")
+    return stat_digest([runs])
+
+
+def _check_seeds(v: list[int] | None) -> list[int] | None:
+    if v is not None and any(s < 0 for s in v):
+        raise ValueError("expected non-negative seeds")
+    return v
+
+
+def aggregate_stage(cfg: AggregateConfig) -> StageResult:
+    """The ``analyze aggregate`` stage: skipped when the same configuration already reported unchanged runs."""
+    inputs = _inputs(cfg.runs)
+    if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
+        m = read_manifest(cfg.out) or {}
+        return StageResult(stage=cfg.stage, status="skipped", outputs={"out": str(cfg.out)}, counts=m.get("counts", {}))
+    with writer_lock(cfg.out, what="report folder"):
+        begin_output(cfg.out, cfg.stage, cfg.fingerprint())
+        res = aggregate(cfg.runs, cfg.out, split=cfg.split or "all", seeds=cfg.seed, strict=cfg.strict,
+                        fingerprint=cfg.fingerprint(), inputs_digest=inputs)
+    return StageResult(stage=cfg.stage, outputs={"out": str(res.out), "reports": [str(p) for p in res.reports]},
+                       counts={"reports": len(res.reports), "files_processed": res.files_processed,
+                               "skipped_files": len(res.skipped_files), "skipped_configs": len(res.skipped_configs)},
+                       seeds=res.seeds, skipped_files=res.skipped_files, skipped_configs=res.skipped_configs)
+
+
 def aggregate(runs: str | Path, out: str | Path, *, split: str = "all", seeds: list[int] | None = None,
-              strict: bool = False, warn: Callable[[str], None] = _warn) -> AggregateResult:
+              strict: bool = False, warn: Callable[[str], None] = _warn, fingerprint: dict[str, Any] | None = None,
+              inputs_digest: str | None = None) -> AggregateResult:
     """Unified reports of every configuration under ``runs`` restricted to ``split`` → ``<out>/<evaluator>/``."""
     from pipeline.analysis.partition import partition
     from pipeline.analysis.reports import collect_config_scores, write_reports
@@ -51,6 +124,7 @@ def aggregate(runs: str | Path, out: str | Path, *, split: str = "all", seeds: l
     part = partition(collected.configs, split, seeds)
     out = Path(out)
     paths = write_reports(part.reports, out)
+    _remove_stale_reports(out, paths)
     for folder, evaluator, why in part.skipped:
         warn(f"{folder} (evaluator {evaluator}) left out: {why}")
     result = AggregateResult(out=out, reports=paths,
@@ -62,8 +136,8 @@ def aggregate(runs: str | Path, out: str | Path, *, split: str = "all", seeds: l
         "runs": str(runs), "split": split, "seeds": part.seeds, "num_reports": len(paths),
         "reports": [str(p.relative_to(out)) for p in paths], "files_processed": collected.files_processed,
         "skipped_files": result.skipped_files, "skipped_configs": result.skipped_configs})
-    write_manifest(out, stage="analysis.aggregate", config={"runs": str(Path(runs).resolve()), "split": split,
-                                                             "seeds": seeds},
+    write_manifest(out, stage="analyze aggregate", inputs_digest=inputs_digest,
+                   config=fingerprint or {"runs": str(Path(runs).resolve()), "split": split, "seeds": seeds},
                    counts={"reports": len(paths), "files_processed": collected.files_processed,
                            "skipped_files": len(collected.problems)})
     return result
@@ -152,9 +226,56 @@ def _persistence_for(stats: dict[str, Any] | None, reason: str | None, evaluator
     return {"available": True, "reason": None, "by_beta": by_beta}
 
 
+class AnalyzeConfig(StageConfig):
+    """``analyze all``: everything from one folder of runs. Its output folder is bound to this configuration."""
+
+    stage: ClassVar[str] = "analyze all"
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "formats", "no_track", "strict", "force"})
+
+    runs: Path = Field(description="folder of model folders", json_schema_extra={"metavar": "DIR"})
+    out: Path = Field(description="analysis folder", json_schema_extra={"metavar": "DIR"})
+    split: Literal["auto", "test", "all"] = Field(default="auto", description="cases analysed: test splits (auto "
+                                                  "when finetuned models exist) or all cases (auto for source models "
+                                                  "only)")
+    seed: list[int] | None = Field(default=None, description="split seed(s) (default: the finetuned models' seeds, "
+                                   "else 0 1 2)")
+    n_bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for CIs (0 = none)")
+    setting: Literal["match", "cross"] | None = Field(default=None, description="analyse only finetuned models "
+                                                      "evaluated by their own (match) or the other (cross) evaluator")
+    formats: list[Literal["png", "pdf", "svg"]] = Field(default=["png", "pdf"], description="plot formats",
+                                                        json_schema_extra={"nargs": "+"})
+    no_track: bool = Field(default=False, description="do not log to MLflow")
+    strict: bool = Field(default=False, description="fail on the first invalid or incomplete file")
+    force: bool = Field(default=False, description="an analysis folder of another configuration is moved aside as "
+                        "<name>.replaced-<time> (default: refuse)")
+
+    _runs = field_validator("runs", mode="after")(lambda v: Path(v).resolve())
+    _seeds = field_validator("seed", mode="after")(lambda v: _check_seeds(v))
+
+
+def analyze(cfg: AnalyzeConfig) -> tuple[StageResult, AnalysisResult | None]:
+    """The ``analyze all`` stage: skipped when the same configuration already analysed unchanged runs; else
+    everything is rebuilt from ``cfg.runs`` alone."""
+    inputs = _inputs(cfg.runs)
+    if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
+        m = read_manifest(cfg.out) or {}
+        return StageResult(stage=cfg.stage, status="skipped", outputs={"out": str(cfg.out), "summary": str(
+            cfg.out / "summary.json")}, counts=m.get("counts", {})), None
+    with writer_lock(cfg.out, what="analysis folder"):
+        begin_output(cfg.out, cfg.stage, cfg.fingerprint())
+        res = run_all(cfg.runs, cfg.out, split=cfg.split, seeds=cfg.seed, n_bootstrap=cfg.n_bootstrap,
+                      setting=cfg.setting, formats=tuple(cfg.formats), strict=cfg.strict,
+                      fingerprint=cfg.fingerprint(), inputs_digest=inputs)
+    return StageResult(stage=cfg.stage, outputs={"out": str(res.out), "summary": str(res.summary_path),
+                                                 "plots": [str(p) for p in res.plots],
+                                                 "tables": [str(p) for p in res.tables]},
+                       counts=res.summary["counts"], metrics=res.metrics()), res
+
+
 def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: list[int] | None = None,
             n_bootstrap: int = 1000, setting: str | None = None, formats: tuple[str, ...] = ("png", "pdf"),
-            strict: bool = False, warn: Callable[[str], None] = _warn) -> AnalysisResult:
+            strict: bool = False, warn: Callable[[str], None] = _warn, fingerprint: dict[str, Any] | None = None,
+            inputs_digest: str | None = None) -> AnalysisResult:
     from pipeline.analysis import plots, tables
     from pipeline.analysis.aggregate import aggregate_scores, compute_deltas
     from pipeline.analysis.fit import fit_deltas, not_available
@@ -184,11 +305,14 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
     used_split = ("test" if has_ft else "all") if split == "auto" else split
 
     # 1. reports (the only input of everything below)
-    report_paths = write_reports(partition(configs, "all").reports, out / "reports" / "all")
+    all_paths = write_reports(partition(configs, "all").reports, out / "reports" / "all")
     test_part = partition(configs, "test", seeds)
-    report_paths += write_reports(test_part.reports, out / "reports" / "test")
-    rows_all = usable(load_reports([out / "reports" / "all"]))
-    rows_test = usable(load_reports([out / "reports" / "test"])) if test_part.reports else []
+    test_paths = write_reports(test_part.reports, out / "reports" / "test")
+    report_paths = all_paths + test_paths
+    _remove_stale_reports(out / "reports", report_paths)
+    # only the reports just built from ``runs`` are read: never what an earlier run left in ``out``
+    rows_all = usable(load_reports(all_paths))
+    rows_test = usable(load_reports(test_paths)) if test_paths else []
 
     rows = rows_all if used_split == "all" else (_counterpart_sources(rows_test) if has_ft else rows_test)
     rows, setting_used = _select_setting(rows, setting, warn)
@@ -299,8 +423,9 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
     }
     summary_path = out / "summary.json"
     atomic_write_json(summary_path, _clean(summary))
-    write_manifest(out, stage="analysis", config={"runs": str(Path(runs).resolve()), "split": split, "seeds": seeds,
-                                                  "n_bootstrap": n_bootstrap, "setting": setting},
+    write_manifest(out, stage="analyze", inputs_digest=inputs_digest,
+                   config=fingerprint or {"runs": str(Path(runs).resolve()), "split": split, "seeds": seeds,
+                                          "n_bootstrap": n_bootstrap, "setting": setting},
                    counts={"plots": len(plot_files), "tables": len(table_files), "reports": len(report_paths)})
     return AnalysisResult(out=out, summary=summary, summary_path=summary_path, plots=plot_files, tables=table_files,
                           reports=report_paths, persistence_path=persistence_path)

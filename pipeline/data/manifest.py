@@ -55,11 +55,14 @@ def manifest_path(output: str | Path) -> Path:
 
 
 def write_manifest(output: str | Path, *, stage: str, config: dict[str, Any], inputs: dict[str, str | Path] | None = None,
-                   counts: dict[str, Any] | None = None, status: str = "complete") -> Path:
-    """Write the manifest of a stage output (atomically); returns its path."""
+                   counts: dict[str, Any] | None = None, status: str = "complete",
+                   inputs_digest: str | None = None) -> Path:
+    """Write the manifest of a stage output (atomically); returns its path. ``config`` is the stage's fingerprint
+    (``pipeline.stage``); ``inputs_digest`` what derived views compare to see whether their inputs changed."""
     path = manifest_path(output)
     atomic_write_json(path, {
         "stage": stage, "status": status, "config": config, "config_digest": config_digest(config),
+        **({"inputs_digest": inputs_digest} if inputs_digest else {}),
         "inputs": {k: {"path": str(v), "sha256": file_digest(v) if Path(v).exists() else None}
                    for k, v in (inputs or {}).items()},
         "counts": counts or {}, "code_version": code_version(),

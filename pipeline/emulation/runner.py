@@ -19,13 +19,15 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.data.cases import CaseSet, load_named_case_set
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import is_complete as manifest_complete
-from pipeline.data.manifest import write_manifest
+from pipeline.data.manifest import manifest_path, read_manifest, write_manifest
 from pipeline.data.naming import RunFileName, extract_seed, file_quantization, sanitize_model_name
 from pipeline.data.split import TOOLEMU_CASES, contiguous_ranges, test_cases
 from pipeline.emulation.compat import get_compat
@@ -34,43 +36,115 @@ from pipeline.emulation.prompts import agent as agent_prompts
 from pipeline.emulation.prompts import emulator as emulator_prompts
 from pipeline.errors import ConfigError, DataError
 from pipeline.llm import ChatBackend, ChatRequest
+from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
 from pipeline.settings import get_settings
+from pipeline.stage import StageConfig, StageResult, check_fingerprint, move_aside
 
 log = logging.getLogger("pipeline.emulation")
 
 
-@dataclass
-class EmulationConfig:
-    """Everything that defines an emulation run (and so its output file)."""
+def _range(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            a, b = (int(x) for x in value.split("-", 1))
+        except ValueError:
+            raise ValueError(f"'{value}': expected START-END (half-open), e.g. 0-144") from None
+        value = (a, b)
+    if value is not None and not 0 <= value[0] < value[1]:
+        raise ValueError(f"'{value[0]}-{value[1]}': expected 0 <= START < END")
+    return value
 
-    agent: str
-    emulator: str
-    evaluator: str = "none"  # only names the file: evaluation writes its results beside it
-    emulator_mode: str = "adversarial"
-    case_set: str = "toolemu"
-    case_range: tuple[int, int] | None = None  # half-open; None = every case of the set
-    test_only: bool = False
-    seed: int | None = None  # split seed for test_only (default: _s<N> in the agent name)
-    shard: tuple[int, int] | None = None  # (i, n): the i-th (0-based) of n contiguous parts of the range
-    quantization: str | None = None  # agent only; the emulator always runs unquantized (SPEC §2.4)
-    #: Name the agent's files/folder by this label instead of the model (e.g. ``SmolLM2-135M-sample1`` for one of
-    #: several sampled runs of a model in a trajectory pool). Avoid ``_s<N>``: that reads as a split seed.
-    agent_label: str | None = None
-    compat: str = "correct"
-    limits: Limits = field(default_factory=Limits)
-    max_steps: int | None = -1  # -1 = the compat mode's default
-    out_dir: Path | None = None  # default: $AGENTPIPE_HOME/trajectories
-    cache: tuple[str, ...] = ()  # roles whose LLM responses are cached on disk
-    backend_options: dict[str, Any] = field(default_factory=dict)
 
-    def identity(self) -> dict[str, Any]:
-        """What must match for partial output to be resumed."""
-        d = asdict(self)
-        for k in ("out_dir", "cache", "backend_options", "shard"):
-            d.pop(k)
-        d["prompt_versions"] = {"agent": agent_prompts.PROMPT_VERSION, "emulator": emulator_prompts.PROMPT_VERSION}
-        return d
+def _shard(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            i, n = (int(x) for x in value.split("/", 1))
+        except ValueError:
+            raise ValueError(f"'{value}': expected i/n, e.g. 0/10 (0-based)") from None
+        value = (i, n)
+    return value
+
+
+class EmulationConfig(StageConfig, BackendOptions):
+    """Everything that defines an emulation run: one run file per agent, each bound to its fingerprint (every
+    field but those in ``not_in_fingerprint``, with that agent alone, the planned cases and the prompt versions)."""
+
+    stage: ClassVar[str] = "emulate"
+    not_in_fingerprint: ClassVar[frozenset[str]] = NOT_IN_FINGERPRINT | {
+        "agent", "shard", "out", "cache", "force", "wait", "no_progress", "max_attempts"}
+
+    agent: list[str] = Field(min_length=1, description="agent model spec (nickname, Hub id, path, vllm:, openai:, "
+                             "base+adapter); repeat it to emulate several agents together (adapters of one base "
+                             "share one engine and batch; each agent gets its own run file)")
+    emulator: str = Field(description="emulator model spec")
+    evaluator: str = Field(default="none", description="evaluator spec, only to name the file (evaluation writes "
+                           "its results beside it)")
+    emulator_mode: Literal["adversarial", "standard"] = "adversarial"
+    case_set: str = Field(default="toolemu", description="toolemu, demo or a cases .json path")
+    cases: tuple[int, int] | None = Field(default=None, description="case index range START-END (half-open; "
+                                          "default all)", json_schema_extra={"cli_type": "text", "metavar": "START-END"})
+    test_only: bool = Field(default=False, description="only the test cases of the split seed")
+    seed: int | None = Field(default=None, ge=0, description="split seed for --test-only (default: _s<N> in the "
+                             "agent name)")
+    shard: tuple[int, int] | None = Field(default=None, description="run the i-th (0-based) of n contiguous parts of "
+                                          "the range", json_schema_extra={"cli_type": "text", "metavar": "i/n"})
+    compat: Literal["correct", "study"] = Field(default="correct", description="correct or the study's quirks, see "
+                                                "docs/compat.md")
+    max_steps: int | None = Field(default=-1, description="cap on agent steps (-1: the compat mode's: 30, study "
+                                  "none)")
+    max_agent_tokens: int = Field(default=8000, ge=1, description="cumulative agent output tokens (cl100k)")
+    max_tokens_per_call: int = Field(default=2048, ge=1, description="new-token cap per LLM call")
+    max_continuations: int = Field(default=5, ge=0, description="re-prompts after an unparseable output")
+    max_attempts: int = Field(default=3, ge=1, description="tries of an LLM call that errors before its case fails")
+    agent_temperature: float = Field(default=0.0, ge=0, description="agent sampling temperature")
+    agent_seed: int | None = Field(default=None, description="agent sampling seed (with --agent-temperature > 0)")
+    agent_label: str | None = Field(default=None, description="name the agent's folder/files by this label (e.g. "
+                                    "one sampled run of a model in a trajectory pool: SmolLM2-135M-sample1); avoid "
+                                    "_s<N>")
+    cache: str = Field(default="", description="cache LLM responses on disk for these roles: agent,emulator")
+    out: Path | None = Field(default=None, description="output root (default $AGENTPIPE_HOME/trajectories)")
+    force: bool = Field(default=False, description="a run file (or partial run) of a different configuration is "
+                        "moved aside as <name>.replaced-<time> and the run starts over (default: refuse)")
+    wait: bool = Field(default=False, description="when another process is writing the same run file, wait for it "
+                       "(default: refuse at once)")
+    no_progress: bool = Field(default=False, description="no progress bar")
+
+    _check_range = field_validator("cases", mode="before")(_range)
+    _check_shard = field_validator("shard", mode="before")(_shard)
+
+    @field_validator("agent", mode="before")
+    @classmethod
+    def _agents(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else list(dict.fromkeys(v))
+
+    @field_validator("cache")
+    @classmethod
+    def _roles(cls, v: str) -> str:
+        roles = [r for r in v.split(",") if r]
+        if set(roles) - {"agent", "emulator"}:
+            raise ValueError(f"'{v}': expected a comma list of agent, emulator")
+        return ",".join(roles)
+
+    @model_validator(mode="after")
+    def _one_label(self) -> EmulationConfig:
+        if self.agent_label and len(self.agent) > 1:
+            raise ValueError("--agent-label names one agent's files; it cannot be used with several --agent")
+        return self
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_agent_tokens=self.max_agent_tokens, max_tokens_per_call=self.max_tokens_per_call,
+                      max_continuations=self.max_continuations, max_attempts=self.max_attempts,
+                      agent_temperature=self.agent_temperature,
+                      agent_seed=self.agent_seed)
+
+    def versions(self) -> dict[str, Any]:
+        return {"agent_prompt": agent_prompts.PROMPT_VERSION, "emulator_prompt": emulator_prompts.PROMPT_VERSION}
+
+    def identity(self, agent: str, cases: list[int]) -> dict[str, Any]:
+        """The fingerprint of one agent's run file."""
+        return {"agent": agent, **self.fingerprint(), "cases": cases}
 
 
 @dataclass
@@ -86,10 +160,10 @@ class EmulationResult:
     agent_tokens: int = 0
 
 
-def plan(cfg: EmulationConfig, case_set: CaseSet) -> tuple[list[int], tuple[int, int], Path]:
-    """(case indices to run, the range that names the file, output path)."""
+def plan(cfg: EmulationConfig, agent: str, case_set: CaseSet) -> tuple[list[int], tuple[int, int], Path]:
+    """(case indices to run, the range that names the file, output path) of one agent."""
     n = len(case_set)
-    start, end = cfg.case_range or (0, n)
+    start, end = cfg.cases or (0, n)
     if not 0 <= start < end <= n:
         raise ConfigError(f"--cases {start}-{end}: expected a range within 0-{n} for case set '{cfg.case_set}'")
     if cfg.shard is not None:
@@ -100,20 +174,20 @@ def plan(cfg: EmulationConfig, case_set: CaseSet) -> tuple[list[int], tuple[int,
         start, end = start + a, start + b
     cases = list(range(start, end))
     if cfg.test_only:
-        label = cfg.agent_label or parse_model_spec(cfg.agent).name
+        label = cfg.agent_label or parse_model_spec(agent).name
         seed = cfg.seed if cfg.seed is not None else extract_seed(label)
         if seed is None:
             raise ConfigError(f"--test-only: no --seed given and no _s<N> in the agent name '{label}'")
         # one split for every case set: the study's split of indices 0..143, restricted to the set's cases
         test = set(test_cases(seed, max(n, TOOLEMU_CASES)))
         cases = [c for c in cases if c in test]
-    agent, emu = parse_model_spec(cfg.agent), parse_model_spec(cfg.emulator)
+    spec, emu = parse_model_spec(agent), parse_model_spec(cfg.emulator)
     # the evaluator part of the name is what evaluation will use (the spec's name), so they share one file
     evaluator = parse_model_spec(cfg.evaluator).name if cfg.evaluator != "none" else "none"
-    agent_name = sanitize_model_name(cfg.agent_label) if cfg.agent_label else agent.name
+    agent_name = sanitize_model_name(cfg.agent_label) if cfg.agent_label else spec.name
     name = RunFileName(agent_name, emu.name, evaluator, quantization=file_quantization(cfg.quantization),
                        case_range=(start, end))
-    out_dir = cfg.out_dir or get_settings().home / "trajectories"
+    out_dir = cfg.out or get_settings().home / "trajectories"
     return cases, (start, end), out_dir / agent_name / name.filename()
 
 
@@ -121,20 +195,17 @@ def _part_path(path: Path) -> Path:
     return path.with_name(path.name + ".part")
 
 
-def _load_records(path: Path, part: Path, identity: dict[str, Any], restart: bool) -> dict[int, dict]:
-    """Records from earlier runs of this configuration (final and partial file): case → its latest record,
+def _meta_path(path: Path) -> Path:
+    """The fingerprint of a partial run (``<run file>.part.json``), written before its first record."""
+    return path.with_name(path.name + ".part.json")
+
+
+def _load_records(path: Path, part: Path) -> dict[int, dict]:
+    """Records of earlier runs of this configuration (final and partial file): case → its latest record,
     successes preferred over failures."""
-    meta = part.with_name(part.name + ".json")
-    if restart:
-        part.unlink(missing_ok=True)
-        meta.unlink(missing_ok=True)
-    if part.exists() and meta.exists():
-        earlier = json.loads(meta.read_text())
-        if earlier != json.loads(json.dumps(identity, default=str)):
-            raise DataError(f"{part}: partial output of a different configuration; rerun with --restart to discard it")
     records: dict[int, dict] = {}
     for source in (path, part):
-        if source.exists() and not restart:
+        if source.exists():
             for rec in read_jsonl(source).records:  # a truncated tail (crash) is ignored: that case is redone
                 if "error" not in rec or "error" in records.get(rec["case_idx"], {"error": 1}):
                     records[rec["case_idx"]] = rec  # a success is never replaced by a later failure
@@ -142,18 +213,20 @@ def _load_records(path: Path, part: Path, identity: dict[str, Any], restart: boo
 
 
 def run_emulation(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = None,
-                  emulator_backend: ChatBackend | None = None, restart: bool = False,
-                  progress: Callable[[dict[str, Any]], None] | None = None, wait: bool = False) -> EmulationResult:
-    """Emulate every planned case of ``cfg``; resumable and idempotent (see the module docstring)."""
-    return run_emulations([cfg], agent_backend=agent_backend, emulator_backend=emulator_backend, restart=restart,
-                          progress=progress, wait=wait)[0]
+                  emulator_backend: ChatBackend | None = None,
+                  progress: Callable[[dict[str, Any]], None] | None = None) -> EmulationResult:
+    """Emulate the planned cases of ``cfg``'s one agent; resumable and idempotent (see the module docstring)."""
+    if len(cfg.agent) != 1:
+        raise ConfigError("run_emulation takes one agent; use run_emulations for several")
+    return run_emulations(cfg, agent_backend=agent_backend, emulator_backend=emulator_backend,
+                          progress=progress)[0]
 
 
 @dataclass
 class _Job:
     """One agent's run: its configuration, files and the records of earlier runs."""
 
-    cfg: EmulationConfig
+    agent: str
     path: Path
     identity: dict[str, Any]
     cases: list[int]
@@ -167,51 +240,61 @@ class _Job:
         return _part_path(self.path)
 
 
-def run_emulations(cfgs: list[EmulationConfig], *, agent_backend: ChatBackend | None = None,
-                   emulator_backend: ChatBackend | None = None, restart: bool = False,
-                   progress: Callable[[dict[str, Any]], None] | None = None,
-                   wait: bool = False) -> list[EmulationResult]:
-    """Emulate several agents on one emulator together: every agent's episodes advance in the same batched
-    calls, and agents that are adapters of one base model are answered by one backend (one engine or loaded
-    model, one batch). Each agent gets its own run file, identical to running it alone. The configurations
-    must agree on everything but the agent (and its label). One process writes a run file at a time: another
-    one on the same file refuses at once (or, with ``wait``, waits for it)."""
-    if not cfgs:
-        return []
-    _check_compatible(cfgs)
-    first = cfgs[0]
-    if first.emulator_mode not in ("adversarial", "standard"):
-        raise ConfigError(f"--emulator-mode {first.emulator_mode}: expected adversarial or standard")
-    case_set = load_named_case_set(first.case_set)
-    paths = [plan(cfg, case_set)[2] for cfg in cfgs]
+def emulate(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = None,
+            emulator_backend: ChatBackend | None = None,
+            progress: Callable[[dict[str, Any]], None] | None = None) -> StageResult:
+    """The ``emulate`` stage: every agent of ``cfg`` (see ``run_emulations``); incomplete while any case failed."""
+    runs = run_emulations(cfg, agent_backend=agent_backend, emulator_backend=emulator_backend, progress=progress)
+    failed = sum(r.failed for r in runs)
+    status = "incomplete" if failed else "skipped" if all(r.skipped_complete for r in runs) else "complete"
+    paths = [str(r.path) for r in runs]
+    return StageResult(stage="emulate", status=status,
+                       outputs={"trajectories": paths[0] if len(paths) == 1 else paths},
+                       counts={"cases": sum(len(r.cases) for r in runs), "failed": failed,
+                               "new": sum(r.newly_done for r in runs)},
+                       runs=[asdict(r) | {"path": str(r.path)} for r in runs])
+
+
+def run_emulations(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = None,
+                   emulator_backend: ChatBackend | None = None,
+                   progress: Callable[[dict[str, Any]], None] | None = None) -> list[EmulationResult]:
+    """Emulate every agent of ``cfg`` on one emulator together: every agent's episodes advance in the same
+    batched calls, and agents that are adapters of one base model are answered by one backend (one engine or
+    loaded model, one batch). Each agent gets its own run file, identical to running it alone. One process writes
+    a run file at a time: another one on the same file refuses at once (or, with ``wait``, waits for it)."""
+    case_set = load_named_case_set(cfg.case_set)
+    paths = [plan(cfg, agent, case_set)[2] for agent in cfg.agent]
     if len(set(paths)) != len(paths):
         raise ConfigError("--agent: two agents would write the same run file; give each a distinct --agent-label")
     with ExitStack() as locks:
         for path in paths:
-            locks.enter_context(writer_lock(path, wait=wait, what="run file"))
-        return _run_locked(cfgs, case_set, agent_backend, emulator_backend, restart, progress)
+            locks.enter_context(writer_lock(path, wait=cfg.wait, what="run file"))
+        return _run_locked(cfg, case_set, agent_backend, emulator_backend, progress)
 
 
-def _run_locked(cfgs: list[EmulationConfig], case_set: CaseSet, agent_backend: ChatBackend | None,
-                emulator_backend: ChatBackend | None, restart: bool,
+def _run_locked(cfg: EmulationConfig, case_set: CaseSet, agent_backend: ChatBackend | None,
+                emulator_backend: ChatBackend | None,
                 progress: Callable[[dict[str, Any]], None] | None) -> list[EmulationResult]:
     t0 = time.monotonic()
-    first = cfgs[0]
-    compat = get_compat(first.compat)
-    jobs = [_prepare(cfg, case_set, compat.name, restart) for cfg in cfgs]
+    compat = get_compat(cfg.compat)
+    plans = [(agent, *plan(cfg, agent, case_set)) for agent in cfg.agent]
+    for agent, cases, _, path in plans:  # every run file is checked before anything is written or moved
+        if not cfg.force:
+            _check_earlier(path, cfg.identity(agent, cases))
+    jobs = [_prepare(cfg, agent, cases, path, compat.name) for agent, cases, _, path in plans]
     active = [j for j in jobs if j.todo]
     if active:
-        max_steps = compat.max_steps if first.max_steps == -1 else first.max_steps
-        limits = Limits(**{**asdict(first.limits), "max_steps": max_steps})
+        max_steps = compat.max_steps if cfg.max_steps == -1 else cfg.max_steps
+        limits = Limits(**{**asdict(cfg.limits), "max_steps": max_steps})
         for j in active:
-            atomic_write_json(j.part.with_name(j.part.name + ".json"), j.identity)
-        route = _routes(active, agent_backend, emulator_backend)
+            atomic_write_json(_meta_path(j.path), j.identity)
+        route = _routes(cfg, active, agent_backend, emulator_backend)
         owner: dict[int, _Job] = {}
         episodes = []
         for j in active:
             for c in j.todo:
                 ep = Episode(case_idx=c, case=case_set.cases[c], toolkits=case_set.toolkits_for(case_set.cases[c]),
-                             compat=compat, limits=limits, mode=first.emulator_mode)
+                             compat=compat, limits=limits, mode=cfg.emulator_mode)
                 owner[id(ep)] = j
                 episodes.append(ep)
         already = sum(j.result.already_done for j in jobs)
@@ -229,14 +312,13 @@ def _run_locked(cfgs: list[EmulationConfig], case_set: CaseSet, agent_backend: C
                 for ep in finished:
                     j = owner[id(ep)]
                     appenders[id(j)].append(ep.record(j.extra))
-                    j.result.failed += ep.error is not None
                     j.result.newly_done += ep.error is None
                     j.result.agent_tokens += ep.usage["agent"].completion_tokens
 
             stats = advance(episodes, lambda ep, role: route(owner[id(ep)], role), persist, report)
         for j in active:
             j.result.batches = stats.batches
-            j.records = _load_records(j.path, j.part, j.identity, restart=False)
+            j.records = _load_records(j.path, j.part)
     for j in jobs:
         if not j.result.skipped_complete:
             _finish(j)
@@ -244,84 +326,97 @@ def _run_locked(cfgs: list[EmulationConfig], case_set: CaseSet, agent_backend: C
     return [j.result for j in jobs]
 
 
-def _check_compatible(cfgs: list[EmulationConfig]) -> None:
-    """Several agents run together only when their runs differ in the agent alone."""
-    def shared(c: EmulationConfig) -> dict[str, Any]:
-        d = asdict(c)
-        for k in ("agent", "agent_label"):
-            d.pop(k)
-        return d
-
-    ref = shared(cfgs[0])
-    for c in cfgs[1:]:
-        diff = sorted(k for k, v in shared(c).items() if v != ref[k])
-        if diff:
-            raise ConfigError(f"--agent: agents emulated together must share every other option; {c.agent} "
-                              f"differs in {', '.join(diff)}")
+def _check_earlier(path: Path, identity: dict[str, Any]) -> None:
+    """Refuse when the run file or its partial run was made by another configuration."""
+    meta = _meta_path(path)
+    if meta.exists():
+        check_fingerprint(_part_path(path), json.loads(meta.read_text()), _json(identity), "emulate")
+    elif _part_path(path).exists():
+        check_fingerprint(_part_path(path), None, identity, "emulate")
+    if path.exists():
+        m = read_manifest(path)
+        check_fingerprint(path, m.get("config") if m else None, _json(identity), "emulate")
 
 
-def _prepare(cfg: EmulationConfig, case_set: CaseSet, compat_name: str, restart: bool) -> _Job:
-    cases, _, path = plan(cfg, case_set)
-    identity = cfg.identity() | {"cases": cases}
-    if not restart and manifest_complete(path, identity):
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _prepare(cfg: EmulationConfig, agent: str, cases: list[int], path: Path, compat_name: str) -> _Job:
+    identity = _json(cfg.identity(agent, cases))
+    if cfg.force:  # whatever another configuration left here goes aside, never deleted
+        earlier = read_manifest(path)
+        meta = _meta_path(path)
+        stale_part = meta.exists() and json.loads(meta.read_text()) != identity or (
+            _part_path(path).exists() and not meta.exists())
+        stale_final = path.exists() and (earlier is None or earlier.get("config") != identity)
+        aside = []
+        if stale_part:
+            aside += [_part_path(path), meta]
+        if stale_final:
+            aside += [path, manifest_path(path)]
+        for moved in move_aside(*aside):
+            log.warning("kept aside: %s", moved)
+    if manifest_complete(path, identity):
         result = EmulationResult(path, cases, 0, len(cases), 0, skipped_complete=True)
-        return _Job(cfg, path, identity, cases, {}, [], result)
-    records = _load_records(path, _part_path(path), identity, restart)
+        return _Job(agent, path, identity, cases, {}, [], result)
+    records = _load_records(path, _part_path(path))
     todo = [c for c in cases if "error" in records.get(c, {"error": 1})]  # failed cases are retried
-    extra = {"agent_model": cfg.agent, "emulator_model": cfg.emulator, "emulator_mode": cfg.emulator_mode,
+    extra = {"agent_model": agent, "emulator_model": cfg.emulator, "emulator_mode": cfg.emulator_mode,
              "compat": compat_name, "quantization": cfg.quantization or "none",
-             "prompt_versions": identity["prompt_versions"]}
-    return _Job(cfg, path, identity, cases, records, todo, EmulationResult(path, cases, 0, len(cases) - len(todo), 0),
-                extra)
+             "prompt_versions": {"agent": agent_prompts.PROMPT_VERSION, "emulator": emulator_prompts.PROMPT_VERSION}}
+    return _Job(agent, path, identity, cases, records, todo,
+                EmulationResult(path, cases, 0, len(cases) - len(todo), 0), extra)
 
 
 def _finish(j: _Job) -> None:
     """Every case has a record: write the sorted file; failed cases stay as error records (a rerun retries
-    them) and the manifest says "partial" until none is left."""
+    them) and the manifest says "incomplete" until none is left."""
     if not all(c in j.records for c in j.cases):
+        j.result.failed = sum(c not in j.records for c in j.cases)
         return
     failed = sum("error" in j.records[c] for c in j.cases)
+    j.result.failed = failed
     atomic_write_jsonl(j.path, [j.records[c] for c in j.cases])
-    write_manifest(j.path, stage="emulate", config=j.identity, status="complete" if not failed else "partial",
+    write_manifest(j.path, stage="emulate", config=j.identity, status="complete" if not failed else "incomplete",
                    counts={"cases": len(j.cases), "failed": failed,
                            "steps": sum(len(r.get("intermediate_steps", [])) for r in j.records.values())})
     j.part.unlink(missing_ok=True)
-    j.part.with_name(j.part.name + ".json").unlink(missing_ok=True)
+    _meta_path(j.path).unlink(missing_ok=True)
 
 
 #: The backend that answers a role's request, and the adapter it answers with (None: the backend's own spec).
 Route = tuple[ChatBackend, str | None]
 
 
-def _routes(jobs: list[_Job], agent_backend: ChatBackend | None,
+def _routes(cfg: EmulationConfig, jobs: list[_Job], agent_backend: ChatBackend | None,
             emulator_backend: ChatBackend | None) -> Callable[[_Job, str], Route]:
     """Backends for every job's agent and the shared emulator. Agents that are adapters of one base model
     share one backend on that base, each request naming its adapter; vLLM engines of different models split
     the memory budget (``get_backends``)."""
     from pipeline.llm import get_backends
 
-    first = jobs[0].cfg
     roles: dict[str, tuple[str, dict[str, Any]]] = {}
     agent_of: dict[int, tuple[str, str | None]] = {}
     for j in jobs:
-        spec = parse_model_spec(j.cfg.agent)
-        opts = dict(first.backend_options)
-        if first.quantization:
-            opts["quantization"] = first.quantization
+        spec = parse_model_spec(j.agent)
+        opts = cfg.backend_options()
+        if cfg.quantization:
+            opts["quantization"] = cfg.quantization
         if len(jobs) > 1 and spec.adapter and spec.backend in ("hf", "vllm"):
-            base = j.cfg.agent.rsplit("+", 1)[0]
+            base = j.agent.rsplit("+", 1)[0]
             role, adapter = f"agent:{base}", spec.adapter
         else:
-            base, role, adapter = j.cfg.agent, f"agent:{j.cfg.agent}", None
+            base, role, adapter = j.agent, f"agent:{j.agent}", None
         roles[role] = (base, opts)
         agent_of[id(j)] = (role, adapter)
-    roles["emulator"] = (first.emulator, dict(first.backend_options))
+    roles["emulator"] = (cfg.emulator, cfg.backend_options())
     fixed: dict[str, ChatBackend] = {}
     if emulator_backend is not None:
         fixed["emulator"] = emulator_backend
     if agent_backend is not None:
         fixed.update({r: agent_backend for r in roles if r != "emulator"})
-    caches = {r: get_settings().home / "cache" / "llm.sqlite" if r.split(":")[0] in first.cache else None
+    caches = {r: get_settings().home / "cache" / "llm.sqlite" if r.split(":")[0] in cfg.cache.split(",") else None
               for r in roles}
     backends = fixed | get_backends({r: v for r, v in roles.items() if r not in fixed}, caches=caches)
 

@@ -11,17 +11,87 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pipeline.data.jsonl import atomic_write_jsonl, read_jsonl
+from pydantic import Field
+
+from pipeline.data.jsonl import atomic_write_json, atomic_write_jsonl, read_jsonl
+from pipeline.data.manifest import manifest_path, read_manifest
 from pipeline.data.naming import parse_run_filename
 from pipeline.data.records import SCORE_KEYS, replicate_consistency
 from pipeline.data.runfiles import RunFile, find_run_files
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.judges import judge_messages, read_judgement
 from pipeline.evaluation.parsing import recover_score
 from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
+from pipeline.stage import StageConfig, StageResult, check_fingerprint, differences, move_aside
+
+#: Version of the score-recovery patterns (part of repair's fingerprint)
+REPAIR_VERSION = 1
+
+
+class RepairConfig(StageConfig):
+    """``evaluate repair``: which eval files to look at; no option changes what a repair recovers."""
+
+    stage: ClassVar[str] = "evaluate repair"
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"data_dir", "eval_types", "model_filter", "dry_run",
+                                                              "show_unfixable"})
+
+    data_dir: Path = Field(description="folder of run files, or one eval/trajectory file")
+    eval_types: str = Field(default="safe,help_ignore_safety,help")
+    model_filter: str | None = Field(default=None, description="only model folders containing this text")
+    dry_run: bool = Field(default=False, description="report, write nothing")
+    show_unfixable: bool = False
+
+    def versions(self) -> dict[str, Any]:
+        return {"repair": REPAIR_VERSION}
+
+
+class RerunFailedConfig(StageConfig):
+    """``evaluate rerun-failed``: the judge and sampling of the re-asked judgements are part of the eval file
+    they amend (a second rerun with another judge or temperature would mix two judges in one file)."""
+
+    stage: ClassVar[str] = "evaluate rerun-failed"
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"data_dir", "eval_types", "max_retries", "force"})
+
+    data_dir: Path = Field(description="folder of run files, or one eval/trajectory file")
+    evaluator: str | None = Field(default=None, description="judge spec (default: the one recorded in each "
+                                  "judgement)")
+    eval_types: str = Field(default="safe,help_ignore_safety")
+    temperature: float = Field(default=0.3, ge=0)
+    seed: int = Field(default=42, description="round r, replicate k is sampled with seed + 1000 r + k")
+    max_retries: int = Field(default=20, ge=1, description="rounds")
+    max_new_tokens: int = Field(default=2048, ge=1)
+    compat: Literal["correct", "study"] = "correct"
+    force: bool = Field(default=False, description="an eval file amended by a different rerun configuration is "
+                        "copied aside as <name>.replaced-<time> first (default: refuse)")
+
+    def versions(self) -> dict[str, Any]:
+        return {"repair": REPAIR_VERSION}
+
+
+def check_amendment(path: Path, stage: str, fingerprint: dict[str, Any], force: bool) -> None:
+    """Refuse to amend an eval file that an earlier run of ``stage`` amended with another fingerprint; with
+    ``force`` the file is first copied aside (``<name>.replaced-<time>``)."""
+    earlier = [a for a in (read_manifest(path) or {}).get("amendments", []) if a.get("stage") == stage]
+    if earlier and differences(earlier[-1]["fingerprint"], fingerprint):
+        if not force:
+            check_fingerprint(path, earlier[-1]["fingerprint"], fingerprint, stage)
+        import shutil
+
+        [aside] = move_aside(path)
+        shutil.copy2(aside, path)
+
+
+def record_amendment(path: Path, stage: str, fingerprint: dict[str, Any], changed: int) -> None:
+    """Append what a repair or rerun changed to the eval file's manifest (one is started for files without)."""
+    manifest = read_manifest(path) or {"stage": "external", "status": "complete", "config": None}
+    manifest.setdefault("amendments", []).append({
+        "stage": stage, "fingerprint": fingerprint, "changed": changed,
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    atomic_write_json(manifest_path(path), manifest)
 
 
 def _has_score(rep: dict[str, Any], key: str) -> bool:
@@ -115,19 +185,65 @@ class RerunReport:
     remaining: list[tuple[Path, int]] = field(default_factory=list)
 
 
-def rerun_failed(root: Path, eval_types: list[str], evaluator: str | None = None, *, temperature: float = 0.3,
-                 max_rounds: int = 20, seed: int = 42, compat: str = "correct", backend: ChatBackend | None = None,
-                 max_new_tokens: int = 2048, progress: Callable[[str], None] | None = None) -> RerunReport:
-    """Re-judge every item still without a score (after repair) until none is left or ``max_rounds``."""
+def repair(cfg: RepairConfig) -> StageResult:
+    """The ``evaluate repair`` stage over every eval file ``cfg`` selects; skipped when nothing was missing."""
+    from pipeline.evaluation.judges import eval_types_for
+
+    reports = []
+    for rf, t in _files(cfg.data_dir, eval_types_for(cfg.eval_types), cfg.model_filter):
+        rep = repair_file(rf.eval_files[t], t, dry_run=cfg.dry_run)
+        if rep.repaired and not cfg.dry_run:
+            record_amendment(rep.path, cfg.stage, cfg.fingerprint(), rep.repaired)
+        reports.append(rep)
+    missing, repaired = sum(r.missing for r in reports), sum(r.repaired for r in reports)
+    return StageResult(stage=cfg.stage, status="complete" if repaired and not cfg.dry_run else "skipped",
+                       outputs={"eval_files": [str(r.path) for r in reports if r.repaired]},
+                       counts={"files": len(reports), "missing": missing, "repaired": repaired,
+                               "unfixable": sum(len(r.unfixable) for r in reports)},
+                       files=[{"path": str(r.path), "missing": r.missing, "repaired": r.repaired,
+                               "unfixable": r.unfixable} for r in reports if r.missing])
+
+
+def _files(data_dir: Path, eval_types: list[str], model_filter: str | None = None) -> list[tuple[RunFile, str]]:
+    if not Path(data_dir).exists():
+        raise DataError(f"--data-dir {data_dir}: no such folder or file")
+    return eval_files_under(Path(data_dir), eval_types, model_filter)
+
+
+def rerun(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
+          progress: Callable[[str], None] | None = None) -> StageResult:
+    """The ``evaluate rerun-failed`` stage: incomplete while judgements are still without a score."""
+    rep = rerun_failed(cfg, backend=backend, progress=progress)
+    status = "incomplete" if rep.remaining else "complete" if rep.fixed else "skipped"
+    return StageResult(stage=cfg.stage, status=status, outputs={"data_dir": str(cfg.data_dir)},
+                       counts={"rounds": rep.rounds, "fixed": rep.fixed, "remaining": len(rep.remaining)},
+                       remaining=[[str(p), i] for p, i in rep.remaining])
+
+
+def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
+                 progress: Callable[[str], None] | None = None) -> RerunReport:
+    """Re-judge every item still without a score (after repair) until none is left or ``cfg.max_retries``
+    rounds. An eval file re-judged earlier by another rerun configuration is refused (``check_amendment``)."""
     from pipeline.data.runfiles import load_trajectories
+    from pipeline.evaluation.judges import eval_types_for
     from pipeline.evaluation.runner import toolkit_registry
 
+    evaluator, temperature, seed, compat = cfg.evaluator, cfg.temperature, cfg.seed, cfg.compat
+    max_new_tokens = cfg.max_new_tokens
     registry = toolkit_registry()
     report = RerunReport()
-    files = eval_files_under(root, eval_types)
+    files = _files(cfg.data_dir, eval_types_for(cfg.eval_types))
+    fingerprint = cfg.fingerprint()
+    if not cfg.force:
+        for rf, t in files:  # every file is checked before any is changed
+            check_amendment(rf.eval_files[t], cfg.stage, fingerprint, force=False)
     for rf, t in files:
-        repair_file(rf.eval_files[t], t)
-    for round_no in range(1, max_rounds + 1):
+        check_amendment(rf.eval_files[t], cfg.stage, fingerprint, force=cfg.force)
+        repaired = repair_file(rf.eval_files[t], t).repaired
+        if repaired:
+            record_amendment(rf.eval_files[t], RepairConfig.stage, {"versions": {"repair": REPAIR_VERSION}}, repaired)
+    changed: dict[Path, int] = {}
+    for round_no in range(1, cfg.max_retries + 1):
         work = []  # (eval path, eval type, line, replicate index, trajectory record, evaluator)
         for rf, t in files:
             key = SCORE_KEYS[t]
@@ -177,8 +293,11 @@ def rerun_failed(root: Path, eval_types: list[str], evaluator: str | None = None
                     records[i] = {**fields, "eval_id": i}
                 report.fixed += 1
             atomic_write_jsonl(path, records)
+            changed[path] = changed.get(path, 0) + len(changes)
         if progress:
             progress(f"round {round_no}: {len(work)} failed items re-judged, {sum(len(c) for c in fixes.values())} fixed")
+    for path, n in changed.items():
+        record_amendment(path, cfg.stage, fingerprint, n)
     for rf, t in files:
         key = SCORE_KEYS[t]
         for i, rec in enumerate(read_jsonl(rf.eval_files[t]).records):

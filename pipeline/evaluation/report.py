@@ -15,12 +15,18 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+
+from pydantic import Field, model_validator
 
 from pipeline.analysis.reports import build_report, collect_config_scores, write_reports
 from pipeline.data.jsonl import atomic_write_text, read_jsonl
 from pipeline.data.naming import parse_run_filename
+from pipeline.data.locks import writer_lock
+from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.data.records import SCORE_KEYS
+from pipeline.errors import DataError
+from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, stat_digest
 
 
 @dataclass
@@ -123,30 +129,74 @@ def _track(content: dict[str, Any], path: Path) -> str | None:
         return t.run_id
 
 
+class ReportConfig(StageConfig):
+    """``agentpipe report``: the unified reports of one folder of runs. Its output folder is bound to that
+    folder: reports of another ``--runs`` are refused there (they would mix)."""
+
+    stage: ClassVar[str] = "report"
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "no_track", "force"})
+
+    runs: Path | None = Field(default=None, description="folder of model folders (default "
+                              "$AGENTPIPE_HOME/trajectories)")
+    out: Path | None = Field(default=None, description="report root (default $AGENTPIPE_HOME/reports)")
+    no_track: bool = Field(default=False, description="do not log to MLflow")
+    force: bool = Field(default=False, description="a report folder of other runs is moved aside as "
+                        "<name>.replaced-<time> (default: refuse)")
+
+    @model_validator(mode="after")
+    def _defaults(self) -> ReportConfig:
+        from pipeline.settings import get_settings
+
+        home = get_settings().home
+        self.runs = Path(self.runs or home / "trajectories").resolve()
+        self.out = Path(self.out or home / "reports")
+        return self
+
+
+def report(cfg: ReportConfig) -> StageResult:
+    """The ``report`` stage: rebuilt when its runs changed since the last report of the same folder."""
+    assert cfg.runs is not None and cfg.out is not None
+    if not cfg.runs.is_dir():
+        raise DataError(f"--runs {cfg.runs}: not a folder")
+    inputs = stat_digest([cfg.runs])
+    if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
+        m = read_manifest(cfg.out) or {}
+        return StageResult(stage=cfg.stage, status="skipped", outputs={"reports": m.get("counts", {}).get("paths", [])},
+                           counts={"reports": m.get("counts", {}).get("reports", 0)}, problems=[], mlflow_runs=[])
+    with writer_lock(cfg.out, wait=False, what="report folder"):
+        begin_output(cfg.out, cfg.stage, cfg.fingerprint())
+        res = build_and_write_reports(cfg.runs, cfg.out, track=not cfg.no_track)
+        paths = [str(p) for p in res.paths]
+        write_manifest(cfg.out, stage=cfg.stage, config=cfg.fingerprint(), inputs_digest=inputs,
+                       counts={"reports": len(paths), "skipped_files": len(res.problems), "paths": paths})
+    return StageResult(stage=cfg.stage, status="complete", outputs={"reports": paths},
+                       counts={"reports": len(paths), "skipped_files": len(res.problems)}, problems=res.problems,
+                       mlflow_runs=res.tracked_runs)
+
+
 def add_report_parser(sub: Any) -> None:
+    from pipeline.cli_args import add_config_arguments
+
     p = sub.add_parser("report", help="unified reports of evaluated runs (and MLflow evaluation runs)",
                        description="Write the unified report of every configuration under --runs (a folder of "
                        "model folders) to --out/<evaluator>/…_unified_report.json; log each as an MLflow run when "
-                       "a tracking URI is configured.")
-    p.add_argument("--runs", type=Path, help="folder of model folders (default $AGENTPIPE_HOME/trajectories)")
-    p.add_argument("--out", type=Path, help="report root (default $AGENTPIPE_HOME/reports)")
-    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
-    p.add_argument("--spec", help="JSON file of these options")
+                       "a tracking URI is configured. A rerun rebuilds them when the runs changed, else skips.")
+    add_config_arguments(p, ReportConfig)
     p.set_defaults(func=_cmd_report)
 
 
-def _cmd_report(args: Any) -> int:
-    from pipeline.cli import report_result
-    from pipeline.settings import get_settings
+def _cmd_report(args: Any):  # noqa: ANN202 - returns a StageResult
+    from pipeline.cli_args import config_from_args
 
-    home = get_settings().home
-    res = build_and_write_reports(args.runs or home / "trajectories", args.out or home / "reports",
-                                  track=not args.no_track)
+    cfg = config_from_args(ReportConfig, args)
+    res = report(cfg)
+    if res.status == "skipped":
+        print(f"report: {res.counts['reports']} unified reports up to date (same runs, unchanged) → {cfg.out}")
+        return res
     for p in res.problems:
         print(f"report: skipped {p}")
-    for p in res.paths:
+    for p in res.outputs["reports"]:
         print(f"report: {p}")
-    report_result(reports=[str(p) for p in res.paths], skipped=len(res.problems), mlflow_runs=res.tracked_runs)
-    print(f"report: {len(res.paths)} unified reports, {len(res.problems)} files skipped"
-          + (f", {len(res.tracked_runs)} MLflow runs" if res.tracked_runs else ""))
-    return 0
+    print(f"report: {res.counts['reports']} unified reports, {len(res.problems)} files skipped"
+          + (f", {len(res.mlflow_runs)} MLflow runs" if res.mlflow_runs else ""))
+    return res

@@ -15,13 +15,14 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Literal
+
+from pydantic import Field, field_validator
 
 from pipeline.data.cases import load_named_case_set
-from pipeline.data.jsonl import JsonlAppender, atomic_write_jsonl, read_jsonl
+from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.locks import writer_lock
-from pipeline.data.manifest import is_complete as manifest_complete
-from pipeline.data.manifest import read_manifest, write_manifest
+from pipeline.data.manifest import file_digest, manifest_path, read_manifest, write_manifest
 from pipeline.data.naming import parse_run_filename
 from pipeline.data.records import SCORE_KEYS, replicate_consistency
 from pipeline.data.runfiles import load_trajectories
@@ -30,34 +31,53 @@ from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, choice_judgement, eval_types_for, judge_messages,
                                        prompt_version, read_judgement)
 from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
+from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
 from pipeline.settings import get_settings
+from pipeline.stage import StageConfig, StageResult, check_fingerprint, move_aside
 
 
-@dataclass
-class EvaluationConfig:
-    trajectories: Path
-    evaluator: str
-    metrics: str = "safe,help_ignore_safety"
-    replicates: int = 1
-    temperature: float = 0.0
-    seed: int = 42  # replicate k is sampled with seed + k
-    max_new_tokens: int = 2048
-    compat: str = "correct"  # study: the judge sees the repr of the final AgentFinish step (SPEC §3.1)
-    quantization: str | None = None
-    cache: bool = False
-    chunk_size: int = 256
-    force: bool = False  # replace eval files not written by this configuration
+class EvaluationConfig(StageConfig, BackendOptions):
+    """One trajectory file judged by one evaluator; each eval file is bound to its fingerprint (these fields but
+    those in ``not_in_fingerprint``, its metric, the judge prompt's version and the trajectory file's sha256)."""
+
+    stage: ClassVar[str] = "evaluate"
+    not_in_fingerprint: ClassVar[frozenset[str]] = NOT_IN_FINGERPRINT | {
+        "trajectories", "metrics", "cache", "chunk_size", "force", "wait", "no_progress"}
+
+    trajectories: Path = Field(description="trajectory .jsonl file")
+    evaluator: str = Field(description="evaluator model spec")
+    metrics: str = Field(default="safe,help_ignore_safety", description="comma list of safe, help_ignore_safety "
+                         "(Help(Ignore)), help (Help(Safe))")
+    replicates: int = Field(default=1, ge=1, description="judgements per trajectory")
+    temperature: float = Field(default=0.0, ge=0, description="judge temperature (replicates need > 0)")
+    seed: int = Field(default=42, description="replicate k is sampled with seed + k")
+    max_new_tokens: int = Field(default=2048, ge=1)
+    compat: Literal["correct", "study"] = Field(default="correct", description="study: the judge sees the repr of "
+                                                "the final step, as the study (docs/compat.md)")
     #: "generate": the judge writes its reasoning and the four fields (the study); "choice": constrained
     #: scoring from the log-probabilities of the scores 0-3 (local models too small to follow the format)
-    scoring: str = "generate"
-    backend_options: dict[str, Any] = field(default_factory=dict)
+    scoring: Literal["generate", "choice"] = Field(default="generate", description="generate: the judge reasons and "
+                                                   "answers in the four fields; choice: the score 0-3 with the highest "
+                                                   "log-probability (small local judges that cannot follow the format)")
+    cache: bool = Field(default=False, description="cache judge responses on disk")
+    chunk_size: int = Field(default=256, ge=1, description="requests per batched call (progress is saved after each)")
+    force: bool = Field(default=False, description="eval files of a different configuration (or not written by "
+                        "agentpipe) are moved aside as <name>.replaced-<time> and judged again (default: refuse)")
+    wait: bool = Field(default=False, description="when another process is evaluating the same trajectory file, "
+                       "wait for it (default: refuse at once)")
+    no_progress: bool = Field(default=False, description="no progress bar")
 
-    def identity(self, eval_type: str) -> dict[str, Any]:
-        return {"evaluator": self.evaluator, "eval_type": eval_type, "replicates": self.replicates,
-                "temperature": self.temperature, "seed": self.seed, "max_new_tokens": self.max_new_tokens,
-                "compat": self.compat, "quantization": self.quantization, "scoring": self.scoring,
-                "prompt_version": prompt_version(eval_type)}
+    @field_validator("metrics")
+    @classmethod
+    def _metrics(cls, v: str) -> str:
+        eval_types_for(v)  # raises on an unknown metric
+        return v
+
+    def identity(self, eval_type: str, trajectories_sha256: str) -> dict[str, Any]:
+        """The fingerprint of one eval file."""
+        return {"eval_type": eval_type, **self.fingerprint(), "prompt_version": prompt_version(eval_type),
+                "trajectories_sha256": trajectories_sha256}
 
 
 @dataclass
@@ -69,6 +89,7 @@ class EvaluationResult:
     parse_failed: int = 0
     errors: int = 0
     skipped: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)  # eval files with failed requests left
     wall_s: float = 0.0
 
 
@@ -98,65 +119,114 @@ def _target_trajectory(path: Path, evaluator_name: str) -> Path:
     return target
 
 
+def evaluate(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
+             progress: Callable[[int, int], None] | None = None) -> StageResult:
+    """The ``evaluate`` stage: ``run_evaluation`` as a ``StageResult``; incomplete while a request failed (an
+    evaluation whose every request failed is never complete)."""
+    res = run_evaluation(cfg, backend=backend, progress=progress)
+    status = ("incomplete" if res.incomplete else
+              "skipped" if len(res.skipped) == len(res.eval_files) else "complete")
+    return StageResult(stage="evaluate", status=status,
+                       outputs={"trajectories": str(res.trajectory_file),
+                                "eval_files": {t: str(p) for t, p in res.eval_files.items()}},
+                       counts={"requests": res.requests, "scored": res.scored, "parse_failed": res.parse_failed,
+                               "errors": res.errors}, incomplete=res.incomplete, skipped=res.skipped,
+                       wall_s=res.wall_s)
+
+
 def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
-                   progress: Callable[[int, int], None] | None = None, wait: bool = False) -> EvaluationResult:
+                   progress: Callable[[int, int], None] | None = None) -> EvaluationResult:
     """Judge a trajectory file (resumable; see the module docstring). One process evaluates a trajectory file
     at a time: another one on the same file refuses at once (or, with ``wait``, waits for it)."""
     t0 = time.monotonic()
     eval_types = eval_types_for(cfg.metrics)
-    if cfg.replicates < 1:
-        raise ConfigError(f"--replicates {cfg.replicates}: expected >= 1")
-    if cfg.scoring not in ("generate", "choice"):
-        raise ConfigError(f"--scoring {cfg.scoring}: expected generate or choice")
     path = Path(cfg.trajectories)
     try:
         name = parse_run_filename(path.name)
     except PipelineError as e:
-        raise DataError(f"{path}: not a trajectory file ({e})") from None
+        raise DataError(f"--trajectories {path}: not a trajectory file ({e})") from None
     if not name.is_trajectory_file:
-        raise DataError(f"{path}: not a trajectory file (it is an eval or report file: suffix '{name.suffix}')")
+        raise DataError(f"--trajectories {path}: not a trajectory file (it is an eval or report file: suffix "
+                        f"'{name.suffix}')")
     if not path.is_file():
-        raise DataError(f"{path}: trajectory file not found")
+        raise DataError(f"--trajectories {path}: trajectory file not found")
     trajectories = load_trajectories(path)
     evaluator_name = parse_model_spec(cfg.evaluator).name
     target = _target_trajectory(path, evaluator_name)
     tname = parse_run_filename(target.name)
     result = EvaluationResult(target, {t: target.with_name(tname.eval_file(t).filename()) for t in eval_types})
-    with writer_lock(target, wait=wait, what="trajectory file's evaluation"):
+    with writer_lock(target, wait=cfg.wait, what="trajectory file's evaluation"):
         _evaluate_locked(cfg, backend, progress, trajectories, target, result)
     result.wall_s = time.monotonic() - t0
     return result
 
 
+def _meta(out: Path) -> Path:
+    """The fingerprint of a partial evaluation (``<eval file>.part.json``), written before its first line."""
+    return out.with_name(out.name + ".part.json")
+
+
+def _check_earlier(out: Path, identity: dict[str, Any], force: bool) -> bool:
+    """True when ``out`` is complete for this identity; refuse (or, with ``force``, move aside) what another
+    configuration left: the eval file, its manifest, its partial lines."""
+    part, meta, manifest = _part(out), _meta(out), read_manifest(out)
+    stale = []
+    if meta.exists() and json.loads(meta.read_text()) != identity or part.exists() and not meta.exists():
+        if not force:
+            check_fingerprint(part, json.loads(meta.read_text()) if meta.exists() else None, identity, "evaluate")
+        stale += [part, meta]
+    if out.exists() and (manifest is None or manifest.get("config") != identity):
+        if not force:
+            check_fingerprint(out, manifest.get("config") if manifest else None, identity, "evaluate")
+        stale += [out, manifest_path(out)]
+    move_aside(*stale)
+    return out.exists() and manifest is not None and manifest.get("config") == identity and (
+        manifest.get("status") == "complete")
+
+
 def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progress: Callable[[int, int], None] | None,
                      trajectories: list[Any], target: Path, result: EvaluationResult) -> None:
     records = [t.model_dump(exclude_unset=True) for t in trajectories]
+    sha = file_digest(target)
+    identities = {t: json.loads(json.dumps(cfg.identity(t, sha), default=str)) for t in result.eval_files}
+    if not cfg.force:  # every eval file is checked before anything is moved or written
+        for t, out in result.eval_files.items():
+            _check_earlier(out, identities[t], force=False)
     todo: dict[str, list[tuple[int, int]]] = {}
-    done: dict[str, dict[tuple[int, int], dict]] = {}
     for t, out in result.eval_files.items():
-        identity = cfg.identity(t)
-        if out.exists() and manifest_complete(out, identity):
+        if _check_earlier(out, identities[t], force=cfg.force):
             result.skipped.append(t)
             continue
-        if out.exists() and not cfg.force and read_manifest(out) is None:
-            raise DataError(f"{out}: eval file exists and was not written by agentpipe; use --force to replace it")
-        done[t] = _load_part(out)
-        todo[t] = [(i, k) for i in range(len(records)) for k in range(cfg.replicates) if (i, k) not in done[t]]
+        done = _load_part(out)
+        # a failed request is retried; a malformed answer is data (``evaluate repair`` / ``rerun-failed``)
+        todo[t] = [(i, k) for i in range(len(records)) for k in range(cfg.replicates)
+                   if (i, k) not in done or done[(i, k)].get("status") == "error"]
+        atomic_write_json(_meta(out), identities[t])
     pending = [(t, i, k) for t, items in todo.items() for i, k in items]
     if pending:
         backend = backend or get_backend(
             cfg.evaluator, cache=get_settings().home / "cache" / "llm.sqlite" if cfg.cache else None,
-            **({"quantization": cfg.quantization} if cfg.quantization else {}), **cfg.backend_options)
+            **({"quantization": cfg.quantization} if cfg.quantization else {}), **cfg.backend_options())
         _judge(cfg, backend, records, pending, result, progress)
     for t, out in result.eval_files.items():
         if t in result.skipped:
             continue
         entries = _load_part(out)
-        if len(entries) == len(records) * cfg.replicates:
-            atomic_write_jsonl(out, _assemble(entries, len(records), cfg.replicates, SCORE_KEYS[t]))
-            write_manifest(out, stage="evaluate", config=cfg.identity(t), inputs={"trajectories": target},
-                           counts=_counts(read_jsonl(out).records, SCORE_KEYS[t]))
+        if len(entries) != len(records) * cfg.replicates:
+            result.incomplete.append(t)
+            continue
+        statuses = [e.get("status") for e in entries.values()]
+        failed = statuses.count("error")
+        atomic_write_jsonl(out, _assemble(entries, len(records), cfg.replicates, SCORE_KEYS[t]))
+        counts = _counts(read_jsonl(out).records, SCORE_KEYS[t]) | {
+            "errors": statuses.count("error"), "parse_failed": statuses.count("parse_failed")}
+        write_manifest(out, stage="evaluate", config=identities[t], inputs={"trajectories": target},
+                       counts=counts, status="incomplete" if failed else "complete")
+        if failed:  # the journal stays: a rerun retries exactly the failed judgements
+            result.incomplete.append(t)
+        else:
             _part(out).unlink(missing_ok=True)
+            _meta(out).unlink(missing_ok=True)
 
 
 def _part(out: Path) -> Path:
@@ -164,10 +234,16 @@ def _part(out: Path) -> Path:
 
 
 def _load_part(out: Path) -> dict[tuple[int, int], dict]:
+    """(line, replicate) → its latest judgement; a failed request never replaces an answer."""
     part = _part(out)
     if not part.exists():
         return {}
-    return {(r["eval_id"], r["replicate"]): r for r in read_jsonl(part).records}
+    entries: dict[tuple[int, int], dict] = {}
+    for r in read_jsonl(part).records:
+        key = (r["eval_id"], r["replicate"])
+        if key not in entries or r.get("status") != "error" or entries[key].get("status") == "error":
+            entries[key] = r
+    return entries
 
 
 def choice_seed(seed: int, eval_type: str, messages: list[dict[str, str]]) -> int:

@@ -200,7 +200,7 @@ class HFBackend(ChatBackend):
     ``prefill`` (``per_request``: each prompt's KV cache is computed alone, unpadded, and only decoding is
     batched; ``batched``: one padded forward pass; ``auto``, the default: per request on CPU, where a padded
     batched prefill of long prompts is slower than one prompt at a time, batched on GPU). vLLM engine options
-    (pipeline.llm.options.ENGINE_OPTIONS) are accepted and ignored.
+    (pipeline.llm.options.VLLM_ONLY) are accepted and ignored.
 
     Requests may name their own LoRA adapter (``ChatRequest.adapter``): adapters are loaded once into the model
     and rows for different adapters and the base run in one batch (peft's mixed-adapter batches)."""
@@ -208,9 +208,9 @@ class HFBackend(ChatBackend):
     def __init__(self, spec: ModelSpec, *, batch_size: int | None = None, dtype: str | None = "auto",
                  quantization: str | None = None, device: str | None = None, prefill: str = "auto",
                  **engine_options: Any) -> None:
-        from pipeline.llm.options import ENGINE_OPTIONS
+        from pipeline.llm.options import VLLM_ONLY
 
-        unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
+        unknown = sorted(set(engine_options) - VLLM_ONLY)
         if unknown:
             raise TypeError(f"HFBackend got unexpected options {unknown}")
         if prefill not in PREFILL_MODES:

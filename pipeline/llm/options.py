@@ -8,8 +8,9 @@ can serve an agent on vLLM and an emulator on HF.
 
 from __future__ import annotations
 
-import argparse
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.errors import ConfigError
 
@@ -23,17 +24,6 @@ QUANTIZATIONS = ("none", "int4", "int8", "fp16", "bf16", "fp8", "awq", "gptq", "
                  "compressed-tensors")
 HF_QUANTIZATIONS = ("none", "int4", "int8", "fp16", "bf16")
 
-#: vLLM engine options: name → (type, help). ``None`` defaults leave vLLM's own default.
-ENGINE_OPTIONS: dict[str, tuple[type, str]] = {
-    "max_model_len": (int, "vLLM: context length of the engine (default: the model's)"),
-    "gpu_memory_utilization": (float, "vLLM: fraction of GPU memory for all engines of this process together "
-                               "(default 0.85; split between engines of different models)"),
-    "tensor_parallel_size": (int, "vLLM: GPUs per engine (default 1)"),
-    "enforce_eager": (bool, "vLLM: no CUDA graphs (faster start, slower decoding)"),
-    "max_loras": (int, "vLLM: adapters resident in one batch (default 4)"),
-    "max_lora_rank": (int, "vLLM: largest LoRA rank served (default 64)"),
-}
-
 
 def normalize_dtype(value: str | None) -> str:
     """A dtype in vLLM's names; ``bf16``/``fp32``/``fp16`` are accepted as aliases."""
@@ -45,43 +35,70 @@ def normalize_dtype(value: str | None) -> str:
     return v
 
 
-def _dtype_arg(text: str) -> str:
-    try:
-        return normalize_dtype(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--dtype {text}: ")) from None
+class EngineOptions(BaseModel):
+    """How a local backend runs a model: the DAGs' ``backend`` param (a misspelt key is refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str | None = Field(default=None, description="weights/compute dtype: auto, bfloat16, float16, float32 "
+                              "(aliases bf16, fp16, fp32)", json_schema_extra={"metavar": "{" + ",".join(DTYPES) + "}"})
+    batch_size: int | None = Field(default=None, ge=1, description="HF: requests per forward batch (vLLM schedules "
+                                   "itself)")
+    max_model_len: int | None = Field(default=None, ge=1, description="vLLM: context length of the engine (default: "
+                                      "the model's)")
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1, description="vLLM: fraction of GPU memory "
+                                                 "for all engines of this process together (default 0.85; split "
+                                                 "between engines of different models)")
+    tensor_parallel_size: int | None = Field(default=None, ge=1, description="vLLM: GPUs per engine (default 1)")
+    enforce_eager: bool | None = Field(default=None, description="vLLM: no CUDA graphs (faster start, slower "
+                                       "decoding)")
+    max_loras: int | None = Field(default=None, ge=1, description="vLLM: adapters resident in one batch (default 4)")
+    max_lora_rank: int | None = Field(default=None, ge=1, description="vLLM: largest LoRA rank served (default 64)")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            return normalize_dtype(v)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix(f"--dtype {v}: ")) from None
+
+    def backend_options(self) -> dict[str, Any]:
+        """The options that were set, as ``get_backend`` keyword arguments."""
+        return {k: getattr(self, k) for k in EngineOptions.model_fields if getattr(self, k) is not None}
 
 
-def add_backend_arguments(p: argparse.ArgumentParser, *, quantization_help: str = "weights") -> None:
-    """The local-backend flags shared by every stage that loads a model (emulate, evaluate, llm chat)."""
-    g = p.add_argument_group("model backend", "local backends (HF transformers, vLLM); ignored by API models")
-    g.add_argument("--quantization", choices=QUANTIZATIONS,
-                   help=f"{quantization_help}: int4/int8 (HF, bitsandbytes), fp16, bf16; vLLM: fp8 or a "
-                   "pre-quantized checkpoint (awq, gptq, …)")
-    g.add_argument("--dtype", type=_dtype_arg, metavar="{" + ",".join(DTYPES) + "}",
-                   help="weights/compute dtype (aliases bf16, fp16, fp32)")
-    g.add_argument("--batch-size", type=int, help="HF: requests per forward batch (vLLM schedules itself)")
-    for name, (typ, text) in ENGINE_OPTIONS.items():
-        flag = "--" + name.replace("_", "-")
-        if typ is bool:
-            g.add_argument(flag, action="store_true", default=None, help=text)
-        else:
-            g.add_argument(flag, type=typ, help=text)
+#: Options only vLLM uses (the HF backend accepts and ignores them)
+VLLM_ONLY = frozenset(EngineOptions.model_fields) - {"dtype", "batch_size"}
+
+#: Engine options that do not change what a model answers (where it runs, how it is scheduled); every other one
+#: (dtype, max_model_len, quantization) is part of a stage's fingerprint.
+NOT_IN_FINGERPRINT = frozenset({"batch_size", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
+                                "max_loras", "max_lora_rank"})
+
+Quantization = Literal[QUANTIZATIONS]  # type: ignore[valid-type]
 
 
-def backend_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options given on the command line (or in a --spec), as ``get_backend`` keyword arguments."""
-    names = ("batch_size", "dtype", *ENGINE_OPTIONS)
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+class BackendOptions(EngineOptions):
+    """Engine options plus how the weights are stored (``quantization``)."""
+
+    quantization: Quantization | None = Field(default=None, description="weights: int4/int8 (HF, bitsandbytes), "
+                                              "fp16, bf16; vLLM: fp8 or a pre-quantized checkpoint (awq, gptq, …)")
+
+    @field_validator("quantization")
+    @classmethod
+    def _none(cls, v: str | None) -> str | None:
+        return None if v == "none" else v
 
 
 def json_schema() -> dict[str, Any]:
-    """The JSON schema of a backend-options object (the DAG params' ``backend``), from the same names and types
-    as the CLI flags, so a misspelt option is refused by the form instead of ignored."""
-    types = {int: "integer", float: "number", bool: "boolean"}
-    props: dict[str, Any] = {"dtype": {"type": "string", "enum": [*DTYPES, *DTYPE_ALIASES]},
-                             "batch_size": {"type": "integer", "minimum": 1}}
-    for name, (typ, text) in ENGINE_OPTIONS.items():
-        props[name] = {"type": types[typ], "description": text}
-    props["gpu_memory_utilization"].update(exclusiveMinimum=0, maximum=1)
-    return {"type": "object", "properties": props, "additionalProperties": False}
+    """The JSON schema of a backend-options object (the DAG params' ``backend``), from the same model as the CLI
+    flags, so a misspelt option is refused by the form instead of ignored."""
+    schema = EngineOptions.model_json_schema()
+    schema.pop("title", None)
+    schema["additionalProperties"] = False
+    schema["properties"]["dtype"] = {"type": ["string", "null"], "enum": [*DTYPES, *DTYPE_ALIASES, None],
+                                     "description": EngineOptions.model_fields["dtype"].description}
+    return schema

@@ -63,13 +63,17 @@ class ScriptedBackend(ChatBackend):
 
     def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
         self.batches += 1
-        # tests that must interrupt a run part-way slow the double down (seconds per batch)
+        # tests that must interrupt a run part-way slow the double down (seconds per batch); tests of an outage
+        # make every request fail (AGENTPIPE_SCRIPTED_DOWN=1)
         time.sleep(float(os.environ.get("AGENTPIPE_SCRIPTED_DELAY", "0")))
+        down = os.environ.get("AGENTPIPE_SCRIPTED_DOWN") == "1"
         out = []
         for i, r in enumerate(requests):
             self.calls += 1
             t0 = time.perf_counter()
             try:
+                if down:
+                    raise ConnectionError("scripted outage (AGENTPIPE_SCRIPTED_DOWN=1)")
                 text = self.responder(r)
             except Exception as e:
                 out.append(ChatResponse.failure(f"{type(e).__name__}: {e}"))

@@ -3,63 +3,84 @@ by command-line flags (flags win over the file, the file over the defaults)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from pipeline.errors import ConfigError
+from pipeline.stage import StageConfig
 
 Quantization = Literal["none", "int4", "int8", "fp16", "bf16"]
 
 
-class TrainConfig(BaseModel):
-    """Everything ``agentpipe train`` needs. Field names are the flag names with ``_`` for ``-``."""
+class TrainConfig(StageConfig):
+    """Everything ``agentpipe train`` needs (the study's hyper-parameters as defaults, SPEC §6.3). The model
+    folder is bound to the fingerprint: every field but those in ``not_in_fingerprint``, with the pairs file's
+    sha256 and the effective epochs (``dpo.train``)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    stage: ClassVar[str] = "train"
+    #: how the run is tracked, checked and stored, not what is trained
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({
+        "out", "val_pairs", "tracking_uri", "register_model", "final_eval", "gradient_checkpointing",
+        "precompute_ref_log_probs", "save_total_limit", "logging_steps", "eval_steps", "eval_sample_size", "force",
+        "wait"})
 
     # what to train
     model: str = Field(description="base model: nickname, Hub id, local folder, or a trained model folder "
                              "(or its merged/)")
-    pairs: str = Field(description="pairs JSONL (from `agentpipe pairs`)")
-    seed: int = Field(ge=0, description="train/test split seed (SPEC §5); pairs of the seed's test cases validate")
-    val_pairs: str | None = Field(default=None, description="extra validation pairs file (e.g. the _test pair set)")
+    pairs: str = Field(description="pairs JSONL (from `agentpipe pairs`)",
+                       json_schema_extra={"flags": ["--data-path", "-d"]})
+    seed: int = Field(ge=0, description="train/test split seed (SPEC §5); pairs of the seed's test cases validate",
+                      json_schema_extra={"flags": ["-s", "--train-test-split-seed"]})
+    val_pairs: str | None = Field(default=None, description="extra validation pairs file (default: <pairs "
+                                  "stem>_test.jsonl if present)")
     out: str | None = Field(default=None, description="output folder (default <home>/models/<name>)")
     # precision
-    quantization: Quantization = "none"
+    quantization: Quantization = Field(default="none", description="int4 or int8 (QLoRA: bitsandbytes base "
+                                       "weights, GPU or CPU), fp16, bf16")
     # optimisation (SPEC §6.3)
-    batch_size: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=1, ge=1, description="per-device batch size")
     gradient_accumulation_steps: int = Field(default=8, ge=1)
     learning_rate: float = Field(default=5e-5, gt=0)
-    num_epochs: float = Field(default=1, gt=0)
-    max_steps: int = -1
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    num_epochs: float = Field(default=1, gt=0, description="epochs (3 for 'both' datasets unless set)")
+    max_steps: int = Field(default=-1, description="stop after this many optimizer steps (-1: epochs decide)")
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="warmup fraction of the steps")
     lr_scheduler: str = "cosine"
     optimizer: str = "adamw_torch"
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool | None = Field(default=None, description="default: on with a GPU, off on CPU")
+    max_grad_norm: float = Field(default=1.0, description="gradient clipping")
+    gradient_checkpointing: bool | None = Field(default=None, description="activation checkpointing (default: on "
+                                                "with a GPU, off on CPU)")
     train_seed: int = Field(default=42, description="reproducibility seed of the trainer (not the split seed)")
     # DPO
-    beta: float = Field(default=0.1, gt=0)
-    max_length: int = Field(default=8192, ge=16)
-    max_prompt_length: int = Field(default=8192, ge=8)
-    precompute_ref_log_probs: bool = True
+    beta: float = Field(default=0.1, gt=0, description="DPO beta (the paper also uses 0.05)",
+                        json_schema_extra={"flags": ["--dpo-beta"]})
+    max_length: int = Field(default=8192, ge=16, description="drop pairs with prompt+completion above this many "
+                            "tokens")
+    max_prompt_length: int = Field(default=8192, ge=8, description="drop pairs with prompts above this many tokens")
+    precompute_ref_log_probs: bool = Field(default=True, description="precompute the reference log-probs once")
     # LoRA
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    lora_target_modules: str | list[str] = "all-linear"
+    lora_target_modules: str | list[str] = Field(default="all-linear", description="all-linear or a comma-separated "
+                                                 "module list", json_schema_extra={"cli_type": "text"})
     # checkpoints, logging, evaluation
-    save_steps: int = Field(default=100, ge=1)
-    save_total_limit: int = Field(default=2, ge=1)
-    logging_steps: int = Field(default=40, ge=1)
-    eval_steps: int = Field(default=999999, ge=1)
-    eval_sample_size: int | None = Field(default=None, ge=1, description="default logging_steps × grad acc × batch")
+    save_steps: int = Field(default=100, ge=1, description="checkpoint every N optimizer steps")
+    save_total_limit: int = Field(default=2, ge=1, description="checkpoints kept")
+    logging_steps: int = Field(default=40, ge=1, description="log metrics every N steps")
+    eval_steps: int = Field(default=999999, ge=1, description="validate every N steps (default: only at the end)")
+    eval_sample_size: int | None = Field(default=None, ge=1, description="validation pairs per evaluation (default "
+                                         "logging_steps × grad acc × batch)")
     final_eval: bool = Field(default=True, description="evaluate on a validation sample when training ends")
     # tracking
-    tracking_uri: str | None = None
-    register_model: bool = True
+    tracking_uri: str | None = Field(default=None, description="MLflow tracking URI (default MLFLOW_TRACKING_URI; "
+                                     "none: journal only)")
+    register_model: bool = Field(default=True, description="register the adapter as an MLflow model version")
+    # how to run
+    force: bool = Field(default=False, description="a model folder trained with another configuration (or on other "
+                        "pairs) is moved aside as <name>.replaced-<time> and training starts over (default: refuse)")
+    wait: bool = Field(default=False, description="when another process trains into the same folder, wait for it "
+                       "(default: refuse at once)")
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -71,47 +92,3 @@ class TrainConfig(BaseModel):
     @property
     def effective_eval_sample_size(self) -> int:
         return self.eval_sample_size or self.logging_steps * self.gradient_accumulation_steps * self.batch_size
-
-
-#: Fields that must not change when a run is resumed (they define the model being trained).
-RESUME_INVARIANTS = ("model", "seed", "quantization", "batch_size", "gradient_accumulation_steps", "learning_rate",
-                     "num_epochs", "max_steps", "warmup_ratio", "lr_scheduler", "optimizer", "beta", "max_length",
-                     "max_prompt_length", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
-                     "train_seed", "save_steps")
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A YAML or JSON mapping of TrainConfig fields (``-`` in keys is accepted for ``_``)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read ({e.strerror})") from None
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as e:  # json/yaml parse errors
-        raise ConfigError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
-                          f"({' '.join(str(e).split())[:200]})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def build_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> tuple[TrainConfig, set[str]]:
-    """Defaults < config file < flags. Returns the config and the names set explicitly (file or flags)."""
-    merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
-    try:
-        cfg = TrainConfig(**merged)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
-        flag = "--" + loc.replace("_", "-")
-        raise ConfigError(f"{flag}: {err['msg']}") from None
-    return cfg, set(merged)

@@ -37,7 +37,9 @@ from pipeline.data.manifest import file_digest, read_manifest, write_manifest
 from pipeline.data.manifest import is_complete as manifest_complete
 from pipeline.data.split import test_cases as split_test_cases
 from pipeline.errors import ConfigError, DataError, PipelineError
-from pipeline.training.config import RESUME_INVARIANTS, TrainConfig
+from pipeline.training.config import TrainConfig
+from pipeline.data.locks import writer_lock
+from pipeline.stage import StageResult, check_fingerprint, move_aside
 from pipeline.training.naming import (base_nickname, dataset_name, default_model_dir, is_both_dataset, model_name,
                                       parent_model_dir)
 
@@ -143,6 +145,8 @@ def load_training_pairs(path: str | Path) -> list[dict[str, Any]]:
     """The pairs file's records; an empty file is a ``DataError``."""
     from pipeline.preference import load_pairs
 
+    if not Path(path).is_file():
+        raise DataError(f"--pairs {path}: pairs file not found")
     pairs = load_pairs(path)
     if not pairs:
         raise DataError(f"{path}: empty pair set; expected at least one preference pair")
@@ -257,10 +261,9 @@ def load_tokenizer(path: str) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------- train
-def _config_for_digest(cfg: TrainConfig, epochs: float, pairs_sha: str, val_sha: str | None) -> dict[str, Any]:
-    d = cfg.model_dump(exclude={"tracking_uri", "out", "register_model", "final_eval", "gradient_checkpointing"})
-    d.update(effective_epochs=epochs, pairs_sha256=pairs_sha, val_pairs_sha256=val_sha)
-    return d
+def fingerprint(cfg: TrainConfig, epochs: float, pairs_sha: str) -> dict[str, Any]:
+    """What the trained model depends on: the config's fingerprint, the pairs' content and the epochs run."""
+    return cfg.fingerprint() | {"effective_epochs": epochs, "pairs_sha256": pairs_sha}
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -272,6 +275,15 @@ def _replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+def train_stage(cfg: TrainConfig) -> StageResult:
+    """The ``train`` stage."""
+    res = train(cfg)
+    return StageResult(stage=cfg.stage, status="skipped" if res.skipped else "complete",
+                       outputs={"out": str(res.out), "adapter": str(res.adapter), "mlflow_run": res.mlflow_run_id},
+                       counts={"global_step": res.global_step}, name=res.name, metrics=res.metrics,
+                       resumed_from=res.resumed_from)
 
 
 def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequence[Any] = (),
@@ -301,37 +313,41 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
     out = Path(cfg.out).expanduser().resolve() if cfg.out else default_model_dir(name, home)
     base_path = resolve_model_path(cfg.model)
     pairs_sha = file_digest(cfg.pairs)
-    val_file = Path(cfg.val_pairs) if cfg.val_pairs else None
-    val_sha = file_digest(val_file) if val_file and val_file.is_file() else None
-    digest_cfg = _config_for_digest(cfg, epochs, pairs_sha, val_sha)
+    fp = fingerprint(cfg, epochs, pairs_sha)
+    with writer_lock(out, wait=cfg.wait, what="model folder"):
+        return _train_locked(cfg, name, out, base_path, dataset, pairs, epochs, pairs_sha, fp, cuda, callbacks)
 
-    # Already trained with this exact config: nothing to do.
-    if manifest_complete(out, digest_cfg) and (out / ADAPTER / "adapter_config.json").is_file():
+
+def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, dataset: str, pairs: list[dict[str, Any]],
+                  epochs: float, pairs_sha: str, fp: dict[str, Any], cuda: bool,
+                  callbacks: Sequence[Any]) -> TrainResult:
+    # Already trained with this exact configuration: nothing to do; another configuration's model: refuse.
+    existing = out / TRAINING_CONFIG
+    prev = json.loads(existing.read_text()) if existing.is_file() else None
+    recorded = (read_manifest(out) or {}).get("config") if (out / "manifest.json").is_file() else (
+        prev.get("fingerprint") if prev else None)
+    if out.is_dir() and any(out.iterdir()) and recorded != json.loads(json.dumps(fp, default=str)):
+        if not cfg.force:
+            check_fingerprint(out, recorded, json.loads(json.dumps(fp, default=str)), "train")
+        for moved in move_aside(out):
+            log.warning("kept aside: %s", moved)
+        prev = None
+    elif manifest_complete(out, fp) and (out / ADAPTER / "adapter_config.json").is_file():
         m = read_manifest(out) or {}
         log.info("%s: already trained (manifest complete)", out)
         return TrainResult(name=name, out=out, adapter=out / ADAPTER, global_step=m.get("counts", {}).get(
             "global_step", 0), metrics=m.get("counts", {}), skipped=True)
-    if (out / "manifest.json").is_file():
-        raise ConfigError(f"{out}: holds a finished model trained with a different configuration; choose another "
-                          "--out or remove the folder")
 
     tok = load_tokenizer(base_path)
     data = prepare_data(cfg, tok, pairs)
     lin = lineage(cfg.model, dataset, cfg.seed, cfg.beta)
 
-    # Resume: same split and hyper-parameters as the interrupted run.
+    # Resume: same fingerprint (checked above) and the same split as the interrupted run.
     resume_from: Path | None = None
-    existing = out / TRAINING_CONFIG
-    if existing.is_file():
-        prev = json.loads(existing.read_text())
+    if prev is not None:
         if prev.get("test_case_indices") != data.test_cases or prev.get("train_case_indices") != data.train_cases:
             raise ConfigError(f"{out}: cannot resume: the train/test split differs from the interrupted run's "
-                              f"({TRAINING_CONFIG}); use the same pairs and --seed or another --out")
-        changed = [k for k in RESUME_INVARIANTS if prev.get("config", {}).get(k) != cfg.model_dump().get(k)]
-        if changed or prev.get("pairs_sha256") != pairs_sha:
-            what = changed[0] if changed else "pairs file content"
-            raise ConfigError(f"{out}: cannot resume: '{what}' differs from the interrupted run; use the same "
-                              "settings or another --out")
+                              f"({TRAINING_CONFIG}); use the same pairs and --seed, or --force to start over")
         resume_from = last_checkpoint(out / CHECKPOINTS)
     out.mkdir(parents=True, exist_ok=True)
     if not existing.is_file():
@@ -342,7 +358,8 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
             "train_test_split_seed": cfg.seed, "seed": cfg.train_seed,
             "train_case_indices": data.train_cases, "test_case_indices": data.test_cases,
             "pairs_sha256": pairs_sha, "data_stats": data.stats, "lineage": lin,
-            "tracking_journal": str(TRACKING_TRAIN), "config": cfg.model_dump(),
+            "tracking_journal": str(TRACKING_TRAIN), "config": cfg.model_dump(mode="json"),
+            "fingerprint": json.loads(json.dumps(fp, default=str)),
         })
 
     from pipeline.tracking import Tracker
@@ -371,7 +388,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
                                    description=f"LoRA adapter {name} (DPO on {dataset}, split seed {cfg.seed})")
         metrics_doc = {**result.metrics, "mlflow_run_id": tracker.run_id, "resumed_from": result.resumed_from}
         atomic_write_json(out / TRAINING_METRICS, metrics_doc)
-        write_manifest(out, stage="train", config=digest_cfg, inputs={"pairs": cfg.pairs},
+        write_manifest(out, stage="train", config=fp, inputs={"pairs": cfg.pairs},
                        counts={"global_step": result.global_step, **data.stats,
                                "train_loss": result.metrics.get("train_loss")})
     except Preempted:

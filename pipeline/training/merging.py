@@ -21,17 +21,24 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
 
 from pipeline.data.jsonl import atomic_write_json
-from pipeline.data.manifest import write_manifest
+from pipeline.data.locks import writer_lock
+from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.errors import ConfigError, DataError
+from pipeline.stage import FingerprintMismatch, StageConfig, StageResult, check_fingerprint, move_aside
+
+log = logging.getLogger("pipeline.training")
 
 MERGE_CONFIG = "merge_config.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -112,8 +119,42 @@ def _logits(model: Any, inputs: dict[str, Any]) -> Any:
         return model(**inputs).logits.double().cpu()
 
 
+class MergeConfig(StageConfig):
+    """``agentpipe merge``: the merged folder is bound to the adapter (path and weights' sha256), base and dtype."""
+
+    stage: ClassVar[str] = "merge"
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "atol", "tracking_uri", "register_model",
+                                                              "force", "wait"})
+
+    adapter: Path = Field(description="adapter folder (or a trained model folder)",
+                          json_schema_extra={"flags": ["--adapter-path"]})
+    out: Path | None = Field(default=None, description="output folder (default <model dir>/merged)",
+                             json_schema_extra={"flags": ["--output-dir"]})
+    base: str | None = Field(default=None, description="base model (default: the adapter's base_model_name_or_path)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="dtype of the saved "
+                                                                     "weights (auto: the base model's)")
+    atol: float = Field(default=1e-3, gt=0, description="max |logit difference| allowed")
+    tracking_uri: str | None = Field(default=None, description="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
+    register_model: bool = Field(default=True, description="register the merged model as an MLflow model version")
+    force: bool = Field(default=False, description="a folder holding another model (or another merge) is moved "
+                        "aside as <name>.replaced-<time> (default: refuse)")
+    wait: bool = Field(default=False, description="when another process merges into the same folder, wait for it")
+
+
+def merge_stage(cfg: MergeConfig) -> StageResult:
+    """The ``merge`` stage."""
+    res = merge(cfg.adapter, cfg.out, base=cfg.base, dtype=cfg.dtype, atol=cfg.atol, tracking_uri=cfg.tracking_uri,
+                register_model=cfg.register_model, force=cfg.force, wait=cfg.wait)
+    return StageResult(stage=cfg.stage, status="skipped" if res.skipped else "complete",
+                       outputs={"merged": str(res.out), "adapter": str(res.adapter), "mlflow_run": res.mlflow_run_id},
+                       counts={"max_abs_logit_diff": res.max_abs_logit_diff,
+                               "max_abs_logit_diff_saved": res.max_abs_logit_diff_saved},
+                       base=res.base, dtype=res.dtype, verify_dtype=res.verify_dtype)
+
+
 def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | None = None, dtype: str = "auto",
-          atol: float = 1e-3, tracking_uri: str | None = None, register_model: bool = True) -> MergeResult:
+          atol: float = 1e-3, tracking_uri: str | None = None, register_model: bool = True, force: bool = False,
+          wait: bool = False) -> MergeResult:
     """Merge ``adapter`` into its base and save a standalone model in ``out``; see the module docstring."""
     t0 = time.perf_counter()
     if dtype not in DTYPES:
@@ -126,14 +167,34 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
     out_dir = Path(out).expanduser().resolve() if out else default_merge_dir(adapter_dir)
     if out_dir is None:
         raise ConfigError(f"--adapter {adapter}: not in a trained model folder (<model>/adapter); pass --out")
-    existing = _existing_model_files(out_dir)
     adapter_sha256 = _adapter_fingerprint(adapter_dir)
-    if existing:
-        done = _same_merge(out_dir, adapter_dir, adapter_sha256, base_ref, dtype)
-        if done is not None:
-            return done
-        raise ConfigError(f"{out_dir}: already holds a model ({', '.join(existing[:3])}) that is not this merge of "
-                          f"{adapter_dir}; refusing to overwrite (pass another --out or remove it)")
+    with writer_lock(out_dir, wait=wait, what="merged model folder"):
+        existing = _existing_model_files(out_dir)
+        if existing:
+            done = _same_merge(out_dir, adapter_dir, adapter_sha256, base_ref, dtype)
+            if done is not None:
+                return done
+            if not force:
+                recorded = (read_manifest(out_dir) or {}).get("config")
+                if recorded is not None:  # name what differs when the folder says what made it
+                    same_dtype = recorded.get("dtype") if dtype == "auto" else dtype  # auto: what it resolved to
+                    check_fingerprint(out_dir, recorded,
+                                      _fingerprint(adapter_dir, adapter_sha256, base_ref, same_dtype), "merge")
+                raise FingerprintMismatch(f"{out_dir}: already holds a model ({', '.join(existing[:3])}) that is "
+                                          f"not this merge of {adapter_dir}; pass another --out, or --force to "
+                                          "keep it aside")
+            for moved in move_aside(out_dir):
+                log.warning("kept aside: %s", moved)
+        return _merge_locked(adapter_dir, adapter_cfg, adapter_sha256, base_ref, out_dir, dtype, atol, tracking_uri,
+                             register_model, t0)
+
+
+def _fingerprint(adapter_dir: Path, adapter_sha256: str, base: str, dtype: str) -> dict[str, Any]:
+    return {"adapter": str(adapter_dir), "adapter_sha256": adapter_sha256, "base": base, "dtype": dtype}
+
+
+def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], adapter_sha256: str, base_ref: str, out_dir: Path,
+                  dtype: str, atol: float, tracking_uri: str | None, register_model: bool, t0: float) -> MergeResult:
 
     import torch
     from peft import PeftModel
@@ -196,8 +257,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_manifest(out_dir, stage="merge", config={"adapter": str(adapter_dir), "base": base_ref, "dtype": save_dtype,
-                                                   "atol": atol},
+    write_manifest(out_dir, stage="merge", config=_fingerprint(adapter_dir, adapter_sha256, base_ref, save_dtype),
                    counts={"max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved})
     result = MergeResult(out=out_dir, adapter=adapter_dir, base=base_ref, max_abs_logit_diff=diff_mem,
                          max_abs_logit_diff_saved=diff_saved, dtype=save_dtype, verify_dtype=compute)

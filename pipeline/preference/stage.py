@@ -1,0 +1,141 @@
+"""The ``pairs`` stage: its configuration and run function (the pairing itself is ``pipeline.preference.pairs``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from pipeline.stage import StageConfig, StageResult, prior_output
+
+#: Version of the pairing and rendering rules (part of the fingerprint)
+PAIRS_VERSION = 1
+
+
+class PairsConfig(StageConfig):
+    """One DPO pair set from evaluated run folders. The file name carries the pairing rules; the fingerprint
+    also binds the set to its input folders and their contents (sha256), so a set is never silently rebuilt
+    from other or changed evaluations."""
+
+    stage: ClassVar[str] = "pairs"
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "force"})
+
+    data_dir: list[Path] = Field(min_length=1, description="run folder with trajectory and eval files, searched "
+                                 "recursively (repeatable)", json_schema_extra={"metavar": "DIR"})
+    metric: Literal["safe", "help_ignore_safety", "help"] = Field(description="metric that picks chosen/rejected")
+    metric2: Literal["safe", "help_ignore_safety", "help"] | None = Field(default=None, description="second metric "
+                                                                          "(see --mode)")
+    mode: Literal["both", "average"] = Field(default="both", description="both: metric 2 must agree and pass the "
+                                             "same rules; average: also require the mean of the two metrics to pass")
+    min_score_difference: int = Field(default=2, ge=1, description="minimum chosen - rejected gap")
+    min_chosen_score: int = Field(default=2, ge=0, le=3, description="minimum chosen score")
+    consistency: str = Field(default="none", description="replicate-agreement filter (needs multi-replicate "
+                             "evaluations): none, exact, all_but_one, within_1 …")
+    seed: int | None = Field(default=None, ge=0, description="split seed: pair only that seed's train (or --split "
+                             "test) cases")
+    split: Literal["train", "test", "all"] | None = Field(default=None, description="which cases of the seed's "
+                                                          "split (default train with --seed, all without)")
+    evaluator: str | None = Field(default=None, description="evaluator name used in the file name (default: the run "
+                                  "folder's name)")
+    judge: str | None = Field(default=None, description="the judge whose evaluations are paired, when the folders "
+                              "hold several (the evaluator part of the run-file names, e.g. Qwen_Qwen3-32B, or its "
+                              "model spec)")
+    cases: str = Field(default="toolemu", description="case set for the toolkits in the prompt")
+    tokenizer: str | None = Field(default=None, description="drop pairs longer than --max-length/--max-prompt-length "
+                                  "tokens with this model's chat template (the name gets _tok-<model>[_ml<N>][_mpl<N>])",
+                                  json_schema_extra={"metavar": "MODEL"})
+    max_length: int = Field(default=8192, ge=1, description="max prompt+completion tokens")
+    max_prompt_length: int = Field(default=8192, ge=1, description="max prompt tokens")
+    out: Path = Field(description="output folder", json_schema_extra={"metavar": "DIR"})
+    force: bool = Field(default=False, description="a pair set of the same name made by another configuration or "
+                        "from other inputs is moved aside as <name>.replaced-<time> (default: refuse)")
+
+    _dirs = field_validator("data_dir", mode="before")(lambda v: [v] if isinstance(v, (str, Path)) else v)
+
+    @field_validator("consistency")
+    @classmethod
+    def _consistency(cls, v: str) -> str:
+        from pipeline.preference.pairs import CONSISTENCY
+
+        if v not in CONSISTENCY:
+            raise ValueError(f"expected one of {', '.join(CONSISTENCY)}")
+        return v
+
+    @model_validator(mode="after")
+    def _resolve(self) -> PairsConfig:
+        self.data_dir = [Path(d).resolve() for d in self.data_dir]
+        if self.split is None:
+            self.split = "train" if self.seed is not None else "all"
+        if self.metric2 == self.metric:
+            raise ValueError(f"--metric2 {self.metric2}: must differ from --metric")
+        if self.split != "all" and self.seed is None:
+            raise ValueError(f"--split {self.split} needs --seed (the split seed)")
+        return self
+
+    def versions(self) -> dict[str, Any]:
+        return {"pairs": PAIRS_VERSION}
+
+    def rules(self):  # noqa: ANN201 - PairConfig, imported lazily
+        """The pairing rules."""
+        from pipeline.preference.pairs import PairConfig
+
+        return PairConfig(metric=self.metric, metric2=self.metric2, mode=self.mode,
+                          min_score_difference=self.min_score_difference, min_chosen_score=self.min_chosen_score,
+                          consistency=self.consistency, seed=self.seed, split=self.split or "all")
+
+
+def build_pairs(cfg: PairsConfig) -> StageResult:
+    """The ``pairs`` stage: skipped when the same configuration already built the set from the same inputs."""
+    from pipeline.data.cases import load_named_case_set
+    from pipeline.data.locks import writer_lock
+    from pipeline.data.manifest import file_digest, read_manifest
+    from pipeline.errors import DataError
+    from pipeline.preference.pairs import build_pair_set, length_tag, write_pair_set
+    from pipeline.settings import get_settings
+
+    t0 = time.perf_counter()
+    for d in cfg.data_dir:
+        if not d.is_dir():
+            raise DataError(f"--data-dir {d}: not a folder")
+    evaluator = cfg.evaluator or "+".join(d.name for d in cfg.data_dir)
+    tokenizer = _tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    rules = cfg.rules()
+    path = cfg.out / f"{rules.name(evaluator, length_tag(tokenizer, cfg.max_length, cfg.max_prompt_length))}.jsonl"
+    fingerprint = cfg.fingerprint() | {"inputs": {str(d): file_digest(d) for d in cfg.data_dir}}
+
+    def done() -> bool:
+        return prior_output(path, fingerprint, cfg.stage, force=cfg.force)
+
+    if path.exists() and done():
+        return StageResult(stage=cfg.stage, status="skipped", outputs={"pairs": str(path)},
+                           counts=(read_manifest(path) or {}).get("counts", {}))
+    # built before anything is written (bad input fails with nothing created), then checked again under the lock
+    case_set = load_named_case_set(cfg.cases, get_settings().resolved_data_dir)
+    result = build_pair_set(cfg.data_dir, rules, evaluator=evaluator, case_set=case_set, tokenizer=tokenizer,
+                            max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, judge=cfg.judge)
+    with writer_lock(path, what="pair set"):
+        if done():
+            return StageResult(stage=cfg.stage, status="skipped", outputs={"pairs": str(path)},
+                               counts=(read_manifest(path) or {}).get("counts", {}))
+        write_pair_set(result, cfg.out, manifest_config=fingerprint)
+    s = result.stats
+    return StageResult(stage=cfg.stage, outputs={"pairs": str(path)},
+                       counts={"pairs": s["pairs"], "cases": s["cases_with_pairs"], "items": s["load"]["items"],
+                               "dropped_too_long": s.get("dropped_too_long", 0)},
+                       length_filtered=tokenizer is not None, wall_s=time.perf_counter() - t0)
+
+
+def _tokenizer(spec: str):  # noqa: ANN202 - a transformers tokenizer
+    from transformers import AutoTokenizer
+
+    from pipeline.data.naming import expand_model_name
+    from pipeline.errors import ConfigError
+    from pipeline.llm.local_models import resolve_local_model
+
+    path = resolve_local_model(expand_model_name(spec))
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as e:
+        raise ConfigError(f"--tokenizer {spec}: cannot load '{path}' ({str(e).splitlines()[0]})") from None

@@ -1,0 +1,180 @@
+"""What every stage shares: a typed configuration, its fingerprint, and a typed result.
+
+A stage is a ``StageConfig`` subclass plus a function ``run(cfg) -> StageResult`` (like trl's config + trainer).
+The command line, a ``--spec`` file and the Airflow operator all build the same config object
+(``pipeline.cli_args``). The config declares which of its fields change the stage's results
+(``fingerprint()``: every field except those in ``not_in_fingerprint``, plus the stage's versions); every output
+records that fingerprint, and a rerun compares it:
+
+* same fingerprint: resume or skip;
+* different: ``FingerprintMismatch`` names each differing field with its old and new value (exit 2, nothing
+  touched), unless ``force``, which first moves the old outputs aside as ``<name>.replaced-<UTC time>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import ConfigError
+
+#: Every stage config class by stage name (filled by ``StageConfig.__init_subclass__``): the generic fingerprint
+#: test walks it, so a stage added later without a fingerprint is caught.
+STAGES: dict[str, type[StageConfig]] = {}
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's configuration. Field names are the option names (``--case-set`` = ``case_set``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, arbitrary_types_allowed=True)
+
+    #: the sub-command (``evaluate repair`` for nested ones)
+    stage: ClassVar[str] = ""
+    #: fields that do not change results (where to write logs, progress, waiting, batch sizes whose results are
+    #: identical); everything else is part of the fingerprint
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("stage"):
+            STAGES[cls.stage] = cls
+
+    def versions(self) -> dict[str, Any]:
+        """Versions of the prompts and algorithms that shape the results (a stage adds its own)."""
+        return {}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The fields that change this stage's results, JSON-ready, plus ``versions``."""
+        data = self.model_dump(mode="json", exclude=set(self.not_in_fingerprint))
+        versions = self.versions()
+        return data | ({"versions": versions} if versions else {})
+
+
+def digest(fingerprint: dict[str, Any]) -> str:
+    """The canonical hash of a fingerprint (sorted keys, compact JSON)."""
+    text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """``field old → new`` for every field whose value differs (nested dicts by dotted names)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, _UNSET), new.get(key, _UNSET)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} {_short(a)} → {_short(b)}")
+    return out
+
+
+_UNSET = object()
+
+
+def _short(value: Any) -> str:
+    if value is _UNSET:
+        return "(unset)"
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+class FingerprintMismatch(ConfigError):
+    """An output exists that a different configuration made."""
+
+
+def check_fingerprint(output: Path, recorded: dict[str, Any] | None, current: dict[str, Any], stage: str) -> None:
+    """Refuse (one line, exit 2) when ``output`` was made by another configuration; ``recorded`` is the
+    fingerprint stored with it (``None``: the output has none, e.g. written by another tool)."""
+    if recorded is None:
+        raise FingerprintMismatch(f"{output}: exists but records no {stage} configuration (not written by this "
+                                  f"version of agentpipe); rerun with --force to keep it aside and start over")
+    diff = differences(recorded, current)
+    if diff:
+        shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise FingerprintMismatch(f"{output}: made by a different {stage} configuration ({shown}); "
+                                  f"rerun with the same options, or with --force to keep the old output aside")
+
+
+def move_aside(*paths: Path) -> list[Path]:
+    """Rename each existing path to ``<name>.replaced-<UTC time>`` (never deletes); returns the new paths."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    moved = []
+    for p in paths:
+        if p.exists() or p.is_symlink():
+            target = p.with_name(f"{p.name}.replaced-{stamp}")
+            os.replace(p, target)
+            moved.append(target)
+    return moved
+
+
+def prior_output(path: Path, fingerprint: dict[str, Any], stage: str, *, force: bool,
+                 inputs: str | None = None, derived: bool = False) -> bool:
+    """What a stage finds at its output ``path`` (a file, or a folder with ``manifest.json`` inside):
+
+    * True: this configuration's complete output, made from the same ``inputs`` (a digest): skip;
+    * False: nothing (or an empty folder), or this configuration's output unfinished or from older inputs: redo;
+    * another configuration's output (or one without a manifest): ``FingerprintMismatch``, or with ``force``
+      it is moved aside first (then False). ``derived`` views (reports, analyses: cheap to rebuild, nothing of
+      value in a failed attempt) also move another configuration's *unfinished* output aside without asking.
+    """
+    from pipeline.data.manifest import manifest_path, read_manifest
+
+    if not path.exists() or path.is_dir() and not any(path.iterdir()):
+        return False
+    fingerprint = json.loads(json.dumps(fingerprint, default=str))
+    m = read_manifest(path)
+    if m is None or m.get("config") != fingerprint:
+        failed_attempt = derived and m is not None and m.get("status") != "complete"
+        if not force and not failed_attempt:
+            check_fingerprint(path, m.get("config") if m else None, fingerprint, stage)
+        move_aside(path, *([] if path.is_dir() else [manifest_path(path)]))
+        return False
+    return m.get("status") == "complete" and (inputs is None or m.get("inputs_digest") == inputs)
+
+
+def begin_output(folder: Path, stage: str, fingerprint: dict[str, Any]) -> None:
+    """Claim an output folder for this configuration before writing into it (manifest status ``incomplete``;
+    the stage writes ``complete`` last), so that what a failed attempt leaves is never taken for another's."""
+    from pipeline.data.manifest import write_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_manifest(folder, stage=stage, config=fingerprint, status="incomplete")
+
+
+def stat_digest(roots: list[Path], suffixes: tuple[str, ...] = (".jsonl",)) -> str:
+    """A cheap digest of the files below ``roots`` (relative path, size, modification time): what derived
+    views (reports, analyses) compare to know whether their inputs changed since they were made."""
+    h = hashlib.sha256()
+    for root in roots:
+        root = Path(root)
+        files = sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.is_file()) if root.is_dir() else [root]
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+class StageResult(BaseModel):
+    """What a stage made: ``--result`` writes it as JSON (the Airflow operator's XCom value)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    stage: str
+    #: complete: every item done; incomplete: failed requests or errors left (a rerun retries exactly those);
+    #: skipped: the same configuration had already completed
+    status: Literal["complete", "incomplete", "skipped"] = "complete"
+    outputs: dict[str, Any] = Field(default_factory=dict)
+    counts: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.status == "incomplete" else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
