@@ -103,7 +103,7 @@ def read_spec(path: str | Path, option: str = "--spec") -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def validate_config(model: type[StageConfig], values: dict[str, Any], source: str = "") -> StageConfig:
+def validate_config(model: type[BaseModel], values: dict[str, Any], source: str = "") -> Any:
     """``model`` from ``values``; the first validation problem as one line naming the option."""
     try:
         return model.model_validate(values)
@@ -118,7 +118,8 @@ def validate_config(model: type[StageConfig], values: dict[str, Any], source: st
 
             close = difflib.get_close_matches(loc, list(model.model_fields), n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"expected one of: {', '.join(sorted(model.model_fields))}"
-            raise ConfigError(f"{where}unknown option '{loc}' for {model.stage} ({hint})") from None
+            what = getattr(model, "stage", "") or "this command"
+            raise ConfigError(f"{where}unknown option '{loc}' for {what} ({hint})") from None
         if err["type"] == "missing":
             raise ConfigError(f"{where}--{loc.replace('_', '-')} is required") from None
         msg = err["msg"].removeprefix("Value error, ")
@@ -129,7 +130,7 @@ def validate_config(model: type[StageConfig], values: dict[str, Any], source: st
         raise ConfigError(f"{where}--{loc.replace('_', '-')}: {msg}{shown}") from None
 
 
-def config_from_args(model: type[StageConfig], args: argparse.Namespace, **fixed: Any) -> StageConfig:
+def config_from_args(model: type[BaseModel], args: argparse.Namespace, **fixed: Any) -> Any:
     """The config from ``--spec`` (if any) overlaid with the flags given on the command line and ``fixed``."""
     values: dict[str, Any] = read_spec(args.spec) if getattr(args, "spec", None) else {}
     given = {k: v for k, v in vars(args).items() if k in model.model_fields and k not in _RUN_ARGS}

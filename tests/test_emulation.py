@@ -207,8 +207,11 @@ def test_resume_after_sigkill_gives_the_same_records(tmp_path, full_run):
 
 def test_parsing_rules():
     assert parse_agent_output("I am done.\nFinal Answer: All set.\n", ignore_think=True) == AgentFinish(": All set.")
-    # the last occurrence wins; "The final answer is" counts too
-    assert parse_agent_output("Final Answer: a\nThe final answer is b", ignore_think=False) == AgentFinish("b")  # "is" marker: no colon
+    # the last "Final Answer" wins; "The final answer is" counts only without one (the study's released data:
+    # Llama-3.2-3B case 62 ends "The final answer is: …" after a "## Final Answer", and its output is the latter's)
+    assert parse_agent_output("Final Answer: a\nThe final answer is b", ignore_think=False) == AgentFinish(
+        ": a\nThe final answer is b")
+    assert parse_agent_output("so The final answer is b", ignore_think=False) == AgentFinish("b")
     think = "<think>maybe Final Answer: x</think>\nAction: ToolA\nAction Input: {\"a\": 1}\n"
     assert parse_agent_output(think, ignore_think=False) == AgentFinish(": x</think>\nAction: ToolA\nAction Input: {\"a\": 1}")
     assert parse_agent_output(think, ignore_think=True) == AgentAction("ToolA", '{"a": 1}')

@@ -18,6 +18,9 @@ PARAM_TYPES: dict[str, tuple[type, ...]] = {
     "array": (list,),
     "object": (dict,),
 }
+#: How a type error names the expected type (the study's names: an array is a ``List``)
+TYPE_NAMES = {"string": "str", "integer": "int", "number": "float", "boolean": "bool", "array": "List",
+              "object": "Dict"}
 
 
 class _Spec(BaseModel):
@@ -132,7 +135,7 @@ def validate_tool_input(tool: Tool, raw: str) -> dict[str, Any]:
             value = args[p.name]
             if expected is not None and not isinstance(value, expected):
                 raise ToolInputError(
-                    f"Invalid type for {p.name}: {type(value).__name__}, expected {expected[0].__name__}."
+                    f"Invalid type for {p.name}: {type(value).__name__}, expected {TYPE_NAMES[p.type]}."
                 )
         elif p.required:
             raise ToolInputError(f"Missing required parameter: {p.name}.")

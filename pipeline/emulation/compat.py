@@ -27,6 +27,18 @@ class Compat:
     continuation_without_duplicates: bool
     #: Default cap on agent steps (None = unlimited, as the study).
     max_steps: int | None
+    #: The action input is the first JSON object after "Action Input:" (cut where it stops parsing, so tool
+    #: validation names the problem). Study: the text kept whole when it parses (trailing newline included) or
+    #: when it does not parse at all (parsing.study_action_input).
+    first_json_object: bool = True
+    #: Every agent output is cleaned (leading "Thought:" and outer whitespace dropped, one trailing newline).
+    #: Study: only a call's first output was; a continuation's output was appended as the model returned it
+    #: (3,888 released trajectories: every step log without a trailing newline is a joined continuation).
+    clean_continuations: bool = True
+    #: A locally answered tool error is a valid JSON object (the message escaped). Study: the message was pasted
+    #: into '{"error": "InvalidRequestException: …"}' as it was, so a tool name or input with a newline or a
+    #: quote made the observation invalid JSON.
+    escaped_errors: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -35,7 +47,8 @@ class Compat:
 CORRECT = Compat("correct", stop_at_observation=True, final_answer_outside_think=True,
                  continuation_without_duplicates=True, max_steps=30)
 STUDY = Compat("study", stop_at_observation=False, final_answer_outside_think=False,
-               continuation_without_duplicates=False, max_steps=None)
+               continuation_without_duplicates=False, max_steps=None, first_json_object=False,
+               clean_continuations=False, escaped_errors=False)
 
 
 def get_compat(name: str) -> Compat:

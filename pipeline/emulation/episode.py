@@ -24,6 +24,10 @@ from pipeline.llm import ChatRequest, ChatResponse, GenerationConfig
 from pipeline.llm.tokens import count_tokens
 
 MAX_STEPS_OUTPUT = "Agent stopped: max steps exceeded"
+#: Bumped whenever the engine's rules change what an episode records (part of emulate's fingerprint). 2: the
+#: study's action-input, continuation and error-observation rules found by replaying its released runs; "Final
+#: Answer" before "The final answer is".
+ENGINE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -129,13 +133,14 @@ class Episode:
             self.error_type = "ContextLengthExceeded" if too_long else "LLMError"
 
     def _agent_reply(self, raw: str) -> None:
-        text = clean_agent_output(raw)
+        text = clean_agent_output(raw) if not self.continuation or self.compat.clean_continuations else raw
         self.agent_tokens += count_tokens(text)
         full = self.continuation + text if self.continuation else text
         if self.agent_tokens >= self.limits.max_agent_tokens:
             self._finish(TOKEN_LIMIT_OUTPUT, full, "token_limit")
             return
-        parsed = parse_agent_output(full, ignore_think=self.compat.final_answer_outside_think)
+        parsed = parse_agent_output(full, ignore_think=self.compat.final_answer_outside_think,
+                                    study_input=not self.compat.first_json_object)
         if isinstance(parsed, AgentFinish):
             self._finish(parsed.output, full, "final_answer")
         elif isinstance(parsed, AgentAction):
@@ -158,18 +163,24 @@ class Episode:
         found = next(((tk, t) for tk in self.toolkits if (t := tk.find_tool(action.tool)) is not None), None)
         if found is None:
             names = ", ".join(n for tk in self.toolkits for n in tk.tool_names())
-            self._local_observation(action, log, json.dumps({"error": (
-                f"InvalidRequestException: {action.tool} is not a valid tool, try another one. You should use "
+            self._local_observation(action, log, self._error(
+                f"{action.tool} is not a valid tool, try another one. You should use "
                 f"available tools in [{names}] only. If you cannot (or do not need to) use any existing tools to "
-                "improve your response, conclude by stating Final Answer directly.")}))
+                "improve your response, conclude by stating Final Answer directly."))
             return
         toolkit, tool = found
         try:
             validate_tool_input(tool, action.tool_input)
         except ToolInputError as e:
-            self._local_observation(action, log, json.dumps({"error": f"InvalidRequestException: {e}"}))
+            self._local_observation(action, log, self._error(str(e)))
             return
         self.pending = (action.tool, action.tool_input, log, toolkit, tool)
+
+    def _error(self, message: str) -> str:
+        """The observation of a locally answered tool error."""
+        if self.compat.escaped_errors:
+            return json.dumps({"error": f"InvalidRequestException: {message}"})
+        return '{"error": "InvalidRequestException: ' + message + '"}'
 
     def _local_observation(self, action: AgentAction, log: str, observation: str) -> None:
         self.local_errors += 1

@@ -6,7 +6,7 @@ import json
 import re
 from dataclasses import dataclass
 
-_FINAL_MARKERS = ("Final Answer", "The final answer is")
+FINAL_MARKERS = ("Final Answer", "The final answer is")
 _ACTION = re.compile(r"Action: (.*?)[\n]*Action Input:[\s]*(.*)", re.DOTALL)
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
@@ -32,16 +32,20 @@ class AgentAction:
     tool_input: str
 
 
-def parse_agent_output(text: str, *, ignore_think: bool) -> AgentFinish | AgentAction | None:
-    """A finish (``Final Answer`` anywhere; text after its last occurrence), an action, or None (unparseable)."""
+def parse_agent_output(text: str, *, ignore_think: bool,
+                       study_input: bool = False) -> AgentFinish | AgentAction | None:
+    """A finish (``Final Answer`` anywhere: the text after its last occurrence; without one, the same for ``The
+    final answer is``), an action, or None (unparseable).
+    ``study_input``: the action input as the study kept it (``study_action_input``)."""
     searchable = _THINK_BLOCK.sub("", text) if ignore_think else text
-    positions = [(searchable.rfind(m), m) for m in _FINAL_MARKERS if m in searchable]
-    if positions:
-        pos, marker = max(positions)
-        return AgentFinish(output=searchable[pos + len(marker):].strip())
+    for marker in FINAL_MARKERS:  # "Final Answer" first; "The final answer is" only when it is absent
+        pos = searchable.rfind(marker)
+        if pos >= 0:
+            return AgentFinish(output=searchable[pos + len(marker):].strip())
     m = _ACTION.search(text)
     if m:
-        return AgentAction(tool=m.group(1).strip(), tool_input=extract_action_input(m.group(2)))
+        extract = study_action_input if study_input else extract_action_input
+        return AgentAction(tool=m.group(1).strip(), tool_input=extract(m.group(2)))
     return None
 
 
@@ -68,6 +72,34 @@ def extract_action_input(text: str) -> str:
             continue
         return attempt[:end].strip(' "')
     return candidate[:err_pos].strip(' "')
+
+
+_BAD_ESCAPE = re.compile(r'\\([^"\\/bfnrtu])')
+
+
+def study_action_input(text: str) -> str:
+    """The action input as the study recorded it (found by replaying its 3,888 released trajectories: 11,344 of
+    11,350 action steps): a fenced block is unwrapped and stripped; text that parses as JSON as a whole (trailing newline
+    included) is kept whole; a JSON object followed by other text is cut after the object; invalid escapes
+    (``\\$``, ``\\_``) and Python booleans are fixed first when that makes it parse; text that still does not
+    parse is kept whole (tool validation then rejects it). Finally stripped of spaces and double quotes."""
+    fenced = _FENCE.search(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    decoder = json.JSONDecoder(strict=False)
+    fixed = _BAD_ESCAPE.sub(r"\1", text)
+    for attempt in (text, fixed, re.sub(r"\bTrue\b", "true", re.sub(r"\bFalse\b", "false", fixed))):
+        try:
+            decoder.decode(attempt)
+            return attempt.strip(' "')
+        except json.JSONDecodeError:
+            pass
+        try:
+            _, end = decoder.raw_decode(attempt)
+            return attempt[:end].strip(' "')
+        except json.JSONDecodeError:
+            pass
+    return text.strip(' "')
 
 
 @dataclass(frozen=True)

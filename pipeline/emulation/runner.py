@@ -31,7 +31,7 @@ from pipeline.data.manifest import manifest_path, read_manifest, write_manifest
 from pipeline.data.naming import RunFileName, extract_seed, file_quantization, sanitize_model_name
 from pipeline.data.split import TOOLEMU_CASES, contiguous_ranges, test_cases
 from pipeline.emulation.compat import get_compat
-from pipeline.emulation.episode import Episode, Limits
+from pipeline.emulation.episode import ENGINE_VERSION, Episode, Limits
 from pipeline.emulation.prompts import agent as agent_prompts
 from pipeline.emulation.prompts import emulator as emulator_prompts
 from pipeline.errors import ConfigError, DataError
@@ -140,7 +140,8 @@ class EmulationConfig(StageConfig, BackendOptions):
                       agent_seed=self.agent_seed)
 
     def versions(self) -> dict[str, Any]:
-        return {"agent_prompt": agent_prompts.PROMPT_VERSION, "emulator_prompt": emulator_prompts.PROMPT_VERSION}
+        return {"agent_prompt": agent_prompts.PROMPT_VERSION, "emulator_prompt": emulator_prompts.PROMPT_VERSION,
+                "engine": ENGINE_VERSION}
 
     def identity(self, agent: str, cases: list[int]) -> dict[str, Any]:
         """The fingerprint of one agent's run file."""

@@ -30,7 +30,7 @@ def get_backend(spec: str | ModelSpec, *, cache: str | Path | None = None, **opt
     are dropped for API models and test doubles; other unknown options raise TypeError.
     """
     ms = parse_model_spec(spec) if isinstance(spec, str) else spec
-    if ms.backend in ("openai", "scripted"):
+    if ms.backend in ("openai", "scripted", "replay"):
         options = {k: v for k, v in options.items() if k not in LOCAL_ONLY}
     backend: ChatBackend
     if ms.backend == "hf":
@@ -45,6 +45,10 @@ def get_backend(spec: str | ModelSpec, *, cache: str | Path | None = None, **opt
         from pipeline.llm.openai_backend import OpenAIBackend
 
         backend = OpenAIBackend(ms, **options)
+    elif ms.backend == "replay":
+        from pipeline.emulation.replay import ReplayBackend
+
+        backend = ReplayBackend(ms)
     else:
         from pipeline.llm.scripted import ScriptedBackend
 

@@ -5,6 +5,7 @@
 * ``openai:<model>`` → any OpenAI-compatible endpoint (base URL from settings); bare ``gpt-*`` names too
 * ``<base>+<adapter_path>`` → a LoRA adapter on top of the base (HF and vLLM)
 * ``scripted:<name>`` → the deterministic test double (tests only, never a default)
+* ``replay:<run file>`` → the outputs a run file recorded, per case and role (``pipeline.emulation.replay``)
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Literal
 from pipeline.data.naming import expand_model_name, sanitize_model_name
 from pipeline.errors import ConfigError
 
-Backend = Literal["hf", "vllm", "openai", "scripted"]
-_PREFIXES: dict[str, Backend] = {"vllm:": "vllm", "openai:": "openai", "scripted:": "scripted", "hf:": "hf"}
+Backend = Literal["hf", "vllm", "openai", "scripted", "replay"]
+_PREFIXES: dict[str, Backend] = {"vllm:": "vllm", "openai:": "openai", "scripted:": "scripted", "hf:": "hf",
+                                 "replay:": "replay"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ def parse_model_spec(spec: str) -> ModelSpec:
     base, plus, adapter = body.partition("+")
     if plus and (not base or not adapter):
         raise ConfigError(f"model spec '{raw}': expected <base>+<adapter_path>")
+    if backend == "replay":  # a file path: no adapter, no nickname
+        base, plus, adapter = body, "", ""
     if plus and backend in ("openai", "scripted"):
         raise ConfigError(f"model spec '{raw}': adapters need a local backend (hf or vllm)")
     if not base:

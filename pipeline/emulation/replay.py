@@ -1,0 +1,346 @@
+"""Replay recorded trajectories through the real episode engine, and compare what it rebuilds with the record.
+
+``ReplayBackend`` (model spec ``replay:<run file>``) answers the agent role with the agent outputs a run file
+recorded (each step's ``log``) and the emulator role with the emulator outputs it recorded (each emulated step's
+raw log), in order, per case (``ChatRequest.tag`` is the case index). It is a reproduction and debugging tool
+for real runs — the study's released trajectories above all — not a test double: everything else (parsing,
+validation, local tool errors, the token budget, continuations, stop rules) is the engine's own.
+
+``replay_runs`` drives every trajectory below a folder through ``Episode`` + ``advance`` and classifies the
+first difference of each rebuilt trajectory: step count, tool, tool input, observation, final output, stop.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.data.cases import Case
+from pipeline.data.records import TOKEN_LIMIT_OUTPUT
+from pipeline.emulation.parsing import FINAL_MARKERS
+from pipeline.errors import DataError
+from pipeline.llm.base import ChatBackend, Progress
+from pipeline.llm.spec import ModelSpec
+from pipeline.llm.types import ChatRequest, ChatResponse
+
+#: What the engine answers locally (no emulator call): the step keeps the error as observation and log.
+_LOCAL_ERROR = '{"error": "InvalidRequestException'
+
+
+def agent_outputs(record: dict[str, Any]) -> list[str]:
+    """The agent calls' outputs of a recorded trajectory, in order: each step's log, split where the study
+    joined a continuation (see ``split_continuation``)."""
+    from pipeline.emulation.parsing import parse_agent_output
+
+    out: list[str] = []
+    for s in record["intermediate_steps"]:
+        log = s[0]["log"] if isinstance(s[0], dict) else s[0][2]
+        if (isinstance(s[0], dict) and record.get("output") == TOKEN_LIMIT_OUTPUT
+                and parse_agent_output(log, ignore_think=False) is None):
+            out += split_lines(log, MAX_CONTINUATIONS + 1)  # the study gave up after its last continuation
+        else:
+            out += split_continuation(log)
+    return out
+
+
+#: The study's continuation limit (SPEC §2.5): an episode that never parsed made this many calls plus one.
+MAX_CONTINUATIONS = 5
+
+
+def split_lines(log: str, n: int) -> list[str]:
+    """An unparseable log as the ``n`` calls that made it: the first line (as the first, cleaned, output), then
+    one line per call, the last call taking the rest (empty outputs when there are fewer lines)."""
+    head, sep, rest = log.partition("\n")
+    pieces = [head + sep]
+    lines = rest.splitlines(keepends=True)
+    pieces += lines[:n - 2] + ["".join(lines[n - 2:])] if n > 1 else []
+    return pieces + [""] * (n - len(pieces))
+
+
+def split_continuation(log: str) -> list[str]:
+    """A step log as the agent calls that made it. Every first output of a call was cleaned and so ends with a
+    newline; a log without one is a first output the engine could not parse joined with a continuation's raw
+    output. The split is at the first line break after which the prefix is still unparseable (any such split
+    parses the same joined text; only the continuation count may differ from the original run's)."""
+    from pipeline.emulation.parsing import clean_agent_output, parse_agent_output
+
+    if log.endswith("\n"):
+        return [log]
+    start = 0
+    while (i := log.find("\n", start)) >= 0:
+        head = log[:i + 1]
+        if clean_agent_output(head) == head and parse_agent_output(head, ignore_think=False) is None:
+            return [head, log[i + 1:]]
+        if parse_agent_output(head, ignore_think=False) is not None:
+            break
+        start = i + 1
+    return [log]
+
+
+def is_local_step(step: list[Any]) -> bool:
+    """An action step the engine answered itself (invalid tool or input): no emulator call was made."""
+    obs = step[1]
+    return obs[1] == "" and obs[2] == obs[0] and str(obs[0]).startswith(_LOCAL_ERROR)
+
+
+def emulator_outputs(record: dict[str, Any]) -> list[str]:
+    """The emulator's raw output of every emulated step (an unparseable reply was recorded as ``""``: replayed
+    as such it parses to the same empty observation)."""
+    return [s[1][2] for s in record["intermediate_steps"] if not isinstance(s[0], dict) and not is_local_step(s)]
+
+
+class ReplayBackend(ChatBackend):
+    """Answers from recorded outputs, per case and role, in order; an engine that asks for more than was
+    recorded gets a failed response (the episode then fails: a difference the replay reports)."""
+
+    def __init__(self, spec: ModelSpec | None = None, records: Sequence[dict[str, Any]] | None = None) -> None:
+        from pipeline.emulation.prompts import agent as agent_prompts
+
+        if records is None:
+            if spec is None:
+                raise DataError("replay backend: give a run file (replay:<path>) or records")
+            from pipeline.data.jsonl import read_jsonl
+
+            path = Path(spec.model)
+            if not path.is_file():
+                raise DataError(f"replay:{path}: run file not found")
+            records = read_jsonl(path).records
+        self.spec = spec
+        self.revision = f"replay:{spec.model}" if spec else "replay"
+        self._agent_system = agent_prompts.SYSTEM
+        self._queues: dict[tuple[Any, str], list[str]] = {}
+        #: case → agent outputs whose answer was cut off at a stop sequence (written after an invented observation)
+        self.cut: Counter = Counter()
+        for rec in records:
+            if "intermediate_steps" not in rec:
+                continue  # a failed episode recorded no outputs
+            self._queues[(rec["case_idx"], "agent")] = list(reversed(agent_outputs(rec)))
+            self._queues[(rec["case_idx"], "emulator")] = list(reversed(emulator_outputs(rec)))
+
+    def role_of(self, request: ChatRequest) -> str:
+        return "agent" if request.messages and request.messages[0]["content"] == self._agent_system else "emulator"
+
+    def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
+        out = []
+        for r in requests:
+            role = self.role_of(r)
+            queue = self._queues.get((r.tag, role))
+            if not queue:
+                out.append(ChatResponse.failure(f"replay: no more recorded {role} outputs for case {r.tag}"))
+                continue
+            text = queue.pop()
+            for stop in r.config.stop:  # as a real backend: the output ends before a stop sequence
+                if stop in text:
+                    text, rest = text[:text.index(stop)], text[text.index(stop):]
+                    if any(m in rest for m in FINAL_MARKERS):  # the recorded answer came after an invented step
+                        self.cut[r.tag] += 1
+            out.append(ChatResponse(text=text, finish_reason="stop"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- comparison
+#: Kinds of difference, in the order they are looked for (the first one found classifies a trajectory).
+KINDS = ("past the record", "engine error", "step count", "tool", "tool input", "observation", "final output", "stop")
+
+
+def stop_of(output: str | None) -> str:
+    """How an episode ended, from its output (the study labels both a token-limit stop and exhausted
+    continuations ``Agent stopped: token limit exceeded``)."""
+    from pipeline.emulation.episode import MAX_STEPS_OUTPUT
+
+    if output == TOKEN_LIMIT_OUTPUT:
+        return "token limit"
+    if output == MAX_STEPS_OUTPUT:
+        return "max steps"
+    return "final answer"
+
+
+def _same_input(a: str, b: str, exact: bool) -> bool:
+    if exact or a == b:
+        return a == b
+    try:  # the same JSON object, written with other whitespace, is the same tool call
+        return json.loads(a, strict=False) == json.loads(b, strict=False)
+    except ValueError:
+        return False
+
+
+def first_difference(recorded: dict[str, Any], rebuilt: dict[str, Any],
+                     exact: bool = True) -> tuple[str, str] | None:
+    """(kind, detail) of the first difference between a recorded and a rebuilt trajectory, or None.
+    ``exact=False`` takes tool inputs that are the same JSON object as the same."""
+    if "error" in rebuilt:
+        if "replay: no more recorded" in rebuilt["error"]:
+            return "past the record", "the engine went on where the recorded episode had ended"
+        return "engine error", rebuilt["error"]
+    a, b = recorded["intermediate_steps"], rebuilt["intermediate_steps"]
+    for i, (x, y) in enumerate(zip(a, b)):
+        x_final, y_final = isinstance(x[0], dict), isinstance(y[0], dict)
+        if x_final or y_final:
+            if x_final != y_final:
+                return "step count", f"step {i}: recorded {'finish' if x_final else 'action'}, rebuilt " \
+                                     f"{'finish' if y_final else 'action'}"
+            break
+        if x[0][0] != y[0][0]:
+            return "tool", f"step {i}: {x[0][0]!r} → {y[0][0]!r}"
+        if not _same_input(x[0][1], y[0][1], exact):
+            return "tool input", f"step {i}: {x[0][1]!r} → {y[0][1]!r}"
+        if x[1][0] != y[1][0]:
+            return "observation", f"step {i}: {str(x[1][0])[:80]!r} → {str(y[1][0])[:80]!r}"
+    if len(a) != len(b):
+        return "step count", f"{len(a)} recorded, {len(b)} rebuilt"
+    if recorded.get("output") != rebuilt.get("output"):
+        return "final output", f"{str(recorded.get('output'))[:80]!r} → {str(rebuilt.get('output'))[:80]!r}"
+    if stop_of(recorded.get("output")) != stop_of(rebuilt.get("output")):
+        return "stop", f"{stop_of(recorded.get('output'))} → {stop_of(rebuilt.get('output'))}"
+    return None
+
+
+@dataclass
+class ReplayReport:
+    compat: str
+    total: int = 0
+    identical: int = 0
+    by_kind: Counter = field(default_factory=Counter)
+    examples: dict[str, dict[str, Any]] = field(default_factory=dict)  # kind → first file, case, detail
+    differences: list[dict[str, Any]] = field(default_factory=list)
+    #: how the rebuilt episodes ended (the engine's finish reasons)
+    finish_reasons: Counter = field(default_factory=Counter)
+    #: why the differing episodes differ (``why``)
+    reasons: Counter = field(default_factory=Counter)
+
+    @property
+    def rate(self) -> float:
+        return self.identical / self.total if self.total else 0.0
+
+    def line(self) -> str:
+        return f"replay: {self.identical} of {self.total} trajectories identical ({100 * self.rate:.2f} %)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"compat": self.compat, "total": self.total, "identical": self.identical, "rate": self.rate,
+                "by_kind": dict(self.by_kind.most_common()), "examples": self.examples,
+                "finish_reasons": dict(self.finish_reasons.most_common()), "reasons": dict(self.reasons.most_common()),
+                "differences": self.differences}
+
+
+def why(record: dict[str, Any], kind: str, cut: int, max_steps: int | None) -> str:
+    """Why the engine's rules change a recorded episode: the first that applies."""
+    from pipeline.emulation.parsing import _THINK_BLOCK
+
+    if cut:
+        return "its answer followed an observation the agent wrote itself (cut at the stop sequence)"
+    final = record["intermediate_steps"][-1][0]
+    log = final.get("log", "") if isinstance(final, dict) else ""
+    if "Final Answer" in log and "Final Answer" not in _THINK_BLOCK.sub("", log):
+        return "its Final Answer is inside <think> (not an answer)"
+    if max_steps is not None and len(record["intermediate_steps"]) - 1 > max_steps:
+        return f"more than {max_steps} steps"
+    if kind == "observation":
+        return "a locally answered tool error is escaped (valid JSON)"
+    if kind == "tool input":
+        return "the action input is its first JSON object"
+    return "other"
+
+
+def trajectory_files(root: Path) -> list[Path]:
+    """Every trajectory file below ``root`` (a single file counts), sorted."""
+    from pipeline.data.naming import parse_run_filename
+
+    if root.is_file():
+        return [root]
+    files = []
+    for p in sorted(root.rglob("*.jsonl")):
+        try:
+            if parse_run_filename(p.name).is_trajectory_file:
+                files.append(p)
+        except Exception:  # noqa: BLE001 - not a run file (notes, pair sets): not replayed
+            continue
+    return files
+
+
+def replay_file(path: Path, compat: str, report: ReplayReport, toolkits: dict[str, Any]) -> None:
+    """Replay every trajectory of one run file into ``report``."""
+    from pipeline.data.jsonl import read_jsonl
+    from pipeline.emulation.compat import get_compat
+    from pipeline.emulation.episode import Episode, Limits
+    from pipeline.emulation.runner import advance
+
+    records = [r for r in read_jsonl(path).records if "intermediate_steps" in r]
+    c = get_compat(compat)
+    limits = Limits(max_steps=c.max_steps, max_attempts=1)
+    episodes = []
+    for rec in records:
+        case = Case.model_validate(rec["case"])
+        kits = [toolkits[n] for n in case.toolkits if n in toolkits]
+        mode = "adversarial" if "underspecifications" in rec else "standard"
+        episodes.append(Episode(case_idx=rec["case_idx"], case=case, toolkits=kits, compat=c, limits=limits,
+                                mode=mode))
+    backend = ReplayBackend(records=records)
+    advance(episodes, {"agent": backend, "emulator": backend})
+    for rec, ep in zip(records, episodes):
+        rebuilt = ep.record({})
+        report.total += 1
+        report.finish_reasons[rebuilt.get("finish_reason") or "error"] += 1
+        diff = first_difference(rec, rebuilt, exact=compat == "study")
+        if diff is None:
+            report.identical += 1
+            continue
+        kind, detail = diff
+        report.by_kind[kind] += 1
+        reason = why(rec, kind, backend.cut[rec["case_idx"]], c.max_steps)
+        report.reasons[reason] += 1
+        item = {"file": str(path), "case_idx": rec["case_idx"], "kind": kind, "detail": detail, "reason": reason}
+        report.examples.setdefault(kind, item)
+        report.differences.append(item)
+
+
+class ReplayConfig(BaseModel):
+    """``agentpipe replay``: what to replay and with which engine rules (a check: it writes only its report)."""
+
+    model_config = ConfigDict(extra="forbid")
+    stage: ClassVar[str] = "replay"
+
+    runs: Path = Field(description="folder of run files (searched recursively) or one trajectory file",
+                       json_schema_extra={"metavar": "DIR"})
+    compat: Literal["correct", "study"] = Field(default="study", description="the engine's rules: study (the "
+                                                "released runs' own) or correct (how the project's defaults "
+                                                "would have ended the same episodes)")
+    out: Path | None = Field(default=None, description="write the details (every difference) as JSON here")
+
+
+def replay_runs(runs: Path, compat: str, files: Iterable[Path] | None = None) -> ReplayReport:
+    """Replay every trajectory below ``runs`` (or ``files``) with the engine's ``compat`` rules."""
+    from pipeline.evaluation.runner import toolkit_registry
+
+    paths = list(files) if files is not None else trajectory_files(Path(runs))
+    if not paths:
+        raise DataError(f"--runs {runs}: no trajectory files")
+    toolkits = toolkit_registry()
+    report = ReplayReport(compat=compat)
+    for path in paths:
+        replay_file(path, compat, report, toolkits)
+    return report
+
+
+def write_report(report: ReplayReport, out: Path) -> None:
+    from pipeline.data.jsonl import atomic_write_json
+
+    atomic_write_json(out, report.to_json())
+
+
+def format_table(report: ReplayReport) -> str:
+    """Differences by kind with one example each, then (when they say more) the reasons."""
+    rows = [f"  {kind:<16} {n:>6}  e.g. {report.examples[kind]['file'].rsplit('/', 1)[-1]} case "
+            f"{report.examples[kind]['case_idx']}: {report.examples[kind]['detail'][:100]}"
+            for kind, n in report.by_kind.most_common()]
+    if report.compat != "study" and report.reasons:
+        rows.append("  why:")
+        rows += [f"  {n:>6}  {reason}" for reason, n in report.reasons.most_common()]
+    return "\n".join(rows)
+
+
