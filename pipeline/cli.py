@@ -21,16 +21,38 @@ from pipeline.stage import StageResult
 # ------------------------------------------------------------------------------------------------ data
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
     from pipeline.data.fetch import fetch
+    from pipeline.data.results import ARCHIVE_SUFFIXES, fetch_results, writable_data_dir
     from pipeline.settings import get_settings
 
     data_dir = args.data_dir or get_settings().resolved_data_dir
+    only = args.only or ["toolemu", "paper", "results"]
     src = args.source.resolve() if args.source else None
-    if src is not None and src == data_dir.resolve():
-        print(f"data already in place: --from and the data directory are both {src}")
-        return 0
-    res = fetch(data_dir, source_dir=src, sources=args.only, workers=args.workers)
-    print(f"data fetch: {res.fetched} files fetched and verified, {res.already_present} already present "
-          f"(data directory {data_dir})")
+    if src is not None and not src.exists():
+        raise PipelineError(f"--from {src}: no such file or folder")
+    results_from = src
+    if src is not None and src.is_file():  # an archive holds the results only
+        if not src.name.endswith(ARCHIVE_SUFFIXES):
+            raise PipelineError(f"--from {src}: expected a folder or a results archive ({', '.join(ARCHIVE_SUFFIXES)})")
+        only = ["results"]
+    elif src is not None:
+        archive = src / "paper" / "results.tar.xz"
+        results_from = archive if archive.is_file() else src / "paper"
+    files = [s for s in only if s != "results"]
+    if files:
+        if src is not None and src == data_dir.resolve():
+            print(f"data already in place: --from and the data directory are both {src}")
+        else:
+            res = fetch(data_dir, source_dir=src, sources=files, workers=args.workers)
+            print(f"data fetch: {res.fetched} files fetched and verified, {res.already_present} already present "
+                  f"(data directory {data_dir})")
+    if "results" in only:
+        target = writable_data_dir(data_dir)
+        if target != data_dir:
+            print(f"data fetch: the data directory {data_dir} is read-only; the results go under {target}")
+        res = fetch_results(target, results_from)
+        verb = "already present and verified" if res.already_present else "fetched and verified"
+        print(f"data fetch: the study's results, {res.files} files {verb} → {res.path} "
+              "(match_eval_results, cross_eval_results)")
     return 0
 
 
@@ -62,9 +84,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                         description="Download the ToolEmu cases/toolkits and the study's released runs listed in "
                         "assets/manifest.json into the data directory, verifying sha256; --from copies them from "
                         "a local folder with the same layout instead.")
-    f.add_argument("--from", dest="source", type=Path, metavar="DIR", help="copy from this local folder")
+    f.add_argument("--from", dest="source", type=Path, metavar="DIR|ARCHIVE",
+                   help="copy from this local folder (same layout as the data directory), or unpack the results "
+                   "from this archive (results.tar.xz)")
     f.add_argument("--data-dir", type=Path, help="destination (default: the configured data directory)")
-    f.add_argument("--only", action="append", choices=["toolemu", "paper"], help="fetch only this source")
+    f.add_argument("--only", action="append", choices=["toolemu", "paper", "results"],
+                   help="fetch only this source (paper: the released trajectories; results: the released "
+                   "evaluations of the finetuned models)")
     f.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
     f.set_defaults(func=_cmd_data_fetch)
     c = dsub.add_parser("check", help="validate cases, toolkits and run files and print counts",

@@ -1,0 +1,72 @@
+"""The study's released results (its 180 finetuned models, match and cross evaluator): fetched from the archive,
+verified file by file, analysed — the paper's figures (R² = 0.77 for the gpt-5-mini arm, its abstract)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_agentpipe
+
+
+@pytest.fixture(scope="module")
+def results(data_dir, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("data")
+    r = run_agentpipe("data", "fetch", "--from", str(data_dir / "paper" / "results.tar.xz"), "--data-dir", str(target))
+    assert r.returncode == 0, r.stderr
+    assert f"11160 files fetched and verified → {target}/paper/results" in r.stdout
+    return target / "paper" / "results"
+
+
+def _analyze(runs: Path, out: Path) -> tuple[str, dict]:
+    r = run_agentpipe("analyze", "all", "--runs", str(runs), "--out", str(out), "--n-bootstrap", "0", "--no-track")
+    assert r.returncode == 0, r.stderr
+    return r.stdout, json.loads((out / "summary.json").read_text())
+
+
+def test_the_match_results_give_the_papers_trade_off_fit(results, tmp_path):
+    stdout, summary = _analyze(results / "match_eval_results", tmp_path / "match")
+    assert "eval-gpt5m: R²=0.770 slope=-0.883" in stdout
+    assert summary["counts"]["finetuned_rows"] == 180 and summary["setting"] == "match"
+    arms = summary["arms"]
+    assert {a: round(arms[a]["r2"], 3) for a in arms} == {"eval-gpt5m": 0.770, "eval-q32": 0.662, "pooled": 0.765}
+    assert all(arms[a]["n_points"] == 30 for a in arms)
+    pers = arms["eval-gpt5m"]["persistence"]["by_beta"]
+    assert round(pers["0.1"]["average"]["persist_s"], 2) == 0.90 and round(pers["0.05"]["average"]["persist_s"], 2) == 1.00
+    assert arms["eval-gpt5m"]["frontier"]["members"][0] == "Llama3.1-8B S&H-0.05"
+    assert len(list((tmp_path / "match" / "plots").glob("*.png"))) > 0
+
+
+def test_the_cross_results_give_the_cross_evaluated_fit(results, tmp_path):
+    _, summary = _analyze(results / "cross_eval_results", tmp_path / "cross")
+    arms = summary["arms"]
+    assert summary["setting"] == "cross"
+    assert {a: round(arms[a]["r2"], 3) for a in arms} == {"eval-gpt5m": 0.594, "eval-q32": 0.721, "pooled": 0.770}
+
+
+def test_a_second_fetch_verifies_and_keeps_what_is_there(results, data_dir):
+    r = run_agentpipe("data", "fetch", "--from", str(data_dir / "paper" / "results.tar.xz"), "--data-dir",
+                      str(results.parent.parent))
+    assert r.returncode == 0 and "11160 files already present and verified" in r.stdout, r.stderr
+
+
+def test_an_altered_archive_is_refused_and_nothing_is_unpacked(tmp_path):
+    folder = tmp_path / "src" / "results" / "match_eval_results" / "m"
+    folder.mkdir(parents=True)
+    (folder / "a.jsonl").write_text('{"x": 1}\n')
+    archive = tmp_path / "src" / "mine.tar.xz"
+    with tarfile.open(archive, "w:xz") as tar:
+        tar.add(tmp_path / "src" / "results", arcname="results")
+    dest = tmp_path / "data"
+    r = run_agentpipe("data", "fetch", "--from", str(archive), "--data-dir", str(dest))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"agentpipe: error: {archive}: 1 files whose digest "
+                                             f"{r.stderr.split('digest ')[1][:12]}… is not the pinned release's "
+                                             "(11160 files, 3c9ce90bad8a…)"]
+    (tmp_path / "src" / "results.sha256").write_text("0" * 64 + "  results/match_eval_results/m/a.jsonl\n")
+    r = run_agentpipe("data", "fetch", "--from", str(archive), "--data-dir", str(dest))
+    assert r.returncode == 2 and "results/match_eval_results/m/a.jsonl: sha256" in r.stderr
+    assert not (dest / "paper" / "results").exists() and not list((dest / "paper").glob(".results.tmp-*"))
