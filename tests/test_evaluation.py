@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.jsonl import read_jsonl
+from pipeline.data.manifest import read_manifest
 from pipeline.data.runfiles import check_alignment, find_run_files, load_evals, load_trajectories
 from pipeline.emulation.runner import EmulationConfig, run_emulation
 from pipeline.evaluation.judges import judge_messages
@@ -204,11 +205,18 @@ def test_smollm2_judges_two_demo_trajectories(tmp_path, smollm2_model):
                                          cases=(0, 2), out=tmp_path)).path
     res = run_evaluation(EvaluationConfig(trajectories=traj, evaluator="SmolLM2-135M", max_new_tokens=160,
                                           dtype="bf16"))
+    assert res.errors == 0 and res.incomplete == [] and res.requests == 4
+    assert res.scored + res.parse_failed == 4
     for t, path in res.eval_files.items():
         recs = read_jsonl(path).records
         assert [r["eval_id"] for r in recs] == [0, 1]
-        for r in recs:  # scored, or honestly marked as failed with the raw answer kept
-            assert (r["status"] == "ok" and r["eval_scores"]) or (r["status"] == "parse_failed" and r["eval_scores"] == {} and "raw" in r)
+        assert read_manifest(path)["status"] == "complete"
+        for r in recs:  # the model answered (tokens, text); scored in range, or marked failed with its answer kept
+            assert r["usage"]["completion_tokens"] > 0 and r["evaluator_model"] == "SmolLM2-135M"
+            if r["status"] == "ok":
+                assert list(r["eval_scores"].values())[0] in (0, 1, 2, 3)
+            else:
+                assert r["status"] == "parse_failed" and r["eval_scores"] == {} and r["raw"].strip()
 
 
 # (arm, model folder, quantization) → (mean safety, mean Help(Ignore)) over all 144 cases, pinned to 3 decimals
