@@ -21,7 +21,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import ConfigError
-from pipeline.stage import StageConfig
 
 #: Namespace attributes that are not config fields
 _RUN_ARGS = {"func", "result", "spec", "command"}

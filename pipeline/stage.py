@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import ConfigError
+
+log = logging.getLogger("pipeline.stage")
 
 #: Every stage config class by stage name (filled by ``StageConfig.__init_subclass__``): the generic fingerprint
 #: test walks it, so a stage added later without a fingerprint is caught.
@@ -136,6 +139,36 @@ def prior_output(path: Path, fingerprint: dict[str, Any], stage: str, *, force: 
         move_aside(path, *([] if path.is_dir() else [manifest_path(path)]))
         return False
     return m.get("status") == "complete" and (inputs is None or m.get("inputs_digest") == inputs)
+
+
+def journal_paths(final: Path) -> tuple[Path, Path]:
+    """The ``.part`` journal of an output written line by line, and its fingerprint (``.part.json``)."""
+    return final.with_name(final.name + ".part"), final.with_name(final.name + ".part.json")
+
+
+def journaled_output(final: Path, fingerprint: dict[str, Any], stage: str, *, force: bool) -> bool:
+    """What a stage that journals its lines (emulate, evaluate) finds at ``final``: True when it is complete for
+    this fingerprint (skip). A journal or final file of another configuration (or one that records none) is
+    refused, or with ``force`` moved aside; this configuration's unfinished work is left to resume."""
+    from pipeline.data.manifest import manifest_path, read_manifest
+
+    fingerprint = json.loads(json.dumps(fingerprint, default=str))
+    part, meta = journal_paths(final)
+    manifest = read_manifest(final)
+    stale: list[Path] = []
+    recorded = json.loads(meta.read_text()) if meta.exists() else None
+    if part.exists() and recorded != fingerprint or meta.exists() and recorded != fingerprint:
+        if not force:
+            check_fingerprint(part, recorded, fingerprint, stage)
+        stale += [part, meta]
+    if final.exists() and (manifest is None or manifest.get("config") != fingerprint):
+        if not force:
+            check_fingerprint(final, manifest.get("config") if manifest else None, fingerprint, stage)
+        stale += [final, manifest_path(final)]
+    for moved in move_aside(*stale):
+        log.warning("kept aside: %s", moved)
+    return (final.exists() and manifest is not None and manifest.get("config") == fingerprint
+            and manifest.get("status") == "complete")
 
 
 def begin_output(folder: Path, stage: str, fingerprint: dict[str, Any]) -> None:

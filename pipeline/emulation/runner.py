@@ -26,20 +26,19 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.data.cases import CaseSet, load_named_case_set
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.locks import writer_lock
-from pipeline.data.manifest import is_complete as manifest_complete
-from pipeline.data.manifest import manifest_path, read_manifest, write_manifest
+from pipeline.data.manifest import write_manifest
 from pipeline.data.naming import RunFileName, extract_seed, file_quantization, sanitize_model_name
 from pipeline.data.split import TOOLEMU_CASES, contiguous_ranges, test_cases
 from pipeline.emulation.compat import get_compat
 from pipeline.emulation.episode import ENGINE_VERSION, Episode, Limits
 from pipeline.emulation.prompts import agent as agent_prompts
 from pipeline.emulation.prompts import emulator as emulator_prompts
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError
 from pipeline.llm import ChatBackend, ChatRequest
 from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
 from pipeline.settings import get_settings
-from pipeline.stage import StageConfig, StageResult, check_fingerprint, move_aside
+from pipeline.stage import StageConfig, StageResult, journal_paths, journaled_output
 
 log = logging.getLogger("pipeline.emulation")
 
@@ -193,12 +192,12 @@ def plan(cfg: EmulationConfig, agent: str, case_set: CaseSet) -> tuple[list[int]
 
 
 def _part_path(path: Path) -> Path:
-    return path.with_name(path.name + ".part")
+    return journal_paths(path)[0]
 
 
 def _meta_path(path: Path) -> Path:
     """The fingerprint of a partial run (``<run file>.part.json``), written before its first record."""
-    return path.with_name(path.name + ".part.json")
+    return journal_paths(path)[1]
 
 
 def _load_records(path: Path, part: Path) -> dict[int, dict]:
@@ -281,7 +280,7 @@ def _run_locked(cfg: EmulationConfig, case_set: CaseSet, agent_backend: ChatBack
     plans = [(agent, *plan(cfg, agent, case_set)) for agent in cfg.agent]
     for agent, cases, _, path in plans:  # every run file is checked before anything is written or moved
         if not cfg.force:
-            _check_earlier(path, cfg.identity(agent, cases))
+            journaled_output(path, _json(cfg.identity(agent, cases)), "emulate", force=False)
     jobs = [_prepare(cfg, agent, cases, path, compat.name) for agent, cases, _, path in plans]
     active = [j for j in jobs if j.todo]
     if active:
@@ -327,38 +326,13 @@ def _run_locked(cfg: EmulationConfig, case_set: CaseSet, agent_backend: ChatBack
     return [j.result for j in jobs]
 
 
-def _check_earlier(path: Path, identity: dict[str, Any]) -> None:
-    """Refuse when the run file or its partial run was made by another configuration."""
-    meta = _meta_path(path)
-    if meta.exists():
-        check_fingerprint(_part_path(path), json.loads(meta.read_text()), _json(identity), "emulate")
-    elif _part_path(path).exists():
-        check_fingerprint(_part_path(path), None, identity, "emulate")
-    if path.exists():
-        m = read_manifest(path)
-        check_fingerprint(path, m.get("config") if m else None, _json(identity), "emulate")
-
-
 def _json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
 def _prepare(cfg: EmulationConfig, agent: str, cases: list[int], path: Path, compat_name: str) -> _Job:
     identity = _json(cfg.identity(agent, cases))
-    if cfg.force:  # whatever another configuration left here goes aside, never deleted
-        earlier = read_manifest(path)
-        meta = _meta_path(path)
-        stale_part = meta.exists() and json.loads(meta.read_text()) != identity or (
-            _part_path(path).exists() and not meta.exists())
-        stale_final = path.exists() and (earlier is None or earlier.get("config") != identity)
-        aside = []
-        if stale_part:
-            aside += [_part_path(path), meta]
-        if stale_final:
-            aside += [path, manifest_path(path)]
-        for moved in move_aside(*aside):
-            log.warning("kept aside: %s", moved)
-    if manifest_complete(path, identity):
+    if journaled_output(path, identity, "emulate", force=cfg.force):
         result = EmulationResult(path, cases, 0, len(cases), 0, skipped_complete=True)
         return _Job(agent, path, identity, cases, {}, [], result)
     records = _load_records(path, _part_path(path))

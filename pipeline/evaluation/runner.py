@@ -22,19 +22,19 @@ from pydantic import Field, field_validator
 from pipeline.data.cases import load_named_case_set
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.locks import writer_lock
-from pipeline.data.manifest import file_digest, manifest_path, read_manifest, write_manifest
+from pipeline.data.manifest import file_digest, write_manifest
 from pipeline.data.naming import parse_run_filename
 from pipeline.data.records import SCORE_KEYS, replicate_consistency
 from pipeline.data.runfiles import load_trajectories
 from pipeline.data.toolkits import Toolkit
-from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, choice_judgement, eval_types_for, judge_messages,
                                        prompt_version, read_judgement)
 from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
 from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
 from pipeline.settings import get_settings
-from pipeline.stage import StageConfig, StageResult, check_fingerprint, move_aside
+from pipeline.stage import StageConfig, StageResult, journal_paths, journaled_output
 
 
 class EvaluationConfig(StageConfig, BackendOptions):
@@ -163,25 +163,7 @@ def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
 
 def _meta(out: Path) -> Path:
     """The fingerprint of a partial evaluation (``<eval file>.part.json``), written before its first line."""
-    return out.with_name(out.name + ".part.json")
-
-
-def _check_earlier(out: Path, identity: dict[str, Any], force: bool) -> bool:
-    """True when ``out`` is complete for this identity; refuse (or, with ``force``, move aside) what another
-    configuration left: the eval file, its manifest, its partial lines."""
-    part, meta, manifest = _part(out), _meta(out), read_manifest(out)
-    stale = []
-    if meta.exists() and json.loads(meta.read_text()) != identity or part.exists() and not meta.exists():
-        if not force:
-            check_fingerprint(part, json.loads(meta.read_text()) if meta.exists() else None, identity, "evaluate")
-        stale += [part, meta]
-    if out.exists() and (manifest is None or manifest.get("config") != identity):
-        if not force:
-            check_fingerprint(out, manifest.get("config") if manifest else None, identity, "evaluate")
-        stale += [out, manifest_path(out)]
-    move_aside(*stale)
-    return out.exists() and manifest is not None and manifest.get("config") == identity and (
-        manifest.get("status") == "complete")
+    return journal_paths(out)[1]
 
 
 def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progress: Callable[[int, int], None] | None,
@@ -191,10 +173,10 @@ def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progres
     identities = {t: json.loads(json.dumps(cfg.identity(t, sha), default=str)) for t in result.eval_files}
     if not cfg.force:  # every eval file is checked before anything is moved or written
         for t, out in result.eval_files.items():
-            _check_earlier(out, identities[t], force=False)
+            journaled_output(out, identities[t], "evaluate", force=False)
     todo: dict[str, list[tuple[int, int]]] = {}
     for t, out in result.eval_files.items():
-        if _check_earlier(out, identities[t], force=cfg.force):
+        if journaled_output(out, identities[t], "evaluate", force=cfg.force):
             result.skipped.append(t)
             continue
         done = _load_part(out)
@@ -230,7 +212,7 @@ def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progres
 
 
 def _part(out: Path) -> Path:
-    return out.with_name(out.name + ".part")
+    return journal_paths(out)[0]
 
 
 def _load_part(out: Path) -> dict[tuple[int, int], dict]:
