@@ -99,10 +99,12 @@ def finish_tracking(folder: str, experiment: str, **context) -> str | None:
     ti = context["ti"]
     try:
         states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[context["run_id"]])
-        failed = sorted({str(task) for run in states.values() for task, state in run.items()
-                         if state in ("failed", "upstream_failed")})
-    except Exception:  # an older task SDK: report the run as finished
-        failed = []
+    except Exception as e:  # noqa: BLE001 - whatever went wrong, a run whose outcome is unknown is not a success
+        Tracker.open(folder, experiment=experiment).finish("FAILED")
+        raise AirflowFailException(f"cannot read the task states of this DAG run ({type(e).__name__}: {e}); "
+                                   "it is marked failed rather than successful") from None
+    failed = sorted({str(task) for run in states.values() for task, state in run.items()
+                     if state in ("failed", "upstream_failed")})
     Tracker.open(folder, experiment=experiment).finish("FAILED" if failed else "FINISHED")
     run_id = sync(folder).run_id if resolve_tracking_uri() else None  # no MLflow configured: journal only
     if failed:

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from plugins.slurm.core import (
     failure_message,
     job_outcome,
+    parse_exit_code,
     read_from,
     sanitize_job_name,
     tail_file,
@@ -58,6 +59,10 @@ def stage_words(stage: str | Sequence[str]) -> list[str]:
     if not words or any(w.startswith("-") for w in words):
         raise ValueError(f"stage {stage!r}: expected sub-command words such as 'emulate' or 'evaluate repair'")
     return words
+
+
+#: The exit code of a stage refused for bad configuration or input (``pipeline.errors.PipelineError``)
+CONFIG_ERROR_EXIT = 2
 
 
 def _failure(rc: int, result_path: Path) -> str:
@@ -266,7 +271,9 @@ class StageOperator(BaseOperator):
         self._proc = None
         if rc != 0:
             why = "was killed" if self._killed else _failure(rc, result_path)
-            raise AirflowException(f"stage {' '.join(stage_words(self.stage))} {why}; last lines:\n" + "\n".join(tail))
+            message = f"stage {' '.join(stage_words(self.stage))} {why}; last lines:\n" + "\n".join(tail)
+            # bad configuration or input: a retry would fail the same way, so the task fails at once
+            raise (AirflowFailException if rc == CONFIG_ERROR_EXIT and not self._killed else AirflowException)(message)
         return read_result(result_path)
 
     def _execute_slurm(self, context: Mapping[str, Any], spec_path: Path, result_path: Path, env: dict[str, str],
@@ -318,8 +325,10 @@ class StageOperator(BaseOperator):
         self.log.info("Slurm job %s ended %s after %ss", job_id, described, event.get("elapsed_s"))
         if not ok:
             tail = event.get("log_tail") or tail_file(log_path, self.tail_lines)
-            raise AirflowException(failure_message(job_id, job_name, state, str(event.get("exit_code") or ""),
-                                                   str(event.get("reason") or ""), log_path, tail))
+            message = failure_message(job_id, job_name, state, str(event.get("exit_code") or ""),
+                                      str(event.get("reason") or ""), log_path, tail)
+            config_error = parse_exit_code(str(event.get("exit_code") or ""))[0] == CONFIG_ERROR_EXIT
+            raise (AirflowFailException if config_error else AirflowException)(message)
         return read_result(Path(result_path))
 
     # ------------------------------------------------------------------------------------------------ kill

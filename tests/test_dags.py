@@ -44,12 +44,44 @@ def test_dagbag_has_the_three_dags_without_errors(airflow_home):
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     assert set(bag.dags) == {"toolemu_evaluation", "dpo_experiment", "rerun_failed_evaluations"}
-    assert bag.dags["rerun_failed_evaluations"].schedule == "@daily" or "daily" in str(bag.dags["rerun_failed_evaluations"].timetable)
-    # Params are validated: a bad value is refused when a run is created
+    assert bag.dags["rerun_failed_evaluations"].schedule == "@daily"
+    # Params are validated: a bad value is refused when a run is created (each Param resolves a value)
+    from airflow.sdk.exceptions import ParamValidationError
+
     params = bag.dags["dpo_experiment"].params
-    with pytest.raises(Exception):
-        params.validate({**params.dump(), "configurations": ["sideways"]}) if hasattr(params, "validate") else \
-            params["configurations"].resolve(["sideways"])
+    param = params.get_param
+    assert param("configurations").resolve(["safe", "help"]) == ["safe", "help"]
+    with pytest.raises(ParamValidationError):
+        param("configurations").resolve(["sideways"])
+    # the stage options come from the stages' config models: a misspelt option is refused, a known one kept
+    assert param("train").resolve({"lora_r": 4, "max_steps": 10}) == {"lora_r": 4, "max_steps": 10}
+    with pytest.raises(ParamValidationError):
+        param("train").resolve({"lora_rnk": 4})
+    with pytest.raises(ParamValidationError):
+        param("evaluation").resolve({"replicates": 0})
+    with pytest.raises(ParamValidationError):
+        param("n_bootstrap").resolve(-1)
+
+
+def test_a_dag_run_whose_task_states_cannot_be_read_is_not_marked_successful(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from pipeline.tracking.journal import read_journal
+    from plugins.dag_common import finish_tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = tmp_path / "parent"
+
+    def broken(**_):
+        raise ConnectionError("execution API unreachable")
+
+    ti = SimpleNamespace(dag_id="d", get_task_states=broken)
+    with pytest.raises(AirflowFailException, match="cannot read the task states.*marked failed"):
+        finish_tracking.function(str(folder), "training", ti=ti, run_id="r")
+    ends = [op for op in read_journal(folder) if op["op"] == "end"]
+    assert ends and ends[-1]["status"] == "FAILED"
 
 
 def _mlflow(uri, endpoint, **query):

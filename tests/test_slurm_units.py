@@ -135,9 +135,20 @@ def test_sbatch_command_flags_from_resources_and_settings():
     assert argv[:2] == ["sbatch", "--parsable"]
     for flag in ("--job-name=d.t.r", "--output=/logs/d.t.r-%j.out", "--partition=gpu", "--account=lab",
                  "--qos=normal", "--gres=gpu:a100:1", "--constraint=a100_80gb", "--mem=8G", "--time=03:00:00",
-                 "--chdir=/runs", "--export=HOME,PATH", "--exclude=n13"):
+                 "--chdir=/runs", "--export=HOME,PATH", "--exclude=n13", "--signal=B:TERM@300"):
         assert flag in argv
-    assert argv[-1] == "/logs/job.sbatch"
+    assert argv[-1] == "/logs/job.sbatch" and "--requeue" not in argv
+    from plugins.slurm.core import signal_grace, time_limit_seconds
+
+    assert [time_limit_seconds(t) for t in ("30", "05:00", "03:00:00", "3-00", "1-02:03:04")] == [
+        1800, 300, 10800, 259200, 93784]
+    assert (signal_grace(300, "00:05:00"), signal_grace(300, "00:01:00"), signal_grace(300, None)) == (30, 0, 300)
+    tuned = sbatch_command(SlurmSettings.from_extras({"signal_grace": "60", "requeue": True}), res, job_name="j",
+                           output="o", export=[], wrap="true")
+    assert "--signal=B:TERM@60" in tuned and "--requeue" in tuned
+    assert not any(a.startswith("--signal") for a in sbatch_command(SlurmSettings(signal_grace=0), res,
+                                                                    job_name="j", output="o", export=[],
+                                                                    wrap="true"))
     cpu = sbatch_command(s, Resources().as_dict(), job_name="j", output="o", export=[], wrap="echo hi")
     assert "--partition=main" in cpu and not any(a.startswith(("--gres", "--constraint")) for a in cpu)
     assert cpu[-2:] == ["--wrap", "echo hi"] and "--export=NONE" in cpu

@@ -109,6 +109,28 @@ def test_on_kill_local_kills_the_process_group(tmp_path, monkeypatch):
     assert not (tmp_path / "k.result.json").exists()
 
 
+def test_a_stage_refused_for_its_configuration_fails_without_retry(tmp_path):
+    """Exit code 2 (bad configuration or input) fails the task at once: a retry would fail the same way. Any
+    other failure stays retryable, and an incomplete stage says so."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    op = StageOperator(task_id="bad", stage="emulate", spec={**DEMO, "cases": "0-2", "emulatr": "x"},
+                       compute="local", home=str(tmp_path))
+    spec = tmp_path / "bad.json"
+    op._write_spec(spec)
+    with pytest.raises(AirflowFailException, match="(?s)failed with exit code 2.*unknown option 'emulatr'"):
+        op._execute_local(spec, tmp_path / "bad.result.json", {"AGENTPIPE_HOME": str(tmp_path)}, tmp_path)
+    down = StageOperator(task_id="down", stage="emulate", spec={**DEMO, "cases": "0-2", "max_attempts": 1},
+                         compute="local", home=str(tmp_path))
+    spec = tmp_path / "down.json"
+    down._write_spec(spec)
+    with pytest.raises(AirflowException) as info:
+        down._execute_local(spec, tmp_path / "down.result.json",
+                            {"AGENTPIPE_HOME": str(tmp_path), "AGENTPIPE_SCRIPTED_DOWN": "1"}, tmp_path)
+    assert not isinstance(info.value, AirflowFailException)  # an outage: retried
+    assert "is incomplete (exit code 1; counts {'cases': 2, 'failed': 2" in str(info.value)
+
+
 # ------------------------------------------------------------------------------------------------ dag.test()
 
 

@@ -80,6 +80,11 @@ class SlurmSettings:
     poll_interval: float = 10.0             # trigger: seconds between state polls
     initial_delay: float = 10.0             # trigger: seconds before the first poll (Airflow 3 deferral race)
     job_timeout: float | None = None        # trigger: give up (and scancel) after this many seconds
+    #: seconds before the time limit (or a pre-emption) at which Slurm sends SIGTERM to the stage
+    #: (``--signal=B:TERM@<s>``): training saves a checkpoint and every stage's journal is already durable.
+    #: 0: no early signal (Slurm's own KillWait, often 30 s, is all the stage gets).
+    signal_grace: int = 300
+    requeue: bool = False                   # --requeue: the cluster may requeue a pre-empted job (if it allows)
 
     @classmethod
     def from_extras(cls, extras: Mapping[str, Any] | None) -> SlurmSettings:
@@ -98,6 +103,8 @@ class SlurmSettings:
         for key in ("poll_interval", "initial_delay", "job_timeout"):
             if extras.get(key) is not None:
                 extras[key] = float(extras[key])
+        if extras.get("signal_grace") is not None:
+            extras["signal_grace"] = int(extras["signal_grace"])
         for key in ("gpu_constraints", "env"):
             if extras.get(key) is not None and not isinstance(extras[key], Mapping):
                 raise ValueError(f"slurm connection extras: '{key}' must be an object")
@@ -179,6 +186,34 @@ def render_batch_script(argv: Sequence[str], *, setup: Sequence[str] = (), workd
     return "\n".join(lines) + "\n"
 
 
+def time_limit_seconds(text: str | None) -> int | None:
+    """A Slurm time limit (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH``, ``D-HH:MM``, ``D-HH:MM:SS``) in seconds."""
+    if not text:
+        return None
+    days, _, clock = str(text).rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    if days:  # D-HH[:MM[:SS]]
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 3:
+        h, m, sec = parts
+    elif len(parts) == 2:
+        h, (m, sec) = 0, parts
+    else:
+        h, m, sec = 0, parts[0], 0
+    return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
+
+
+def signal_grace(grace: int, time_limit: str | None) -> int:
+    """The ``--signal`` lead time for a job: ``grace``, but at most a tenth of a short time limit (a 5-minute test
+    job must not be told to stop at once); 0 when there is nothing sensible to send."""
+    limit = time_limit_seconds(time_limit)
+    if grace <= 0:
+        return 0
+    if limit is not None and grace > limit // 10:
+        grace = limit // 10
+    return grace if grace >= 10 else 0
+
+
 def sbatch_command(settings: SlurmSettings, resources: Mapping[str, Any], *, job_name: str, output: str,
                    export: Iterable[str], script: str | None = None, wrap: str | None = None,
                    workdir: str | None = None) -> list[str]:
@@ -207,6 +242,11 @@ def sbatch_command(settings: SlurmSettings, resources: Mapping[str, Any], *, job
         argv.append(f"--constraint={constraint}")
     if workdir:
         argv.append(f"--chdir={workdir}")
+    grace = signal_grace(settings.signal_grace, resources.get("time"))
+    if grace:  # B: the batch shell, which execs the stage
+        argv.append(f"--signal=B:TERM@{grace}")
+    if settings.requeue:
+        argv.append("--requeue")
     names = sorted(set(export))
     argv.append("--export=" + (",".join(names) if names else "NONE"))
     argv += list(settings.extra_sbatch_args)
