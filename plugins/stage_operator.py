@@ -32,10 +32,12 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from plugins.slurm.core import (
+    RETRY_WITH_MORE,
+    doubled,
     failure_message,
     job_outcome,
-    parse_exit_code,
     read_from,
+    retry_decision,
     sanitize_job_name,
     tail_file,
 )
@@ -222,15 +224,21 @@ class StageOperator(BaseOperator):
         return sanitize_job_name(ti.dag_id, ti.task_id, context["run_id"],
                                  map_index if map_index is not None and map_index >= 0 else None)
 
-    def job_resources(self) -> Resources:
-        """The resource rule for this task's spec, with the task's overrides."""
+    def job_resources(self, bumps: Mapping[str, Any] | None = None) -> Resources:
+        """The resource rule for this task's spec, with the task's overrides, then what an earlier attempt that ran
+        out of time or memory asked for (``bumps``)."""
         spec = self.spec if isinstance(self.spec, Mapping) else {}
         models = list(self.models) if self.models else models_from_spec(spec)
         quant = self.quantization or spec.get("quantization")
         settings = self._slurm_hook().settings
         res = resources_for(models, quant, stage_words(self.stage), default_time=settings.default_time,
                             default_mem=settings.default_mem)
-        return res.override(self.stage_resources)
+        return res.override(self.stage_resources).override(dict(bumps or {}))
+
+    @staticmethod
+    def _bumps_path(spec_path: Path) -> Path:
+        """Resources an attempt asked the next one for (beside the spec: the same for every try of a task)."""
+        return spec_path.with_name(spec_path.stem + ".bumps.json")
 
     def _slurm_hook(self):
         if self._hook is None:
@@ -285,7 +293,9 @@ class StageOperator(BaseOperator):
         job_name = self._job_name(context)
         log_dir = Path(s.log_dir) if s.log_dir else home / "logs" / "slurm"
         output = str(log_dir / f"{job_name}-%j.out")
-        resources = self.job_resources()
+        bumps_path = self._bumps_path(spec_path)
+        bumps = json.loads(bumps_path.read_text()) if bumps_path.is_file() else {}
+        resources = self.job_resources(bumps)
         self.log.info("resources (%s, %.3g B local weights): %s", resources.tier, resources.size_b,
                       {k: v for k, v in resources.as_dict().items() if v not in (None, (), []) and k != "size_b"})
         argv = stage_argv(s.agentpipe_executable(), self.stage, spec_path, result_path)
@@ -325,10 +335,24 @@ class StageOperator(BaseOperator):
         self.log.info("Slurm job %s ended %s after %ss", job_id, described, event.get("elapsed_s"))
         if not ok:
             tail = event.get("log_tail") or tail_file(log_path, self.tail_lines)
-            message = failure_message(job_id, job_name, state, str(event.get("exit_code") or ""),
-                                      str(event.get("reason") or ""), log_path, tail)
-            config_error = parse_exit_code(str(event.get("exit_code") or ""))[0] == CONFIG_ERROR_EXIT
-            raise (AirflowFailException if config_error else AirflowException)(message)
+            exit_code = str(event.get("exit_code") or "")
+            message = failure_message(job_id, job_name, state, exit_code, str(event.get("reason") or ""), log_path,
+                                      tail)
+            spec_path = Path(result_path).with_name(Path(result_path).name.removesuffix(".result.json") + ".json")
+            bumps_path = self._bumps_path(spec_path)
+            bumps = json.loads(bumps_path.read_text()) if bumps_path.is_file() else {}
+            retry, more = retry_decision(state, exit_code, bumps)
+            if not retry:
+                raise AirflowFailException(message + ("" if state not in RETRY_WITH_MORE else
+                                                      f"\n(already retried with {bumps}; not retried again)"))
+            if more:
+                current = getattr(self.job_resources(bumps), more)
+                bumps[more] = doubled(more, str(current))
+                from pipeline.data.jsonl import atomic_write_text
+
+                atomic_write_text(bumps_path, json.dumps(bumps))
+                message += f"\n(the retry gets {more} {bumps[more]})"
+            raise AirflowException(message)
         return read_result(Path(result_path))
 
     # ------------------------------------------------------------------------------------------------ kill

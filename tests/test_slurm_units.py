@@ -321,3 +321,17 @@ def test_adapters_of_one_base_are_sized_once_and_vllm_quantizations_are_known():
     assert resources_for(["Qwen2.5-32B"], "fp8", "emulate").tier == "gpu"  # 32 B at a byte each: a normal GPU
     assert resources_for(["Qwen2.5-32B"], None, "emulate").tier == "big"
     assert resources_for(["vllm:Llama3.3-70B"], "awq", "emulate").tier == "big"  # 70 B > 65 B at 4 bits
+
+
+def test_retries_know_the_failure():
+    from plugins.slurm.core import doubled, retry_decision
+
+    assert retry_decision("FAILED", "2:0") == (False, None)  # bad configuration: a retry fails the same way
+    assert retry_decision("FAILED", "1:0") == (True, None)
+    assert retry_decision("PREEMPTED", "0:15") == (True, None) and retry_decision("NODE_FAIL", "") == (True, None)
+    assert retry_decision("TIMEOUT", "0:15") == (True, "time")
+    assert retry_decision("TIMEOUT", "0:15", bumped={"time": "06:00:00"}) == (False, None)
+    assert retry_decision("OUT_OF_MEMORY", "0:125") == (True, "mem")
+    assert [doubled("time", t) for t in ("03:00:00", "1-12:00:00", "00:05:00")] == ["06:00:00", "3-00:00:00",
+                                                                                   "00:10:00"]
+    assert [doubled("mem", m) for m in ("8G", "100G", "512M", "1.5G")] == ["16G", "200G", "1024M", "3G"]

@@ -131,6 +131,32 @@ def test_a_stage_refused_for_its_configuration_fails_without_retry(tmp_path):
     assert "is incomplete (exit code 1; counts {'cases': 2, 'failed': 2" in str(info.value)
 
 
+def test_a_slurm_job_out_of_time_is_retried_once_with_twice_the_time(tmp_path):
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    from plugins.slurm.core import SlurmSettings
+
+    op = StageOperator(task_id="emulate", stage="emulate", spec=DEMO, compute="slurm", home=str(tmp_path))
+    op._hook = SimpleNamespace(settings=SlurmSettings())
+    context = _context(task_id="emulate")
+    spec_path, result_path = op._paths(context, tmp_path)
+    spec_path.parent.mkdir(parents=True)
+    log = tmp_path / "job.out"
+    log.write_text("working\n")
+    event = {"job_id": "7", "state": "TIMEOUT", "exit_code": "0:15", "log_path": str(log), "elapsed_s": 10800}
+    assert op.job_resources().time == "03:00:00"
+    with pytest.raises(AirflowException, match="the retry gets time 06:00:00") as first:
+        op.execute_complete(context, event, job_name="j", result_path=str(result_path))
+    assert not isinstance(first.value, AirflowFailException)
+    bumps = json.loads(op._bumps_path(spec_path).read_text())
+    assert op.job_resources(bumps).time == "06:00:00"  # what the next attempt submits with
+    with pytest.raises(AirflowFailException, match="(?s)ended TIMEOUT.*already retried"):
+        op.execute_complete(context, event, job_name="j", result_path=str(result_path))
+    with pytest.raises(AirflowFailException, match="ended FAILED"):  # exit code 2: no retry
+        op.execute_complete(context, {**event, "state": "FAILED", "exit_code": "2:0"}, job_name="j",
+                            result_path=str(result_path))
+
+
 # ------------------------------------------------------------------------------------------------ dag.test()
 
 

@@ -203,6 +203,34 @@ def time_limit_seconds(text: str | None) -> int | None:
     return int(days or 0) * 86400 + h * 3600 + m * 60 + sec
 
 
+#: Job ends a retry cures as it is: the stage resumes its own output on another node or later.
+RETRY_AS_IS = frozenset({"PREEMPTED", "NODE_FAIL", "BOOT_FAIL"})
+#: Job ends a retry may cure with more of one resource: retried once with twice as much.
+RETRY_WITH_MORE = {"TIMEOUT": "time", "OUT_OF_MEMORY": "mem"}
+
+
+def retry_decision(state: str, exit_code: str, bumped: Iterable[str] = ()) -> tuple[bool, str | None]:
+    """(retry?, the resource to double first) for a failed job. Exit code 2 (bad configuration or input) is
+    never retried; TIMEOUT / OUT_OF_MEMORY are retried once with twice the time / memory, then fail; every other
+    end (PREEMPTED, NODE_FAIL, a stage's own failure …) is left to the task's retries."""
+    if parse_exit_code(exit_code)[0] == 2 and state == "FAILED":
+        return False, None
+    if state in RETRY_WITH_MORE:
+        resource = RETRY_WITH_MORE[state]
+        return (False, None) if resource in set(bumped) else (True, resource)
+    return True, None
+
+
+def doubled(resource: str, value: str) -> str:
+    """Twice a Slurm time limit (``D-HH:MM:SS``) or memory (``8G`` → ``16G``)."""
+    if resource == "time":
+        total = 2 * (time_limit_seconds(value) or 0)
+        days, rest = divmod(total, 86400)
+        return (f"{days}-" if days else "") + f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    number, unit = float(value.rstrip("KMGTkmgt")), value.lstrip("0123456789.")
+    return f"{int(number * 2) if (number * 2).is_integer() else number * 2}{unit}"
+
+
 def signal_grace(grace: int, time_limit: str | None) -> int:
     """The ``--signal`` lead time for a job: ``grace``, but at most a tenth of a short time limit (a 5-minute test
     job must not be told to stop at once); 0 when there is nothing sensible to send."""
