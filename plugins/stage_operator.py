@@ -33,9 +33,12 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from plugins.slurm.core import (
     RETRY_WITH_MORE,
+    TERMINAL_STATES,
+    UNKNOWN_STATE,
     doubled,
     failure_message,
     job_outcome,
+    job_state,
     read_from,
     retry_decision,
     sanitize_job_name,
@@ -299,10 +302,21 @@ class StageOperator(BaseOperator):
         self.log.info("resources (%s, %.3g B local weights): %s", resources.tier, resources.size_b,
                       {k: v for k, v in resources.as_dict().items() if v not in (None, (), []) and k != "size_b"})
         argv = stage_argv(s.agentpipe_executable(), self.stage, spec_path, result_path)
-        job_id = hook.submit(argv, job_name=job_name, output=output, resources=resources, env=env,
-                             workdir=s.workdir or str(home))
+        job_path = spec_path.with_name(spec_path.stem + ".job.json")
+        earlier = json.loads(job_path.read_text()) if job_path.is_file() else None
+        alive = earlier is not None and job_state(s, str(earlier["job_id"])).state not in TERMINAL_STATES | {
+            UNKNOWN_STATE}
+        if alive:  # a retry while the previous attempt's job still runs: follow that job, never a second one
+            job_id, log_path = str(earlier["job_id"]), earlier["log_path"]
+            self.log.info("Slurm job %s of an earlier attempt is still alive: reattaching to it", job_id)
+        else:
+            job_id = hook.submit(argv, job_name=job_name, output=output, resources=resources, env=env,
+                                 workdir=s.workdir or str(home))
+            log_path = output.replace("%j", job_id)
+            from pipeline.data.jsonl import atomic_write_text
+
+            atomic_write_text(job_path, json.dumps({"job_id": job_id, "log_path": log_path}))
         self._job_id = job_id
-        log_path = output.replace("%j", job_id)
         ti = context["ti"]
         ti.xcom_push(key="slurm_job_id", value=job_id)
         ti.xcom_push(key="slurm_log", value=log_path)

@@ -157,6 +157,36 @@ def test_a_slurm_job_out_of_time_is_retried_once_with_twice_the_time(tmp_path):
                             result_path=str(result_path))
 
 
+def test_a_retry_reattaches_to_the_earlier_attempts_job_while_it_runs(tmp_path, monkeypatch):
+    from airflow.sdk.exceptions import TaskDeferred
+
+    import plugins.stage_operator as so
+    from plugins.slurm.core import JobInfo, SlurmSettings
+
+    submitted = []
+    hook = SimpleNamespace(settings=SlurmSettings(), submit=lambda argv, **kw: submitted.append(argv) or str(
+        100 + len(submitted)))
+    states = {"101": "RUNNING"}
+    monkeypatch.setattr(so, "job_state", lambda settings, job_id, **kw: JobInfo(job_id, states[job_id]))
+    op = StageOperator(task_id="emulate", stage="emulate", spec=DEMO, compute="slurm", home=str(tmp_path))
+    op._hook = hook
+    ti = SimpleNamespace(dag_id="d", task_id="emulate", map_index=-1, try_number=1, xcom_push=lambda **kw: None)
+    context = {"ti": ti, "run_id": "r", "params": {}}
+    spec_path, result_path = op._paths(context, tmp_path)
+    spec_path.parent.mkdir(parents=True)
+
+    def attempt():
+        with pytest.raises(TaskDeferred) as deferred:
+            op._execute_slurm(context, spec_path, result_path, {}, tmp_path)
+        return deferred.value.trigger.job_id
+
+    assert attempt() == "101" and len(submitted) == 1
+    assert attempt() == "101" and len(submitted) == 1  # the first job still runs: followed, not submitted again
+    states["101"] = "PREEMPTED"
+    states["102"] = "PENDING"
+    assert attempt() == "102" and len(submitted) == 2  # it ended: a fresh job
+
+
 # ------------------------------------------------------------------------------------------------ dag.test()
 
 
