@@ -9,6 +9,8 @@ records that fingerprint, and a rerun compares it:
 * same fingerprint: resume or skip;
 * different: ``FingerprintMismatch`` names each differing field with its old and new value (exit 2, nothing
   touched), unless ``force``, which first moves the old outputs aside as ``<name>.replaced-<UTC time>``.
+
+Manifests record the fingerprint and its canonical hash (``config_digest``, ``pipeline.data.manifest``).
 """
 
 from __future__ import annotations
@@ -57,12 +59,6 @@ class StageConfig(BaseModel):
         data = self.model_dump(mode="json", exclude=set(self.not_in_fingerprint))
         versions = self.versions()
         return data | ({"versions": versions} if versions else {})
-
-
-def digest(fingerprint: dict[str, Any]) -> str:
-    """The canonical hash of a fingerprint (sorted keys, compact JSON)."""
-    text = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
