@@ -1,24 +1,31 @@
 """dpo_experiment: the paper's experiment. For source models × evaluator arms × seeds × betas × configurations
-(safe, help, both, safe->help, help->safe): pairs → train → merge → second stage → test-split emulation and
-evaluation of every finetuned model (and the source models) → reports → analysis (trade-off fit, Pareto
-frontier, persistence) → MLflow, all nested under this DAG run's parent run.
+(safe, help, both, safe->help, help->safe): pairs, then one chain per first-stage model — train → test-split
+emulation → evaluation, and train → merge → second-stage train → emulation → evaluation where a two-stage
+configuration builds on it — then reports → analysis (trade-off fit, Pareto frontier, persistence) → MLflow,
+all nested under this DAG run's parent run.
 
 The plan (``pipeline.experiment``) computes every stage's options and output path up front (names are
-deterministic), so each phase is one mapped task and reruns resume where they stopped.
+deterministic), so reruns resume where they stopped. Each chain is one instance of a mapped task group
+(named by its model in the UI): a model is evaluated as soon as it has trained, while others still train.
+Chains whose judge is an API model take their evaluation slots from the ``judge_api`` pool, the others
+from ``gpu``. Before anything runs, ``approve_cost`` shows the plan's size (jobs, GPU-hours, judge calls,
+USD) and waits for a person's approval when ``require_approval`` is true (the cluster preset in
+``dags/README.md``).
 """
 
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+from airflow.sdk import Asset, Param, dag, task, task_group
 
 from pipeline.analysis.run import AnalyzeConfig
 from pipeline.emulation.runner import EmulationConfig
 from pipeline.evaluation.runner import EvaluationConfig
 from pipeline.preference.stage import PairsConfig
 from pipeline.training.config import TrainConfig
-from plugins.dag_common import (PARENT_RUN, DEFAULT_ARGS, backend_param, common_params, finish_tracking, home,
-                                options_param, stage_param, start_tracking)
+from plugins.dag_common import (CHAIN_PRIORITY, DEFAULT_ARGS, GPU_POOL, JUDGE_POOLS, PARENT_RUN, backend_param,
+                                common_params, finish_tracking, home, options_param, stage_param, start_tracking)
 from plugins.stage_operator import StageOperator
 
 #: options the experiment's plan sets itself (pipeline.experiment)
@@ -26,9 +33,45 @@ _PLANNED_EMULATE = ("agent", "emulator", "evaluator", "case_set", "cases", "out"
 _PLANNED_EVALUATE = ("trajectories", "evaluator", "no_progress")
 
 ANALYSIS = Asset("agentpipe://analysis")
+REPORTS = Asset("agentpipe://reports")
+EVALUATIONS = Asset("agentpipe://evaluations")
+
+
+class CostApproval(ApprovalOperator):
+    """The plan's size for a person to approve; passes straight through when ``require_approval`` is false."""
+
+    def execute(self, context):
+        if not context["params"].get("require_approval"):
+            self.log.info("require_approval is false: not waiting.\n%s", self.body)
+            return {"chosen_options": [self.APPROVE], "params_input": {}, "approved": "not required"}
+        return super().execute(context)
 _ARM = {"type": "object", "required": ["name", "pool", "evaluator"],
         "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9.-]+$"},
                        "pool": {"type": "string", "minLength": 1}, "evaluator": {"type": "string", "minLength": 1}}}
+
+
+def _stage(task_id: str, name: str, **kwargs) -> dict:
+    """StageOperator arguments every stage task of this DAG shares."""
+    return {"task_id": task_id, "stage": name, "compute": "{{ params.compute }}", "mlflow_parent_run_id": PARENT_RUN,
+            **kwargs}
+
+
+def _model_chain(judge: str, judge_pool: str):
+    """The mapped task group of one judge kind's chains: one instance per first-stage model."""
+
+    @task_group(group_id=f"models_{judge}_judge")
+    def model_chain(chain: dict):
+        def step(key: str, name: str, pool: str = GPU_POOL, **kwargs) -> StageOperator:
+            return StageOperator(**_stage(key, name, **kwargs), spec=chain, spec_key=key, pool=pool,
+                                 priority_weight=CHAIN_PRIORITY[key], weight_rule="absolute",
+                                 map_index_template="{{ task.spec.name }}")
+
+        train = step("train", "train")
+        train >> step("emulate", "emulate") >> step("evaluate", "evaluate", judge_pool, outlets=[EVALUATIONS])
+        (train >> step("merge", "merge") >> step("train2", "train") >> step("emulate2", "emulate")
+         >> step("evaluate2", "evaluate", judge_pool, outlets=[EVALUATIONS]))
+
+    return model_chain
 
 
 @dag(
@@ -61,6 +104,8 @@ _ARM = {"type": "object", "required": ["name", "pool", "evaluator"],
                                              "metric2"),
                                '{"min_score_difference": 1}'),
         "n_bootstrap": stage_param(AnalyzeConfig, "n_bootstrap"),
+        "require_approval": Param(False, type="boolean", description="wait for a person to approve the plan's "
+                                  "size (jobs, GPU-hours, judge calls, USD) before anything runs"),
         **common_params(),
     },
 )
@@ -89,33 +134,55 @@ def dpo_experiment():
         return result
 
     @task
-    def specs(plan: dict, key: str) -> list[dict]:
-        """One phase's stage specs (mapping needs a task's plain return value)."""
-        return plan[key]
+    def specs(plan: dict, key: str, judge: str | None = None) -> list[dict]:
+        """One part of the plan (mapping needs a task's plain return value); ``judge`` keeps the chains or
+        evaluations of that judge kind."""
+        items = plan[key]
+        return items if judge is None else [{k: v for k, v in i.items() if k != "judge" or key == "chains"}
+                                            for i in items if i["judge"] == judge]
+
+    @task
+    def plan_size(plan: dict) -> str:
+        from plugins.plan_size import describe, plan_size as size
+
+        text = describe(size(plan))
+        print(text)
+        return text
 
     planned = plan()
+    approve = CostApproval(task_id="approve_cost", subject="Run this experiment?",
+                           body="{{ ti.xcom_pull(task_ids='plan_size') }}")
     parent >> planned
+    plan_size(planned) >> approve
 
-    def phase(task_id: str, stage: str, key: str) -> StageOperator:
-        return StageOperator.partial(task_id=task_id, stage=stage, compute="{{ params.compute }}",
-                                     mlflow_parent_run_id=PARENT_RUN, trigger_rule="none_failed"
-                                     ).expand(spec=specs.override(task_id=f"{task_id}_specs")(planned, key))
+    pairs = StageOperator.partial(**_stage("pairs", "pairs")).expand(
+        spec=specs.override(task_id="pairs_specs")(planned, "pairs"))
+    source_emulate = StageOperator.partial(**_stage("emulate_source", "emulate"), pool=GPU_POOL,
+                                           map_index_template="{{ task.spec.agent }}").expand(
+        spec=specs.override(task_id="source_emulate_specs")(planned, "source_emulate"))
+    approve >> [pairs, source_emulate]
+    chains = []
+    for judge, pool in JUDGE_POOLS.items():
+        source_evaluate = StageOperator.partial(
+            **_stage(f"evaluate_source_{judge}_judge", "evaluate"), pool=pool, outlets=[EVALUATIONS],
+            map_index_template="{{ task.spec.trajectories.split('/')[-2] }}").expand(
+            spec=specs.override(task_id=f"source_evaluate_{judge}_specs")(planned, "source_evaluate", judge))
+        source_emulate >> source_evaluate
 
-    pairs = phase("pairs", "pairs", "pairs")
-    train1 = phase("train", "train", "train_stage1")
-    merge = phase("merge", "merge", "merge")
-    train2 = phase("train_second_stage", "train", "train_stage2")
-    emulate = phase("emulate_test_split", "emulate", "emulate")
-    evaluate = phase("evaluate", "evaluate", "evaluate")
+        group = _model_chain(judge, pool).expand(
+            chain=specs.override(task_id=f"chains_{judge}_judge")(planned, "chains", judge))
+        pairs >> group
+        chains += [group, source_evaluate]
     runs = str(home() / "trajectories") + "/{{ params.name }}"
     report = StageOperator(task_id="report", stage="report", compute="{{ params.compute }}",
-                           mlflow_parent_run_id=PARENT_RUN, trigger_rule="none_failed",
+                           mlflow_parent_run_id=PARENT_RUN, trigger_rule="none_failed", outlets=[REPORTS],
                            spec={"runs": runs, "out": str(home() / "reports") + "/{{ params.name }}"})
     analyze = StageOperator(task_id="analyze", stage="analyze all", compute="{{ params.compute }}",
                             mlflow_parent_run_id=PARENT_RUN, trigger_rule="none_failed", outlets=[ANALYSIS],
                             spec={"runs": runs, "out": str(home() / "analysis") + "/{{ params.name }}",
                                   "n_bootstrap": "{{ params.n_bootstrap }}"})
-    pairs >> train1 >> merge >> train2 >> emulate >> evaluate >> report >> analyze >> finish_tracking(parent, "training")
+    chains >> report
+    report >> analyze >> finish_tracking(parent, "training")
 
 
 dpo_experiment()

@@ -1,10 +1,17 @@
 """The paper's DPO experiment as a plan of stage specs (used by the ``dpo_experiment`` DAG; no Airflow here).
 
 For source models × evaluator arms × split seeds × betas × configurations (``safe``, ``help``, ``both``,
-``safe->help``, ``help->safe``) the plan lists, phase by phase, the option dicts of ``agentpipe`` stages:
-pairs → train (stage 1) → merge → train (stage 2) → test-split emulation → evaluation → analysis. Output
-names are deterministic (SPEC §6.4, DESIGN §4), so every path a later phase needs is known up front, and a
-stage shared by several configurations (the ``safe`` model is also the first stage of ``safe->help``) is
+``safe->help``, ``help->safe``) the plan lists the option dicts of ``agentpipe`` stages twice over:
+
+* **chains** (what the DAG runs): one per first-stage model, its own path
+  train → test-split emulation → evaluation, and train → merge → second-stage train → emulation → evaluation
+  when a two-stage configuration builds on it; each model moves on as soon as its own inputs exist.
+* **phases** (``pairs``, ``train_stage1``, …, ``evaluate``): the same stages phase by phase, with the test-split
+  emulation of one base model's first-stage adapters grouped into one run (a backend that serves many adapters
+  at once loads the base once). ``benchmarks/experiment_makespan.py`` compares the two schedules.
+
+Output names are deterministic (SPEC §6.4, DESIGN §4), so every path a later stage needs is known up front,
+and a stage shared by several configurations (the ``safe`` model is also the first stage of ``safe->help``) is
 planned once.
 """
 
@@ -79,12 +86,26 @@ class Plan:
     emulate: list[dict[str, Any]] = field(default_factory=list)
     evaluate: list[dict[str, Any]] = field(default_factory=list)
     analyze: dict[str, Any] = field(default_factory=dict)
+    #: per first-stage model: {"name", "judge", "train", "emulate", "evaluate", "merge", "train2", "emulate2",
+    #: "evaluate2"}; a step the chain does not have is None. ``judge`` is "local" or "api" (the arm's judge).
+    chains: list[dict[str, Any]] = field(default_factory=list)
+    #: the source models' test-split emulations, and their evaluations by every arm's judge (with "judge")
+    source_emulate: list[dict[str, Any]] = field(default_factory=list)
+    source_evaluate: list[dict[str, Any]] = field(default_factory=list)
     #: finetuned model name → its folder (for lineage and the summary)
     models: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("pairs", "train_stage1", "merge", "train_stage2", "emulate",
-                                              "evaluate", "analyze", "models")}
+                                              "evaluate", "analyze", "chains", "source_emulate",
+                                              "source_evaluate", "models")}
+
+
+def judge_kind(evaluator: str) -> str:
+    """``api`` for a judge behind an API endpoint (its DAG pool bounds concurrent requests), else ``local``."""
+    from pipeline.llm.spec import parse_model_spec
+
+    return "api" if parse_model_spec(evaluator).backend == "openai" else "local"
 
 
 def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
@@ -140,18 +161,32 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
         plan.models[name] = str(out)
         return str(out)
 
+    chains: dict[str, dict[str, Any]] = {}  # first-stage model folder → its chain
+
+    def chain(arm: Arm, first: str) -> dict[str, Any]:
+        if first not in chains:
+            chains[first] = {"name": Path(first).name, "judge": judge_kind(arm.evaluator),
+                             "train": next(t for t in plan.train_stage1 if t["out"] == first),
+                             **dict.fromkeys(("emulate", "evaluate", "merge", "train2", "emulate2", "evaluate2"))}
+            plan.chains.append(chains[first])
+        return chains[first]
+
     for model in cfg.source_models:
         # the source model is emulated once on every case; each arm's judge evaluates it (match and source rows)
         source_traj = _emulate_spec(cfg, model, cfg.arms[0].evaluator, runs, cases, seed=None)
         plan.emulate.append(source_traj)
+        plan.source_emulate.append(source_traj)
         for arm in cfg.arms:
-            plan.evaluate.append(_evaluate_spec(cfg, model, arm, runs, cases, seed=None, label=None))
+            spec = _evaluate_spec(cfg, model, arm, runs, cases, seed=None, label=None)
+            plan.evaluate.append(spec)
+            plan.source_evaluate.append({**spec, "judge": judge_kind(arm.evaluator)})
         for arm in cfg.arms:
             for seed in cfg.seeds:
                 for beta in cfg.betas:
                     for conf in cfg.configurations:
                         stages = CONFIGURATIONS[conf]
                         first = train(model, arm, seed, beta, stages[0], 1)
+                        link = chain(arm, first)
                         key = (model, arm.name, seed, beta, *stages)
                         base: str | None = model
                         if len(stages) == 1:
@@ -164,11 +199,18 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
                                 plan.merge.append(spec)
                             second = train(merged, arm, seed, beta, stages[1], 2)
                             agent = f"{merged}+{second}/adapter"
+                            link["merge"] = spec
+                            link["train2"] = next(t for t in plan.train_stage2 if t["out"] == second)
                         if key in trained:
                             continue
                         trained[key] = agent
                         emulate_test_split(agent, base, seed)
-                        plan.evaluate.append(_evaluate_spec(cfg, agent, arm, runs, cases, seed=seed, label=None))
+                        evaluation = _evaluate_spec(cfg, agent, arm, runs, cases, seed=seed, label=None)
+                        plan.evaluate.append(evaluation)
+                        step = "" if len(stages) == 1 else "2"  # the chain's own emulation: this model alone
+                        link[f"emulate{step}"] = _emulate_spec(cfg, agent, cfg.arms[0].evaluator, runs, cases,
+                                                               seed=seed)
+                        link[f"evaluate{step}"] = evaluation
     plan.analyze = {"runs": str(runs), "out": str(home / "analysis" / cfg.name), "n_bootstrap": cfg.n_bootstrap}
     return plan
 

@@ -13,6 +13,65 @@ from pathlib import Path
 from airflow.sdk import Param, task
 
 DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(seconds=30)}
+
+#: Airflow pools (created by ``make setup`` / the demo / the compose init, see ``plugins/README.md``):
+#: ``gpu`` bounds the model stages running at once on local workers (slots = the machine's GPUs; a Slurm task
+#: waits deferred and so holds no slot); ``judge_api`` bounds the judge stages sending requests to the API
+#: endpoint at once (deferred ones count too: their jobs still send requests), so that N tasks do not each
+#: multiply the backend's own concurrency against one rate limit.
+GPU_POOL = "gpu"
+API_POOL = "judge_api"
+#: judge kind (``pipeline.experiment.judge_kind``) → the pool its evaluation tasks take a slot from
+JUDGE_POOLS = {"local": GPU_POOL, "api": API_POOL}
+POOL_DESCRIPTIONS = {
+    GPU_POOL: ("model stages (emulate, local judges, train, merge) running on this machine's GPUs at once", False),
+    API_POOL: ("judge stages sending requests to the API endpoint at once (deferred Slurm jobs count)", True),
+}
+#: Task priorities inside a model's chain (weight_rule "absolute"): what is further along goes first, so a
+#: model that has trained is emulated and judged before another model's training takes the slot.
+CHAIN_PRIORITY = {"train": 1, "merge": 2, "train2": 3, "emulate": 4, "evaluate": 5, "emulate2": 6, "evaluate2": 7}
+
+
+def gpu_slots() -> int:
+    """GPUs on this machine (``nvidia-smi -L``), at least 1 (a CPU-only laptop runs one model stage at a time);
+    $AGENTPIPE_GPU_SLOTS overrides."""
+    import shutil
+    import subprocess
+
+    if os.environ.get("AGENTPIPE_GPU_SLOTS", "").strip():
+        return max(1, int(os.environ["AGENTPIPE_GPU_SLOTS"]))
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+            return max(1, sum(1 for line in out.splitlines() if line.startswith("GPU ")))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return 1
+
+
+def pools(api_slots: int | None = None) -> dict[str, dict]:
+    """The project's pools in ``airflow pools import`` form ($AGENTPIPE_API_SLOTS: the judge endpoint's share,
+    default 4)."""
+    api = api_slots if api_slots is not None else int(os.environ.get("AGENTPIPE_API_SLOTS", "4") or 4)
+    slots = {GPU_POOL: gpu_slots(), API_POOL: api}
+    return {name: {"slots": slots[name], "description": text, "include_deferred": deferred}
+            for name, (text, deferred) in POOL_DESCRIPTIONS.items()}
+
+
+def create_pools(airflow: str = "airflow", env: dict[str, str] | None = None) -> dict[str, dict]:
+    """Create or update the pools through ``airflow pools import`` (one call; idempotent)."""
+    import json
+    import subprocess
+    import tempfile
+
+    wanted = pools()
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as fh:
+        json.dump(wanted, fh)
+        fh.flush()
+        subprocess.run([airflow, "pools", "import", fh.name], env=env, check=True, capture_output=True)
+    return wanted
+
+
 #: Template for the parent-run journal folder returned by ``start_tracking`` (stages nest their runs under it).
 PARENT_RUN = "{{ ti.xcom_pull(task_ids='start_tracking') }}"
 
@@ -69,6 +128,9 @@ def common_params() -> dict[str, Param]:
         "compute": Param("", type="string", enum=["", "local", "slurm"],
                          description="Where stages run: local subprocess or Slurm job (empty: the "
                                      "agentpipe_compute Variable, else $AGENTPIPE_COMPUTE, else local)"),
+        "max_slurm_jobs": Param(0, type="integer", minimum=0,
+                                description="at most this many Slurm jobs of this DAG run pending or running at "
+                                            "once (0: no limit; a task waits deferred for a free one)"),
     }
 
 
@@ -116,3 +178,8 @@ def _safe(text: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text).strip("._") or "_"
+
+
+if __name__ == "__main__":  # python -m plugins.dag_common: create the pools (compose's airflow-init, make setup)
+    for name, pool in create_pools().items():
+        print(f"pool {name}: {pool['slots']} slots ({pool['description']})")

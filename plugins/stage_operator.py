@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
 from plugins.slurm.core import (
     RETRY_WITH_MORE,
@@ -39,6 +39,7 @@ from plugins.slurm.core import (
     failure_message,
     job_outcome,
     job_state,
+    live_job_names,
     read_from,
     retry_decision,
     sanitize_job_name,
@@ -90,15 +91,17 @@ def stage_argv(executable: str, stage: str | Sequence[str], spec_path: str | Pat
 
 def resolve_compute(value: str | None) -> str:
     """The compute backend: the argument, else the Variable ``agentpipe_compute``, else $AGENTPIPE_COMPUTE, else
-    local."""
+    local. A Variable lookup that fails (API server unreachable, …) raises: running a cluster's stage on the
+    worker instead would be a silent fallback."""
     choice = (value or "").strip().lower()
     if not choice:
-        try:
-            from airflow.sdk import Variable
+        from airflow.sdk import Variable
 
+        try:
             choice = str(Variable.get(COMPUTE_VARIABLE, default="") or "").strip().lower()
-        except Exception:  # no Airflow context (e.g. unit tests)
-            choice = ""
+        except Exception as e:  # noqa: BLE001 - any failure: say why instead of guessing "local"
+            raise AirflowException(f"cannot read the Airflow Variable {COMPUTE_VARIABLE} ({type(e).__name__}: "
+                                   f"{e}); set the task's compute explicitly or fix the lookup") from None
     choice = choice or os.environ.get(COMPUTE_ENV, "").strip().lower() or "local"
     if choice not in COMPUTES:
         raise AirflowException(f"compute '{choice}': expected one of {', '.join(COMPUTES)}")
@@ -122,6 +125,8 @@ class StageOperator(BaseOperator):
 
     :param stage: the sub-command words, e.g. ``"emulate"``, ``"evaluate repair"``, ``"analyze all"``.
     :param spec: the stage's options (templated); keys are option names, see ``agentpipe <stage> --help``.
+    :param spec_key: take the options from ``spec[spec_key]`` (a per-model chain's step, e.g. ``"merge"``); when
+        that is None the chain has no such step and the task is skipped.
     :param compute: ``"local"`` or ``"slurm"`` (templated); default: Variable ``agentpipe_compute``, else
         $AGENTPIPE_COMPUTE, else local.
     :param resources: Slurm resource overrides on top of the rule (``gpus``, ``gpu_constraint``, ``mem``,
@@ -146,7 +151,7 @@ class StageOperator(BaseOperator):
     ui_color = "#e8f0fe"
 
     def __init__(self, *, stage: str | Sequence[str], spec: Mapping[str, Any] | None = None,
-                 compute: str | None = None, resources: Mapping[str, Any] | None = None,
+                 spec_key: str | None = None, compute: str | None = None, resources: Mapping[str, Any] | None = None,
                  stage_resources: Mapping[str, Any] | None = None, models: Sequence[str] | None = None,
                  quantization: str | None = None, env: Mapping[str, str] | None = None, home: str | None = None,
                  mlflow_parent_run_id: str | None = None, mlflow_tracking_uri: str | None = None,
@@ -157,6 +162,8 @@ class StageOperator(BaseOperator):
         super().__init__(**kwargs)
         self.stage = stage
         self.spec = spec if spec is not None else {}  # a mapping, a JSON string or an XComArg (rendered later)
+        self.spec_key = spec_key
+        self._stage_spec: Mapping[str, Any] | None = None  # the options this run uses (spec, or spec[spec_key])
         self.compute = compute
         self.stage_resources = resources if resources is not None else stage_resources
         self.models = models
@@ -192,9 +199,7 @@ class StageOperator(BaseOperator):
         return folder / f"{name}.json", folder / f"{name}.result.json"
 
     def _write_spec(self, path: Path) -> None:
-        spec = self.spec
-        if isinstance(spec, str):  # a templated JSON string (e.g. "{{ params.spec | tojson }}")
-            spec = json.loads(spec)
+        spec = self._stage_spec
         if not isinstance(spec, Mapping):
             raise AirflowException(f"spec: expected a mapping of option names to values, got {type(spec).__name__}")
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +235,8 @@ class StageOperator(BaseOperator):
     def job_resources(self, bumps: Mapping[str, Any] | None = None) -> Resources:
         """The resource rule for this task's spec, with the task's overrides, then what an earlier attempt that ran
         out of time or memory asked for (``bumps``)."""
-        spec = self.spec if isinstance(self.spec, Mapping) else {}
+        spec = self._stage_spec if self._stage_spec is not None else self.spec
+        spec = spec if isinstance(spec, Mapping) else {}
         models = list(self.models) if self.models else models_from_spec(spec)
         quant = self.quantization or spec.get("quantization")
         settings = self._slurm_hook().settings
@@ -251,7 +257,23 @@ class StageOperator(BaseOperator):
         return self._hook
 
     # --------------------------------------------------------------------------------------------- execute
-    def execute(self, context: Mapping[str, Any]) -> Any:
+    def _select_spec(self) -> None:
+        """The options of this run: ``spec``, or ``spec[spec_key]`` (``self.spec`` stays whole, for the
+        map-index template)."""
+        spec = self.spec
+        if isinstance(spec, str):  # a templated JSON string (e.g. "{{ params.spec | tojson }}")
+            spec = json.loads(spec)
+        if self.spec_key is not None:
+            if not isinstance(spec, Mapping) or self.spec_key not in spec:
+                raise AirflowFailException(f"spec: expected a mapping with the key '{self.spec_key}'")
+            spec = spec[self.spec_key]
+            if spec is None:
+                raise AirflowSkipException(f"no '{self.spec_key}' step here")
+        self._stage_spec = spec
+
+    def execute(self, context: Mapping[str, Any], event: Mapping[str, Any] | None = None) -> Any:
+        """Run the stage (``event``: set when resumed after waiting for a free Slurm job slot)."""
+        self._select_spec()
         compute = resolve_compute(self.compute)
         home = self._home()
         spec_path, result_path = self._paths(context, home)
@@ -310,12 +332,28 @@ class StageOperator(BaseOperator):
             job_id, log_path = str(earlier["job_id"]), earlier["log_path"]
             self.log.info("Slurm job %s of an earlier attempt is still alive: reattaching to it", job_id)
         else:
-            job_id = hook.submit(argv, job_name=job_name, output=output, resources=resources, env=env,
-                                 workdir=s.workdir or str(home))
-            log_path = output.replace("%j", job_id)
             from pipeline.data.jsonl import atomic_write_text
+            from pipeline.data.locks import file_lock
 
-            atomic_write_text(job_path, json.dumps({"job_id": job_id, "log_path": log_path}))
+            cap = _job_cap(context)
+            # count and submit under one lock, so the DAG run's tasks cannot all see a free slot at once
+            with file_lock(spec_path.parent / ".slurm-submit.lock"):
+                if cap:
+                    dag_id = context["ti"].dag_id
+                    live = [n for n in live_job_names(s) if n.startswith(sanitize_job_name(dag_id) + ".")
+                            and f".{sanitize_job_name(context['run_id'])}" in n]
+                    if len(live) >= cap:
+                        from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+                        from datetime import timedelta
+
+                        self.log.info("%d Slurm jobs of this DAG run (%s) are pending or running, the most "
+                                      "max_slurm_jobs allows: waiting for one to end", len(live), dag_id)
+                        self.defer(trigger=TimeDeltaTrigger(timedelta(seconds=max(s.poll_interval, 5.0))),
+                                   method_name="execute")
+                job_id = hook.submit(argv, job_name=job_name, output=output, resources=resources, env=env,
+                                     workdir=s.workdir or str(home))
+                log_path = output.replace("%j", job_id)
+                atomic_write_text(job_path, json.dumps({"job_id": job_id, "log_path": log_path}))
         self._job_id = job_id
         ti = context["ti"]
         ti.xcom_push(key="slurm_job_id", value=job_id)
@@ -380,6 +418,15 @@ class StageOperator(BaseOperator):
             _kill_group(proc, self.kill_grace)
         if self._job_id is not None:
             self._slurm_hook().cancel(self._job_id)
+
+
+def _job_cap(context: Mapping[str, Any]) -> int:
+    """The DAG run's ``max_slurm_jobs`` Param (0 or absent: no cap)."""
+    params = context.get("params") or {}
+    try:
+        return max(0, int(params.get("max_slurm_jobs") or 0)) if hasattr(params, "get") else 0
+    except (TypeError, ValueError):
+        raise AirflowFailException(f"max_slurm_jobs: expected a whole number, got {params.get('max_slurm_jobs')!r}")
 
 
 def _kill_group(proc: subprocess.Popen, grace: float) -> None:

@@ -128,6 +128,9 @@ def up() -> dict[str, str]:
     _start("mlflow", [str(REPO / "mlflow" / "start.sh")], ml_env)
     if not (home() / "airflow" / "airflow.db").exists():
         subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
+    from plugins.dag_common import create_pools
+
+    create_pools(str(VENV_BIN / "airflow"), env)  # gpu (this machine's GPUs, else 1) and judge_api
     for c in COMPONENTS:
         _start(f"airflow-{c}", [str(VENV_BIN / "airflow"), c], env)
     _wait(f"http://127.0.0.1:{ml_port}/health", "MLflow")

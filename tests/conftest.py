@@ -176,6 +176,46 @@ def airflow_home() -> Path:
     return home
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_script(name: str):
+    """A module of scripts/ (demo, ui_check) by file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def live_services(tmp_path_factory):
+    """The demo's services, started once per session: MLflow and Airflow (api-server, scheduler with the local
+    executor, dag-processor, triggerer) on free ports, the project's pools created. Yields (demo module, urls,
+    home); everything is stopped at the end."""
+    demo = load_script("demo")
+    home = tmp_path_factory.mktemp("live-home")
+    saved = {k: os.environ.get(k) for k in ("AGENTPIPE_HOME", "AGENTPIPE_AIRFLOW_PORT", "AGENTPIPE_MLFLOW_PORT")}
+    os.environ.update(AGENTPIPE_HOME=str(home), AGENTPIPE_AIRFLOW_PORT=str(_free_port()),
+                      AGENTPIPE_MLFLOW_PORT=str(_free_port()))
+    try:
+        urls = demo.up()
+        yield demo, urls, home
+    finally:
+        demo.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _slurm_is_up() -> bool:
     try:
         p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)

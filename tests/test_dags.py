@@ -102,6 +102,16 @@ def _artifacts(uri, run_id, path=""):
     return [f["path"] for f in _mlflow(uri, "artifacts/list", run_id=run_id, path=path).get("files", [])]
 
 
+def _task_instances(dag_id, run_id):
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run_id).all()
+        session.expunge_all()
+    return rows
+
+
 def _dag(dag_id):
     from airflow.dag_processing.dagbag import DagBag
 
@@ -168,6 +178,18 @@ def test_dpo_experiment_dag_end_to_end(pool_run, dag_env, run_dag):
     dag_run, xcoms = run_dag(_dag("dpo_experiment"), run_conf=conf)
     assert dag_run.state == "success"
     plan = json.loads((home / "experiments" / "e2e" / "plan.json").read_text())
+    # one chain per first-stage model, named by it in the UI; the help model's chain has no second stage
+    tis = _task_instances("dpo_experiment", dag_run.run_id)
+    chain_names = {c["name"] for c in plan["chains"]}
+    assert len(chain_names) == 2
+    trains = {ti.rendered_map_index: ti.state for ti in tis if ti.task_id == "models_local_judge.train"}
+    assert trains == dict.fromkeys(chain_names, "success")
+    merges = {ti.rendered_map_index: ti.state for ti in tis if ti.task_id == "models_local_judge.merge"}
+    [safe] = [c["name"] for c in plan["chains"] if c["merge"]]
+    assert merges == {safe: "success", next(iter(chain_names - {safe})): "skipped"}
+    assert {ti.state for ti in tis if ti.task_id == "models_local_judge.evaluate"} == {"success"}
+    assert {ti.state for ti in tis if ti.task_id.startswith("models_api_judge.")} <= {"skipped"}
+    assert {ti.task_id: ti.state for ti in tis}["approve_cost"] == "success"  # not required: passed through
     names = sorted(plan["models"])
     assert len(names) == 3  # safe, help, and safe->help's second stage (its first stage is the safe model)
     for name in names:

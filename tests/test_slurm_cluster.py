@@ -109,6 +109,52 @@ def test_trigger_timeout_cancels_the_job_and_on_kill_cancels(hook, tmp_path):
     assert _wait(hook, killed, "CANCELLED").state == "CANCELLED"
 
 
+def _collect(trigger):
+    """The trigger's own log lines (what the task's trigger log shows)."""
+    import logging
+
+    lines = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    trigger.log.addHandler(Keep())
+    trigger.log.setLevel(logging.INFO)
+    return lines
+
+
+def test_a_rebuilt_trigger_resumes_the_log_where_it_stopped_and_keeps_the_deadline(hook, tmp_path):
+    """A triggerer restart: the trigger is rebuilt from what it serialised when the task deferred."""
+    from plugins.slurm.trigger import SlurmJobTrigger
+
+    job, log = _submit(hook, tmp_path, "for i in $(seq 1 8); do echo step $i; sleep 0.4; done", name="restart")
+    path, kwargs = SlurmJobTrigger(job, log_path=log, initial_delay=0, poll_interval=0.2, timeout=120).serialize()
+    first = SlurmJobTrigger(**kwargs)
+    seen = _collect(first)
+    with pytest.raises(TimeoutError):
+        _run_trigger(first, timeout=1.5)  # the triggerer dies mid-job
+    streamed = [line for line in seen if "] step " in line]
+    assert streamed and len(streamed) < 8
+    again = SlurmJobTrigger(**kwargs)  # rebuilt from the stored kwargs
+    assert again.deadline == first.deadline
+    seen2 = _collect(again)
+    event = _run_trigger(again)
+    assert event["state"] == "COMPLETED" and event["log_offset"] == os.path.getsize(log)
+    rest = [line for line in seen2 if "] step " in line]
+    # every line exactly once across the two triggers: nothing repeated, nothing lost
+    assert [line.rsplit(" ", 1)[-1] for line in streamed + rest] == [str(i) for i in range(1, 9)]
+
+    slow, _ = _submit(hook, tmp_path, "sleep 120", name="slow2")
+    _, kwargs = SlurmJobTrigger(slow, initial_delay=0, poll_interval=0.2, timeout=3).serialize()
+    with pytest.raises(TimeoutError):
+        _run_trigger(SlurmJobTrigger(**kwargs), timeout=2)
+    t0 = time.monotonic()
+    event = _run_trigger(SlurmJobTrigger(**kwargs), timeout=30)
+    assert event["state"] == WAIT_TIMEOUT_STATE and time.monotonic() - t0 < 2.5  # not another 3 s
+    assert _wait(hook, slow, "CANCELLED").state == "CANCELLED"
+
+
 def test_trigger_gives_up_on_an_unknown_job(slurm_cluster):
     from plugins.slurm.trigger import SlurmJobTrigger
 

@@ -312,6 +312,19 @@ def test_trigger_serializes_round_trip():
     assert kwargs["initial_delay"] == 10.0
 
 
+def test_trigger_serialises_an_absolute_deadline_that_a_rebuild_does_not_extend():
+    import time
+
+    from plugins.slurm.trigger import SlurmJobTrigger
+
+    before = time.time()
+    _, kwargs = SlurmJobTrigger("42", log_path="/l/42.out", timeout=60).serialize()
+    assert "timeout" not in kwargs and before + 60 <= kwargs["deadline"] <= time.time() + 60
+    time.sleep(0.05)
+    rebuilt = SlurmJobTrigger(**kwargs)  # what a restarted triggerer does
+    assert rebuilt.deadline == kwargs["deadline"] and rebuilt.started_at == kwargs["started_at"]
+
+
 def test_adapters_of_one_base_are_sized_once_and_vllm_quantizations_are_known():
     from plugins.slurm.resources import resources_for
 

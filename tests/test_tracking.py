@@ -93,6 +93,35 @@ def test_sends_everything_to_a_real_server(mlflow_server, tmp_path, artifact):
     assert c.get_experiment(run.info.experiment_id).name == "training"
 
 
+def test_a_child_in_another_experiment_nests_under_a_mirror_of_its_parent(mlflow_server, tmp_path):
+    """The MLflow UI nests runs only within one experiment: a DAG run's evaluation and analysis runs hang under a
+    mirror of the (training) parent in their own experiment, one mirror per experiment, ended with the parent."""
+    parent = Tracker.open(tmp_path / "parent", experiment="training", run_name="dag run", tracking_uri=mlflow_server,
+                          tags={"airflow.dag_id": "dpo_experiment"})
+    parent.flush()
+    children = []
+    for name, exp in (("eval-a", "evaluation"), ("eval-b", "evaluation"), ("analysis", "analysis"),
+                      ("train", "training")):
+        with Tracker.open(tmp_path / name, experiment=exp, run_name=name, parent=tmp_path / "parent",
+                          tracking_uri=mlflow_server) as t:
+            t.log_metrics({"x": 1.0})
+        children.append(t)
+    parent.finish("FAILED")
+    c = _client(mlflow_server)
+    runs = {t.folder.name: c.get_run(t.run_id) for t in children}
+    mirrors = {runs[n].data.tags["mlflow.parentRunId"] for n in ("eval-a", "eval-b", "analysis")}
+    assert len(mirrors) == 2 and parent.run_id not in mirrors  # one mirror in evaluation, one in analysis
+    assert runs["train"].data.tags["mlflow.parentRunId"] == parent.run_id  # same experiment: the parent itself
+    for mirror_id in mirrors:
+        mirror = c.get_run(mirror_id)
+        assert mirror.data.tags["agentpipe.mirror_of"] == parent.run_id
+        assert mirror.info.run_name == "dag run" and mirror.data.tags["airflow.dag_id"] == "dpo_experiment"
+        assert mirror.info.status == "FAILED"  # ended with the parent
+    for n in ("eval-a", "analysis"):
+        parent_run = c.get_run(runs[n].data.tags["mlflow.parentRunId"])
+        assert parent_run.info.experiment_id == runs[n].info.experiment_id
+
+
 def test_unreachable_server_loses_nothing_and_sync_replays_idempotently(mlflow_server, tmp_path, artifact):
     t0 = time.monotonic()
     with Tracker.open(tmp_path / "run" / "tracking", experiment="training", run_name="offline",

@@ -5,31 +5,18 @@ Needs Debian's chromium + chromium-driver: installed here when running as root (
 skips unless AGENTPIPE_REQUIRE_BROWSER=1 (CI sets it).
 """
 
-import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import load_script
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ensure_chromium():
@@ -48,29 +35,10 @@ def _ensure_chromium():
     pytest.skip(why)
 
 
-@pytest.fixture(scope="module")
-def services(tmp_path_factory):
+def test_airflow_and_mlflow_uis_show_a_demo_sized_run(live_services, tmp_path):
     _ensure_chromium()
-    demo = _load("demo")
-    home = tmp_path_factory.mktemp("ui-home")
-    saved = {k: os.environ.get(k) for k in ("AGENTPIPE_HOME", "AGENTPIPE_AIRFLOW_PORT", "AGENTPIPE_MLFLOW_PORT")}
-    os.environ.update(AGENTPIPE_HOME=str(home), AGENTPIPE_AIRFLOW_PORT=str(_free_port()),
-                      AGENTPIPE_MLFLOW_PORT=str(_free_port()))
-    try:
-        urls = demo.up()
-        yield demo, urls, home
-    finally:
-        demo.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def test_airflow_and_mlflow_uis_show_a_demo_sized_run(services, tmp_path):
-    demo, urls, home = services
-    ui = _load("ui_check")
+    demo, urls, home = live_services
+    ui = load_script("ui_check")
     af = demo.Airflow(urls["airflow"], urls["user"], urls["password"])
     af.wait_for_dag("toolemu_evaluation")
     conf = {"agents": ["scripted:agent"], "emulator": "scripted:emulator", "evaluator": "scripted:judge",

@@ -50,6 +50,8 @@ STATE = "sync_state.json"
 _LOCK = ".sync.lock"
 #: Experiment names (DESIGN §7).
 EXPERIMENTS = ("training", "evaluation", "analysis")
+#: tag of a parent run's mirror in another experiment: the parent's run id
+MIRROR_TAG = "agentpipe.mirror_of"
 #: Names of parameters that are never logged (matched case-insensitively anywhere in the name).
 SECRET_NAME = re.compile(r"api[_-]?key|token|secret|password|passwd|credential|authorization", re.IGNORECASE)
 _SECRET_VALUE = re.compile(r"^(sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,})$")
@@ -211,9 +213,36 @@ class _Sender:
         tags["agentpipe.journal"] = str(self.folder.resolve())
         parent = self._parent_run_id(op)
         if parent:
-            tags["mlflow.parentRunId"] = parent
+            tags["mlflow.parentRunId"] = self._parent_in(exp_id, parent)
         run = self.client.create_run(exp_id, start_time=op["ts"], tags=tags, run_name=op.get("run_name"))
         self.target["run_id"] = run.info.run_id
+
+    def _parent_in(self, exp_id: str, parent_id: str) -> str:
+        """The parent as seen from experiment ``exp_id``: itself when it lives there, else its mirror there.
+
+        The MLflow UI draws a run under its parent only inside one experiment; a DAG run's stages log to the
+        training, evaluation and analysis experiments, so each of those gets a mirror of the parent run (same
+        name and tags, ``agentpipe.mirror_of`` = the parent's id, ended when the parent ends)."""
+        parent = self.client.get_run(parent_id)
+        if parent.info.experiment_id == exp_id:
+            return parent_id
+        found = self.client.search_runs([exp_id], filter_string=f"tags.`{MIRROR_TAG}` = '{parent_id}'",
+                                        max_results=1)
+        if found:
+            return found[0].info.run_id
+        tags = {k: v for k, v in parent.data.tags.items() if not k.startswith("mlflow.")}
+        tags[MIRROR_TAG] = parent_id
+        mirror = self.client.create_run(exp_id, start_time=parent.info.start_time, tags=tags,
+                                        run_name=parent.info.run_name)
+        if parent.info.end_time:
+            self.client.set_terminated(mirror.info.run_id, status=parent.info.status, end_time=parent.info.end_time)
+        return mirror.info.run_id
+
+    def _end_mirrors(self, status: str, end_time: int) -> None:
+        ids = [e.experiment_id for name in EXPERIMENTS if (e := self.client.get_experiment_by_name(name))]
+        run_id = self.target["run_id"]
+        for mirror in self.client.search_runs(ids, filter_string=f"tags.`{MIRROR_TAG}` = '{run_id}'") if ids else []:
+            self.client.set_terminated(mirror.info.run_id, status=status, end_time=end_time)
 
     def _register(self, op: dict[str, Any]) -> None:
         from mlflow.exceptions import MlflowException
@@ -271,6 +300,7 @@ class _Sender:
             self.client.update_run(self.target["run_id"], status="RUNNING")
         elif kind == "end":
             self.client.set_terminated(self.target["run_id"], status=op.get("status", "FINISHED"), end_time=op["ts"])
+            self._end_mirrors(op.get("status", "FINISHED"), op["ts"])
         elif kind == "artifact":
             self._artifact(op)
         elif kind == "register_model":

@@ -387,6 +387,21 @@ def interpret_state_output(job_id: str, source: str, rc: int, out: str) -> JobIn
     return job_info_from_sacct(job_id, out, source)
 
 
+def live_job_names(settings: SlurmSettings, *, timeout: float = 30.0) -> list[str]:
+    """Names of this user's pending and running jobs (``squeue``); raises ``RuntimeError`` when squeue fails
+    (a cap on concurrent jobs must not be skipped silently)."""
+    import getpass
+
+    argv = [settings.command("squeue"), "-h", "-u", getpass.getuser(), "-o", "%j"]
+    try:
+        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(f"squeue could not run: {e}") from None
+    if p.returncode != 0:
+        raise RuntimeError(f"squeue failed (exit {p.returncode}): {(p.stderr or p.stdout).strip()[-500:]}")
+    return [line.strip() for line in p.stdout.splitlines() if line.strip()]
+
+
 def job_state(settings: SlurmSettings, job_id: str, *, timeout: float = 30.0) -> JobInfo:
     """The job's state from the first source that knows it (blocking)."""
     for source, argv in state_commands(settings, job_id):

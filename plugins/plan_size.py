@@ -1,0 +1,116 @@
+"""What an experiment plan will cost before it runs: stage jobs, GPU-hours by the resource rule, judge calls and
+their estimated USD from the price table. Shown by the ``dpo_experiment`` DAG's approval step.
+
+GPU-hours are an upper bound: each GPU job's GPUs × its time limit under the resource rule
+(``plugins.slurm.resources``), the figure a cluster's accounting charges against. USD counts API judges only,
+at list price, with an assumed prompt/completion size per judgement (the study's judge prompts: a case's
+instructions, toolkits and a trajectory, about 6k tokens in, a rationale and a score out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+#: assumed tokens per judgement (prompt, completion) for the USD estimate
+JUDGE_TOKENS = (6000, 800)
+_CHAIN_STAGES = {"train": "train", "merge": "merge", "train2": "train", "emulate": "emulate",
+                 "evaluate": "evaluate", "emulate2": "emulate", "evaluate2": "evaluate"}
+
+
+def _jobs(plan: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
+    for spec in plan.get("pairs", []):
+        yield "pairs", spec
+    for spec in plan.get("source_emulate", []):
+        yield "emulate", spec
+    for spec in plan.get("source_evaluate", []):
+        yield "evaluate", spec
+    for chain in plan.get("chains", []):
+        for key, stage in _CHAIN_STAGES.items():
+            if chain.get(key) is not None:
+                yield stage, chain[key]
+
+
+def _cases(spec: Mapping[str, Any], emulations: Mapping[str, Mapping[str, Any]]) -> int:
+    """Cases one evaluation judges: its emulation's range, only the test split when the emulation was."""
+    from pipeline.data.split import test_cases
+
+    emulation = emulations.get(spec.get("trajectories", ""), {})
+    start, _, end = str(emulation.get("cases") or "0-0").partition("-")
+    cases = range(int(start), int(end or start))
+    if emulation.get("test_only"):
+        test = set(test_cases(int(emulation.get("seed") or 0)))
+        return sum(1 for c in cases if c in test)
+    return len(cases)
+
+
+def plan_size(plan: Mapping[str, Any]) -> dict[str, Any]:
+    """Jobs per stage, GPU jobs, GPU-hours (upper bound), judge calls and the USD estimate of a plan dict
+    (``pipeline.experiment.Plan.as_dict()``)."""
+    from pipeline.evaluation.runner import EvaluationConfig
+    from pipeline.llm.pricing import cost_usd
+    from pipeline.llm.spec import parse_model_spec
+    from plugins.slurm.core import time_limit_seconds
+    from plugins.slurm.resources import models_from_spec, resources_for
+
+    emulations = _emulation_outputs(plan)
+    jobs: dict[str, int] = {}
+    gpu_jobs, gpu_hours, calls, api_calls, usd = 0, 0.0, 0, 0, 0.0
+    unpriced: set[str] = set()
+    for stage, spec in _jobs(plan):
+        jobs[stage] = jobs.get(stage, 0) + 1
+        res = resources_for(models_from_spec(spec), spec.get("quantization"), [stage])
+        if res.gpus:
+            gpu_jobs += 1
+            gpu_hours += res.gpus * (time_limit_seconds(res.time) or 0) / 3600
+        if stage == "evaluate":
+            defaults = EvaluationConfig.model_fields
+            metrics = str(spec.get("metrics") or defaults["metrics"].default).split(",")
+            replicates = int(spec.get("replicates") or defaults["replicates"].default)
+            n = _cases(spec, emulations) * len(metrics) * replicates
+            calls += n
+            judge = parse_model_spec(str(spec["evaluator"]))
+            if judge.backend == "openai":
+                api_calls += n
+                one = cost_usd(judge.model, *JUDGE_TOKENS)
+                if one is None:
+                    unpriced.add(judge.model)
+                else:
+                    usd += n * one
+    return {"jobs": jobs, "total_jobs": sum(jobs.values()), "gpu_jobs": gpu_jobs, "gpu_hours": round(gpu_hours, 1),
+            "judge_calls": calls, "api_judge_calls": api_calls, "usd": round(usd, 2), "unpriced": sorted(unpriced)}
+
+
+def _emulation_outputs(plan: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Trajectory file → the emulation spec that writes it (evaluations name their input file only)."""
+    out: dict[str, Mapping[str, Any]] = {}
+    for chain in plan.get("chains", []):
+        for emu, ev in (("emulate", "evaluate"), ("emulate2", "evaluate2")):
+            if chain.get(emu) and chain.get(ev):
+                out[chain[ev]["trajectories"]] = chain[emu]
+    sources = {str(e["agent"]): e for e in plan.get("source_emulate", [])}
+    for spec in plan.get("source_evaluate", []):
+        for agent, emu in sources.items():
+            if f"/{_name(agent)}/" in spec["trajectories"]:
+                out[spec["trajectories"]] = emu
+    return out
+
+
+def _name(agent: str) -> str:
+    from pipeline.llm.spec import parse_model_spec
+
+    return parse_model_spec(agent).name
+
+
+def describe(size: Mapping[str, Any]) -> str:
+    """The approval step's text (Markdown)."""
+    per = ", ".join(f"{n} {stage}" for stage, n in sorted(size["jobs"].items()))
+    lines = [f"**{size['total_jobs']} stage jobs** ({per}).",
+             f"**{size['gpu_jobs']} GPU jobs, at most {size['gpu_hours']:g} GPU-hours** (GPUs × time limit of the "
+             "resource rule).",
+             f"**{size['judge_calls']:,} judge calls**, {size['api_judge_calls']:,} of them to the API: about "
+             f"**${size['usd']:,.2f}** at list price ({JUDGE_TOKENS[0]:,} prompt + {JUDGE_TOKENS[1]:,} completion "
+             "tokens per call assumed)."]
+    if size["unpriced"]:
+        lines.append(f"Not in the price table (not counted): {', '.join(size['unpriced'])}.")
+    return "\n\n".join(lines)
