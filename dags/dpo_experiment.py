@@ -17,24 +17,22 @@ from __future__ import annotations
 
 import pendulum
 from airflow.providers.standard.operators.hitl import ApprovalOperator
-from airflow.sdk import Asset, Param, dag, task, task_group
+from airflow.sdk import Param, dag, task, task_group
 
 from pipeline.analysis.run import AnalyzeConfig
 from pipeline.emulation.runner import EmulationConfig
 from pipeline.evaluation.runner import EvaluationConfig
 from pipeline.preference.stage import PairsConfig
 from pipeline.training.config import TrainConfig
-from plugins.dag_common import (CHAIN_PRIORITY, DEFAULT_ARGS, GPU_POOL, JUDGE_POOLS, PARENT_RUN, backend_param,
-                                common_params, finish_tracking, home, options_param, stage_param, start_tracking)
+from plugins.dag_common import (ANALYSIS, CHAIN_PRIORITY, DEFAULT_ARGS, EVALUATIONS, GPU_POOL, JUDGE_POOLS,
+                                PARENT_RUN, backend_param, common_params, finish_tracking, home, options_param,
+                                stage_param, start_tracking)
 from plugins.stage_operator import StageOperator
 
 #: options the experiment's plan sets itself (pipeline.experiment)
 _PLANNED_EMULATE = ("agent", "emulator", "evaluator", "case_set", "cases", "out", "test_only", "seed", "no_progress")
 _PLANNED_EVALUATE = ("trajectories", "evaluator", "no_progress")
 
-ANALYSIS = Asset("agentpipe://analysis")
-REPORTS = Asset("agentpipe://reports")
-EVALUATIONS = Asset("agentpipe://evaluations")
 
 
 class CostApproval(ApprovalOperator):
@@ -175,7 +173,7 @@ def dpo_experiment():
         chains += [group, source_evaluate]
     runs = str(home() / "trajectories") + "/{{ params.name }}"
     report = StageOperator(task_id="report", stage="report", compute="{{ params.compute }}",
-                           mlflow_parent_run_id=PARENT_RUN, trigger_rule="none_failed", outlets=[REPORTS],
+                           mlflow_parent_run_id=PARENT_RUN, trigger_rule="none_failed",
                            spec={"runs": runs, "out": str(home() / "reports") + "/{{ params.name }}"})
     analyze = StageOperator(task_id="analyze", stage="analyze all", compute="{{ params.compute }}",
                             mlflow_parent_run_id=PARENT_RUN, trigger_rule="none_failed", outlets=[ANALYSIS],

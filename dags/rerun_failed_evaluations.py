@@ -1,19 +1,20 @@
-"""rerun_failed_evaluations: daily (and on demand), find evaluations under the run root that are still failed
-or missing a score, repair what the judges' reasoning allows, re-judge only the rest, then refresh reports."""
+"""rerun_failed_evaluations: daily, whenever new evaluations land (the evaluations Asset) and on demand, find
+evaluations under the run root that are still failed or missing a score, repair what the judges' reasoning
+allows, re-judge only the rest."""
 
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from pipeline.evaluation.repair import RerunFailedConfig
-from plugins.dag_common import DEFAULT_ARGS, common_params, home, stage_param
+from plugins.dag_common import DEFAULT_ARGS, EVALUATIONS, common_params, home, stage_param
 from plugins.stage_operator import StageOperator
 
 
 @dag(
     dag_id="rerun_failed_evaluations",
-    schedule="@daily",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * *", timezone="UTC"), assets=[EVALUATIONS]),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -31,13 +32,40 @@ from plugins.stage_operator import StageOperator
     },
 )
 def rerun_failed_evaluations():
-    runs = "{{ params.runs or '" + str(home() / "trajectories") + "' }}"
-    repair = StageOperator(task_id="repair", stage="evaluate repair", compute="{{ params.compute }}",
-                           spec={"data_dir": runs, "eval_types": "{{ params.eval_types }}"})
-    rerun = StageOperator(task_id="rerun_failed", stage="evaluate rerun-failed", compute="{{ params.compute }}",
-                          spec={"data_dir": runs, "evaluator": "{{ params.evaluator or None }}",
-                                "temperature": "{{ params.temperature }}", "max_retries": "{{ params.max_retries }}",
-                                "eval_types": "{{ params.eval_types }}"})
+    @task
+    def targets(**context) -> list[str]:
+        """What to look at: run daily or by hand, the whole folder; run because evaluations landed, only the
+        trajectory files whose judgements need it (a failed or unparsed one) and folders a repair announced."""
+        p = context["params"]
+        events = [e for evs in (context.get("triggering_asset_events") or {}).values() for e in evs]
+        if not events:
+            return [p["runs"] or str(home() / "trajectories")]
+        found: list[str] = []
+        for event in events:
+            extra = event.extra or {}
+            outputs, counts = extra.get("outputs") or {}, extra.get("counts") or {}
+            if extra.get("stage") == "evaluate" and (counts.get("parse_failed") or counts.get("errors")):
+                found.append(outputs["trajectories"])
+            elif extra.get("stage") == "evaluate repair" and (extra.get("spec") or {}).get("data_dir"):
+                found.append(extra["spec"]["data_dir"])
+        return sorted(set(found))
+
+    @task
+    def specs(folders: list[str], rerun: bool, **context) -> list[dict]:
+        p = context["params"]
+        common = {"eval_types": p["eval_types"]}
+        if rerun:
+            common.update(evaluator=p["evaluator"] or None, temperature=p["temperature"],
+                          max_retries=p["max_retries"])
+        return [{"data_dir": folder, **common} for folder in folders]
+
+    folders = targets()
+    repair = StageOperator.partial(task_id="repair", stage="evaluate repair", compute="{{ params.compute }}",
+                                   map_index_template="{{ task.spec.data_dir }}"
+                                   ).expand(spec=specs.override(task_id="repair_specs")(folders, False))
+    rerun = StageOperator.partial(task_id="rerun_failed", stage="evaluate rerun-failed",
+                                  compute="{{ params.compute }}", map_index_template="{{ task.spec.data_dir }}"
+                                  ).expand(spec=specs.override(task_id="rerun_specs")(folders, True))
     repair >> rerun
 
 

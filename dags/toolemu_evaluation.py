@@ -7,16 +7,19 @@ The reports step logs one MLflow evaluation run per model, nested under this DAG
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Param, dag, task
 
 from pipeline.emulation.runner import EmulationConfig
 from pipeline.evaluation.runner import EvaluationConfig
-from plugins.dag_common import (PARENT_RUN, DEFAULT_ARGS, backend_param, common_params, finish_tracking, home,
-                                quantization_param, stage_param, start_tracking)
+from plugins.dag_common import (DEFAULT_ARGS, EVALUATIONS, GPU_POOL, JUDGE_POOLS, PARENT_RUN, REPORTS, TRAJECTORIES,
+                                backend_param, common_params, finish_tracking, home, quantization_param, stage_param,
+                                start_tracking)
 from plugins.stage_operator import StageOperator
 
-TRAJECTORIES = Asset("agentpipe://trajectories")
-REPORTS = Asset("agentpipe://reports")
+
+
+#: the UI's name for an emulate task: its agent (label) and shard
+EMULATION_NAME = "{{ task.spec.get('agent_label') or task.spec.agent }}{{ ' shard ' ~ task.spec.shard if task.spec.get('shard') else '' }}"
 
 
 @dag(
@@ -87,21 +90,33 @@ def toolemu_evaluation():
         return specs
 
     @task
-    def plan_evaluation(results: list[dict], **context) -> list[dict]:
+    def plan_evaluation(results: list[dict], kind: str, **context) -> list[dict]:
+        """The evaluations when the judge is of this kind (``local`` or ``api``: the pool their tasks take slots
+        from), else none."""
+        from pipeline.experiment import judge_kind
+
         p = context["params"]
+        if judge_kind(p["evaluator"]) != kind:
+            return []
         return [{"trajectories": r["outputs"]["trajectories"], "evaluator": p["evaluator"], "metrics": p["metrics"],
                  "replicates": p["replicates"], "temperature": p["judge_temperature"], "compat": p["compat"],
                  "quantization": p["quantization"], "scoring": p["scoring"], "no_progress": True,
                  **p["backend"]} for r in results]
 
     emulate = StageOperator.partial(task_id="emulate", stage="emulate", compute="{{ params.compute }}",
-                                    mlflow_parent_run_id=PARENT_RUN, outlets=[TRAJECTORIES]
-                                    ).expand(spec=plan_emulation())
-    evaluate = StageOperator.partial(task_id="evaluate", stage="evaluate", compute="{{ params.compute }}",
-                                     mlflow_parent_run_id=PARENT_RUN).expand(spec=plan_evaluation(emulate.output))
+                                    mlflow_parent_run_id=PARENT_RUN, outlets=[TRAJECTORIES], pool=GPU_POOL,
+                                    map_index_template=EMULATION_NAME).expand(spec=plan_emulation())
+    # one mapped task per judge kind (a task's pool is fixed): the other one has no instances and is skipped
+    evaluate = [StageOperator.partial(task_id="evaluate" if kind == "local" else "evaluate_api_judge",
+                                      stage="evaluate", compute="{{ params.compute }}", pool=pool,
+                                      mlflow_parent_run_id=PARENT_RUN,
+                                      map_index_template="{{ task.spec.trajectories.split('/')[-2] }}"
+                                      ).expand(spec=plan_evaluation.override(task_id=f"plan_evaluation_{kind}")(
+                                          emulate.output, kind)) for kind, pool in JUDGE_POOLS.items()]
     runs = str(home() / "trajectories") + "/{{ params.run_name }}"
     repair = StageOperator(task_id="repair", stage="evaluate repair", compute="{{ params.compute }}",
-                           spec={"data_dir": runs})
+                           spec={"data_dir": runs}, trigger_rule="none_failed_min_one_success",
+                           outlets=[EVALUATIONS])  # rerun_failed_evaluations takes it from here
     report = StageOperator(task_id="report", stage="report", compute="{{ params.compute }}",
                            mlflow_parent_run_id=PARENT_RUN, outlets=[REPORTS],
                            spec={"runs": runs, "out": str(home() / "reports") + "/{{ params.run_name }}"})

@@ -10,9 +10,16 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from airflow.sdk import Param, task
+from airflow.sdk import Asset, Param, task
 
 DEFAULT_ARGS = {"retries": 1, "retry_delay": timedelta(seconds=30)}
+
+#: What the DAGs produce, as Airflow Assets (a stage task's event carries its spec and outputs as ``extra``):
+#: ``rerun_failed_evaluations`` runs when evaluations land, ``refresh_analysis`` when reports land.
+TRAJECTORIES = Asset("agentpipe://trajectories")
+EVALUATIONS = Asset("agentpipe://evaluations")
+REPORTS = Asset("agentpipe://reports")
+ANALYSIS = Asset("agentpipe://analysis")
 
 #: Airflow pools (created by ``make setup`` / the demo / the compose init, see ``plugins/README.md``):
 #: ``gpu`` bounds the model stages running at once on local workers (slots = the machine's GPUs; a Slurm task

@@ -199,6 +199,8 @@ class StageOperator(BaseOperator):
         return folder / f"{name}.json", folder / f"{name}.result.json"
 
     def _write_spec(self, path: Path) -> None:
+        if self._stage_spec is None:
+            self._select_spec()
         spec = self._stage_spec
         if not isinstance(spec, Mapping):
             raise AirflowException(f"spec: expected a mapping of option names to values, got {type(spec).__name__}")
@@ -282,10 +284,21 @@ class StageOperator(BaseOperator):
         env = self._stage_env(context, home)
         self.log.info("stage %s on %s; spec %s", " ".join(stage_words(self.stage)), compute, spec_path)
         if compute == "local":
-            return self._execute_local(spec_path, result_path, env, home)
+            return self._execute_local(context, spec_path, result_path, env, home)
         return self._execute_slurm(context, spec_path, result_path, env, home)
 
-    def _execute_local(self, spec_path: Path, result_path: Path, env: dict[str, str], home: Path) -> Any:
+    def _announce(self, context: Mapping[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+        """Attach what the stage made to its outlets' Asset events (the DAGs scheduled on them read it)."""
+        extra = {"stage": " ".join(stage_words(self.stage)), "spec": dict(self._stage_spec or {}),
+                 "outputs": result.get("outputs", {}), "counts": result.get("counts", {})}
+        events = context.get("outlet_events")
+        for outlet in self.outlets or []:
+            if events is not None:
+                events[outlet].extra = json.loads(json.dumps(extra, default=str))
+        return result
+
+    def _execute_local(self, context: Mapping[str, Any], spec_path: Path, result_path: Path, env: dict[str, str],
+                       home: Path) -> Any:
         exe = Path(sys.executable).with_name("agentpipe")
         argv = stage_argv(str(exe) if exe.exists() else "agentpipe", self.stage, spec_path, result_path)
         self.log.info("running: %s", " ".join(argv))
@@ -307,7 +320,7 @@ class StageOperator(BaseOperator):
             message = f"stage {' '.join(stage_words(self.stage))} {why}; last lines:\n" + "\n".join(tail)
             # bad configuration or input: a retry would fail the same way, so the task fails at once
             raise (AirflowFailException if rc == CONFIG_ERROR_EXIT and not self._killed else AirflowException)(message)
-        return read_result(result_path)
+        return self._announce(context, read_result(result_path))
 
     def _execute_slurm(self, context: Mapping[str, Any], spec_path: Path, result_path: Path, env: dict[str, str],
                        home: Path) -> None:
@@ -405,7 +418,8 @@ class StageOperator(BaseOperator):
                 atomic_write_text(bumps_path, json.dumps(bumps))
                 message += f"\n(the retry gets {more} {bumps[more]})"
             raise AirflowException(message)
-        return read_result(Path(result_path))
+        self._select_spec()
+        return self._announce(context, read_result(Path(result_path)))
 
     # ------------------------------------------------------------------------------------------------ kill
     def on_kill(self) -> None:

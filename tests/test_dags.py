@@ -43,7 +43,7 @@ def test_dagbag_has_the_three_dags_without_errors(airflow_home):
 
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
-    assert set(bag.dags) == {"toolemu_evaluation", "dpo_experiment", "rerun_failed_evaluations"}
+    assert set(bag.dags) == {"toolemu_evaluation", "dpo_experiment", "rerun_failed_evaluations", "refresh_analysis"}
     assert bag.dags["rerun_failed_evaluations"].schedule == "@daily"
     # Params are validated: a bad value is refused when a run is created (each Param resolves a value)
     from airflow.sdk.exceptions import ParamValidationError

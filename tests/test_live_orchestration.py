@@ -84,3 +84,24 @@ def test_a_first_stage_model_is_judged_before_the_second_stage_built_on_it_train
     names = {name for (step, name) in chain if step == "train"}
     assert first in names and len(names) == 2
     assert {chain[("merge", n)]["state"] for n in names} == {"success", "skipped"}
+
+
+def test_the_asset_scheduled_dags_ran_when_the_pool_was_evaluated_and_reported(experiment):
+    """toolemu_evaluation's repair announces evaluations and its report announces reports (Assets): the scheduler
+    then ran rerun_failed_evaluations on that pool and refresh_analysis of it, without anyone triggering them."""
+    af, _, home = experiment
+    deadline = time.monotonic() + 600
+    while True:
+        runs = {dag: af.call("GET", f"/dags/{dag}/dagRuns?limit=50")["dag_runs"]
+                for dag in ("rerun_failed_evaluations", "refresh_analysis")}
+        triggered = {dag: [r for r in rs if r["run_type"] == "asset_triggered"] for dag, rs in runs.items()}
+        if all(any(r["state"] == "success" for r in rs) for rs in triggered.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    assert {dag: sorted({r["state"] for r in rs}) for dag, rs in triggered.items()} == {
+        "rerun_failed_evaluations": ["success"], "refresh_analysis": ["success"]}
+    run = triggered["refresh_analysis"][0]
+    tis = _tis(af, "refresh_analysis", run["dag_run_id"])
+    assert [(t["task_id"], t["rendered_map_index"], t["state"]) for t in tis if t["task_id"] == "analyze"] == [
+        ("analyze", "pool", "success")]
+    assert (home / "analysis" / "pool" / "summary.json").is_file()

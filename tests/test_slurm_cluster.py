@@ -111,17 +111,18 @@ def test_trigger_timeout_cancels_the_job_and_on_kill_cancels(hook, tmp_path):
 
 def _collect(trigger):
     """The trigger's own log lines (what the task's trigger log shows)."""
-    import logging
 
-    lines = []
+    class Recorder:
+        def __init__(self):
+            self.lines = []
 
-    class Keep(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
+        def info(self, msg, *args):
+            self.lines.append(msg % args)
 
-    trigger.log.addHandler(Keep())
-    trigger.log.setLevel(logging.INFO)
-    return lines
+        warning = debug = info
+
+    trigger._log = Recorder()  # LoggingMixin keeps its logger there
+    return trigger._log.lines
 
 
 def test_a_rebuilt_trigger_resumes_the_log_where_it_stopped_and_keeps_the_deadline(hook, tmp_path):
