@@ -133,7 +133,7 @@ def test_sbatch_command_flags_from_resources_and_settings():
     argv = sbatch_command(s, res, job_name="d.t.r", output="/logs/d.t.r-%j.out", export=["PATH", "HOME"],
                           script="/logs/job.sbatch", workdir="/runs")
     assert argv[:2] == ["sbatch", "--parsable"]
-    for flag in ("--job-name=d.t.r", "--output=/logs/d.t.r-%j.out", "--partition=gpu", "--account=lab",
+    for flag in ("--job-name=d.t.r", "--output=/logs/d.t.r-%j.out", "--open-mode=append", "--partition=gpu", "--account=lab",
                  "--qos=normal", "--gres=gpu:a100:1", "--constraint=a100_80gb", "--mem=8G", "--time=03:00:00",
                  "--chdir=/runs", "--export=HOME,PATH", "--exclude=n13", "--signal=B:TERM@300"):
         assert flag in argv

@@ -50,6 +50,20 @@ def test_compute_resolution(monkeypatch):
         resolve_compute("kubernetes")
 
 
+def test_a_failed_variable_lookup_is_an_error_not_a_silent_local_run(monkeypatch):
+    from airflow.sdk import Variable
+    from airflow.sdk.exceptions import AirflowException
+
+    def down(*args, **kwargs):
+        raise ConnectionError("API server unreachable")
+
+    monkeypatch.setenv("AGENTPIPE_COMPUTE", "local")
+    monkeypatch.setattr(Variable, "get", staticmethod(down))
+    with pytest.raises(AirflowException, match="cannot read the Airflow Variable agentpipe_compute.*unreachable"):
+        resolve_compute(None)
+    assert resolve_compute("slurm") == "slurm"  # an explicit choice needs no lookup
+
+
 def test_environment_for_the_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     op = StageOperator(task_id="t", stage="emulate", spec=DEMO, env={"AGENTPIPE_SCRIPTED_DELAY": "1"})

@@ -36,6 +36,23 @@ def _cancel_when_running(name_part: str, stop: threading.Event, seen: dict) -> N
         time.sleep(0.2)
 
 
+def _requeue_when_started(name_part: str, home: Path, stop: threading.Event, seen: dict) -> None:
+    """Pre-empt the job whose name contains name_part once it has finished a case: ``scontrol requeue`` (what a
+    pre-emption with requeue does), then let it start again at once (Slurm holds a requeued job ~2 min)."""
+    while not stop.is_set():
+        p = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i|%j|%T"], capture_output=True, text=True)
+        for line in p.stdout.splitlines():
+            job, name, state = line.split("|")
+            journals = list((home / "trajectories").rglob("*.part")) if (home / "trajectories").is_dir() else []
+            if name_part in name and state == "RUNNING" and any(j.read_text().count("\n") >= 1 for j in journals):
+                subprocess.run(["scontrol", "requeue", job], check=True)
+                time.sleep(1.0)
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+                seen["job"] = job
+                return
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def slurm_dag_run(slurm_cluster, run_dag, tmp_path_factory):
     from airflow.sdk import DAG
@@ -53,18 +70,24 @@ def slurm_dag_run(slurm_cluster, run_dag, tmp_path_factory):
         StageOperator(task_id="invalid", stage="emulate", spec={**DEMO, "case_set": "no-such-set"}, **common)
         StageOperator(task_id="cancelled", stage="emulate", spec={**DEMO, "cases": "2-4"},
                       env={"AGENTPIPE_SCRIPTED_DELAY": "3"}, **common)  # keeps the job running long enough
-    stop, seen = threading.Event(), {}
+        StageOperator(task_id="preempted", stage="emulate", spec={**DEMO, "cases": "4-8"},
+                      env={"AGENTPIPE_SCRIPTED_DELAY": "1.5"}, **common)  # cases end in rounds 2, 2, 3, 4
+    stop, seen, requeued = threading.Event(), {}, {}
     canceller = threading.Thread(target=_cancel_when_running, args=(f"{DAG_ID}.cancelled.", stop, seen),
                                  daemon=True)
+    requeuer = threading.Thread(target=_requeue_when_started, args=(f"{DAG_ID}.preempted.", home, stop, requeued),
+                                daemon=True)
     canceller.start()
+    requeuer.start()
     try:
         dr, xcoms = run_dag(dag)
     finally:
         stop.set()
         canceller.join(10)
+        requeuer.join(10)
     states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
     return {"dr": dr, "xcoms": xcoms, "errors": errors, "states": states, "home": home,
-            "cancelled_job": seen.get("job")}
+            "cancelled_job": seen.get("job"), "requeued_job": requeued.get("job")}
 
 
 def test_stage_completes_as_a_slurm_job(slurm_dag_run):
@@ -97,3 +120,56 @@ def test_cancelled_job_is_reported_as_cancelled(slurm_dag_run):
     assert r["states"]["cancelled"] == "failed"
     error = r["errors"]["cancelled"]
     assert f"Slurm job {r['cancelled_job']}" in error and "ended CANCELLED" in error
+
+
+def test_a_preempted_and_requeued_job_resumes_its_stage_without_redoing_or_losing_cases(slurm_dag_run):
+    r = slurm_dag_run
+    assert r["requeued_job"] is not None, "the job never finished a case while running"
+    assert r["states"]["preempted"] == "success", r["errors"].get("preempted")
+    result = r["xcoms"][("preempted", -1, "return_value")]
+    from pipeline.data.jsonl import read_jsonl
+
+    records = read_jsonl(Path(result["outputs"]["trajectories"])).records
+    assert sorted(rec["case_idx"] for rec in records) == [4, 5, 6, 7]  # every case once
+    assert 0 < result["counts"]["new"] < 4  # the second run did only what the first had not finished
+    info = subprocess.run(["scontrol", "show", "job", "-o", r["requeued_job"]], capture_output=True, text=True).stdout
+    assert "Restarts=1" in info and "JobState=COMPLETED" in info
+    log = Path(r["xcoms"][("preempted", -1, "slurm_log")]).read_text()
+    assert "DUE TO JOB REQUEUE" in log  # both runs in one log (--open-mode=append)
+
+
+def test_max_slurm_jobs_makes_a_task_wait_for_a_free_slot(slurm_cluster, tmp_path):
+    """The DAG run's Param max_slurm_jobs: with that many of the run's jobs pending or running (real squeue), a
+    task waits deferred instead of submitting; once one ends, it submits."""
+    from types import SimpleNamespace
+
+    from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from plugins.slurm.core import sanitize_job_name
+    from plugins.slurm.trigger import SlurmJobTrigger
+
+    run_id = "manual__2026-01-01T00:00:00+00:00"
+    other = subprocess.run(["sbatch", "--parsable", f"--job-name={sanitize_job_name('capdag', 'other', run_id)}",
+                            "--output=/dev/null", "--wrap", "sleep 120"], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    unrelated = subprocess.run(["sbatch", "--parsable", "--job-name=capdag.other.another_run", "--output=/dev/null",
+                                "--wrap", "sleep 120"], capture_output=True, text=True, check=True).stdout.strip()
+    op = StageOperator(task_id="emulate", stage="emulate", spec=DEMO, compute="slurm", home=str(tmp_path),
+                       initial_delay=0)
+    ti = SimpleNamespace(dag_id="capdag", task_id="emulate", map_index=-1, try_number=1, xcom_push=lambda **kw: None)
+    try:
+        for cap, waits in ((1, True), (2, False)):
+            context = {"ti": ti, "run_id": run_id, "params": {"max_slurm_jobs": cap}}
+            with pytest.raises(TaskDeferred) as deferred:
+                op.execute(context)
+            assert isinstance(deferred.value.trigger, TimeDeltaTrigger if waits else SlurmJobTrigger), cap
+            assert deferred.value.method_name == ("execute" if waits else "execute_complete")
+    finally:
+        subprocess.run(["scancel", other, unrelated], check=False)
+        jobs = list((tmp_path / "specs").rglob("*.job.json"))
+        for j in jobs:
+            import json
+
+            subprocess.run(["scancel", json.loads(j.read_text())["job_id"]], check=False)
+    assert len(jobs) == 1  # submitted once, when the cap allowed it

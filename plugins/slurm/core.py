@@ -249,8 +249,9 @@ def sbatch_command(settings: SlurmSettings, resources: Mapping[str, Any], *, job
     if (script is None) == (wrap is None):
         raise ValueError("sbatch_command: pass exactly one of script= and wrap=")
     gpus = int(resources.get("gpus") or 0)
+    # append: a requeued (pre-empted) job's log keeps the earlier run's lines, and the trigger's offset stays valid
     argv = [settings.command("sbatch"), "--parsable", f"--job-name={job_name}", f"--output={output}",
-            "--nodes=1", "--ntasks=1", f"--cpus-per-task={int(resources.get('cpus') or 1)}"]
+            "--open-mode=append", "--nodes=1", "--ntasks=1", f"--cpus-per-task={int(resources.get('cpus') or 1)}"]
     if resources.get("mem"):
         argv.append(f"--mem={resources['mem']}")
     if resources.get("time"):
