@@ -44,7 +44,10 @@ def test_dagbag_has_the_three_dags_without_errors(airflow_home):
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     assert set(bag.dags) == {"toolemu_evaluation", "dpo_experiment", "rerun_failed_evaluations", "refresh_analysis"}
-    assert bag.dags["rerun_failed_evaluations"].schedule == "@daily"
+    schedule = bag.dags["rerun_failed_evaluations"].schedule  # daily, and when evaluations land
+    assert schedule.timetable.expression == "0 3 * * *"
+    assert [a.name for a in schedule.asset_condition.objects] == ["agentpipe://evaluations"]
+    assert [a.name for a in bag.dags["refresh_analysis"].schedule] == ["agentpipe://reports"]
     # Params are validated: a bad value is refused when a run is created (each Param resolves a value)
     from airflow.sdk.exceptions import ParamValidationError
 
@@ -61,6 +64,15 @@ def test_dagbag_has_the_three_dags_without_errors(airflow_home):
         param("evaluation").resolve({"replicates": 0})
     with pytest.raises(ParamValidationError):
         param("n_bootstrap").resolve(-1)
+    with pytest.raises(ParamValidationError):
+        param("max_slurm_jobs").resolve(-1)
+    # the cluster preset documented in dags/README.md is a valid configuration of the DAG, key by key
+    import re
+
+    preset = json.loads(re.search(r"```json\n(.*?)```", (REPO / "dags" / "README.md").read_text(), re.S).group(1))
+    assert preset["require_approval"] is True
+    for key, value in preset.items():
+        assert param(key).resolve(value) == value, key
 
 
 def test_a_dag_run_whose_task_states_cannot_be_read_is_not_marked_successful(tmp_path, monkeypatch):
