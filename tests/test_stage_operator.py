@@ -100,7 +100,7 @@ def test_on_kill_local_kills_the_process_group(tmp_path, monkeypatch):
 
     def target():
         try:
-            op._execute_local(spec, tmp_path / "k.result.json", {"AGENTPIPE_HOME": str(tmp_path)}, tmp_path)
+            op._execute_local({}, spec, tmp_path / "k.result.json", {"AGENTPIPE_HOME": str(tmp_path)}, tmp_path)
         except Exception as e:  # noqa: BLE001 - the test inspects it
             outcome["error"] = e
 
@@ -133,13 +133,13 @@ def test_a_stage_refused_for_its_configuration_fails_without_retry(tmp_path):
     spec = tmp_path / "bad.json"
     op._write_spec(spec)
     with pytest.raises(AirflowFailException, match="(?s)failed with exit code 2.*unknown option 'emulatr'"):
-        op._execute_local(spec, tmp_path / "bad.result.json", {"AGENTPIPE_HOME": str(tmp_path)}, tmp_path)
+        op._execute_local({}, spec, tmp_path / "bad.result.json", {"AGENTPIPE_HOME": str(tmp_path)}, tmp_path)
     down = StageOperator(task_id="down", stage="emulate", spec={**DEMO, "cases": "0-2", "max_attempts": 1},
                          compute="local", home=str(tmp_path))
     spec = tmp_path / "down.json"
     down._write_spec(spec)
     with pytest.raises(AirflowException) as info:
-        down._execute_local(spec, tmp_path / "down.result.json",
+        down._execute_local({}, spec, tmp_path / "down.result.json",
                             {"AGENTPIPE_HOME": str(tmp_path), "AGENTPIPE_SCRIPTED_DOWN": "1"}, tmp_path)
     assert not isinstance(info.value, AirflowFailException)  # an outage: retried
     assert "is incomplete (exit code 1; counts {'cases': 2, 'failed': 2" in str(info.value)
@@ -169,6 +169,10 @@ def test_a_slurm_job_out_of_time_is_retried_once_with_twice_the_time(tmp_path):
     with pytest.raises(AirflowFailException, match="ended FAILED"):  # exit code 2: no retry
         op.execute_complete(context, {**event, "state": "FAILED", "exit_code": "2:0"}, job_name="j",
                             result_path=str(result_path))
+    for state in ("PREEMPTED", "NODE_FAIL", "BOOT_FAIL"):  # the cluster's doing: retried as it was
+        with pytest.raises(AirflowException, match=f"ended {state}") as info:
+            op.execute_complete(context, {**event, "state": state}, job_name="j", result_path=str(result_path))
+        assert not isinstance(info.value, AirflowFailException) and "the retry gets" not in str(info.value)
 
 
 def test_a_retry_reattaches_to_the_earlier_attempts_job_while_it_runs(tmp_path, monkeypatch):
