@@ -19,7 +19,7 @@ __all__ = ["ChatBackend", "ChatRequest", "ChatResponse", "GenerationConfig", "Me
 #: Options only local backends understand; dropped for API models and test doubles, so one option set can
 #: serve every role of a stage.
 LOCAL_ONLY = ("batch_size", "dtype", "quantization", "prefill", "max_model_len", "gpu_memory_utilization",
-              "tensor_parallel_size", "enforce_eager", "max_loras", "max_lora_rank")
+              "tensor_parallel_size", "enforce_eager", "max_loras", "max_lora_rank", "prefix_cache_gb")
 
 
 def get_backend(spec: str | ModelSpec, *, cache: str | Path | None = None, **options: Any) -> ChatBackend:
@@ -75,7 +75,8 @@ def get_backends(roles: dict[str, tuple[str, dict[str, Any]]], *,
         if parsed[role].backend == "vllm":
             from pipeline.llm.vllm_backend import engine_args, engine_key
 
-            args = {k: v for k, v in opts.items() if k not in ("gpu_memory_utilization", "batch_size", "prefill")}
+            args = {k: v for k, v in opts.items() if k not in ("gpu_memory_utilization", "batch_size", "prefill",
+                                                               "prefix_cache_gb")}
             engines.add(engine_key(engine_args(parsed[role], **args)))
             budget = opts.get("gpu_memory_utilization", budget)
     out: dict[str, ChatBackend] = {}

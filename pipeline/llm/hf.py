@@ -30,6 +30,8 @@ BASE_ADAPTER = "__base__"
 _LOADED: dict[tuple, tuple[Any, Any]] = {}
 #: model key → adapters (``_adapter_id``) loaded into that model for requests
 _LOADED_ADAPTERS: dict[tuple, set[tuple[str, str]]] = {}
+#: loaded model key → its prompt-prefix KV cache (shared by every backend on those weights: agent and emulator)
+_PREFIX_CACHES: dict[tuple, Any] = {}
 #: adapter (resolved path, folder revision) → its peft adapter name in this process
 _ADAPTER_NAMES: dict[tuple[str, str], str] = {}
 
@@ -203,11 +205,16 @@ class HFBackend(ChatBackend):
     (pipeline.llm.options.VLLM_ONLY) are accepted and ignored.
 
     Requests may name their own LoRA adapter (``ChatRequest.adapter``): adapters are loaded once into the model
-    and rows for different adapters and the base run in one batch (peft's mixed-adapter batches)."""
+    and rows for different adapters and the base run in one batch (peft's mixed-adapter batches).
+
+    ``prefix_cache_gb``: memory for the key/value caches of recent prompts (``pipeline.llm.prefix_cache``;
+    default 4 GiB on CPU, a fifth of the free GPU memory; 0 turns reuse off). A prompt that starts like a cached
+    one (an episode's next step) is prefilled from where they differ. Used by per-request prefill and by
+    choice scoring one request at a time (the CPU default); a batched prefill (GPU) skips it."""
 
     def __init__(self, spec: ModelSpec, *, batch_size: int | None = None, dtype: str | None = "auto",
                  quantization: str | None = None, device: str | None = None, prefill: str = "auto",
-                 **engine_options: Any) -> None:
+                 prefix_cache_gb: float | None = None, **engine_options: Any) -> None:
         from pipeline.llm.options import VLLM_ONLY
 
         unknown = sorted(set(engine_options) - VLLM_ONLY)
@@ -221,6 +228,13 @@ class HFBackend(ChatBackend):
         load_model(spec, dtype=dtype, quantization=quantization, device=device)
         self.prefill_per_request = (prefill == "per_request"
                                     or (prefill == "auto" and self.model.device.type == "cpu"))
+        self.prefix = None
+        if prefix_cache_gb is None or prefix_cache_gb > 0:
+            from pipeline.llm.prefix_cache import PrefixCache, default_budget_bytes
+
+            budget = (default_budget_bytes(self.model.device.type) if prefix_cache_gb is None
+                      else int(prefix_cache_gb * 2**30))
+            self.prefix = _PREFIX_CACHES.setdefault(self._key, PrefixCache(budget))
         path = _resolve(spec.load_id)
         self.revision = folder_revision(path) if Path(path).is_dir() else spec.load_id
         if spec.adapter:
@@ -338,7 +352,7 @@ class HFBackend(ChatBackend):
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
-            if self.prefill_per_request and len(prompts) > 1:
+            if self.prefill_per_request and (len(prompts) > 1 or self.prefix is not None):
                 prefilled = self._prefill_alone(enc, names)
                 if prefilled is not None:  # generate then runs only each prompt's last token, batched
                     gen_kwargs[prefilled[0]] = prefilled[1]
@@ -383,10 +397,9 @@ class HFBackend(ChatBackend):
             adapter = {"adapter_names": [names[row]]} if names is not None else {}
             key = (tuple(head[0].tolist()), names[row] if names is not None else None)
             if key not in done:
-                out = self.model(input_ids=head, use_cache=True, logits_to_keep=1, **adapter)
-                cache_kw, cache = _output_cache(out)
-                if cache is None or type(cache) is not DynamicCache or any(
-                        type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+                out, cache = self._forward_reusing(head, names[row] if names is not None else None, adapter)
+                cache_kw = _cache_keyword()
+                if cache is None:
                     return None  # sliding-window or hybrid caches: not padded here
                 done[key] = cache
             rows.append(done[key])
@@ -398,6 +411,31 @@ class HFBackend(ChatBackend):
                       for c in rows]
             layers.append((torch.cat(keys), torch.cat(values)))
         return cache_kw, DynamicCache(ddp_cache_data=layers, config=self.model.config)
+
+    def _forward_reusing(self, ids: Any, name: str | None, adapter: dict[str, Any]) -> tuple[Any, Any]:
+        """One unpadded prompt's forward pass (logits of its last token) and its plain DynamicCache, starting
+        from the longest cached prefix when the prefix cache has one; the result is cached in turn. The cache
+        is None for models whose cache is not a plain DynamicCache (then nothing is reused or kept)."""
+        from transformers import DynamicCache
+
+        row = ids[0].cpu()
+        n, key, layers = self.prefix.lookup(row, name) if self.prefix is not None else (0, None, [])
+        n = min(n, int(row.numel()) - 1)  # at least the last token runs: its logits are wanted
+        if n > 0:
+            past = DynamicCache(ddp_cache_data=[(k[:, :, :n], v[:, :, :n]) for k, v in layers],
+                                config=self.model.config)
+            out = self.model(input_ids=ids[:, n:], use_cache=True, logits_to_keep=1, **{_cache_keyword(): past},
+                             **adapter)
+        else:
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **adapter)
+        cache_kw, cache = _output_cache(out)
+        if cache is None or type(cache) is not DynamicCache or any(
+                type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            self.prefix = None  # this model's cache cannot be cropped and padded: no reuse
+            return out, None
+        if self.prefix is not None:
+            self.prefix.store(row, name, [(layer.keys, layer.values) for layer in cache.layers], (n, key))
+        return out, cache
 
     def score_choices(self, requests: Sequence[ChatRequest], prefix: str, choices: Sequence[str]) -> list[list[float]]:
         """Sum of token log-probs of ``prefix + choice`` continuations' choice tokens, per request and choice
@@ -470,7 +508,11 @@ class HFBackend(ChatBackend):
                            add_special_tokens=False).to(self.model.device)
             adapter = {"adapter_names": [heads[i][1] for i in idx]} if heads[0][1] is not None else {}
             with torch.inference_mode():  # left padding: the last position is real
-                logits = self.model(**enc, logits_to_keep=1, **adapter).logits[:, -1].float()
+                if step == 1 and self.prefix is not None:  # one unpadded row: start from a cached prefix
+                    logits = self._forward_reusing(enc["input_ids"], heads[idx[0]][1], adapter)[0].logits[:, -1]
+                    logits = logits.float()
+                else:
+                    logits = self.model(**enc, logits_to_keep=1, **adapter).logits[:, -1].float()
             logp = torch.log_softmax(logits, dim=-1)[:, token_ids]
             for k, i in enumerate(idx):
                 results[i] = [float(x) for x in logp[k]]
@@ -489,6 +531,13 @@ def _output_cache(out: Any) -> tuple[str, Any]:
     fields = getattr(out, "__dataclass_fields__", {})
     name = "cache" if "cache" in fields else "past_key_values"
     return name, getattr(out, name, None)
+
+
+def _cache_keyword() -> str:
+    """The keyword a forward pass takes its KV cache by (the name of the output field, see _output_cache)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _is_oom(e: Exception) -> bool:

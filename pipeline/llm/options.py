@@ -54,6 +54,9 @@ class EngineOptions(BaseModel):
                                        "decoding)")
     max_loras: int | None = Field(default=None, ge=1, description="vLLM: adapters resident in one batch (default 4)")
     max_lora_rank: int | None = Field(default=None, ge=1, description="vLLM: largest LoRA rank served (default 64)")
+    prefix_cache_gb: float | None = Field(default=None, ge=0, description="HF: memory for reusing the key/value "
+                                          "cache of earlier prompts (default 4 GiB on CPU, a fifth of free GPU "
+                                          "memory; 0: off). vLLM caches prefixes itself")
 
     @field_validator("dtype")
     @classmethod
@@ -71,12 +74,12 @@ class EngineOptions(BaseModel):
 
 
 #: Options only vLLM uses (the HF backend accepts and ignores them)
-VLLM_ONLY = frozenset(EngineOptions.model_fields) - {"dtype", "batch_size"}
+VLLM_ONLY = frozenset(EngineOptions.model_fields) - {"dtype", "batch_size", "prefix_cache_gb"}
 
 #: Engine options that do not change what a model answers (where it runs, how it is scheduled); every other one
 #: (dtype, max_model_len, quantization) is part of a stage's fingerprint.
 NOT_IN_FINGERPRINT = frozenset({"batch_size", "gpu_memory_utilization", "tensor_parallel_size", "enforce_eager",
-                                "max_loras", "max_lora_rank"})
+                                "max_loras", "max_lora_rank", "prefix_cache_gb"})
 
 Quantization = Literal[QUANTIZATIONS]  # type: ignore[valid-type]
 

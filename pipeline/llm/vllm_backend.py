@@ -124,8 +124,9 @@ class VLLMBackend(ChatBackend):
     ``max_lora_rank``. ``batch_size`` and ``prefill`` are accepted and ignored (vLLM schedules its own batches)."""
 
     def __init__(self, spec: ModelSpec, *, gpu_memory_utilization: float | None = None,
-                 batch_size: int | None = None, prefill: str | None = None, **options: Any) -> None:
-        del batch_size, prefill  # HF-only options, meaningless to continuous batching
+                 batch_size: int | None = None, prefill: str | None = None, prefix_cache_gb: float | None = None,
+                 **options: Any) -> None:
+        del batch_size, prefill, prefix_cache_gb  # HF-only options (vLLM batches and caches prefixes itself)
         args = engine_args(spec, **options)
         vllm = _import_vllm()
         self.spec = spec

@@ -1,0 +1,131 @@
+"""Reuse of the key/value cache of earlier prompts (the HF backend's prefix reuse).
+
+An agent's prompt at step k+1 is its prompt at step k plus a few hundred tokens (the scratchpad grows; only the
+chat template's trailer after the user message differs at the end). For a causal model the keys and values of a
+prompt's first n tokens depend on those n tokens only, so the cache of an earlier prompt that shares the first n
+tokens can be cropped to n and only the rest prefilled.
+
+``PrefixCache`` keeps the per-layer (keys, values) of recent prompts, per loaded model and adapter, within a
+byte budget; a lookup returns the entry with the longest common token prefix. An entry a new prompt extends
+(the same episode one step later: the common prefix covers most of it) is replaced by the new one, so an
+episode holds one entry however long it runs and a round of N episodes fits in N entries; otherwise the least
+recently used entries go first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+#: A hit shorter than this many tokens is not worth a cache copy (the chat template's header alone).
+MIN_REUSE_TOKENS = 32
+#: A new prompt that shares at least this fraction of an entry's tokens continues it: the entry is replaced.
+CONTINUES = 0.8
+
+
+@dataclass
+class _Entry:
+    ids: Any  # 1-D int64 tensor of the prompt's token ids (CPU)
+    adapter: str | None
+    layers: list[tuple[Any, Any]]  # per layer (keys, values), shape (1, heads, tokens, dim)
+    nbytes: int
+
+
+@dataclass
+class PrefixStats:
+    """Prompt tokens looked up, tokens served from the cache, lookups and hits."""
+
+    lookups: int = 0
+    hits: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    evicted: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def reuse_rate(self) -> float:
+        """Share of prompt tokens whose keys and values came from the cache."""
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"lookups": self.lookups, "hits": self.hits, "prompt_tokens": self.prompt_tokens,
+                "reused_tokens": self.reused_tokens, "evicted": self.evicted,
+                "reuse_rate": round(self.reuse_rate, 4)}
+
+
+class PrefixCache:
+    """Key/value caches of recent prompts within ``budget_bytes`` (see the module docstring)."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = int(budget_bytes)
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()
+        self.used = 0
+        self.stats = PrefixStats()
+        self._next = 0
+
+    def lookup(self, ids: Any, adapter: str | None) -> tuple[int, int | None, list[tuple[Any, Any]]]:
+        """(n, entry key, layers cropped to n) for the longest common prefix with a cached prompt of the same
+        adapter; n = 0 (and no layers) when none shares ``MIN_REUSE_TOKENS``. ``ids``: 1-D CPU tensor."""
+        import torch
+
+        self.stats.lookups += 1
+        self.stats.prompt_tokens += int(ids.numel())
+        best, best_key = 0, None
+        for key, e in self.entries.items():
+            if e.adapter != adapter:
+                continue
+            m = min(int(e.ids.numel()), int(ids.numel()))
+            if m <= best:
+                continue
+            same = torch.eq(e.ids[:m], ids[:m])
+            n = m if bool(same.all()) else int(torch.argmin(same.to(torch.int8)))
+            if n > best:
+                best, best_key = n, key
+        if best < MIN_REUSE_TOKENS or best_key is None:
+            return 0, None, []
+        entry = self.entries[best_key]
+        self.entries.move_to_end(best_key)
+        self.stats.hits += 1
+        self.stats.reused_tokens += best
+        return best, best_key, [(k[:, :, :best], v[:, :, :best]) for k, v in entry.layers]
+
+    def store(self, ids: Any, adapter: str | None, layers: list[tuple[Any, Any]],
+              continues: tuple[int, int | None] = (0, None)) -> None:
+        """Keep a prompt's cache (``layers`` are not modified later by the caller); ``continues`` = (n, key) of
+        the lookup that served it: that entry is dropped when the new prompt covers most of it."""
+        n, key = continues
+        if key is not None and key in self.entries and n >= CONTINUES * int(self.entries[key].ids.numel()):
+            self._drop(key)
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        if nbytes > self.budget:
+            return
+        while self.entries and self.used + nbytes > self.budget:
+            self._drop(next(iter(self.entries)))
+            self.stats.evicted += 1
+        self._next += 1
+        self.entries[self._next] = _Entry(ids.clone(), adapter, list(layers), nbytes)
+        self.used += nbytes
+
+    def _drop(self, key: int) -> None:
+        self.used -= self.entries.pop(key).nbytes
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.used = 0
+
+
+def default_budget_bytes(device_type: str) -> int:
+    """4 GiB on CPU (at most a quarter of the machine's memory); on a GPU a fifth of its free memory."""
+    if device_type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info()
+        return int(free * 0.2)
+    try:
+        import os
+
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 16 * 2**30
+    return int(min(4 * 2**30, total // 4))
