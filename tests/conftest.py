@@ -199,21 +199,33 @@ def live_services(tmp_path_factory):
     """The demo's services, started once per session: MLflow and Airflow (api-server, scheduler with the local
     executor, dag-processor, triggerer) on free ports, the project's pools created. Yields (demo module, urls,
     home); everything is stopped at the end."""
+    import contextlib
+
     demo = load_script("demo")
     home = tmp_path_factory.mktemp("live-home")
-    saved = {k: os.environ.get(k) for k in ("AGENTPIPE_HOME", "AGENTPIPE_AIRFLOW_PORT", "AGENTPIPE_MLFLOW_PORT")}
-    os.environ.update(AGENTPIPE_HOME=str(home), AGENTPIPE_AIRFLOW_PORT=str(_free_port()),
-                      AGENTPIPE_MLFLOW_PORT=str(_free_port()))
+    live = {"AGENTPIPE_HOME": str(home), "AGENTPIPE_AIRFLOW_PORT": str(_free_port()),
+            "AGENTPIPE_MLFLOW_PORT": str(_free_port())}
+
+    @contextlib.contextmanager
+    def demo_env():  # only while the demo's functions run: later tests must not inherit this home
+        saved = {k: os.environ.get(k) for k in live}
+        os.environ.update(live)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     try:
-        urls = demo.up()
+        with demo_env():
+            urls = demo.up()
         yield demo, urls, home
     finally:
-        demo.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        with demo_env():
+            demo.stop()
 
 
 def _slurm_is_up() -> bool:

@@ -28,15 +28,20 @@ def dumps(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
+def atomic_write_text(path: str | Path, text: str | Iterable[str]) -> None:
+    """Write ``text`` (a string, or chunks written as they come: nothing holds the whole file) to ``path``
+    atomically (temp file in the same folder + fsync + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "w", encoding="utf-8", buffering=1 << 20) as f:
+            if isinstance(text, str):
+                f.write(text)
+            else:
+                for chunk in text:
+                    f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -29,7 +29,7 @@ import logging
 import re
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -512,37 +512,45 @@ def write_pair_set(result: PairSetResult, out_dir: str | Path, *, manifest_confi
 
     out_dir = Path(out_dir)
     path = out_dir / f"{result.name}.jsonl"
-    atomic_write_text(path, serialize_pairs(result.pairs))
+    atomic_write_text(path, pair_lines(result.pairs))  # streamed: the file's text is never held whole
     atomic_write_json(stats_path(path), result.stats)
     write_manifest(path, stage="pairs", config=manifest_config or result.stats["config"], inputs=inputs,
                    counts={"pairs": len(result.pairs), "cases": result.stats["cases_with_pairs"]})
     return path
 
 
-def serialize_pairs(pairs: Sequence[dict[str, Any]]) -> str:
-    """The JSONL text of ``pairs``, byte-identical to one ``pipeline.data.jsonl.dumps`` line per record.
+def pair_lines(pairs: Sequence[dict[str, Any]]) -> Iterator[str]:
+    """The JSONL lines of ``pairs``, each byte-identical to ``pipeline.data.jsonl.dumps(record) + "\\n"``.
 
     Pairs share their prompt and completion lists (one per case / trajectory), so each distinct list is encoded
-    once and the lines are assembled from the encoded fragments: several times faster than dumping every record
-    (a pair set repeats each ~9 kB prompt hundreds of times).
+    once and the lines are assembled from the encoded fragments (a pair set repeats each ~9 kB prompt hundreds
+    of times); keys are encoded once, whole numbers by ``str``.
     """
     from pipeline.data.jsonl import dumps
 
     fragments: dict[int, str] = {}
+    keys: dict[str, str] = {}
     keep: list[Any] = []  # keeps fragment owners alive so that their id() stays unique
 
     def enc(value: Any) -> str:
         if isinstance(value, list):
-            key = id(value)
-            frag = fragments.get(key)
+            frag = fragments.get(id(value))
             if frag is None:
-                frag = fragments[key] = dumps(value)
+                frag = fragments[id(value)] = dumps(value)
                 keep.append(value)
             return frag
+        if type(value) is int:
+            return str(value)
         return dumps(value)
 
-    lines = ["{" + ", ".join(f"{dumps(k)}: {enc(v)}" for k, v in p.items()) + "}\n" for p in pairs]
-    return "".join(lines)
+    for p in pairs:
+        yield "{" + ", ".join([(keys.get(k) or keys.setdefault(k, dumps(k))) + ": " + enc(v)
+                               for k, v in p.items()]) + "}\n"
+
+
+def serialize_pairs(pairs: Sequence[dict[str, Any]]) -> str:
+    """The whole JSONL text of ``pairs`` (``pair_lines`` joined)."""
+    return "".join(pair_lines(pairs))
 
 
 def stats_path(pairs_path: str | Path) -> Path:
