@@ -18,7 +18,6 @@ Targets (issue 16): all six sets ≤ 5 s in all, ≤ 150 MB peak per set, ≥ 4�
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import resource
@@ -92,14 +91,6 @@ def reference_pairs(folder: Path, metric: str, metric2: str | None, out: Path) -
     return len(records)
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _peak_of(argv: list[str]) -> tuple[float, float, str]:
     """Like _child, but the peak memory of this child alone (a wrapper process reports its own max RSS)."""
     code = ("import resource, subprocess, sys, time; t=time.perf_counter(); p=subprocess.run(sys.argv[1:], "
@@ -128,6 +119,8 @@ def main() -> int:
         from pipeline.settings import get_settings
 
         args.data_dir = get_settings().resolved_data_dir / "paper" / "raw_data_by_eval"
+    from pipeline.data.fetch import sha256_of
+
     exe = str(Path(sys.executable).with_name("agentpipe"))
     print(f"load: {os.getloadavg()[0]:.2f} (1-min average) on {os.cpu_count()} CPUs")
     totals = {"project": 0.0, "reference": 0.0}
@@ -145,7 +138,7 @@ def main() -> int:
                     totals["project"] += s
                     peaks["project"] = max(peaks["project"], mb)
                     produced = sorted((Path(tmp) / "project").glob(f"*{arm}*.jsonl"), key=os.path.getmtime)[-1]
-                    sha["project"] = _sha(produced)
+                    sha["project"] = sha256_of(produced)
                     line += f" project {s:5.2f} s {mb:6.0f} MB"
                 if args.only in (None, "reference"):
                     out = Path(tmp) / f"ref_{name}.jsonl"
@@ -153,7 +146,7 @@ def main() -> int:
                                             metric, metric2 or "-", str(out)])
                     totals["reference"] += s
                     peaks["reference"] = max(peaks["reference"], mb)
-                    sha["reference"] = _sha(out)
+                    sha["reference"] = sha256_of(out)
                     line += f" | reference {s:5.2f} s {mb:6.0f} MB ({last})"
                 if len(sha) == 2:
                     line += "  identical" if sha["project"] == sha["reference"] else "  DIFFERENT"

@@ -15,7 +15,7 @@ recently used entries go first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 #: A hit shorter than this many tokens is not worth a cache copy (the chat template's header alone).
@@ -41,7 +41,6 @@ class PrefixStats:
     prompt_tokens: int = 0
     reused_tokens: int = 0
     evicted: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
     @property
     def reuse_rate(self) -> float:
