@@ -62,7 +62,7 @@ def reference_pairs(folder: Path, metric: str, metric2: str | None, out: Path) -
         by_case.setdefault(it["case_idx"], []).append(it)
     records = []
     prompts: dict[int, list] = {}
-    for case_idx, group in by_case.items():
+    for case_idx, group in sorted(by_case.items()):  # the output goes case by case, ascending
         for a, b in combinations(group, 2):
             c, r = (a, b) if a["scores"][metric] >= b["scores"][metric] else (b, a)
             d = c["scores"][metric] - r["scores"][metric]

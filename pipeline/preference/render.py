@@ -98,4 +98,7 @@ def check_messages(messages: Any, what: str) -> None:
 def leakage(messages: list[dict[str, str]]) -> list[str]:
     """The leakage patterns that match anywhere in the messages' contents (empty = clean)."""
     text = "\n".join(m["content"] for m in messages)
+    low = text.lower()
+    if "eval" not in low and "overall" not in low:  # every pattern starts with one of these: most texts end here
+        return []
     return [p.pattern for p in LEAKAGE_PATTERNS if p.search(text)]
