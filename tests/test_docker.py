@@ -91,3 +91,11 @@ def test_the_gpu_lock_resolves_for_python_312_with_vllm():
                 if line and not line.startswith("#"))
     assert {k: got.get(k) for k in pins} == pins  # nothing pinned was replaced by the resolver
     assert got["vllm"] == "0.33.0" and got["transformers"].startswith("5.20")
+
+
+def test_the_mlflow_container_accepts_the_other_containers_host_name():
+    """MLflow 3 refuses requests whose Host header is not allowed; the Airflow containers use http://mlflow:5000."""
+    services = _compose()["services"]
+    allowed = services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    uri = services["airflow-scheduler"]["environment"]["MLFLOW_TRACKING_URI"]
+    assert uri == "http://mlflow:5000" and {"mlflow:5000", "mlflow", "localhost:5000"} <= set(allowed)

@@ -361,3 +361,16 @@ def test_an_output_path_that_cannot_be_written_is_one_line(tmp_path):
     [line] = p.stderr.strip().splitlines()
     assert line.startswith("agentpipe: error: ") and "cannot write here (Not a directory: " in line
     assert str(blocker) in line and blocker.read_text() == "a file where the output folder should be"
+
+
+def test_a_stage_in_a_log_prints_progress_lines_every_few_seconds(tmp_path):
+    """No terminal (a task log, a Slurm job log): no tqdm bar, a progress line every AGENTPIPE_PROGRESS_EVERY s."""
+    from tests.conftest import run_agentpipe
+
+    r = run_agentpipe("emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--case-set", "demo",
+                      "--cases", "0-4", "--out", str(tmp_path),
+                      env={"AGENTPIPE_PROGRESS_EVERY": "0.2", "AGENTPIPE_SCRIPTED_DELAY": "0.2"})
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("emulate: ") and "/4 cases" in line]
+    assert len(lines) >= 2 and lines[-1].startswith("emulate: 4/4 cases (0 failed, 0 active")
+    assert "\r" not in r.stderr  # no bar

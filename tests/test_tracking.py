@@ -183,3 +183,59 @@ def test_a_journal_cut_by_a_crash_is_repaired(tmp_path):
     t.finish()
     assert [op["op"] for op in read_journal(tmp_path / "j")] == ["start", "metrics", "resume", "end"]
     assert find_journals(tmp_path) == [tmp_path / "j"]
+
+
+@pytest.mark.parametrize("name", ["max_new_tokens", "max_tokens_per_call", "tokenizer", "prompt_tokens",
+                                  "sort_key", "key_order", "monkey", "authors"])
+def test_ordinary_parameters_whose_names_contain_token_or_key_are_logged(name):
+    from pipeline.tracking.journal import clean_params
+
+    assert clean_params({name: 5}) == {name: "5"}
+
+
+@pytest.mark.parametrize("name", ["OPENAI_API_KEY", "api_key", "apiKey", "api-key", "hf_token", "HF_TOKEN", "token",
+                                  "access_token", "password", "db_passwd", "client_secret", "Authorization",
+                                  "aws_access_key", "credentials"])
+def test_secret_parameter_names_are_dropped(name):
+    from pipeline.tracking.journal import clean_params
+
+    assert clean_params({name: "x"}) == {}
+
+
+@pytest.fixture
+def refusing_server():
+    """A test double of a tracking server behind authentication: every request is answered 401."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _no(self):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PATCH = do_PUT = _no
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_server_that_refuses_the_credentials_is_an_error_not_pending(refusing_server, tmp_path, artifact):
+    with Tracker.open(tmp_path / "run" / "tracking", experiment="training", run_name="auth",
+                      tracking_uri=refusing_server) as t:
+        _log_some(t, artifact)  # the stage goes on: tracking never fails it
+    assert t.refused and "HTTP 401" in t.refused and "MLFLOW_TRACKING_USERNAME" in t.refused
+    assert [op["op"] for op in read_journal(tmp_path / "run" / "tracking")][-1] == "end"  # nothing lost
+    r = run_agentpipe("track", "sync", str(tmp_path / "run"), "--tracking-uri", refusing_server)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"agentpipe: error: tracking server {refusing_server} refused the request (HTTP 401): set "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN; the journal keeps "
+        "everything for `agentpipe track sync`"]
+    assert "refused" in r.stdout and "pending" not in r.stdout

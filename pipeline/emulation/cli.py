@@ -13,7 +13,7 @@ def _cmd_emulate(args: argparse.Namespace):  # noqa: ANN202 - returns a StageRes
     cfg = config_from_args(EmulationConfig, args)
     bar = _progress_bar(cfg.no_progress)
     try:
-        result = emulate(cfg, progress=bar.update if bar else None)
+        result = emulate(cfg, progress=bar.update if bar else _lines())
     finally:
         if bar:
             bar.close()
@@ -59,7 +59,17 @@ class _Bar:
 
 
 def _progress_bar(disabled: bool) -> _Bar | None:
-    return None if disabled or not sys.stderr.isatty() else _Bar()
+    from pipeline.progress import wants_bar
+
+    return _Bar() if wants_bar(disabled) else None
+
+
+def _lines():  # noqa: ANN202 - the progress callback for logs
+    from pipeline.progress import ProgressLines
+
+    lines = ProgressLines("emulate", "cases")
+    return lambda p: lines.update(p["done"] + p["failed"], p["total"],
+                                  f"{p['failed']} failed, {p['active']} active, {p['batches']} batched calls")
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:

@@ -21,9 +21,11 @@ def _cmd_evaluate(args: argparse.Namespace):  # noqa: ANN202 - returns a StageRe
         bars[0].total, bars[0].n = total, done
         bars[0].refresh()
 
-    show = not cfg.no_progress and sys.stderr.isatty()
+    from pipeline.progress import ProgressLines, wants_bar
+
+    lines = ProgressLines("evaluate", "judgements")
     try:
-        res = evaluate(cfg, progress=progress if show else None)
+        res = evaluate(cfg, progress=progress if wants_bar(cfg.no_progress) else lambda d, t: lines.update(d, t))
     finally:
         for bar in bars:
             bar.close()

@@ -19,6 +19,9 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     for folder in folders:
         report = sync(folder, uri)
         print(report.line())
+        if report.refused:  # a configuration error, not an outage: say it once and stop
+            print(f"agentpipe: error: {report.refused}", file=sys.stderr)
+            return 2
         failed += (not report.reachable) or report.pending > 0
     if failed:
         print(f"agentpipe: error: {failed} journal(s) not fully synced to {uri}", file=sys.stderr)

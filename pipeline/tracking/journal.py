@@ -53,7 +53,19 @@ EXPERIMENTS = ("training", "evaluation", "analysis")
 #: tag of a parent run's mirror in another experiment: the parent's run id
 MIRROR_TAG = "agentpipe.mirror_of"
 #: Names of parameters that are never logged (matched case-insensitively anywhere in the name).
-SECRET_NAME = re.compile(r"api[_-]?key|token|secret|password|passwd|credential|authorization", re.IGNORECASE)
+#: Words of a parameter name that make it a secret (whole words: ``max_new_tokens`` and ``tokenizer`` are not)
+_SECRET_WORDS = frozenset({"token", "secret", "secrets", "password", "passwd", "credential", "credentials",
+                           "authorization", "apikey", "auth"})
+#: ``<word>_key`` names that are secrets (``api_key``, ``access_key``, …; ``sort_key`` is not)
+_KEY_OWNERS = frozenset({"api", "access", "secret", "private", "openai", "openrouter", "hf", "mlflow", "wandb"})
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether a parameter name names a secret: a secret word (token, password, …) as a whole word, or a key
+    of an API or account (``OPENAI_API_KEY``, ``apiKey``, ``hf-token``)."""
+    words = re.split(r"[^a-z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).lower())
+    return any(w in _SECRET_WORDS for w in words) or any(
+        w == "key" and i > 0 and words[i - 1] in _KEY_OWNERS for i, w in enumerate(words))
 _SECRET_VALUE = re.compile(r"^(sk-[A-Za-z0-9_-]{16,}|hf_[A-Za-z0-9]{20,})$")
 _MAX_PARAM = 6000
 _ENV_TAGS = {"AIRFLOW_CTX_DAG_ID": "airflow.dag_id", "AIRFLOW_CTX_DAG_RUN_ID": "airflow.run_id",
@@ -92,8 +104,36 @@ def reachable(uri: str, timeout_s: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
             return r.status == 200
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise TrackingRefused(uri, e.code) from None
+        return False
     except (urllib.error.URLError, OSError, socket.timeout, ValueError):
         return False
+
+
+class TrackingRefused(ConfigError):
+    """The tracking server answered 401/403: wrong or missing credentials, not an outage (nothing will come of
+    retrying until the configuration changes)."""
+
+    def __init__(self, uri: str, status: int) -> None:
+        super().__init__(f"tracking server {uri} refused the request (HTTP {status}): set MLFLOW_TRACKING_USERNAME "
+                         "and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN; the journal keeps everything for "
+                         "`agentpipe track sync`")
+        self.status = status
+
+
+def _refusal(e: Exception) -> int | None:
+    """The HTTP status of an MLflow client error when it is 401/403."""
+    get = getattr(e, "get_http_status_code", None)
+    try:
+        status = int(get()) if callable(get) else None
+    except (TypeError, ValueError):
+        status = None
+    if status is None:
+        found = re.search(r"\b(401|403)\b", str(e)) if "Unauthorized" in str(e) or "Forbidden" in str(e) else None
+        status = int(found.group(1)) if found else None
+    return status if status in (401, 403) else None
 
 
 def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
@@ -101,7 +141,7 @@ def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
     out: dict[str, str] = {}
     for k, v in params.items():
         value = v if isinstance(v, str) else json.dumps(v, default=str) if isinstance(v, (list, dict)) else str(v)
-        if SECRET_NAME.search(str(k)) or _SECRET_VALUE.match(value.strip()):
+        if is_secret_name(str(k)) or _SECRET_VALUE.match(value.strip()):
             log.warning("parameter '%s' looks like a secret: not logged", k)
             continue
         out[str(k)] = value[:_MAX_PARAM]
@@ -322,6 +362,10 @@ class _Sender:
             try:
                 self._apply(group)
             except Exception as e:  # noqa: BLE001 - decide below whether the server is down or the op is bad
+                status = _refusal(e)
+                if status is not None:
+                    self.save()
+                    raise TrackingRefused(self.uri, status) from None
                 if not reachable(self.uri):
                     log.warning("tracking server %s unreachable: %d operations kept in %s for `agentpipe track "
                                 "sync`", self.uri, len(pending) - i, self.folder / JOURNAL)
@@ -375,8 +419,12 @@ class SyncReport:
     run_id: str | None = None
     reachable: bool = True
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    #: why the server refused the client (401/403), else None
+    refused: str | None = None
 
     def line(self) -> str:
+        if self.refused:
+            return f"{self.folder}: refused: {self.refused}"
         status = "unreachable" if not self.reachable else "ok" if not self.pending else "pending"
         rej = f", {len(self.rejected)} rejected" if self.rejected else ""
         return (f"{self.folder}: {status}: {self.sent} sent now, {self.pending} pending of {self.operations}{rej} "
@@ -394,6 +442,16 @@ def sync(folder: str | Path, tracking_uri: str | None = None) -> SyncReport:
         raise ConfigError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     ops = read_journal(folder)
     report = SyncReport(folder=folder, tracking_uri=uri, operations=len(ops))
+    try:
+        return _sync(folder, uri, ops, report)
+    except TrackingRefused as e:
+        report.refused = str(e)
+        target = read_state(folder).get("targets", {}).get(uri, {})
+        report.pending = sum(op["seq"] > target.get("synced_seq", -1) for op in ops)
+        return report
+
+
+def _sync(folder: Path, uri: str, ops: list[dict[str, Any]], report: SyncReport) -> SyncReport:
     if not reachable(uri):
         report.reachable = False
         target = read_state(folder).get("targets", {}).get(uri, {})
@@ -541,15 +599,20 @@ class Tracker:
             return False
         if not force and time.monotonic() < self._offline_until:
             return False
-        if not reachable(self.tracking_uri):
-            self._offline_until = time.monotonic() + self.retry_interval_s
-            return False
+        try:
+            if not reachable(self.tracking_uri):
+                self._offline_until = time.monotonic() + self.retry_interval_s
+                return False
+        except TrackingRefused as e:
+            return self._refused(e)
         with _locked(self.folder, blocking=force) as got:
             if not got:
                 return False  # another process (agentpipe track sync) is sending right now
             try:
                 sender = _Sender(self.folder, self.tracking_uri)
                 _, ok = sender.send(self._ops)
+            except TrackingRefused as e:
+                return self._refused(e)
             except Exception as e:  # noqa: BLE001 - tracking must never fail the stage
                 log.warning("tracking: could not send to %s (%s); kept in %s", self.tracking_uri,
                             " ".join(str(e).split())[:200], self.folder / JOURNAL)
@@ -557,6 +620,17 @@ class Tracker:
         if not ok:
             self._offline_until = time.monotonic() + self.retry_interval_s
         return ok and self.pending == 0
+
+    def _refused(self, e: TrackingRefused) -> bool:
+        """Credentials refused: an error in the log (once per run), the journal kept; the stage goes on."""
+        if not self.refused:
+            log.error("tracking: %s", e)
+        self.refused = str(e)
+        self._offline_until = time.monotonic() + self.retry_interval_s
+        return False
+
+    #: why the server refused this run's client (401/403), else None
+    refused: str | None = None
 
     def _append(self, op: dict[str, Any], final: bool = False) -> None:
         op = {"seq": self._seq, "ts": _now_ms(), **op}
