@@ -217,6 +217,11 @@ def test_dpo_experiment_dag_end_to_end(pool_run, dag_env, run_dag):
     assert len(train_runs) >= 3
     run = train_runs[0]
     assert "rewards/accuracies" in {m["key"] for m in run["data"]["metrics"]}
+    # lineage: each training run lists the pair set it read as its dataset input
+    for r in train_runs:
+        [inp] = r["inputs"]["dataset_inputs"]
+        assert json.loads(inp["dataset"]["source"])["uri"].startswith(str(home / "pairs"))
+        assert len(inp["dataset"]["digest"]) == 36
     assert any(a.startswith("adapter") for a in _artifacts(uri, run["info"]["run_id"]))
     analysis = [r for r in _runs(uri, "analysis") if r["info"]["run_name"] == "e2e"]
     assert analysis and "plots/pareto.png" in _artifacts(uri, analysis[0]["info"]["run_id"], "plots")

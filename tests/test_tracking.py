@@ -239,3 +239,17 @@ def test_a_server_that_refuses_the_credentials_is_an_error_not_pending(refusing_
         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN; the journal keeps "
         "everything for `agentpipe track sync`"]
     assert "refused" in r.stdout and "pending" not in r.stdout
+
+
+def test_a_pair_set_is_the_runs_dataset_input(mlflow_server, tmp_path):
+    pairs = tmp_path / "safe_q32_s0.jsonl"
+    pairs.write_text('{"prompt": [], "chosen": [], "rejected": []}\n')
+    digest = "ab" * 32
+    with Tracker.open(tmp_path / "t", experiment="training", run_name="with-data", tracking_uri=mlflow_server) as t:
+        t.log_input("safe_q32_s0", pairs, digest, profile={"train_pairs": 1})
+    run = _client(mlflow_server).get_run(t.run_id)
+    [inp] = run.inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.digest) == ("safe_q32_s0", digest[:36])
+    assert json.loads(inp.dataset.source) == {"uri": str(pairs.resolve())}
+    assert json.loads(inp.dataset.profile) == {"train_pairs": 1}
+    assert {tag.key: tag.value for tag in inp.tags}["mlflow.data.context"] == "training"

@@ -301,6 +301,15 @@ class _Sender:
         self.client.create_model_version(name, source=f"runs:/{run_id}/{op['artifact_path']}", run_id=run_id,
                                          tags=tags, description=op.get("description"))
 
+    def _input(self, op: dict[str, Any]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name=op["name"], digest=op["digest"], source_type="local",
+                          source=json.dumps({"uri": op["source"]}), schema=op.get("schema"),
+                          profile=json.dumps(op.get("profile") or {}))
+        self.client.log_inputs(self.target["run_id"], datasets=[DatasetInput(
+            dataset, tags=[InputTag(key="mlflow.data.context", value=op.get("context", "training"))])])
+
     def _artifact(self, op: dict[str, Any]) -> None:
         local = (self.folder / op["rel"]).resolve() if op.get("rel") else Path(op["path"])
         if not local.exists():
@@ -345,6 +354,8 @@ class _Sender:
             self._artifact(op)
         elif kind == "register_model":
             self._register(op)
+        elif kind == "input":
+            self._input(op)
         else:
             raise RuntimeError(f"unknown journal operation '{kind}'")
 
@@ -563,6 +574,13 @@ class Tracker:
             raise ConfigError(f"artifact {p}: not found")
         self._append({"op": "artifact", "path": str(p), "rel": os.path.relpath(p, self.folder.resolve()),
                       "artifact_path": artifact_path})
+
+    def log_input(self, name: str, path: str | Path, digest: str, *, context: str = "training",
+                  profile: Mapping[str, Any] | None = None, schema: str | None = None) -> None:
+        """Record a file this run read as an MLflow dataset input (``digest``: the file's hash, so one file is
+        one dataset wherever it is used; ``profile``: counts shown beside it)."""
+        self._append({"op": "input", "name": name, "source": str(Path(path).resolve()), "digest": digest[:36],
+                      "context": context, "profile": dict(profile or {}), "schema": schema})
 
     def register_model(self, name: str, artifact_path: str, *, tags: Mapping[str, Any] | None = None,
                        description: str | None = None) -> None:

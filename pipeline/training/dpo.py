@@ -375,6 +375,9 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
             stats_file = Path(cfg.pairs).with_name(Path(cfg.pairs).stem + ".stats.json")
             if stats_file.is_file():
                 tracker.log_artifact(stats_file, "dataset")
+            # lineage: the pair set as the run's dataset input (its digest is the file's sha256)
+            tracker.log_input(dataset, cfg.pairs, pairs_sha, profile={k: v for k, v in data.stats.items()
+                                                                      if isinstance(v, (int, float))})
         if resume_from is not None:
             tracker.set_tags({"resumed_from_checkpoint": resume_from.name})
             log.info("resuming from %s", resume_from)
