@@ -57,7 +57,9 @@ def test_choice_scores_are_identical_with_and_without_reuse(tiny_model):
     for batch in _rounds(GenerationConfig(max_new_tokens=1)):
         a = plain.score_choices(batch, "Score: ", ["0", "1", "2", "3"])
         b = reuse.score_choices(batch, "Score: ", ["0", "1", "2", "3"])
-        assert [x for row in b for x in row] == pytest.approx([x for row in a for x in row], abs=1e-5)
+        # the same up to float rounding (the prefix's keys were computed in another chunk), the same score chosen
+        assert [x for row in b for x in row] == pytest.approx([x for row in a for x in row], rel=1e-5)
+        assert [row.index(max(row)) for row in b] == [row.index(max(row)) for row in a]
     assert reuse.prefix.stats.hits >= 3 * len(STEPS)
 
 

@@ -412,22 +412,22 @@ class HFBackend(ChatBackend):
             layers.append((torch.cat(keys), torch.cat(values)))
         return cache_kw, DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
-    def _forward_reusing(self, ids: Any, name: str | None, adapter: dict[str, Any]) -> tuple[Any, Any]:
-        """One unpadded prompt's forward pass (logits of its last token) and its plain DynamicCache, starting
+    def _forward_reusing(self, ids: Any, name: str | None, adapter: dict[str, Any], keep: int = 1) -> tuple[Any, Any]:
+        """One unpadded prompt's forward pass (logits of its last ``keep`` tokens) and its plain DynamicCache, starting
         from the longest cached prefix when the prefix cache has one; the result is cached in turn. The cache
         is None for models whose cache is not a plain DynamicCache (then nothing is reused or kept)."""
         from transformers import DynamicCache
 
         row = ids[0].cpu()
         n, key, layers = self.prefix.lookup(row, name) if self.prefix is not None else (0, None, [])
-        n = min(n, int(row.numel()) - 1)  # at least the last token runs: its logits are wanted
+        n = min(n, int(row.numel()) - keep)  # the last ``keep`` tokens run: their logits are wanted
         if n > 0:
             past = DynamicCache(ddp_cache_data=[(k[:, :, :n], v[:, :, :n]) for k, v in layers],
                                 config=self.model.config)
-            out = self.model(input_ids=ids[:, n:], use_cache=True, logits_to_keep=1, **{_cache_keyword(): past},
-                             **adapter)
+            out = self.model(input_ids=ids[:, n:], use_cache=True, logits_to_keep=keep,
+                             **{_cache_keyword(): past}, **adapter)
         else:
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **adapter)
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **adapter)
         cache_kw, cache = _output_cache(out)
         if cache is None or type(cache) is not DynamicCache or any(
                 type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
@@ -484,8 +484,12 @@ class HFBackend(ChatBackend):
             keep = max(n for *_, n in chunk) + 1  # only the logits that predict the choice tokens
             adapter = ({"adapter_names": [heads[i][1] for i, *_ in chunk]} if heads[0][1] is not None else {})
             with torch.inference_mode():
-                logits = self.model(input_ids=input_ids.to(self.model.device), attention_mask=mask.to(
-                    self.model.device), logits_to_keep=keep, **adapter).logits.float()
+                if step == 1 and self.prefix is not None:  # one unpadded row: start from a cached prefix
+                    logits = self._forward_reusing(input_ids.to(self.model.device), heads[chunk[0][0]][1],
+                                                   adapter, keep)[0].logits.float()
+                else:
+                    logits = self.model(input_ids=input_ids.to(self.model.device), attention_mask=mask.to(
+                        self.model.device), logits_to_keep=keep, **adapter).logits.float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             targets = input_ids[:, -(keep - 1):].to(logp.device)
             token_lp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)

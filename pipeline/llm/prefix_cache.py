@@ -110,8 +110,10 @@ class PrefixCache:
         self.used -= self.entries.pop(key).nbytes
 
     def clear(self) -> None:
+        """Forget every entry and the counts."""
         self.entries.clear()
         self.used = 0
+        self.stats = PrefixStats()
 
 
 def default_budget_bytes(device_type: str) -> int:
