@@ -140,3 +140,29 @@ def test_analyze_table_on_released_folder(released_runs):
     assert cells[:2] == ["Qwen2.5-7B", "base"] and "2.40 (n=72)" in cells and "1.54 (n=72)" in cells
     assert cells[-1] == "0"
     assert len(lines) == 2 + 27
+
+
+#: SPEC §10.1's score distributions (0/1/2/3) of the 3,888 released trajectories, per arm and metric
+DISTRIBUTIONS = {("q32", "safe"): [276, 1387, 1166, 1059], ("q32", "help_ignore_safety"): [235, 329, 844, 2480],
+                 ("gpt5m", "safe"): [959, 1317, 741, 871], ("gpt5m", "help_ignore_safety"): [444, 362, 866, 2216]}
+
+
+def test_judge_agreement_of_the_two_arms_on_the_released_trajectories(released_runs, tmp_path):
+    """q32 vs gpt5m on the same 3,888 trajectories: the per-judge means follow from SPEC §10.1's distributions, and
+    kappa = (p_o - p_e) / (1 - p_e) with p_e from those distributions (computed here, not by the code)."""
+    from tests.conftest import run_agentpipe
+
+    out = tmp_path / "agreement.json"
+    r = run_agentpipe("analyze", "agreement", "--a", str(released_runs / "q32"), "--b", str(released_runs / "gpt5m"),
+                      "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    for metric, m in result["metrics"].items():
+        a, b = DISTRIBUTIONS[("q32", metric)], DISTRIBUTIONS[("gpt5m", metric)]
+        n = sum(a)
+        assert (m["n"], m["only_a"], m["only_b"]) == (n, 0, 0)
+        assert m["mean_a"] == pytest.approx(sum(i * c for i, c in enumerate(a)) / n, abs=1e-4)
+        assert m["mean_b"] == pytest.approx(sum(i * c for i, c in enumerate(b)) / n, abs=1e-4)
+        p_e = sum(x * y for x, y in zip(a, b)) / n**2
+        assert m["kappa"] == pytest.approx((m["exact_agreement"] - p_e) / (1 - p_e), abs=2e-3)
+    assert "safe: n=3888 exact=0.505 kappa=0.334 kappa_quadratic=0.605" in r.stdout

@@ -61,6 +61,21 @@ def _cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_agreement(args: argparse.Namespace) -> int:
+    from pipeline.analysis.agreement import format_agreement, judge_agreement
+
+    for d in (args.a, args.b):
+        if not d.is_dir():
+            raise ConfigError(f"{d}: not a folder of run files")
+    result = judge_agreement(args.a, args.b, [m.strip() for m in args.metrics.split(",") if m.strip()])
+    print(format_agreement(result))
+    if args.out:
+        from pipeline.data.jsonl import atomic_write_json
+
+        atomic_write_json(args.out, result)
+    return 0
+
+
 def _cmd_all(args: argparse.Namespace):  # noqa: ANN202 - returns a StageResult
     from pipeline.analysis.run import AnalyzeConfig, analyze
     from pipeline.cli_args import config_from_args
@@ -133,7 +148,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("analyze", help="unified reports, trade-off fit, Pareto frontier, persistence, plots, "
                               "tables", description="Analyse evaluated runs (SPEC §7): a --runs folder holds model "
                               "folders of trajectory and eval files, as the study's results/match_eval_results.")
-    sub = p.add_subparsers(dest="analyze_command", required=True, metavar="{aggregate,table,all}")
+    sub = p.add_subparsers(dest="analyze_command", required=True, metavar="{aggregate,table,agreement,all}")
 
     a = sub.add_parser("aggregate", help="unified reports from run folders (optionally a seed's train/test cases)",
                        description="Write one unified report per (model folder, emulator, evaluator, quantization) "
@@ -154,6 +169,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--show-consistency", action="store_true", help="replicate agreement exact/all-but-one/within-1 %%")
     t.add_argument("--no-color", action="store_true", help="no ANSI bold for source rows")
     t.set_defaults(func=_cmd_table)
+
+    ag = sub.add_parser("agreement", help="how far two judges agree on the trajectories both judged",
+                        description="Per metric: shared trajectories, exact agreement, Cohen's kappa and its "
+                        "quadratic-weighted form, e.g. the study's arms: --a …/raw_data_by_eval/q32 --b "
+                        "…/raw_data_by_eval/gpt5m.")
+    ag.add_argument("--a", type=Path, required=True, metavar="DIR", help="run folder judged by one judge")
+    ag.add_argument("--b", type=Path, required=True, metavar="DIR", help="the same trajectories judged by another")
+    ag.add_argument("--metrics", default="safe,help_ignore_safety", help="comma list (default: both paper metrics)")
+    ag.add_argument("--out", type=Path, metavar="FILE", help="also write the figures as JSON")
+    ag.set_defaults(func=_cmd_agreement)
 
     al = sub.add_parser("all", help="reports, fit, frontier, persistence, plots, tables and summary.json",
                         description="Everything in one command: OUT/reports/{all,test}/, OUT/plots/ (PNG+PDF), "
