@@ -39,6 +39,11 @@ def test_the_match_results_give_the_papers_trade_off_fit(results, tmp_path):
     assert round(pers["0.1"]["average"]["persist_s"], 2) == 0.90 and round(pers["0.05"]["average"]["persist_s"], 2) == 1.00
     assert arms["eval-gpt5m"]["frontier"]["members"][0] == "Llama3.1-8B S&H-0.05"
     assert len(list((tmp_path / "match" / "plots").glob("*.png"))) > 0
+    # both judges judged the 3 source models' 144 cases (SPEC §10.2): their agreement is in the summary
+    [pair] = summary["judge_agreement"]
+    assert (pair["a"], pair["b"], pair["folders"]) == ("eval-q32", "eval-gpt5m", 3)
+    assert {m: (v["n"], v["kappa"], v["kappa_quadratic"]) for m, v in pair["metrics"].items()} == {
+        "safe": (432, 0.2598, 0.4934), "help_ignore_safety": (432, 0.2989, 0.501)}
 
 
 def test_the_cross_results_give_the_cross_evaluated_fit(results, tmp_path):

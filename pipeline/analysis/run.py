@@ -12,6 +12,7 @@ over the evaluators (the study's headline setting, SPEC §7.6 suffix "" and §12
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import DataError
 from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, stat_digest
+
+log = logging.getLogger(__name__)
 
 POOLED = "pooled"
 
@@ -174,6 +177,10 @@ class AnalysisResult:
                     if avg.get(which) is not None:
                         out[f"{arm}.{which}.beta-{beta}"] = float(avg[which])
             out[f"{arm}.frontier_size"] = float(len(a["frontier"]["members"]))
+        for pair in self.summary.get("judge_agreement") or []:
+            for metric, m in (pair.get("metrics") or {}).items():
+                for k in ("kappa", "kappa_quadratic", "exact_agreement", "n"):
+                    out[f"agreement.{pair['a']}-{pair['b']}.{metric}.{k}"] = float(m[k])
             for p in a["frontier"].get("points") or []:
                 for which in ("helpfulness", "safety"):
                     if p.get(which) is not None:
@@ -416,6 +423,7 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
         "persistence": {"available": stats is not None, "reason": p_reason,
                         "file": str(persistence_path) if persistence_path else None},
         "source_models": _source_summary(rows_all, rows_test, seeds),
+        "judge_agreement": _agreement(runs),
         "skipped_plots": skipped_plots,
         "files": {"plots": [str(p) for p in plot_files], "tables": [str(p) for p in table_files],
                   "reports": [str(out / "reports" / "all"), str(out / "reports" / "test")]},
@@ -429,6 +437,19 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
                    counts={"plots": len(plot_files), "tables": len(table_files), "reports": len(report_paths)})
     return AnalysisResult(out=out, summary=summary, summary_path=summary_path, plots=plot_files, tables=table_files,
                           reports=report_paths, persistence_path=persistence_path)
+
+
+def _agreement(runs: str | Path) -> list[dict[str, Any]]:
+    """The judges' agreement on the trajectories several of them judged (``pipeline.analysis.agreement``); a
+    folder whose evaluations cannot be compared is noted, not fatal: the rest of the analysis stands."""
+    from pipeline.analysis.agreement import agreement_within
+    from pipeline.errors import PipelineError
+
+    try:
+        return agreement_within(runs)
+    except PipelineError as e:
+        log.warning("judge agreement not computed: %s", e)
+        return [{"error": str(e)}]
 
 
 def _source_summary(rows_all: list, rows_test: list, seeds: list[int]) -> list[dict[str, Any]]:
