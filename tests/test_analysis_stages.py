@@ -94,3 +94,18 @@ def test_partitioned_api_source_names():
     cfg = parse_training_config("gpt-5_s0")
     assert (cfg.source_model, cfg.seed, cfg.finetuned) == ("gpt-5", 0, False)
     assert parse_training_config("gpt-4.1-mini_s2").source_model == "gpt-4.1-mini"
+
+
+def test_the_analysis_metrics_carry_every_point_and_the_judge_agreement(tmp_path):
+    from pipeline.analysis.run import AnalysisResult
+
+    arm = {"r2": 0.5, "n_points": 2, "persistence": {}, "frontier": {
+        "members": ["a"], "points": [{"name": "a", "safety": 2.0, "helpfulness": 1.5}]}}
+    pair = {"a": "eval-q32", "b": "eval-gpt5m", "metrics": {"safe": {
+        "n": 432, "kappa": 0.26, "kappa_quadratic": 0.49, "exact_agreement": 0.46}}}
+    for agreement in ([], [pair]):
+        res = AnalysisResult(out=tmp_path, summary={"arms": {"eval-q32": arm}, "judge_agreement": agreement},
+                             summary_path=tmp_path / "summary.json")
+        m = res.metrics()
+        assert (m["eval-q32.point.a.safety"], m["eval-q32.point.a.helpfulness"]) == (2.0, 1.5)
+        assert m.get("agreement.eval-q32-eval-gpt5m.safe.kappa") == (0.26 if agreement else None)

@@ -177,14 +177,14 @@ class AnalysisResult:
                     if avg.get(which) is not None:
                         out[f"{arm}.{which}.beta-{beta}"] = float(avg[which])
             out[f"{arm}.frontier_size"] = float(len(a["frontier"]["members"]))
-        for pair in self.summary.get("judge_agreement") or []:
-            for metric, m in (pair.get("metrics") or {}).items():
-                for k in ("kappa", "kappa_quadratic", "exact_agreement", "n"):
-                    out[f"agreement.{pair['a']}-{pair['b']}.{metric}.{k}"] = float(m[k])
             for p in a["frontier"].get("points") or []:
                 for which in ("helpfulness", "safety"):
                     if p.get(which) is not None:
                         out[f"{arm}.point.{p['name']}.{which}"] = float(p[which])
+        for pair in self.summary.get("judge_agreement") or []:
+            for metric, m in (pair.get("metrics") or {}).items():
+                for k in ("kappa", "kappa_quadratic", "exact_agreement", "n"):
+                    out[f"agreement.{pair['a']}-{pair['b']}.{metric}.{k}"] = float(m[k])
         return {metric_key(k): v for k, v in out.items()}
 
 

@@ -428,7 +428,7 @@ class HFBackend(ChatBackend):
                              **{_cache_keyword(): past}, **adapter)
         else:
             out = self.model(input_ids=ids, use_cache=True, logits_to_keep=keep, **adapter)
-        cache_kw, cache = _output_cache(out)
+        _, cache = _output_cache(out)
         if cache is None or type(cache) is not DynamicCache or any(
                 type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
             self.prefix = None  # this model's cache cannot be cropped and padded: no reuse
