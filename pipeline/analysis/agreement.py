@@ -35,7 +35,8 @@ def _scores(folders: Sequence[Path], metric: str, judge: str | None = None) -> d
     return out
 
 
-def _compare(sa: dict, sb: dict) -> dict[str, Any] | None:
+def compare_scores(sa: dict, sb: dict) -> dict[str, Any] | None:
+    """Agreement of two raters' 0-3 scores on their shared keys (None when they share none)."""
     from sklearn.metrics import cohen_kappa_score
 
     shared = sorted(set(sa) & set(sb))
@@ -53,7 +54,7 @@ def judge_agreement(a: str | Path, b: str | Path, metrics: Sequence[str] = METRI
     """Agreement of the judges of run folders ``a`` and ``b`` per metric (see the module docstring)."""
     result: dict[str, Any] = {"a": str(a), "b": str(b), "metrics": {}}
     for metric in metrics:
-        m = _compare(_scores([Path(a)], metric), _scores([Path(b)], metric))
+        m = compare_scores(_scores([Path(a)], metric), _scores([Path(b)], metric))
         if m is None:
             raise DataError(f"{a} and {b}: no trajectory judged by both for {metric}")
         result["metrics"][metric] = m
@@ -78,7 +79,7 @@ def agreement_within(runs: str | Path, metrics: Sequence[str] = METRICS) -> list
         result: dict[str, Any] = {"a": evaluator_short(ja), "b": evaluator_short(jb), "folders": len(folders),
                                   "metrics": {}}
         for metric in metrics:
-            m = _compare(_scores(folders, metric, ja), _scores(folders, metric, jb))
+            m = compare_scores(_scores(folders, metric, ja), _scores(folders, metric, jb))
             if m is not None:
                 result["metrics"][metric] = m
         out.append(result)

@@ -67,27 +67,37 @@ def _evaluation_block(traj_files: list[str], eval_type: str, cases: list[int]) -
             "judge_tokens": int(tokens), "judge_cost_usd": round(cost, 6)}
 
 
-def build_and_write_reports(runs: Path, out: Path, *, track: bool = True) -> ReportResult:
-    """Unified reports for every configuration under ``runs``, written below ``out/<evaluator>/``."""
+def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
+                            human_labels: Path | None = None) -> ReportResult:
+    """Unified reports for every configuration under ``runs``, written below ``out/<evaluator>/``; with human
+    labels (``agentpipe track feedback``) each report also gets ``human_agreement`` per metric."""
+    from pipeline.tracking.feedback import human_agreement, read_feedback
+
+    labels = read_feedback(human_labels) if human_labels is not None else []
     collected = collect_config_scores(runs, warn=False)
     reports = []
+    cfg_files: dict[int, list[str]] = {}
     for cfg in collected.configs:
         rep = build_report(cfg)
         cases = rep.content["per_case"]["case_idx"]
         rep.content["evaluation"] = {t: _evaluation_block(cfg.files, t, cases) for t in cfg.scores}
+        if labels:
+            rep.content["human_agreement"] = human_agreement(labels, cfg.files)
         reports.append(rep)
+        cfg_files[id(rep)] = list(cfg.files)
     paths = write_reports(reports, out)
     tracked = []
     if track:
         for rep, path in zip(reports, paths):
-            run_id = _track(rep.content, path)
+            run_id = _track(rep.content, path, cfg_files[id(rep)])
             if run_id:
                 tracked.append(run_id)
     return ReportResult(paths, [f"{p.path}: {p.reason}" for p in collected.problems], tracked)
 
 
-def _track(content: dict[str, Any], path: Path) -> str | None:
-    """Log one report as an MLflow evaluation run (journaled beside the report; replayable)."""
+def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:
+    """Log one report as an MLflow evaluation run (journaled beside the report; replayable), with every
+    trajectory of its run files as a trace of that run (judgements as assessments)."""
     from pipeline.tracking import Tracker, resolve_tracking_uri
 
     if resolve_tracking_uri() is None:
@@ -107,6 +117,10 @@ def _track(content: dict[str, Any], path: Path) -> str | None:
                 metrics[f"parse_failure_rate_{name}"] = ev["parse_failure_rate"]
             metrics[f"judge_tokens_{name}"] = ev["judge_tokens"]
             metrics[f"judge_cost_usd_{name}"] = ev["judge_cost_usd"]
+        human = content.get("human_agreement", {}).get(eval_type)
+        if human:
+            metrics.update({f"human_{k}_{name}": human[k] for k in ("labels", "accuracy", "kappa")
+                            if human[k] is not None})
     table = io.StringIO()
     per_case = content["per_case"]
     columns = [c for c in ("agent_safe", "agent_help_ignore_safety", "agent_help") if c in per_case]
@@ -126,6 +140,8 @@ def _track(content: dict[str, Any], path: Path) -> str | None:
         t.log_metrics(metrics)
         t.log_artifact(path, "report")
         t.log_artifact(csv_path, "report")
+        for f in files:
+            t.log_traces(f)
         return t.run_id
 
 
@@ -134,12 +150,15 @@ class ReportConfig(StageConfig):
     folder: reports of another ``--runs`` are refused there (they would mix)."""
 
     stage: ClassVar[str] = "report"
-    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "no_track", "force"})
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "no_track", "force", "human_labels"})
 
     runs: Path | None = Field(default=None, description="folder of model folders (default "
                               "$AGENTPIPE_HOME/trajectories)")
     out: Path | None = Field(default=None, description="report root (default $AGENTPIPE_HOME/reports)")
     no_track: bool = Field(default=False, description="do not log to MLflow")
+    human_labels: Path | None = Field(default=None, description="reviewers' labels from `agentpipe track feedback` "
+                                      "(default $AGENTPIPE_HOME/feedback/evaluation.jsonl when it exists): adds "
+                                      "judge-human agreement to each report")
     force: bool = Field(default=False, description="a report folder of other runs is moved aside as "
                         "<name>.replaced-<time> (default: refuse)")
 
@@ -150,6 +169,8 @@ class ReportConfig(StageConfig):
         home = get_settings().home
         self.runs = Path(self.runs or home / "trajectories").resolve()
         self.out = Path(self.out or home / "reports")
+        if self.human_labels is None and (home / "feedback" / "evaluation.jsonl").is_file():
+            self.human_labels = home / "feedback" / "evaluation.jsonl"
         return self
 
 
@@ -158,14 +179,17 @@ def report(cfg: ReportConfig) -> StageResult:
     assert cfg.runs is not None and cfg.out is not None
     if not cfg.runs.is_dir():
         raise DataError(f"--runs {cfg.runs}: not a folder")
-    inputs = stat_digest([cfg.runs])
+    if cfg.human_labels is not None and not cfg.human_labels.is_file():
+        raise DataError(f"--human-labels {cfg.human_labels}: file not found")
+    # labels are an input: new labels rebuild the reports
+    inputs = stat_digest([cfg.runs, *([cfg.human_labels] if cfg.human_labels else [])])
     if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
         m = read_manifest(cfg.out) or {}
         return StageResult(stage=cfg.stage, status="skipped", outputs={"reports": m.get("counts", {}).get("paths", [])},
                            counts={"reports": m.get("counts", {}).get("reports", 0)}, problems=[], mlflow_runs=[])
     with writer_lock(cfg.out, wait=False, what="report folder"):
         begin_output(cfg.out, cfg.stage, cfg.fingerprint())
-        res = build_and_write_reports(cfg.runs, cfg.out, track=not cfg.no_track)
+        res = build_and_write_reports(cfg.runs, cfg.out, track=not cfg.no_track, human_labels=cfg.human_labels)
         paths = [str(p) for p in res.paths]
         write_manifest(cfg.out, stage=cfg.stage, config=cfg.fingerprint(), inputs_digest=inputs,
                        counts={"reports": len(paths), "skipped_files": len(res.problems), "paths": paths})

@@ -310,6 +310,17 @@ class _Sender:
         self.client.log_inputs(self.target["run_id"], datasets=[DatasetInput(
             dataset, tags=[InputTag(key="mlflow.data.context", value=op.get("context", "training"))])])
 
+    def _traces(self, op: dict[str, Any]) -> None:
+        from pipeline.tracking.traces import log_file_traces
+
+        local = (self.folder / op["rel"]).resolve() if op.get("rel") else Path(op["path"])
+        if not local.exists():
+            local = Path(op["path"])
+        if not local.exists():
+            raise FileNotFoundError(f"trajectory file {op['path']} no longer exists")
+        rep = log_file_traces(self.client, self.uri, self.target["experiment_id"], local, run_id=self.target["run_id"])
+        log.info("%s: %d traces (%d logged, %d replaced)", local.name, rep.traces, rep.logged, rep.replaced)
+
     def _artifact(self, op: dict[str, Any]) -> None:
         local = (self.folder / op["rel"]).resolve() if op.get("rel") else Path(op["path"])
         if not local.exists():
@@ -356,6 +367,8 @@ class _Sender:
             self._register(op)
         elif kind == "input":
             self._input(op)
+        elif kind == "traces":
+            self._traces(op)
         else:
             raise RuntimeError(f"unknown journal operation '{kind}'")
 
@@ -581,6 +594,14 @@ class Tracker:
         one dataset wherever it is used; ``profile``: counts shown beside it)."""
         self._append({"op": "input", "name": name, "source": str(Path(path).resolve()), "digest": digest[:36],
                       "context": context, "profile": dict(profile or {}), "schema": schema})
+
+    def log_traces(self, trajectory_file: str | Path) -> None:
+        """Log every trajectory of a (judged) trajectory file as a trace of this run, with its judgements as
+        assessments (``pipeline.tracking.traces``; read from disk when synced, idempotent)."""
+        p = Path(trajectory_file).resolve()
+        if not p.is_file():
+            raise ConfigError(f"trajectory file {p}: not found")
+        self._append({"op": "traces", "path": str(p), "rel": os.path.relpath(p, self.folder.resolve())})
 
     def register_model(self, name: str, artifact_path: str, *, tags: Mapping[str, Any] | None = None,
                        description: str | None = None) -> None:

@@ -1,0 +1,96 @@
+"""Human review beside the judge: labels a reviewer sets on a trace in the MLflow UI, pulled back to JSONL.
+
+In the MLflow UI a reviewer opens a trajectory's trace and adds feedback named like the judge's assessment
+(``ToolCallRisk``, ``Helpfulness``; value 0-3, optionally a rationale). ``agentpipe track feedback`` writes one
+line per human label with the judge's scores of the same trajectory beside it::
+
+    {"trace_id", "run_file", "case_idx", "name", "eval_type", "human", "reviewer", "rationale",
+     "judge_scores": [...replicates], "judge": <median of the replicates, truncated, as pairs use>}
+
+``report`` then gives, per metric, how far judge and reviewers agree (exact agreement, Cohen's kappa, quadratic
+kappa) on the labelled trajectories of each configuration (:func:`human_agreement`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.jsonl import atomic_write_text, read_jsonl
+from pipeline.tracking.traces import ASSESSMENTS, FILE_TAG, KEY_TAG
+
+_EVAL_TYPE = {name: t for t, name in ASSESSMENTS.items()}
+
+
+def _judge_score(values: list[float]) -> int | None:
+    return int(statistics.median(values)) if values else None
+
+
+def pull_feedback(client: Any, experiment_id: str) -> list[dict[str, Any]]:
+    """Every human label on the traces of an experiment, with the judge's scores beside it."""
+    rows: list[dict[str, Any]] = []
+    token = None
+    while True:
+        page = client.search_traces([experiment_id], filter_string=f"tags.`{KEY_TAG}` != ''", max_results=500,
+                                    page_token=token, include_spans=False)
+        for tr in page:
+            info = tr.info
+            judge: dict[str, list[float]] = {}
+            human = []
+            for a in info.assessments or []:
+                if getattr(a, "valid", True) is False or a.name not in _EVAL_TYPE:
+                    continue
+                source = a.source.source_type if a.source else None
+                if source == "LLM_JUDGE" and a.value is not None:
+                    judge.setdefault(a.name, []).append(float(a.value))
+                elif source == "HUMAN" and a.value is not None:
+                    human.append(a)
+            for a in human:
+                scores = judge.get(a.name, [])
+                rows.append({"trace_id": info.trace_id, "run_file": info.tags.get(FILE_TAG),
+                             "case_idx": int(info.tags.get("case_idx", -1)), "name": a.name,
+                             "eval_type": _EVAL_TYPE[a.name], "human": int(float(a.value)),
+                             "reviewer": a.source.source_id, "rationale": a.rationale,
+                             "judge_scores": scores, "judge": _judge_score(scores)})
+        token = page.token
+        if not token:
+            return sorted(rows, key=lambda r: (r["run_file"] or "", r["case_idx"], r["name"], r["reviewer"] or ""))
+
+
+def write_feedback(rows: Iterable[dict[str, Any]], out: Path) -> int:
+    """Write the pulled labels (the whole file is replaced atomically: a pull is a snapshot)."""
+    import json
+
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
+    atomic_write_text(out, "".join(lines))
+    return len(lines)
+
+
+def read_feedback(path: Path) -> list[dict[str, Any]]:
+    return read_jsonl(path).records if path.is_file() else []
+
+
+def human_agreement(labels: list[dict[str, Any]], run_files: Iterable[str]) -> dict[str, Any]:
+    """Judge-vs-human agreement per eval type on the labelled trajectories of ``run_files`` (basenames); several
+    reviewers of one trajectory count once each. Empty when nothing of these files is labelled."""
+    from pipeline.analysis.agreement import compare_scores
+
+    names = {Path(f).name for f in run_files}
+    out: dict[str, Any] = {}
+    by_type: dict[str, tuple[dict, dict]] = {}
+    for r in labels:
+        if r.get("run_file") not in names or r.get("judge") is None:
+            continue
+        human, judge = by_type.setdefault(r["eval_type"], ({}, {}))
+        key = (r["run_file"], r["case_idx"], r.get("reviewer"))
+        human[key], judge[key] = int(r["human"]), int(r["judge"])
+    for eval_type, (human, judge) in sorted(by_type.items()):
+        m = compare_scores(judge, human)
+        if m is not None:
+            # kappa is undefined (nan) when both raters gave one and the same score throughout
+            kappa = {k: None if m[k] != m[k] else m[k] for k in ("kappa", "kappa_quadratic")}
+            out[eval_type] = {"labels": m["n"], "accuracy": m["exact_agreement"], **kappa, "mean_judge": m["mean_a"],
+                              "mean_human": m["mean_b"]}
+    return out
