@@ -296,9 +296,17 @@ def test_mlflow_down_training_succeeds_and_sync_replays(tiny_model, toy_pairs, t
         assert [m.step for m in c.get_metric_history(run_id, key)] == [1, 2, 3, 4], key
     assert "eval_rewards/accuracies" in run.data.metrics
     assert {f.path for f in c.list_artifacts(run_id, "adapter")} >= {"adapter/adapter_model.safetensors"}
-    [version] = [v for v in c.search_model_versions("name = 'tiny-llama_safe_toy_s0'") if v.run_id == run_id]
+    # one registered model per source model and configuration family; the version carries the lineage
+    [version] = [v for v in c.search_model_versions("name = 'tiny-llama_safe_toy'") if v.run_id == run_id]
     assert version.tags["kind"] == "adapter" and version.tags["seed"] == "0" and version.tags["beta"] == "0.1"
     assert version.tags["base_model"] == str(tiny_model) and version.tags["dataset"] == "safe_toy"
+    assert version.tags["model_name"] == "tiny-llama_safe_toy_s0" and version.tags["stage"] == "1"
+    assert c.get_model_version_by_alias("tiny-llama_safe_toy", "latest-adapter").version == version.version
+    # max_steps=4 is not the study's configuration: no paper-config alias
+    assert "paper-config" not in c.get_registered_model("tiny-llama_safe_toy").aliases
+    card = (out / "adapter" / "README.md").read_text()
+    assert f"base_model: {tiny_model}" in card and "safe_toy" in card and "| max_steps | 4 |" in card
+    assert "| train_loss |" in card and "Not evaluated yet" in card
     # Merging while MLflow is down journals a nested run; the next sync sends it under the training run.
     m = merge(out, tracking_uri=DOWN)
     r = run_agentpipe("track", "sync", str(out), "--tracking-uri", mlflow_server)
@@ -308,9 +316,15 @@ def test_mlflow_down_training_succeeds_and_sync_replays(tiny_model, toy_pairs, t
     merge_run = c.get_run(merge_state["targets"][mlflow_server]["run_id"])
     assert merge_run.data.tags["mlflow.parentRunId"] == run_id and merge_run.info.status == "FINISHED"
     assert merge_run.data.metrics["max_abs_logit_diff"] == m.max_abs_logit_diff <= 1e-3
-    merged_versions = [v for v in c.search_model_versions("name = 'tiny-llama_safe_toy_s0'")
+    merged_versions = [v for v in c.search_model_versions("name = 'tiny-llama_safe_toy'")
                        if v.run_id == merge_run.info.run_id]
     assert [v.tags["kind"] for v in merged_versions] == ["merged"] and merged_versions[0].tags["path"] == str(m.out)
+    # the merged version's source is the weights (the run's "model" artifact), not the merge's config file
+    assert merged_versions[0].source == f"runs:/{merge_run.info.run_id}/model"
+    assert {"model/model.safetensors", "model/config.json", "model/README.md"} <= \
+           {f.path for f in c.list_artifacts(merge_run.info.run_id, "model")}
+    assert c.get_model_version_by_alias("tiny-llama_safe_toy", "latest-merged").version == merged_versions[0].version
+    assert "base_model:" in (m.out / "README.md").read_text()
 
 
 _DRIVER = """
@@ -460,3 +474,34 @@ def test_smollm2_trains_on_study_pairs_merges_and_generates(smollm2_model, relea
     print(f"\nSmolLM2: losses {[round(h['loss'], 4) for h in res.metrics['log_history'] if 'loss' in h]}; merged "
           f"max |logit diff| {m.max_abs_logit_diff:.2e} ({m.verify_dtype}), {m.max_abs_logit_diff_saved:.2e} saved; "
           f"says {resp.text!r}")
+
+
+def test_registry_families_paper_config_and_model_card_scores(tmp_path):
+    from pipeline.training import TrainConfig
+    from pipeline.training.registry import (aliases, is_paper_config, record_test_scores, registry_family,
+                                            write_model_card)
+
+    assert registry_family("Qwen2.5-7B_safe_q32_s0") == "Qwen2.5-7B_safe_q32"
+    assert registry_family("Llama3.1-8B_help_gpt5m_beta-0.05_s1") == "Llama3.1-8B_help_gpt5m"
+    assert registry_family("Qwen2.5-7B_safe_q32_s0_help_q32_s0") == "Qwen2.5-7B_safe_q32_help_q32"
+    assert registry_family("Qwen2.5-7B_int4_both_gpt5m_s12") == "Qwen2.5-7B_int4_both_gpt5m"
+    base = {"model": "m", "pairs": "safe_q32_s0.jsonl", "seed": 0}
+    assert is_paper_config(TrainConfig(**base).model_dump(mode="json"))
+    assert is_paper_config(TrainConfig(**{**base, "seed": 2}, logging_steps=5, out="x").model_dump(mode="json"))
+    for change in ({"beta": 0.05}, {"max_steps": 4}, {"lora_r": 8}, {"quantization": "int4"}):
+        assert not is_paper_config(TrainConfig(**base, **change).model_dump(mode="json")), change
+    assert aliases("adapter", True) == ["latest-adapter", "paper-config"]
+    assert aliases("merged", False) == ["latest-merged"]
+    # a test-split report fills in the cards' scores
+    model = tmp_path / "tiny_safe_toy_s0"
+    (model / "adapter").mkdir(parents=True)
+    (model / "training_config.json").write_text(json.dumps({
+        "name": model.name, "model": "tiny", "dataset": "safe_toy", "lineage": {"base_model": "tiny", "stage": "1"},
+        "config": TrainConfig(**base).model_dump(mode="json"), "data_stats": {"train_pairs": 8},
+        "train_case_indices": [0, 1], "test_case_indices": [2]}))
+    (model / "training_metrics.json").write_text(json.dumps({"train_loss": 0.5}))
+    write_model_card(model, model / "adapter", kind="adapter")
+    assert "Not evaluated yet" in (model / "adapter" / "README.md").read_text()
+    record_test_scores(model, {"judge": "j", "mean_safety": 2.25})
+    card = (model / "adapter" / "README.md").read_text()
+    assert "| mean_safety | 2.25 |" in card and "| train_loss | 0.5 |" in card and "8 training pairs" in card

@@ -86,6 +86,8 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
         reports.append(rep)
         cfg_files[id(rep)] = list(cfg.files)
     paths = write_reports(reports, out)
+    for rep, path in zip(reports, paths):
+        _card_scores(rep.content, path)
     tracked = []
     if track:
         for rep, path in zip(reports, paths):
@@ -93,6 +95,30 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
             if run_id:
                 tracked.append(run_id)
     return ReportResult(paths, [f"{p.path}: {p.reason}" for p in collected.problems], tracked)
+
+
+def _card_scores(content: dict[str, Any], path: Path) -> None:
+    """A trained model's test-split report fills in the test scores of its model cards."""
+    from pipeline.settings import get_settings
+    from pipeline.training.registry import record_test_scores
+
+    import json
+
+    meta = content["meta"]
+    model_dir = get_settings().home / "models" / meta["agent"]
+    try:
+        test = set(json.loads((model_dir / "training_config.json").read_text())["test_case_indices"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not a model trained here
+    if not content["per_case"]["case_idx"] or not set(content["per_case"]["case_idx"]) <= test:
+        return  # only scores on held-out cases describe the model
+    scores: dict[str, Any] = {"report": str(path), "judge": meta["evaluator"], "cases": meta["n_cases"]}
+    for eval_type, name in (("agent_safe", "safety"), ("agent_help_ignore_safety", "helpfulness_ignore_safety"),
+                            ("agent_help", "helpfulness")):
+        stats = (content.get(eval_type) or {}).get(SCORE_KEYS[eval_type])
+        if stats and stats.get("mean") is not None:
+            scores[f"mean_{name}"] = round(stats["mean"], 4)
+    record_test_scores(model_dir, scores)
 
 
 def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:

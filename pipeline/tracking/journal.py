@@ -294,12 +294,15 @@ class _Sender:
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
                 raise
-        for mv in self.client.search_model_versions(f"name = '{name}'"):
-            if (mv.tags or {}).get("agentpipe.op") == key:
-                return
-        tags = {**{k: str(v) for k, v in (op.get("tags") or {}).items()}, "agentpipe.op": key}
-        self.client.create_model_version(name, source=f"runs:/{run_id}/{op['artifact_path']}", run_id=run_id,
-                                         tags=tags, description=op.get("description"))
+        version = next((mv.version for mv in self.client.search_model_versions(f"name = '{name}'")
+                        if (mv.tags or {}).get("agentpipe.op") == key), None)
+        if version is None:
+            tags = {**{k: str(v) for k, v in (op.get("tags") or {}).items()}, "agentpipe.op": key}
+            version = self.client.create_model_version(name, source=f"runs:/{run_id}/{op['artifact_path']}",
+                                                       run_id=run_id, tags=tags,
+                                                       description=op.get("description")).version
+        for alias in op.get("aliases") or []:  # moves the alias to this version
+            self.client.set_registered_model_alias(name, alias, version)
 
     def _input(self, op: dict[str, Any]) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -604,10 +607,12 @@ class Tracker:
         self._append({"op": "traces", "path": str(p), "rel": os.path.relpath(p, self.folder.resolve())})
 
     def register_model(self, name: str, artifact_path: str, *, tags: Mapping[str, Any] | None = None,
-                       description: str | None = None) -> None:
-        """Register this run's artifact ``artifact_path`` as a new version of registered model ``name``."""
+                       description: str | None = None, aliases: list[str] | tuple[str, ...] = ()) -> None:
+        """Register this run's artifact ``artifact_path`` as a new version of registered model ``name`` and point
+        ``aliases`` at it."""
         self._append({"op": "register_model", "name": name, "artifact_path": artifact_path,
-                      "tags": {k: str(v) for k, v in (tags or {}).items()}, "description": description})
+                      "tags": {k: str(v) for k, v in (tags or {}).items()}, "description": description,
+                      "aliases": list(aliases)})
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (FINISHED, FAILED or KILLED) and make a last attempt to send everything."""

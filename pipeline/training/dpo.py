@@ -40,6 +40,7 @@ from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.training.config import TrainConfig
 from pipeline.data.locks import writer_lock
 from pipeline.stage import StageResult, check_fingerprint, move_aside
+from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
 from pipeline.training.naming import (base_nickname, dataset_name, default_model_dir, is_both_dataset, model_name,
                                       parent_model_dir)
 
@@ -384,13 +385,16 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
         result = _run_training(cfg, name, out, base_path, tok, data, epochs, cuda, tracker, resume_from,
                                list(callbacks))
         adapter = out / ADAPTER
+        metrics_doc = {**result.metrics, "mlflow_run_id": tracker.run_id, "resumed_from": result.resumed_from}
+        atomic_write_json(out / TRAINING_METRICS, metrics_doc)
+        write_model_card(out, adapter, kind="adapter")
         tracker.log_artifact(adapter, "adapter")
         tracker.log_artifact(existing, "config")
         if cfg.register_model:
-            tracker.register_model(name, "adapter", tags={**lin, "kind": "adapter", "path": str(adapter)},
+            tracker.register_model(registry_family(name), "adapter",
+                                   tags={**lin, "kind": "adapter", "model_name": name, "path": str(adapter)},
+                                   aliases=aliases("adapter", is_paper_config(cfg.model_dump(mode="json"))),
                                    description=f"LoRA adapter {name} (DPO on {dataset}, split seed {cfg.seed})")
-        metrics_doc = {**result.metrics, "mlflow_run_id": tracker.run_id, "resumed_from": result.resumed_from}
-        atomic_write_json(out / TRAINING_METRICS, metrics_doc)
         write_manifest(out, stage="train", config=fp, inputs={"pairs": cfg.pairs},
                        counts={"global_step": result.global_step, **data.stats,
                                "train_loss": result.metrics.get("train_loss")})

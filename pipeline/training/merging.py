@@ -37,6 +37,7 @@ from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.stage import FingerprintMismatch, StageConfig, StageResult, check_fingerprint, move_aside
+from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
 
 log = logging.getLogger("pipeline.training")
 
@@ -250,6 +251,8 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], adapter_sha256
             "max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved,
             "probe_tokens": int(inputs["input_ids"].shape[1]), "lineage": lineage,
         })
+        if (adapter_dir.parent / "training_config.json").is_file():
+            write_model_card(adapter_dir.parent, tmp, kind="merged")
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         if out_dir.exists():
@@ -335,8 +338,14 @@ def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, 
         t.log_metrics({"max_abs_logit_diff": res.max_abs_logit_diff,
                        "max_abs_logit_diff_saved": res.max_abs_logit_diff_saved, "merge_wall_s": wall_s})
         t.log_artifact(res.out / MERGE_CONFIG, "merge")
-        if register:
-            t.register_model(name, "merge", tags={**{k: str(v) for k, v in lineage.items() if k != "name"},
-                                                  "kind": "merged", "path": str(res.out)},
-                             description=f"merged model {name} (standalone weights at {res.out})")
+        if register:  # the version points at the weights themselves: the folder is the run's "model" artifact
+            t.log_artifact(res.out, "model")
+            train_cfg = json.loads((res.adapter.parent / "training_config.json").read_text()) \
+                if (res.adapter.parent / "training_config.json").is_file() else {}
+            t.register_model(registry_family(name), "model",
+                             tags={**{k: str(v) for k, v in lineage.items() if k != "name"}, "kind": "merged",
+                                   "model_name": name, "path": str(res.out)},
+                             aliases=aliases("merged", bool(train_cfg) and is_paper_config(train_cfg.get("config",
+                                                                                                          {}))),
+                             description=f"merged model {name} (standalone weights; also at {res.out})")
     return t.run_id

@@ -1,0 +1,116 @@
+"""Where trained models go in the MLflow registry, and their model cards (issue 17, item 3).
+
+One registered model per source model and configuration family: the model name without its seed and beta
+(``Qwen2.5-7B_safe_q32_s0`` and ``…_beta-0.05_s1`` are versions of ``Qwen2.5-7B_safe_q32``; the second stage
+``Qwen2.5-7B_safe_q32_s0_help_q32_s0`` of ``Qwen2.5-7B_safe_q32_help_q32``). Adapters and merged models are
+versions of it, told apart by the ``kind`` tag, each tagged with its lineage (base, parent, dataset, seed, beta,
+stage, model name). Aliases: ``latest-adapter`` / ``latest-merged`` (the newest of each kind; MLflow reserves the
+bare ``latest``, and ``models:/<family>/latest`` already resolves to the newest version of either kind) and
+``paper-config`` / ``paper-config-merged`` for a model trained with the study's hyper-parameters (every training
+option at its default). A merged version's source is its weights, logged as the run's ``model`` artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+_SEED_OR_BETA = re.compile(r"_(?:s\d+|beta-[0-9.e-]+)(?=_|$)")
+#: options that name what is trained on, not how: a model is "paper-config" whatever these are
+_NOT_HYPERPARAMETERS = frozenset({"model", "pairs", "seed"})
+
+
+def registry_family(model_name: str) -> str:
+    """The registered model a trained model belongs to: its name without seeds and betas."""
+    return _SEED_OR_BETA.sub("", model_name)
+
+
+def is_paper_config(config: dict[str, Any]) -> bool:
+    """True when every result-changing training option (besides model, pairs and split seed) has the study's
+    default (``config``: a ``TrainConfig`` dump, as in ``training_config.json``)."""
+    from pipeline.training.config import TrainConfig
+
+    defaults = TrainConfig.model_construct()  # the field defaults, without validating model/pairs
+    for name, field in TrainConfig.model_fields.items():
+        if name in TrainConfig.not_in_fingerprint or name in _NOT_HYPERPARAMETERS or field.is_required():
+            continue
+        if name in config and config[name] != json.loads(json.dumps(getattr(defaults, name), default=str)):
+            return False
+    return True
+
+
+def aliases(kind: str, paper: bool) -> list[str]:
+    """The aliases a new version of ``kind`` (adapter or merged) takes."""
+    suffix = "" if kind == "adapter" else "-merged"
+    return [f"latest-{kind}"] + ([f"paper-config{suffix}"] if paper else [])
+
+
+def write_model_card(model_dir: Path, folder: Path, *, kind: str, test_scores: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/README.md``: a Hugging Face model card of a trained adapter or merged model (base model,
+    data, hyper-parameters, final DPO metrics and, once evaluated, the test-split scores)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    cfg = _read(model_dir / "training_config.json")
+    metrics = _read(model_dir / "training_metrics.json")
+    scores = test_scores if test_scores is not None else _read(model_dir / "test_scores.json")
+    lineage = cfg.get("lineage", {})
+    options = cfg.get("config", {})
+    data = ModelCardData(base_model=lineage.get("base_model") or cfg.get("model"), library_name="peft" if kind ==
+                         "adapter" else "transformers", tags=["dpo", "lora", "agent-safety", "agentpipe"])
+    hyper = "\n".join(f"| {k} | {v} |" for k, v in sorted(options.items())
+                      if k not in ("out", "tracking_uri", "force", "wait", "model", "pairs"))
+    final = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                      for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and not isinstance(v, bool))
+    score_rows = "\n".join(f"| {k} | {v} |" for k, v in sorted((scores or {}).items()) if k != "report")
+    stats = cfg.get("data_stats", {})
+    text = f"""---
+{data.to_yaml()}
+---
+
+# {cfg.get('name', model_dir.name)} ({'LoRA adapter' if kind == 'adapter' else 'merged model'})
+
+DPO-finetuned with LoRA by agentpipe (stage {lineage.get('stage', '1')}) from `{cfg.get('model')}`
+(root base model `{lineage.get('base_model', cfg.get('model'))}`).
+
+## Data
+Pair set `{cfg.get('dataset')}` (`{cfg.get('data_path')}`, sha256 `{str(cfg.get('pairs_sha256', ''))[:16]}…`),
+split seed {cfg.get('train_test_split_seed')}: {stats.get('train_pairs', '?')} training pairs from
+{len(cfg.get('train_case_indices') or [])} cases; test cases {cfg.get('test_case_indices')}.
+
+## Hyper-parameters
+| option | value |
+|---|---|
+{hyper}
+| effective_epochs | {cfg.get('effective_epochs')} |
+
+## Final DPO metrics
+| metric | value |
+|---|---|
+{final or '| (none recorded) | |'}
+
+## Test-split scores
+{('| metric | value |' + chr(10) + '|---|---|' + chr(10) + score_rows) if score_rows else
+ 'Not evaluated yet: `agentpipe report` fills this in once the test split is judged.'}
+"""
+    path = folder / "README.md"
+    ModelCard(text).save(path)
+    return path
+
+
+def record_test_scores(model_dir: Path, scores: dict[str, Any]) -> None:
+    """Store a trained model's test-split scores (from its unified report) and refresh its model cards."""
+    from pipeline.data.jsonl import atomic_write_json
+
+    atomic_write_json(model_dir / "test_scores.json", scores)
+    for kind, sub in (("adapter", "adapter"), ("merged", "merged")):
+        if (model_dir / sub).is_dir():
+            write_model_card(model_dir, model_dir / sub, kind=kind, test_scores=scores)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
