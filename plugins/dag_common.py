@@ -174,11 +174,32 @@ def finish_tracking(folder: str, experiment: str, **context) -> str | None:
                                    "it is marked failed rather than successful") from None
     failed = sorted({str(task) for run in states.values() for task, state in run.items()
                      if state in ("failed", "upstream_failed")})
-    Tracker.open(folder, experiment=experiment).finish("FAILED" if failed else "FINISHED")
+    parent = Tracker.open(folder, experiment=experiment)
+    parent.log_metrics(_stage_totals(folder))
+    parent.finish("FAILED" if failed else "FINISHED")
     run_id = sync(folder).run_id if resolve_tracking_uri() else None  # no MLflow configured: journal only
     if failed:
         raise AirflowFailException(f"tasks of this DAG run failed: {', '.join(failed)}")
     return run_id
+
+
+def _stage_totals(folder: str) -> dict[str, float]:
+    """``total_<metric>``: tokens, USD, wall time and GPU-hours summed over this DAG run's stage runs (empty when
+    MLflow is not configured or unreachable: the stage runs keep their own figures)."""
+    import logging
+
+    from pipeline.tracking import resolve_tracking_uri, sync
+    from pipeline.tracking.stage_runs import child_sums
+
+    uri = resolve_tracking_uri()
+    if uri is None:
+        return {}
+    try:
+        run_id = sync(folder).run_id
+        return {f"total_{k}": v for k, v in child_sums(run_id, uri).items()} if run_id else {}
+    except Exception as e:  # noqa: BLE001 - the totals are a convenience; the run's outcome matters more
+        logging.getLogger(__name__).warning("stage totals not computed: %s", " ".join(str(e).split())[:300])
+        return {}
 
 
 def _safe(text: str) -> str:

@@ -244,7 +244,9 @@ def emulate(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = None,
             emulator_backend: ChatBackend | None = None,
             progress: Callable[[dict[str, Any]], None] | None = None) -> StageResult:
     """The ``emulate`` stage: every agent of ``cfg`` (see ``run_emulations``); incomplete while any case failed."""
+    t0 = time.monotonic()
     runs = run_emulations(cfg, agent_backend=agent_backend, emulator_backend=emulator_backend, progress=progress)
+    _track_runs(cfg, runs, time.monotonic() - t0)
     failed = sum(r.failed for r in runs)
     status = "incomplete" if failed else "skipped" if all(r.skipped_complete for r in runs) else "complete"
     paths = [str(r.path) for r in runs]
@@ -253,6 +255,23 @@ def emulate(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = None,
                        counts={"cases": sum(len(r.cases) for r in runs), "failed": failed,
                                "new": sum(r.newly_done for r in runs)},
                        runs=[asdict(r) | {"path": str(r.path)} for r in runs])
+
+
+def _track_runs(cfg: EmulationConfig, runs: list[EmulationResult], wall_s: float) -> None:
+    """One MLflow run per run file: its counts, tokens and USD per role (whole file), time and GPU-hours."""
+    from pipeline.tracking.stage_runs import add_usage, log_stage_run
+
+    worked = [r for r in runs if not r.skipped_complete]
+    for r in worked:
+        usage: dict[str, dict[str, float]] = {}
+        records = read_jsonl(r.path).records if r.path.exists() else []
+        for rec in records:
+            for role, u in (rec.get("usage") or {}).items():
+                add_usage(usage, role, u)
+        log_stage_run("emulate", r.path, experiment="evaluation", params=cfg.fingerprint(),
+                      counts={"cases": len(records), "failed": sum("error" in rec for rec in records),
+                              "new": r.newly_done},
+                      usage=usage, wall_s=wall_s / len(worked))  # agents emulated together share the time
 
 
 def run_emulations(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = None,

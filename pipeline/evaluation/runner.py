@@ -124,6 +124,8 @@ def evaluate(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
     """The ``evaluate`` stage: ``run_evaluation`` as a ``StageResult``; incomplete while a request failed (an
     evaluation whose every request failed is never complete)."""
     res = run_evaluation(cfg, backend=backend, progress=progress)
+    if len(res.skipped) < len(res.eval_files):
+        _track_run(cfg, res)
     status = ("incomplete" if res.incomplete else
               "skipped" if len(res.skipped) == len(res.eval_files) else "complete")
     return StageResult(stage="evaluate", status=status,
@@ -132,6 +134,24 @@ def evaluate(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
                        counts={"requests": res.requests, "scored": res.scored, "parse_failed": res.parse_failed,
                                "errors": res.errors}, incomplete=res.incomplete, skipped=res.skipped,
                        wall_s=res.wall_s)
+
+
+def _track_run(cfg: EvaluationConfig, res: EvaluationResult) -> None:
+    """The MLflow run of a judged trajectory file: judgements by status, judge tokens and USD (whole files)."""
+    from collections import Counter
+
+    from pipeline.tracking.stage_runs import add_usage, log_stage_run
+
+    usage: dict[str, dict[str, float]] = {}
+    status: Counter = Counter()
+    for path in res.eval_files.values():
+        for rec in read_jsonl(path).records if path.exists() else []:
+            for rep in rec["replicates"] if isinstance(rec.get("replicates"), list) else [rec]:
+                status[rep.get("status") or "ok"] += 1
+                add_usage(usage, "judge", rep.get("usage"))
+    log_stage_run("evaluate", res.trajectory_file, experiment="evaluation", params=cfg.fingerprint(),
+                  counts={"judgements": sum(status.values()), **{f"judgements_{k}": v for k, v in status.items()}},
+                  usage=usage, wall_s=res.wall_s)
 
 
 def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,

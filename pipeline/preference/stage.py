@@ -121,6 +121,11 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
                                counts=(read_manifest(path) or {}).get("counts", {}))
         write_pair_set(result, cfg.out, manifest_config=fingerprint)
     s = result.stats
+    from pipeline.tracking.stage_runs import log_stage_run
+
+    log_stage_run("pairs", path, experiment="training", params=cfg.fingerprint(), usage={},
+                  counts={"pairs": s["pairs"], "cases_with_pairs": s["cases_with_pairs"], "items": s["load"]["items"],
+                          "dropped_too_long": s.get("dropped_too_long", 0)}, wall_s=time.perf_counter() - t0)
     return StageResult(stage=cfg.stage, outputs={"pairs": str(path)},
                        counts={"pairs": s["pairs"], "cases": s["cases_with_pairs"], "items": s["load"]["items"],
                                "dropped_too_long": s.get("dropped_too_long", 0)},

@@ -623,6 +623,11 @@ class Tracker:
         self._journal.close()
 
     # -- state
+    def logged(self, metric: str) -> list[float]:
+        """The values of ``metric`` this run has logged so far (its journal, across resumes), in order."""
+        key = metric_key(metric)
+        return [op["metrics"][key] for op in self._ops if op["op"] == "metrics" and key in op["metrics"]]
+
     @property
     def run_id(self) -> str | None:
         """The MLflow run id, once the start has been sent."""

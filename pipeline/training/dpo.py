@@ -294,6 +294,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
     ``explicit``: names of the settings given explicitly (config file or flags), for the ``both`` epochs rule;
     None means every setting that differs from its default. ``callbacks``: extra ``TrainerCallback`` objects.
     """
+    t0 = time.monotonic()
     explicit = set(cfg.model_fields_set) if explicit is None else explicit
     dataset = dataset_name(cfg.pairs, cfg.seed)  # cheap input checks first, before loading torch
     pairs = load_training_pairs(cfg.pairs)
@@ -385,6 +386,13 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
         result = _run_training(cfg, name, out, base_path, tok, data, epochs, cuda, tracker, resume_from,
                                list(callbacks))
         adapter = out / ADAPTER
+        from pipeline.tracking.stage_runs import elapsed_s, gpu_count
+
+        # time and GPU-hours, summed over the invocations that trained this model (a resumed run adds to them)
+        wall = elapsed_s(time.monotonic() - t0)
+        gpus = gpu_count() or (1 if cuda else 0)
+        tracker.log_metrics({"wall_s": sum(tracker.logged("wall_s")[-1:]) + wall,
+                             "gpu_hours": sum(tracker.logged("gpu_hours")[-1:]) + wall * gpus / 3600})
         metrics_doc = {**result.metrics, "mlflow_run_id": tracker.run_id, "resumed_from": result.resumed_from}
         atomic_write_json(out / TRAINING_METRICS, metrics_doc)
         write_model_card(out, adapter, kind="adapter")

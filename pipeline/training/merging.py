@@ -325,7 +325,10 @@ def _lineage(adapter_dir: Path) -> dict[str, Any]:
 
 def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, register: bool,
            wall_s: float) -> str | None:
+    import torch
+
     from pipeline.tracking import Tracker
+    from pipeline.tracking.stage_runs import elapsed_s, gpu_count
 
     model_dir = res.adapter.parent if default_merge_dir(res.adapter) == res.out else None
     folder = model_dir / "tracking" / "merge" if model_dir is not None else res.out / "tracking"
@@ -336,7 +339,9 @@ def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, 
                       tags={"agentpipe.stage": "merge", "model_name": name}) as t:
         t.log_params({"adapter": str(res.adapter), "base": res.base, "dtype": res.dtype, "out": str(res.out)})
         t.log_metrics({"max_abs_logit_diff": res.max_abs_logit_diff,
-                       "max_abs_logit_diff_saved": res.max_abs_logit_diff_saved, "merge_wall_s": wall_s})
+                       "max_abs_logit_diff_saved": res.max_abs_logit_diff_saved, "merge_wall_s": wall_s,
+                       "wall_s": elapsed_s(wall_s),
+                       "gpu_hours": elapsed_s(wall_s) * (gpu_count() or int(torch.cuda.is_available())) / 3600})
         t.log_artifact(res.out / MERGE_CONFIG, "merge")
         if register:  # the version points at the weights themselves: the folder is the run's "model" artifact
             t.log_artifact(res.out, "model")
