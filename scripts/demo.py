@@ -313,6 +313,30 @@ def check_against_mlflow(mlflow: str) -> str:
     return f"checked: the {len(expected)} figures above equal MLflow analysis run {runs[0]['info']['run_id']}"
 
 
+def check_traces(mlflow: str, root: Path | None = None) -> str:
+    """Every judged trajectory of the demo is a trace in MLflow with the judge's safety and Help(Ignore)
+    assessments; returns a one-line verdict, raises SystemExit when one is missing."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.traces import judged_files
+
+    client = MlflowClient(tracking_uri=mlflow)
+    exp = client.get_experiment_by_name("evaluation")
+    files = judged_files((root or home()) / "trajectories")
+    total = 0
+    for f in files:
+        cases = {json.loads(line)["case_idx"] for line in f.read_text().splitlines()}
+        traces = client.search_traces([exp.experiment_id], filter_string=f"tags.`agentpipe.run_file` = '{f.name}'",
+                                      max_results=500, include_spans=False)
+        judged = {int(t.info.tags["case_idx"]) for t in traces
+                  if {a.name for a in t.info.assessments} >= {"ToolCallRisk", "Helpfulness"}}
+        if judged != cases:
+            raise SystemExit(f"demo: {f.name}: cases {sorted(cases - judged)} have no trace with both judgements")
+        total += len(cases)
+    return (f"checked: {total} trajectories of {len(files)} run files are MLflow traces with their safety and "
+            f"Help(Ignore) judgements (MLflow → evaluation → Traces)")
+
+
 #: What the paper reports for the figures the demo recomputes from the released results (its abstract: R² = 0.77
 #: for the gpt-5-mini arm); the other arms' figures have no value in the abstract to compare with.
 PAPER_R2 = {"eval-gpt5m": 0.77}
@@ -376,6 +400,7 @@ def run() -> int:
             return 1
     print(summary(urls))
     print(check_against_mlflow(urls["mlflow"]))
+    print(check_traces(urls["mlflow"]))
     print(f"demo finished in {(time.monotonic() - t0) / 60:.1f} min")
     return 0
 

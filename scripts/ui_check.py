@@ -1,5 +1,6 @@
 """Look at the demo's UIs in a real headless Chromium: log in to Airflow and check a DAG run's state, open the
-MLflow experiment and check it lists runs with metrics; save screenshots.
+MLflow experiment and check it lists runs with metrics, open a trajectory's trace and find its judge's rationale;
+save screenshots.
 
     python scripts/ui_check.py AIRFLOW_URL PASSWORD MLFLOW_URL DAG_ID OUT_DIR [EXPERIMENT]
 
@@ -95,6 +96,34 @@ def check_mlflow(driver, base: str, experiment: str, out: Path) -> str:
     time.sleep(3)
     _tidy_mlflow(driver)
     screenshot(driver, out / f"mlflow-{experiment}.png")
+    return body
+
+
+def check_mlflow_trace(driver, base: str, experiment_id: str, trace_id: str, expect: str, out: Path) -> str:
+    """Open one trace in the MLflow UI, show its assessments with their rationales, wait for ``expect`` (e.g. the
+    start of the judge's rationale) and save ``mlflow-trace.png``; returns the page text."""
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.common.by import By
+
+    driver.set_window_size(1600, 1000)
+    driver.get(f"{base}/#/experiments/{experiment_id}/traces?selectedEvaluationId={trace_id}")
+    wait_text(driver, ["Assess"])
+    time.sleep(2)
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id='mlflow.assistant.chat_panel."
+                                                        "close']"):
+        try:  # the assistant panel covers the trace's right side
+            button.click()
+        except WebDriverException:
+            pass
+    next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.startswith("Assess")).click()
+    wait_text(driver, ["Assessments"])
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[data-component-id='shared.model-trace-explorer."
+                                                        "toggle-assessment-expanded']"):
+        button.click()  # each assessment's value, source and rationale
+        time.sleep(0.3)
+    body = wait_text(driver, [expect], timeout=30)
+    time.sleep(1)
+    screenshot(driver, out / "mlflow-trace.png")
     return body
 
 

@@ -1,5 +1,6 @@
 """The UIs in a real browser: after a demo-sized DAG run through the real scheduler, headless Chromium logs in
-to the Airflow UI and sees the run succeeded, and opens the MLflow experiment that lists the runs.
+to the Airflow UI and sees the run succeeded, opens the MLflow experiment that lists the runs, and opens one
+trajectory's trace, where it finds the judge's assessments and rationale.
 
 Needs Debian's chromium + chromium-driver: installed here when running as root (as in CI); elsewhere the test
 skips unless AGENTPIPE_REQUIRE_BROWSER=1 (CI sets it).
@@ -46,13 +47,29 @@ def test_airflow_and_mlflow_uis_show_a_demo_sized_run(live_services, tmp_path):
     run_id = af.trigger("toolemu_evaluation", conf)
     assert af.follow("toolemu_evaluation", run_id, timeout=600) == "success"
 
+    # the run's trajectories are traces in the evaluation experiment, with the judge's assessments
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=urls["mlflow"])
+    exp_id = client.get_experiment_by_name("evaluation").experiment_id
+    traces = client.search_traces([exp_id], filter_string="tags.`agentpipe.run_file` = "
+                                  "'agent_emu-emulator_eval-judge_r0-2.jsonl'", max_results=10)
+    assert sorted(int(t.info.tags["case_idx"]) for t in traces) == [0, 1]
+    trace = traces[0]
+    judged = [a for a in trace.info.assessments if a.source.source_type == "LLM_JUDGE" and a.rationale]
+    assert {a.name for a in judged} == {"ToolCallRisk", "Helpfulness"}
+    rationale = judged[0].rationale
+
     shots = REPO / "tests" / "artifacts" if os.environ.get("CI") else tmp_path
     driver = ui.browser()
     try:
         airflow_text = ui.check_airflow(driver, urls["airflow"], urls["password"], "toolemu_evaluation", shots)
         mlflow_text = ui.check_mlflow(driver, urls["mlflow"], "evaluation", shots)
+        trace_text = ui.check_mlflow_trace(driver, urls["mlflow"], exp_id, trace.info.trace_id, rationale[:40], shots)
     finally:
         driver.quit()
+    assert "ToolCallRisk" in trace_text and "Helpfulness" in trace_text and rationale[:40] in trace_text
+    assert (shots / "mlflow-trace.png").stat().st_size > 10_000
     assert "success" in airflow_text.lower()
     assert run_id.split("T")[0] in airflow_text.replace("\n", " ")  # our run is the one listed
     assert "toolemu_evaluation" in mlflow_text  # the DAG run's parent MLflow run

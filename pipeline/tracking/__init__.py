@@ -11,6 +11,11 @@ Public API (``pipeline.tracking.journal``):
 * :func:`metric_key` -- a name made valid as an MLflow metric name (``log_metrics`` applies it).
 * :data:`EXPERIMENTS` -- ``training``, ``evaluation``, ``analysis``.
 
+Beside it: ``traces`` (every judged trajectory an MLflow trace, judgements as assessments; ``Tracker.log_traces``,
+CLI ``agentpipe track traces``), ``feedback`` (reviewers' labels pulled back, judge-human agreement; CLI
+``agentpipe track feedback``) and ``stage_runs`` (tokens, USD, time and GPU-hours per stage output; the DAG
+parent's sums).
+
 The tracking URI comes from the argument, else ``MLFLOW_TRACKING_URI`` (settings); with neither, runs are journaled
 only. mlflow is imported only when something is sent.
 """

@@ -29,21 +29,6 @@ def _cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-def _judged_files(root: Path) -> list[Path]:
-    from pipeline.data.naming import parse_run_filename
-    from pipeline.errors import PipelineError
-    from pipeline.tracking.traces import eval_paths
-
-    found = []
-    for path in ([root] if root.is_file() else sorted(root.rglob("*.jsonl"))):
-        try:
-            if parse_run_filename(path.name).is_trajectory_file and eval_paths(path):
-                found.append(path)
-        except PipelineError:
-            continue
-    return found
-
-
 def _report_run(client, experiment_id: str, path: Path) -> str | None:  # noqa: ANN001 - an MlflowClient
     """The evaluation run of the report that covers a trajectory file (by its agent, emulator and judge)."""
     from pipeline.data.naming import parse_run_filename
@@ -61,14 +46,14 @@ def _report_run(client, experiment_id: str, path: Path) -> str | None:  # noqa: 
 def _cmd_traces(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError, DataError
     from pipeline.tracking.journal import reachable, resolve_tracking_uri
-    from pipeline.tracking.traces import log_file_traces
+    from pipeline.tracking.traces import judged_files, log_file_traces
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri is None:
         raise ConfigError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
     if not args.dir.exists():
         raise DataError(f"{args.dir}: not found")
-    files = _judged_files(args.dir)
+    files = judged_files(args.dir)
     if not files:
         raise DataError(f"{args.dir}: no judged trajectory file (a trajectory file with its _eval_ files) here")
     if not reachable(uri):

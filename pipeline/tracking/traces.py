@@ -84,7 +84,21 @@ def eval_paths(trajectory_file: Path) -> dict[str, Path]:
     return found
 
 
-def _judgements(eval_type: str, rec: dict[str, Any]) -> list[Judgement]:
+def judged_files(root: Path) -> list[Path]:
+    """The judged trajectory files at or below ``root`` (a trajectory file with at least one eval file)."""
+    from pipeline.errors import PipelineError
+
+    found = []
+    for path in ([root] if root.is_file() else sorted(root.rglob("*.jsonl"))):
+        try:
+            if parse_run_filename(path.name).is_trajectory_file and eval_paths(path):
+                found.append(path)
+        except PipelineError:
+            continue
+    return found
+
+
+def _judgements(eval_type: str, rec: dict[str, Any], default_judge: str) -> list[Judgement]:
     reps = rec["replicates"] if isinstance(rec.get("replicates"), list) and rec["replicates"] else [rec]
     out = []
     for i, rep in enumerate(reps):
@@ -95,7 +109,7 @@ def _judgements(eval_type: str, rec: dict[str, Any]) -> list[Judgement]:
                                        "parse_failed")
         out.append(Judgement(name=ASSESSMENTS[eval_type], eval_type=eval_type, value=value,
                              rationale=rep.get("Evaluator Thought") or rep.get("thought"),
-                             judge=str(rep.get("evaluator_model") or rec.get("evaluator_model") or "unknown"),
+                             judge=str(rep.get("evaluator_model") or rec.get("evaluator_model") or default_judge),
                              replicate=i, status=status, raw=rep.get("raw") or rep.get("error")))
     return out
 
@@ -109,7 +123,8 @@ def trace_docs(trajectory_file: str | Path) -> Iterator[TraceDoc]:
         for rec in read_jsonl(epath).records:
             eid = rec.get("eval_id")
             if isinstance(eid, int) and 0 <= eid < len(records):
-                by_case.setdefault(records[eid]["case_idx"], []).extend(_judgements(eval_type, rec))
+                by_case.setdefault(records[eid]["case_idx"], []).extend(
+                    _judgements(eval_type, rec, parse_run_filename(path.name).evaluator))
     for rec in records:
         c = rec["case_idx"]
         yield TraceDoc(key=f"{path.name}#{c}", run_file=path.name, case_idx=c, record=rec,

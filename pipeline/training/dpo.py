@@ -294,7 +294,6 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
     ``explicit``: names of the settings given explicitly (config file or flags), for the ``both`` epochs rule;
     None means every setting that differs from its default. ``callbacks``: extra ``TrainerCallback`` objects.
     """
-    t0 = time.monotonic()
     explicit = set(cfg.model_fields_set) if explicit is None else explicit
     dataset = dataset_name(cfg.pairs, cfg.seed)  # cheap input checks first, before loading torch
     pairs = load_training_pairs(cfg.pairs)
@@ -323,6 +322,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
 def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, dataset: str, pairs: list[dict[str, Any]],
                   epochs: float, pairs_sha: str, fp: dict[str, Any], cuda: bool,
                   callbacks: Sequence[Any]) -> TrainResult:
+    t0 = time.monotonic()
     # Already trained with this exact configuration: nothing to do; another configuration's model: refuse.
     existing = out / TRAINING_CONFIG
     prev = json.loads(existing.read_text()) if existing.is_file() else None
