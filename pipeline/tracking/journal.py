@@ -313,23 +313,24 @@ class _Sender:
         self.client.log_inputs(self.target["run_id"], datasets=[DatasetInput(
             dataset, tags=[InputTag(key="mlflow.data.context", value=op.get("context", "training"))])])
 
-    def _traces(self, op: dict[str, Any]) -> None:
-        from pipeline.tracking.traces import log_file_traces
-
+    def _local(self, op: dict[str, Any], what: str) -> Path:
+        """The file an operation refers to: relative to the journal (the tree moved), else its absolute path."""
         local = (self.folder / op["rel"]).resolve() if op.get("rel") else Path(op["path"])
         if not local.exists():
             local = Path(op["path"])
         if not local.exists():
-            raise FileNotFoundError(f"trajectory file {op['path']} no longer exists")
+            raise FileNotFoundError(f"{what} {op['path']} no longer exists")
+        return local
+
+    def _traces(self, op: dict[str, Any]) -> None:
+        from pipeline.tracking.traces import log_file_traces
+
+        local = self._local(op, "trajectory file")
         rep = log_file_traces(self.client, self.uri, self.target["experiment_id"], local, run_id=self.target["run_id"])
         log.info("%s: %d traces (%d logged, %d replaced)", local.name, rep.traces, rep.logged, rep.replaced)
 
     def _artifact(self, op: dict[str, Any]) -> None:
-        local = (self.folder / op["rel"]).resolve() if op.get("rel") else Path(op["path"])
-        if not local.exists():
-            local = Path(op["path"])
-        if not local.exists():
-            raise FileNotFoundError(f"artifact {op['path']} no longer exists")
+        local = self._local(op, "artifact")
         if local.is_dir():
             self.client.log_artifacts(self.target["run_id"], str(local), op.get("artifact_path"))
         else:
