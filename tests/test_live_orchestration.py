@@ -147,6 +147,7 @@ def test_mlflow_shows_every_trajectory_as_a_trace_the_lineage_and_the_costs(expe
     merged = [v for d in models for v in c.search_model_versions(f"name = '{registry_family(d.name)}'")
               if v.tags["kind"] == "merged"]
     assert len(merged) == 1 and merged[0].source == f"runs:/{merged[0].run_id}/model"
-    [parent] = c.search_runs([training], f"tags.`airflow.run_id` = '{run_id}'")
+    # the DAG run's parent (its stage runs carry the same airflow tags)
+    [parent] = c.search_runs([training], f"attributes.run_name = 'dpo_experiment {run_id}'")
     m = parent.data.metrics
     assert m["total_tokens_agent"] > 0 and m["total_tokens_judge"] > 0 and m["total_wall_s"] > 0
