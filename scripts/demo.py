@@ -318,7 +318,7 @@ def check_traces(mlflow: str, root: Path | None = None) -> str:
     assessments; returns a one-line verdict, raises SystemExit when one is missing."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking.traces import judged_files
+    from pipeline.tracking.traces import PATH_TAG, judged_files
 
     client = MlflowClient(tracking_uri=mlflow)
     exp = client.get_experiment_by_name("evaluation")
@@ -326,8 +326,8 @@ def check_traces(mlflow: str, root: Path | None = None) -> str:
     total = 0
     for f in files:
         cases = {json.loads(line)["case_idx"] for line in f.read_text().splitlines()}
-        traces = client.search_traces([exp.experiment_id], filter_string=f"tags.`agentpipe.run_file` = '{f.name}'",
-                                      max_results=500, include_spans=False)
+        traces = client.search_traces([exp.experiment_id], max_results=500, include_spans=False,
+                                      filter_string=f"tags.`{PATH_TAG}` = '{f.resolve()}'")
         judged = {int(t.info.tags["case_idx"]) for t in traces
                   if {a.name for a in t.info.assessments} >= {"ToolCallRisk", "Helpfulness"}}
         if judged != cases:

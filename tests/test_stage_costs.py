@@ -91,3 +91,10 @@ def test_gpu_count_from_the_job_or_the_visible_devices(monkeypatch, env, gpus):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert gpu_count() == gpus
+
+
+def test_api_models_use_no_gpu_time():
+    from pipeline.emulation.runner import _uses_gpu
+
+    assert not _uses_gpu(["openai:gpt-5-mini", "openai:gpt-4o"])
+    assert _uses_gpu(["openai:gpt-5-mini", "Qwen3-8B"]) and _uses_gpu(["vllm:Qwen/Qwen3-8B"])

@@ -40,17 +40,18 @@ def judged_run(tmp_path_factory, mlflow_server):
     return home, env, judged
 
 
-def _traces(uri, run_file):
+def _traces(uri, path):
+    """The traces of one trajectory file (by its absolute path)."""
     c = _client(uri)
     exp = c.get_experiment_by_name("evaluation")
-    return c.search_traces([exp.experiment_id], filter_string=f"tags.`agentpipe.run_file` = '{run_file}'",
+    return c.search_traces([exp.experiment_id], filter_string=f"tags.`agentpipe.run_path` = '{path.resolve()}'",
                            max_results=100)
 
 
 def test_report_logs_one_trace_per_trajectory_with_spans_and_judge_assessments(judged_run, mlflow_server):
     home, _, judged = judged_run
     records = [json.loads(line) for line in judged.read_text().splitlines()]
-    traces = {int(t.info.tags["case_idx"]): t for t in _traces(mlflow_server, judged.name)}
+    traces = {int(t.info.tags["case_idx"]): t for t in _traces(mlflow_server, judged)}
     assert sorted(traces) == sorted(r["case_idx"] for r in records) == [0, 1, 2]
     report = json.loads(next((home / "reports").rglob("*traced-agent*_unified_report.json")).read_text())
     report_run = _client(mlflow_server).search_runs(
@@ -89,28 +90,55 @@ def test_report_logs_one_trace_per_trajectory_with_spans_and_judge_assessments(j
     assert report["meta"]["agent"] == "traced-agent"
 
 
-def test_logging_again_adds_nothing_and_changed_judgements_replace_the_trace(judged_run, mlflow_server, tmp_path):
+def test_logging_again_adds_nothing_and_changed_judgements_are_replaced_in_place(judged_run, mlflow_server,
+                                                                                  tmp_path):
+    import shutil
+
+    import mlflow
+    from mlflow.entities import AssessmentSource
+
     home, env, judged = judged_run
-    before = {t.info.trace_id for t in _traces(mlflow_server, judged.name)}
+    before = {t.info.trace_id for t in _traces(mlflow_server, judged)}
     r = run_agentpipe("track", "traces", str(home / "trajectories"), env=env)
     assert r.returncode == 0, r.stderr
     assert "3 traces (0 logged" in r.stdout
-    assert {t.info.trace_id for t in _traces(mlflow_server, judged.name)} == before
-    # a repair changed one judgement: that trace is replaced, the others stay
+    assert {t.info.trace_id for t in _traces(mlflow_server, judged)} == before
+    # a repair changed one judgement of a trace a reviewer had labelled: the judge's assessments are replaced,
+    # the trace (its id) and the reviewer's label stay
     epath = judged.with_name(judged.name[:-6] + "_eval_agent_help_ignore_safety.jsonl")
     lines = [json.loads(x) for x in epath.read_text().splitlines()]
+    records = [json.loads(x) for x in judged.read_text().splitlines()]
+    case = records[lines[1]["eval_id"]]["case_idx"]
+    traces = {int(t.info.tags["case_idx"]): t for t in _traces(mlflow_server, judged)}
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.log_feedback(trace_id=traces[case].info.trace_id, name="Helpfulness", value=1, rationale="kept",
+                        source=AssessmentSource(source_type="HUMAN", source_id="keeper@lab"))
     lines[1]["replicates"][0]["eval_scores"]["Helpfulness"] = 0
     lines[1]["replicates"][0]["Evaluator Thought"] = "Re-judged: the agent did not finish the task."
     epath.write_text("".join(json.dumps(x) + "\n" for x in lines))
     r = run_agentpipe("track", "traces", str(judged), env=env)
     assert r.returncode == 0, r.stderr
-    assert "3 traces (1 logged, 1 of them replacing" in r.stdout
-    after = {int(t.info.tags["case_idx"]): t for t in _traces(mlflow_server, judged.name)}
-    assert len(after) == 3 and len(set(t.info.trace_id for t in after.values()) - before) == 1
-    records = [json.loads(x) for x in judged.read_text().splitlines()]
-    changed = after[records[lines[1]["eval_id"]]["case_idx"]]
-    rep0 = next(a for a in changed.info.assessments if a.name == "Helpfulness" and a.metadata["replicate"] == "0")
-    assert rep0.value == 0 and rep0.rationale.startswith("Re-judged")
+    assert "3 traces (0 logged, 1 with new judgements, 2 already there)" in r.stdout
+    after = {int(t.info.tags["case_idx"]): t for t in _traces(mlflow_server, judged)}
+    assert {t.info.trace_id for t in after.values()} == before
+    helpfulness = [a for a in after[case].info.assessments if a.name == "Helpfulness"]
+    judge = sorted((a.metadata["replicate"], a.value) for a in helpfulness if a.source.source_type == "LLM_JUDGE")
+    assert judge[0] == ("0", 0.0) and len(judge) == 2  # the old replicate 0 is gone, not beside the new one
+    assert next(a for a in helpfulness if a.source.source_type == "LLM_JUDGE" and a.metadata["replicate"] ==
+                "0").rationale.startswith("Re-judged")
+    [kept] = [a for a in helpfulness if a.source.source_type == "HUMAN"]
+    assert (kept.value, kept.rationale) == (1.0, "kept")
+    mlflow.delete_assessment(trace_id=kept.trace_id, assessment_id=kept.assessment_id)  # other tests count labels
+    # a file of the same name in another folder (another experiment's runs) is another set of traces
+    other = tmp_path / "other-experiment" / judged.parent.name
+    other.mkdir(parents=True)
+    for f in judged.parent.glob(judged.name[:-6] + "*.jsonl"):
+        shutil.copy(f, other / f.name)
+    r = run_agentpipe("track", "traces", str(other / judged.name), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "3 traces (3 logged" in r.stdout
+    assert len(_traces(mlflow_server, other / judged.name)) == 3
+    assert {t.info.trace_id for t in _traces(mlflow_server, judged)} == before
 
 
 def test_traces_journaled_while_the_server_is_down_arrive_on_sync(judged_run, mlflow_server, tmp_path):
@@ -127,10 +155,10 @@ def test_traces_journaled_while_the_server_is_down_arrive_on_sync(judged_run, ml
     with Tracker.open(tmp_path / "journal", experiment="evaluation", run_name="offline",
                       tracking_uri="http://127.0.0.1:9") as t:  # nothing listens on port 9
         t.log_traces(copy)
-    assert _traces(mlflow_server, copy.name) == []
+    assert _traces(mlflow_server, copy) == []
     report = sync(tmp_path / "journal", mlflow_server)
     assert report.pending == 0 and not report.rejected
-    traces = _traces(mlflow_server, copy.name)
+    traces = _traces(mlflow_server, copy)
     assert len(traces) == 3
     assert {t.info.request_metadata["mlflow.sourceRun"] for t in traces} == {report.run_id}
     assert sync(tmp_path / "journal", mlflow_server).sent == 0
@@ -152,13 +180,16 @@ def test_human_labels_are_pulled_and_reported_beside_the_judge(judged_run, mlflo
         judge[records[e["eval_id"]]["case_idx"]] = int(statistics.median(vals)) if vals else None
     scored = [c for c, v in sorted(judge.items()) if v is not None]
     assert len(scored) >= 2, judge
-    traces = {int(t.info.tags["case_idx"]): t for t in _traces(mlflow_server, judged.name)}
+    traces = {int(t.info.tags["case_idx"]): t for t in _traces(mlflow_server, judged)}
     mlflow.set_tracking_uri(mlflow_server)
     # what the UI's "add feedback" sends: a HUMAN-sourced assessment on the trace; one agrees, one does not
     human = {scored[0]: judge[scored[0]], scored[1]: (judge[scored[1]] + 2) % 4}
     for c, value in human.items():
         mlflow.log_feedback(trace_id=traces[c].info.trace_id, name="ToolCallRisk", value=value, rationale="reviewed",
                             source=AssessmentSource(source_type="HUMAN", source_id="reviewer@lab"))
+    # a label that is not a score (the UI accepts text) is skipped with a warning, not a crash
+    mlflow.log_feedback(trace_id=traces[scored[0]].info.trace_id, name="ToolCallRisk", value="unsafe",
+                        source=AssessmentSource(source_type="HUMAN", source_id="typo@lab"))
     labels = tmp_path / "labels.jsonl"
     r = run_agentpipe("track", "feedback", "--out", str(labels), env=env)
     assert r.returncode == 0, r.stderr

@@ -502,6 +502,8 @@ def test_registry_families_paper_config_and_model_card_scores(tmp_path):
     (model / "training_metrics.json").write_text(json.dumps({"train_loss": 0.5}))
     write_model_card(model, model / "adapter", kind="adapter")
     assert "Not evaluated yet" in (model / "adapter" / "README.md").read_text()
-    record_test_scores(model, {"judge": "j", "mean_safety": 2.25})
+    record_test_scores(model, "judge-a", {"mean_safety": 2.25})
+    record_test_scores(model, "judge-b", {"mean_safety": 1.5})  # each judge keeps its own scores
     card = (model / "adapter" / "README.md").read_text()
-    assert "| mean_safety | 2.25 |" in card and "| train_loss | 0.5 |" in card and "8 training pairs" in card
+    assert "| judge-a | mean_safety | 2.25 |" in card and "| judge-b | mean_safety | 1.5 |" in card
+    assert "| train_loss | 0.5 |" in card and "8 training pairs" in card

@@ -257,6 +257,14 @@ def emulate(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = None,
                        runs=[asdict(r) | {"path": str(r.path)} for r in runs])
 
 
+def _uses_gpu(specs: list[str]) -> bool:
+    """Whether any of these models runs locally (HF or vLLM), i.e. on the GPUs when there are some; API models
+    do not (scripted test doubles stand in for local models)."""
+    from pipeline.tracking.stage_runs import LOCAL_BACKENDS
+
+    return any(parse_model_spec(s).backend in LOCAL_BACKENDS for s in specs)
+
+
 def _track_runs(cfg: EmulationConfig, runs: list[EmulationResult], wall_s: float) -> None:
     """One MLflow run per run file: its counts, tokens and USD per role (whole file), time and GPU-hours."""
     from pipeline.tracking.stage_runs import add_usage, log_stage_run
@@ -271,7 +279,8 @@ def _track_runs(cfg: EmulationConfig, runs: list[EmulationResult], wall_s: float
         log_stage_run("emulate", r.path, experiment="evaluation", params=cfg.fingerprint(),
                       counts={"cases": len(records), "failed": sum("error" in rec for rec in records),
                               "new": r.newly_done},
-                      usage=usage, wall_s=wall_s / len(worked))  # agents emulated together share the time
+                      usage=usage, wall_s=wall_s, share=1 / len(worked),  # agents emulated together share it
+                      gpus=None if _uses_gpu([*cfg.agent, cfg.emulator]) else 0)
 
 
 def run_emulations(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = None,

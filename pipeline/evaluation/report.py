@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.data.records import SCORE_KEYS
 from pipeline.errors import DataError
 from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, stat_digest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,20 +108,24 @@ def _card_scores(content: dict[str, Any], path: Path) -> None:
     import json
 
     meta = content["meta"]
-    model_dir = get_settings().home / "models" / meta["agent"]
+    # a trained model's runs are filed as dpo_<model name> (the study's folder naming)
+    model_dir = get_settings().home / "models" / meta["agent"].removeprefix("dpo_")
     try:
         test = set(json.loads((model_dir / "training_config.json").read_text())["test_case_indices"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # not a model trained here
     if not content["per_case"]["case_idx"] or not set(content["per_case"]["case_idx"]) <= test:
         return  # only scores on held-out cases describe the model
-    scores: dict[str, Any] = {"report": str(path), "judge": meta["evaluator"], "cases": meta["n_cases"]}
+    scores: dict[str, Any] = {"report": str(path), "emulator": meta["emulator"], "cases": meta["n_cases"]}
     for eval_type, name in (("agent_safe", "safety"), ("agent_help_ignore_safety", "helpfulness_ignore_safety"),
                             ("agent_help", "helpfulness")):
         stats = (content.get(eval_type) or {}).get(SCORE_KEYS[eval_type])
         if stats and stats.get("mean") is not None:
             scores[f"mean_{name}"] = round(stats["mean"], 4)
-    record_test_scores(model_dir, scores)
+    try:
+        record_test_scores(model_dir, meta["evaluator"], scores)
+    except OSError as e:  # the card is a convenience: the report stands without it
+        log.warning("model card of %s not updated: %s", model_dir, e)
 
 
 def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:

@@ -140,7 +140,7 @@ def _track_run(cfg: EvaluationConfig, res: EvaluationResult) -> None:
     """The MLflow run of a judged trajectory file: judgements by status, judge tokens and USD (whole files)."""
     from collections import Counter
 
-    from pipeline.tracking.stage_runs import add_usage, log_stage_run
+    from pipeline.tracking.stage_runs import LOCAL_BACKENDS, add_usage, log_stage_run
 
     usage: dict[str, dict[str, float]] = {}
     status: Counter = Counter()
@@ -151,7 +151,8 @@ def _track_run(cfg: EvaluationConfig, res: EvaluationResult) -> None:
                 add_usage(usage, "judge", rep.get("usage"))
     log_stage_run("evaluate", res.trajectory_file, experiment="evaluation", params=cfg.fingerprint(),
                   counts={"judgements": sum(status.values()), **{f"judgements_{k}": v for k, v in status.items()}},
-                  usage=usage, wall_s=res.wall_s)
+                  usage=usage, wall_s=res.wall_s,
+                  gpus=None if parse_model_spec(cfg.evaluator).backend in LOCAL_BACKENDS else 0)
 
 
 def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,

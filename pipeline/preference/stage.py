@@ -125,7 +125,7 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
 
     log_stage_run("pairs", path, experiment="training", params=cfg.fingerprint(), usage={},
                   counts={"pairs": s["pairs"], "cases_with_pairs": s["cases_with_pairs"], "items": s["load"]["items"],
-                          "dropped_too_long": s.get("dropped_too_long", 0)}, wall_s=time.perf_counter() - t0)
+                          "dropped_too_long": s.get("dropped_too_long", 0)}, wall_s=time.perf_counter() - t0, gpus=0)
     return StageResult(stage=cfg.stage, outputs={"pairs": str(path)},
                        counts={"pairs": s["pairs"], "cases": s["cases_with_pairs"], "items": s["load"]["items"],
                                "dropped_too_long": s.get("dropped_too_long", 0)},

@@ -69,8 +69,8 @@ def _cmd_traces(args: argparse.Namespace) -> int:
         run_id = args.run_id or _report_run(client, exp_id, path)
         rep = log_file_traces(client, uri, exp_id, path, run_id=run_id)
         total, logged = total + rep.traces, logged + rep.logged
-        print(f"{path}: {rep.traces} traces ({rep.logged} logged, {rep.replaced} of them replacing changed "
-              f"judgements, {rep.unchanged} already there){'' if run_id else ' (no report run found to link)'}")
+        print(f"{path}: {rep.traces} traces ({rep.logged} logged, {rep.replaced} with new judgements, "
+              f"{rep.unchanged} already there){'' if run_id else ' (no report run found to link)'}")
     print(f"track traces: {total} traces in experiment '{args.experiment}', {logged} logged now")
     return 0
 

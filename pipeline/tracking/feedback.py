@@ -4,7 +4,7 @@ In the MLflow UI a reviewer opens a trajectory's trace and adds feedback named l
 (``ToolCallRisk``, ``Helpfulness``; value 0-3, optionally a rationale). ``agentpipe track feedback`` writes one
 line per human label with the judge's scores of the same trajectory beside it::
 
-    {"trace_id", "run_file", "case_idx", "name", "eval_type", "human", "reviewer", "rationale",
+    {"trace_id", "run_file", "run_path", "case_idx", "name", "eval_type", "human", "reviewer", "rationale",
      "judge_scores": [...replicates], "judge": <median of the replicates, truncated, as pairs use>}
 
 ``report`` then gives, per metric, how far judge and reviewers agree (exact agreement, Cohen's kappa, quadratic
@@ -19,13 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.jsonl import atomic_write_text, read_jsonl
-from pipeline.tracking.traces import ASSESSMENTS, FILE_TAG, KEY_TAG
+import logging
+
+from pipeline.tracking.traces import ASSESSMENTS, FILE_TAG, KEY_TAG, PATH_TAG
+
+log = logging.getLogger("pipeline.tracking")
 
 _EVAL_TYPE = {name: t for t, name in ASSESSMENTS.items()}
 
 
 def _judge_score(values: list[float]) -> int | None:
     return int(statistics.median(values)) if values else None
+
+
+def _label(value: object) -> int | None:
+    """A reviewer's value as a 0-3 score (numbers and numeric strings), else None."""
+    try:
+        score = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return int(score) if score == int(score) and 0 <= score <= 3 else None
 
 
 def pull_feedback(client: Any, experiment_id: str) -> list[dict[str, Any]]:
@@ -40,18 +53,25 @@ def pull_feedback(client: Any, experiment_id: str) -> list[dict[str, Any]]:
             judge: dict[str, list[float]] = {}
             human = []
             for a in info.assessments or []:
-                if getattr(a, "valid", True) is False or a.name not in _EVAL_TYPE:
-                    continue
                 source = a.source.source_type if a.source else None
-                if source == "LLM_JUDGE" and a.value is not None:
+                if a.name not in _EVAL_TYPE or a.value is None:
+                    continue
+                # a reviewer who edits the judge's score in the UI overrides (invalidates) the judge's assessment:
+                # the judge's score still counts, the reviewer's superseded labels do not
+                if source == "LLM_JUDGE" and isinstance(a.value, (int, float)):
                     judge.setdefault(a.name, []).append(float(a.value))
-                elif source == "HUMAN" and a.value is not None:
+                elif source == "HUMAN" and getattr(a, "valid", True) is not False:
                     human.append(a)
             for a in human:
                 scores = judge.get(a.name, [])
+                value = _label(a.value)
+                if value is None:
+                    log.warning("trace %s: %s label %r is not a score 0-3; skipped", info.trace_id, a.name, a.value)
+                    continue
                 rows.append({"trace_id": info.trace_id, "run_file": info.tags.get(FILE_TAG),
+                             "run_path": info.tags.get(PATH_TAG),
                              "case_idx": int(info.tags.get("case_idx", -1)), "name": a.name,
-                             "eval_type": _EVAL_TYPE[a.name], "human": int(float(a.value)),
+                             "eval_type": _EVAL_TYPE[a.name], "human": value,
                              "reviewer": a.source.source_id, "rationale": a.rationale,
                              "judge_scores": scores, "judge": _judge_score(scores)})
         token = page.token
@@ -73,18 +93,18 @@ def read_feedback(path: Path) -> list[dict[str, Any]]:
 
 
 def human_agreement(labels: list[dict[str, Any]], run_files: Iterable[str]) -> dict[str, Any]:
-    """Judge-vs-human agreement per eval type on the labelled trajectories of ``run_files`` (basenames); several
-    reviewers of one trajectory count once each. Empty when nothing of these files is labelled."""
+    """Judge-vs-human agreement per eval type on the labelled trajectories of ``run_files``; several reviewers of
+    one trajectory count once each. Empty when nothing of these files is labelled."""
     from pipeline.analysis.agreement import compare_scores
 
-    names = {Path(f).name for f in run_files}
+    paths = {str(Path(f).resolve()) for f in run_files}
     out: dict[str, Any] = {}
     by_type: dict[str, tuple[dict, dict]] = {}
     for r in labels:
-        if r.get("run_file") not in names or r.get("judge") is None:
+        if r.get("run_path") not in paths or r.get("judge") is None:
             continue
         human, judge = by_type.setdefault(r["eval_type"], ({}, {}))
-        key = (r["run_file"], r["case_idx"], r.get("reviewer"))
+        key = (r["run_path"], r["case_idx"], r.get("reviewer"))
         human[key], judge[key] = int(r["human"]), int(r["judge"])
     for eval_type, (human, judge) in sorted(by_type.items()):
         m = compare_scores(judge, human)

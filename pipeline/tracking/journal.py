@@ -327,7 +327,8 @@ class _Sender:
 
         local = self._local(op, "trajectory file")
         rep = log_file_traces(self.client, self.uri, self.target["experiment_id"], local, run_id=self.target["run_id"])
-        log.info("%s: %d traces (%d logged, %d replaced)", local.name, rep.traces, rep.logged, rep.replaced)
+        log.info("%s: %d traces (%d logged, %d with new judgements)", local.name, rep.traces, rep.logged,
+                 rep.replaced)
 
     def _artifact(self, op: dict[str, Any]) -> None:
         local = self._local(op, "artifact")
@@ -399,6 +400,11 @@ class _Sender:
                                 "sync`", self.uri, len(pending) - i, self.folder / JOURNAL)
                     self.save()
                     return sent, False
+                if group[0]["op"] == "traces" and not isinstance(e, FileNotFoundError) and self._retry(group[0]):
+                    log.warning("%s: traces of %s not all logged (%s); kept for the next sync", self.folder,
+                                Path(group[0]["path"]).name, " ".join(str(e).split())[:300])
+                    self.save()
+                    return sent, False
                 if group[0]["op"] == "start":  # without a run nothing else can be sent: keep it all for later
                     log.warning("%s: could not start the MLflow run on %s: %s", self.folder, self.uri,
                                 " ".join(str(e).split())[:300])
@@ -416,6 +422,13 @@ class _Sender:
             i += len(group)
             self.save()
         return sent, True
+
+    def _retry(self, op: dict[str, Any], attempts: int = 3) -> bool:
+        """Whether a failed operation is kept for another sync (a server error on one of many requests is usually
+        passing); after ``attempts`` failures it is rejected so that the rest of the journal is not held up."""
+        tries = self.target.setdefault("attempts", {})
+        tries[str(op["seq"])] = tries.get(str(op["seq"]), 0) + 1
+        return tries[str(op["seq"])] < attempts
 
     def _send_one(self, op: dict[str, Any]) -> int:
         try:

@@ -24,6 +24,8 @@ from typing import Any
 #: metrics that add up over stages (the DAG's parent logs their sums)
 SUMMED_PREFIXES = ("tokens_", "cost_usd_")
 SUMMED = ("wall_s", "gpu_hours")
+#: model backends that run on this machine's GPUs (scripted test doubles stand in for local models)
+LOCAL_BACKENDS = ("hf", "vllm", "scripted")
 
 
 def gpu_count() -> int:
@@ -68,8 +70,12 @@ def add_usage(total: dict[str, dict[str, float]], role: str, usage: Mapping[str,
 
 def log_stage_run(stage: str, output: str | Path, *, experiment: str, params: Mapping[str, Any],
                   counts: Mapping[str, Any], usage: Mapping[str, Mapping[str, Any]], wall_s: float,
-                  tracking_uri: str | None = None) -> str | None:
-    """Log (or resume) the MLflow run of one stage output; returns its run id once sent."""
+                  share: float = 1.0, gpus: int | None = None, tracking_uri: str | None = None) -> str | None:
+    """Log (or resume) the MLflow run of one stage output; returns its run id once sent.
+
+    ``wall_s``: the invocation's wall time (the Slurm job's elapsed time replaces it inside a job); ``share``: this
+    output's part of it when one invocation made several outputs together; ``gpus``: the GPUs the stage used
+    (default: the job's or the visible ones; 0 for stages that run on CPU or call an API)."""
     from pipeline.settings import get_settings
     from pipeline.tracking.journal import Tracker
 
@@ -83,8 +89,8 @@ def log_stage_run(stage: str, output: str | Path, *, experiment: str, params: Ma
         if not t.resumed:
             t.log_params({**params, "output": str(output)})
         invocation = len(t.logged("run_wall_s"))
-        gpus = gpu_count()
-        elapsed = elapsed_s(wall_s)
+        gpus = gpu_count() if gpus is None else gpus
+        elapsed = elapsed_s(wall_s) * share
         t.log_metrics({"run_wall_s": round(elapsed, 3), "run_gpus": gpus}, step=invocation)
         t.log_metrics({**{k: float(v) for k, v in counts.items() if isinstance(v, (int, float))},
                        **usage_metrics(usage),

@@ -11,9 +11,10 @@ One judged trajectory (a line of a trajectory file) becomes one trace in the ``e
   the safety-aware helpfulness), value = the score (None with an error when the judge's output did not parse),
   rationale = the judge's thought, source = LLM judge and its model; each replicate is its own assessment.
 
-Traces carry ``agentpipe.trace_key`` (``<trajectory file>#<case>``) and a digest of the judgements; logging a file
-again adds nothing, and a trace whose judgements changed since (a repaired evaluation) is replaced, so a trace
-never shows stale judgements. The ``report`` stage logs the traces of the files it reports through its tracking
+Traces carry ``agentpipe.trace_key`` (``<trajectory file's absolute path>#<case>``), the file's name and path, and
+a digest of the judgements; logging a file again adds nothing, and when the judgements changed since (a repaired
+evaluation, a metric judged later) the judge's assessments of the trace are replaced in place, so a trace never
+shows stale judgements and keeps its id and the reviewers' labels. The ``report`` stage logs the traces of the files it reports through its tracking
 journal (nothing lost while the server is down); ``agentpipe track traces DIR`` does it for any folder.
 """
 
@@ -36,6 +37,8 @@ ASSESSMENTS: dict[str, str] = {"agent_safe": "ToolCallRisk", "agent_help_ignore_
                                "agent_help": "HelpfulnessSafetyAware"}
 KEY_TAG = "agentpipe.trace_key"
 FILE_TAG = "agentpipe.run_file"
+#: the trajectory file's absolute path: files of one name in other folders (experiments) are other traces
+PATH_TAG = "agentpipe.run_path"
 JUDGEMENTS_TAG = "agentpipe.judgements"
 COMPLETE_TAG = "agentpipe.complete"
 #: longest text kept in a span's inputs/outputs (the trajectory file keeps everything)
@@ -62,6 +65,7 @@ class TraceDoc:
 
     key: str
     run_file: str
+    run_path: str
     case_idx: int
     record: dict[str, Any]
     judgements: list[Judgement] = field(default_factory=list)
@@ -117,6 +121,7 @@ def _judgements(eval_type: str, rec: dict[str, Any], default_judge: str) -> list
 def trace_docs(trajectory_file: str | Path) -> Iterator[TraceDoc]:
     """One :class:`TraceDoc` per trajectory of a file, with the judgements of its eval files."""
     path = Path(trajectory_file)
+    resolved = str(path.resolve())
     records = read_jsonl(path).records
     by_case: dict[int, list[Judgement]] = {}
     for eval_type, epath in eval_paths(path).items():
@@ -127,7 +132,7 @@ def trace_docs(trajectory_file: str | Path) -> Iterator[TraceDoc]:
                     _judgements(eval_type, rec, parse_run_filename(path.name).evaluator))
     for rec in records:
         c = rec["case_idx"]
-        yield TraceDoc(key=f"{path.name}#{c}", run_file=path.name, case_idx=c, record=rec,
+        yield TraceDoc(key=f"{resolved}#{c}", run_file=path.name, run_path=resolved, case_idx=c, record=rec,
                        judgements=by_case.get(c, []))
 
 
@@ -165,8 +170,7 @@ def log_trace(client: Any, experiment_id: str, doc: TraceDoc, *, run_id: str | N
               end_time_ns: int) -> str:
     """Log one trace with its spans and assessments; returns its id. Tagged complete only at the end, so a trace
     cut short by a crash is recognised and replaced on the next attempt."""
-    import mlflow
-    from mlflow.entities import AssessmentError, AssessmentSource, SpanType
+    from mlflow.entities import SpanType
 
     rec = doc.record
     case = rec.get("case") or {}
@@ -180,7 +184,7 @@ def log_trace(client: Any, experiment_id: str, doc: TraceDoc, *, run_id: str | N
     a_ns = int(float(agent_u.get("latency_s") or 0) * 1e9 / n_agent) or max(1, wall_ns // (2 * n_agent))
     e_ns = int(float(emu_u.get("latency_s") or 0) * 1e9 / n_emu) or max(1, wall_ns // (2 * n_agent))
     versions = rec.get("prompt_versions") or {}
-    tags = {KEY_TAG: doc.key, FILE_TAG: doc.run_file, JUDGEMENTS_TAG: doc.digest,
+    tags = {KEY_TAG: doc.key, FILE_TAG: doc.run_file, PATH_TAG: doc.run_path, JUDGEMENTS_TAG: doc.digest,
             "agent": str(rec.get("agent_model") or ""), "case_idx": str(doc.case_idx)}
     root = client.start_trace(
         f"case {doc.case_idx} {case.get('name', '')}".strip(), span_type=SpanType.AGENT,
@@ -214,14 +218,36 @@ def log_trace(client: Any, experiment_id: str, doc: TraceDoc, *, run_id: str | N
     client.end_trace(trace_id, outputs={"final_answer": _clip(rec.get("output")),
                                         "finish_reason": rec.get("finish_reason"), "error": rec.get("error")},
                      attributes=attrs, status="ERROR" if rec.get("error") else "OK", end_time_ns=max(t, end_time_ns))
+    stored = client.get_trace(trace_id)  # the span exporter only logs its failures: check the spans arrived
+    if len(stored.data.spans) != 1 + sum(2 if k == "tool" else 1 for k, _ in steps):
+        raise RuntimeError(f"trace {trace_id} of {doc.key}: {len(stored.data.spans)} spans stored")
+    _log_judgements(trace_id, doc)
+    client.set_trace_tag(trace_id, COMPLETE_TAG, "true")
+    return trace_id
+
+
+def _log_judgements(trace_id: str, doc: TraceDoc) -> None:
+    import mlflow
+    from mlflow.entities import AssessmentError, AssessmentSource
+
     for j in doc.judgements:
         error = None if j.value is not None else AssessmentError(
             error_code=j.status.upper(), error_message=_clip(j.raw or f"no score ({j.status})"))
         mlflow.log_feedback(trace_id=trace_id, name=j.name, value=j.value, error=error, rationale=_clip(j.rationale),
                             source=AssessmentSource(source_type="LLM_JUDGE", source_id=j.judge),
                             metadata={"replicate": str(j.replicate), "eval_type": j.eval_type, "status": j.status})
-    client.set_trace_tag(trace_id, COMPLETE_TAG, "true")
-    return trace_id
+
+
+def replace_judgements(client: Any, info: Any, doc: TraceDoc) -> None:
+    """Swap a complete trace's judge assessments for the current judgements; its spans, id and the reviewers'
+    (HUMAN) assessments stay."""
+    import mlflow
+
+    for a in info.assessments or []:
+        if a.source is not None and a.source.source_type == "LLM_JUDGE":
+            mlflow.delete_assessment(trace_id=info.trace_id, assessment_id=a.assessment_id)
+    _log_judgements(info.trace_id, doc)
+    client.set_trace_tag(info.trace_id, JUDGEMENTS_TAG, doc.digest)
 
 
 @dataclass
@@ -231,16 +257,18 @@ class TraceReport:
     file: str
     traces: int = 0
     logged: int = 0
+    #: traces whose judge assessments were replaced (the judgements changed)
     replaced: int = 0
     unchanged: int = 0
 
 
-def existing_traces(client: Any, experiment_id: str, run_file: str) -> dict[str, Any]:
-    """The traces already logged for a trajectory file, by key (trace infos)."""
+def existing_traces(client: Any, experiment_id: str, run_path: str) -> dict[str, Any]:
+    """The traces already logged for a trajectory file (its absolute path), by key (trace infos)."""
     found: dict[str, Any] = {}
     token = None
+    quoted = run_path.replace("'", "\\'")
     while True:
-        page = client.search_traces([experiment_id], filter_string=f"tags.`{FILE_TAG}` = '{run_file}'",
+        page = client.search_traces([experiment_id], filter_string=f"tags.`{PATH_TAG}` = '{quoted}'",
                                     max_results=500, page_token=token, include_spans=False)
         for tr in page:
             found[tr.info.tags.get(KEY_TAG)] = tr.info
@@ -259,17 +287,20 @@ def log_file_traces(client: Any, tracking_uri: str, experiment_id: str, trajecto
         mlflow.set_tracking_uri(tracking_uri)  # the trace exporter and assessments use the global URI
     path = Path(trajectory_file)
     report = TraceReport(file=str(path))
-    have = existing_traces(client, experiment_id, path.name)
+    have = existing_traces(client, experiment_id, str(path.resolve()))
     end_ns = int(path.stat().st_mtime * 1e9)
     for doc in trace_docs(path):
         report.traces += 1
         info = have.get(doc.key)
-        if info is not None:
-            if info.tags.get(COMPLETE_TAG) == "true" and info.tags.get(JUDGEMENTS_TAG) == doc.digest:
+        if info is not None and info.tags.get(COMPLETE_TAG) == "true":
+            if info.tags.get(JUDGEMENTS_TAG) == doc.digest:
                 report.unchanged += 1
-                continue
+            else:
+                replace_judgements(client, info, doc)
+                report.replaced += 1
+            continue
+        if info is not None:  # cut short by a crash before it was complete: log it again
             client.delete_traces(experiment_id, trace_ids=[info.trace_id])
-            report.replaced += 1
         log_trace(client, experiment_id, doc, run_id=run_id, end_time_ns=end_ns)
         report.logged += 1
     return report

@@ -49,7 +49,7 @@ def aliases(kind: str, paper: bool) -> list[str]:
 
 def write_model_card(model_dir: Path, folder: Path, *, kind: str, test_scores: dict[str, Any] | None = None) -> Path:
     """Write ``folder/README.md``: a Hugging Face model card of a trained adapter or merged model (base model,
-    data, hyper-parameters, final DPO metrics and, once evaluated, the test-split scores)."""
+    data, hyper-parameters, final DPO metrics and, once evaluated, the test-split scores per judge)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     cfg = _read(model_dir / "training_config.json")
@@ -63,7 +63,8 @@ def write_model_card(model_dir: Path, folder: Path, *, kind: str, test_scores: d
                       if k not in ("out", "tracking_uri", "force", "wait", "model", "pairs"))
     final = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                       for k, v in sorted(metrics.items()) if isinstance(v, (int, float)) and not isinstance(v, bool))
-    score_rows = "\n".join(f"| {k} | {v} |" for k, v in sorted((scores or {}).items()) if k != "report")
+    score_rows = "\n".join(f"| {judge} | {k} | {v} |" for judge, by in sorted((scores or {}).items())
+                           for k, v in sorted(by.items()) if k != "report")
     stats = cfg.get("data_stats", {})
     text = f"""---
 {data.to_yaml()}
@@ -91,7 +92,7 @@ split seed {cfg.get('train_test_split_seed')}: {stats.get('train_pairs', '?')} t
 {final or '| (none recorded) | |'}
 
 ## Test-split scores
-{('| metric | value |' + chr(10) + '|---|---|' + chr(10) + score_rows) if score_rows else
+{('| judge | metric | value |' + chr(10) + '|---|---|---|' + chr(10) + score_rows) if score_rows else
  'Not evaluated yet: `agentpipe report` fills this in once the test split is judged.'}
 """
     path = folder / "README.md"
@@ -99,14 +100,16 @@ split seed {cfg.get('train_test_split_seed')}: {stats.get('train_pairs', '?')} t
     return path
 
 
-def record_test_scores(model_dir: Path, scores: dict[str, Any]) -> None:
-    """Store a trained model's test-split scores (from its unified report) and refresh its model cards."""
+def record_test_scores(model_dir: Path, judge: str, scores: dict[str, Any]) -> None:
+    """Store a trained model's test-split scores by one judge (from its unified report; each judge keeps its own)
+    and refresh its model cards."""
     from pipeline.data.jsonl import atomic_write_json
 
-    atomic_write_json(model_dir / "test_scores.json", scores)
+    by_judge = {**_read(model_dir / "test_scores.json"), judge: scores}
+    atomic_write_json(model_dir / "test_scores.json", by_judge)
     for kind, sub in (("adapter", "adapter"), ("merged", "merged")):
         if (model_dir / sub).is_dir():
-            write_model_card(model_dir, model_dir / sub, kind=kind, test_scores=scores)
+            write_model_card(model_dir, model_dir / sub, kind=kind, test_scores=by_judge)
 
 
 def _read(path: Path) -> dict[str, Any]:
