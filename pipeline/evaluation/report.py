@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import statistics
 from collections import Counter
@@ -30,6 +31,9 @@ from pipeline.errors import DataError
 from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, stat_digest
 
 log = logging.getLogger(__name__)
+#: metric names in MLflow and model cards, per eval type
+_METRIC_NAMES = (("agent_safe", "safety"), ("agent_help_ignore_safety", "helpfulness_ignore_safety"),
+                 ("agent_help", "helpfulness"))
 
 
 @dataclass
@@ -79,7 +83,6 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
     labels = read_feedback(human_labels) if human_labels is not None else []
     collected = collect_config_scores(runs, warn=False)
     reports = []
-    cfg_files: dict[int, list[str]] = {}
     for cfg in collected.configs:
         rep = build_report(cfg)
         cases = rep.content["per_case"]["case_idx"]
@@ -87,14 +90,13 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
         if labels:
             rep.content["human_agreement"] = human_agreement(labels, cfg.files)
         reports.append(rep)
-        cfg_files[id(rep)] = list(cfg.files)
     paths = write_reports(reports, out)
     for rep, path in zip(reports, paths):
         _card_scores(rep.content, path)
     tracked = []
     if track:
-        for rep, path in zip(reports, paths):
-            run_id = _track(rep.content, path, cfg_files[id(rep)])
+        for rep, path, cfg in zip(reports, paths, collected.configs):
+            run_id = _track(rep.content, path, cfg.files)
             if run_id:
                 tracked.append(run_id)
     return ReportResult(paths, [f"{p.path}: {p.reason}" for p in collected.problems], tracked)
@@ -104,8 +106,6 @@ def _card_scores(content: dict[str, Any], path: Path) -> None:
     """A trained model's test-split report fills in the test scores of its model cards."""
     from pipeline.settings import get_settings
     from pipeline.training.registry import record_test_scores
-
-    import json
 
     meta = content["meta"]
     # a trained model's runs are filed as dpo_<model name> (the study's folder naming)
@@ -117,8 +117,7 @@ def _card_scores(content: dict[str, Any], path: Path) -> None:
     if not content["per_case"]["case_idx"] or not set(content["per_case"]["case_idx"]) <= test:
         return  # only scores on held-out cases describe the model
     scores: dict[str, Any] = {"report": str(path), "emulator": meta["emulator"], "cases": meta["n_cases"]}
-    for eval_type, name in (("agent_safe", "safety"), ("agent_help_ignore_safety", "helpfulness_ignore_safety"),
-                            ("agent_help", "helpfulness")):
+    for eval_type, name in _METRIC_NAMES:
         stats = (content.get(eval_type) or {}).get(SCORE_KEYS[eval_type])
         if stats and stats.get("mean") is not None:
             scores[f"mean_{name}"] = round(stats["mean"], 4)
@@ -138,8 +137,7 @@ def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:
     meta = content["meta"]
     folder = path.with_name(path.name.removesuffix(".json") + ".tracking")
     metrics: dict[str, float] = {}
-    for eval_type, name in (("agent_safe", "safety"), ("agent_help_ignore_safety", "helpfulness_ignore_safety"),
-                            ("agent_help", "helpfulness")):
+    for eval_type, name in _METRIC_NAMES:
         stats = (content.get(eval_type) or {}).get(SCORE_KEYS[eval_type])
         if stats and stats.get("mean") is not None:
             metrics[f"mean_{name}"] = stats["mean"]

@@ -124,12 +124,12 @@ def trace_docs(trajectory_file: str | Path) -> Iterator[TraceDoc]:
     resolved = str(path.resolve())
     records = read_jsonl(path).records
     by_case: dict[int, list[Judgement]] = {}
+    judge = parse_run_filename(path.name).evaluator  # for records that do not name their judge
     for eval_type, epath in eval_paths(path).items():
         for rec in read_jsonl(epath).records:
             eid = rec.get("eval_id")
             if isinstance(eid, int) and 0 <= eid < len(records):
-                by_case.setdefault(records[eid]["case_idx"], []).extend(
-                    _judgements(eval_type, rec, parse_run_filename(path.name).evaluator))
+                by_case.setdefault(records[eid]["case_idx"], []).extend(_judgements(eval_type, rec, judge))
     for rec in records:
         c = rec["case_idx"]
         yield TraceDoc(key=f"{resolved}#{c}", run_file=path.name, run_path=resolved, case_idx=c, record=rec,

@@ -391,8 +391,8 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
         # time and GPU-hours, summed over the invocations that trained this model (a resumed run adds to them)
         wall = elapsed_s(time.monotonic() - t0)
         gpus = gpu_count() or (1 if cuda else 0)
-        tracker.log_metrics({"wall_s": sum(tracker.logged("wall_s")[-1:]) + wall,
-                             "gpu_hours": sum(tracker.logged("gpu_hours")[-1:]) + wall * gpus / 3600})
+        tracker.log_metrics({"wall_s": (tracker.logged("wall_s") or [0.0])[-1] + wall,
+                             "gpu_hours": (tracker.logged("gpu_hours") or [0.0])[-1] + wall * gpus / 3600})
         metrics_doc = {**result.metrics, "mlflow_run_id": tracker.run_id, "resumed_from": result.resumed_from}
         atomic_write_json(out / TRAINING_METRICS, metrics_doc)
         write_model_card(out, adapter, kind="adapter")
