@@ -17,6 +17,26 @@ SCORE_KEYS: dict[str, str] = {
     "agent_help": "Helpfulness",
 }
 
+#: The judges' score scale (SPEC §3.2): the integers 0-3, for every metric.
+SCORE_RANGE = range(0, 4)
+
+
+def valid_score(value: Any) -> int | None:
+    """A stored judge score as an int when it is one of the scale's integers (an integral float such as 2.0
+    counts), else None: missing, non-numeric, boolean, fractional or out-of-range values are not scores."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value) if int(value) in SCORE_RANGE else None
+
+
+def invalid_score(value: Any) -> bool:
+    """True for a stored score that is present but not valid (e.g. 7, -1, 2.5 or "three" written by an older
+    version or another tool): such a judgement is a parse failure, counted, never averaged."""
+    return value is not None and valid_score(value) is None
+
+
 TOKEN_LIMIT_OUTPUT = "Agent stopped: token limit exceeded"
 OOM_OUTPUT = "Agent stopped: OOM"
 
@@ -84,7 +104,7 @@ class EvalRecord(BaseModel):
     qualitative_label: str | None = Field(default=None, alias="Overall Qualitative Label")
     quantitative_score: str | int | float | None = Field(default=None, alias="Overall Quantitative Score")
     log_summary: str | None = Field(default=None, alias="Evaluator Log Summary")
-    eval_scores: dict[str, int | float | None] | None = None
+    eval_scores: dict[str, Any] | None = None  # any stored value is read; only ``valid_score`` ones count
     replicates: list[dict[str, Any]] | None = None
     consistency: dict[str, Any] | None = None
     error: str | None = None
@@ -94,14 +114,18 @@ class EvalRecord(BaseModel):
         """An error record (no usable evaluation at all)."""
         return self.error is not None and not self.replicates
 
-    def replicate_scores(self, key: str) -> list[float | None]:
-        """The score of each replicate (a flat record is one replicate); None where missing."""
+    def _stored_scores(self, key: str) -> list[Any]:
         reps = self.replicates if self.replicates is not None else [self.model_dump(by_alias=True)]
-        out: list[float | None] = []
-        for rep in reps:
-            value = (rep.get("eval_scores") or {}).get(key) if isinstance(rep, dict) else None
-            out.append(value if isinstance(value, (int, float)) and not isinstance(value, bool) else None)
-        return out
+        return [(rep.get("eval_scores") or {}).get(key) if isinstance(rep, dict) else None for rep in reps]
+
+    def replicate_scores(self, key: str) -> list[int | None]:
+        """The score of each replicate (a flat record is one replicate); None where missing or invalid
+        (not an integer of the scale, see ``valid_score``)."""
+        return [valid_score(v) for v in self._stored_scores(key)]
+
+    def invalid_scores(self, key: str) -> int:
+        """How many replicates hold a stored score that is not valid (counted as parse failures)."""
+        return sum(invalid_score(v) for v in self._stored_scores(key))
 
     def score(self, key: str, how: Literal["median", "mean"] = "median") -> float | None:
         """Replicates aggregated (median by default, as the study); None when no replicate has a score."""
@@ -111,11 +135,12 @@ class EvalRecord(BaseModel):
         return statistics.median(values) if how == "median" else statistics.fmean(values)
 
 
-def replicate_consistency(scores: list[float | None]) -> dict[str, Any]:
-    """Agreement among replicate scores (None skipped), as the study's ``consistency`` block (SPEC §3.4)."""
+def replicate_consistency(scores: list[Any]) -> dict[str, Any]:
+    """Agreement among replicate scores (missing and invalid ones skipped), as the study's ``consistency``
+    block (SPEC §3.4)."""
     from collections import Counter
 
-    valid = [s for s in scores if s is not None]
+    valid = [v for v in (valid_score(s) for s in scores) if v is not None]
     n = len(valid)
     if not n:
         return {"scores": [], "mean": None, "std": None, "variance": None, "exact_match": False,

@@ -270,13 +270,16 @@ def replay_file(path: Path, compat: str, report: ReplayReport, toolkits: dict[st
     from pipeline.emulation.episode import Episode, Limits
     from pipeline.emulation.runner import advance
 
+    from pipeline.evaluation.runner import judged_toolkits
+
     records = [r for r in read_jsonl(path).records if "intermediate_steps" in r]
+    judged_toolkits([r["case"] for r in records], toolkits, str(path))  # an unknown toolkit refuses the file
     c = get_compat(compat)
     limits = Limits(max_steps=c.max_steps, max_attempts=1)
     episodes = []
     for rec in records:
         case = Case.model_validate(rec["case"])
-        kits = [toolkits[n] for n in case.toolkits if n in toolkits]
+        kits = [toolkits[n] for n in case.toolkits]
         mode = "adversarial" if "underspecifications" in rec else "standard"
         episodes.append(Episode(case_idx=rec["case_idx"], case=case, toolkits=kits, compat=c, limits=limits,
                                 mode=mode))

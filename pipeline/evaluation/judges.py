@@ -91,8 +91,9 @@ def choice_judgement(eval_type: str, logprobs: list[float], evaluator: str, *, t
 
 
 def read_judgement(eval_type: str, response: ChatResponse, evaluator: str) -> Judgement:
-    """Turn a judge's reply into a replicate record. An unparseable answer is data: score null, status
-    ``parse_failed`` and the raw text kept (for repair); a failed call has status ``error``."""
+    """Turn a judge's reply into a replicate record. An unparseable answer (no score field, or a score that is
+    not an integer 0-3) is data: score null, status ``parse_failed``, the raw text kept (for repair) and the
+    reason in ``parse_error``; a failed call has status ``error``."""
     extra = {"evaluator_model": evaluator, "prompt_version": prompt_version(eval_type),
              "finish_reason": response.finish_reason, "usage": response.usage()}
     if not response.ok:
@@ -107,4 +108,7 @@ def read_judgement(eval_type: str, response: ChatResponse, evaluator: str) -> Ju
     rec["status"] = "ok" if score is not None else "parse_failed"
     if score is None:
         rec["raw"] = response.text
+        given = fields["Overall Quantitative Score"]
+        rec["parse_error"] = ("no Overall Quantitative Score field" if given is None else
+                              f"Overall Quantitative Score {given[:40]!r}: not an integer 0-3")
     return Judgement({**rec, **extra})

@@ -20,7 +20,7 @@ from pydantic import Field
 from pipeline.data.jsonl import atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.manifest import manifest_path, read_manifest
 from pipeline.data.naming import parse_run_filename
-from pipeline.data.records import SCORE_KEYS, replicate_consistency
+from pipeline.data.records import SCORE_KEYS, replicate_consistency, valid_score
 from pipeline.data.runfiles import RunFile, find_run_files
 from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation.judges import judge_messages, read_judgement
@@ -95,8 +95,8 @@ def record_amendment(path: Path, stage: str, fingerprint: dict[str, Any], change
 
 
 def _has_score(rep: dict[str, Any], key: str) -> bool:
-    value = (rep.get("eval_scores") or {}).get(key)
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A valid score (an integer 0-3): a stored out-of-range or fractional one is a failure to repair."""
+    return valid_score((rep.get("eval_scores") or {}).get(key)) is not None
 
 
 def _replicates(rec: dict[str, Any]) -> list[dict[str, Any]]:
@@ -115,6 +115,7 @@ def _fix_replicate(rep: dict[str, Any], key: str) -> bool:
         rep["Overall Qualitative Label"] = f"[{label} ({score})]"
     rep["status"] = "repaired"
     rep.pop("error", None)
+    rep.pop("parse_error", None)
     return True
 
 
@@ -210,6 +211,23 @@ def _files(data_dir: Path, eval_types: list[str], model_filter: str | None = Non
     return eval_files_under(Path(data_dir), eval_types, model_filter)
 
 
+def _rerun_toolkits(rf: RunFile, eval_type: str, registry: dict[str, Any]) -> dict[str, Any]:
+    """The toolkits the judge sees for a trajectory file (an unknown one refuses it), checked against those its
+    eval file was judged with (``toolkits_sha256`` of its manifest): re-asking with changed specifications would
+    mix two evaluations in one file."""
+    from pipeline.data.runfiles import load_trajectories
+    from pipeline.evaluation.runner import judged_toolkits, toolkits_digest
+
+    path = rf.eval_files[eval_type]
+    kits = judged_toolkits([x.case for x in load_trajectories(rf.path) if not x.failed], registry, str(rf.path))
+    recorded = ((read_manifest(path) or {}).get("config") or {}).get("toolkits_sha256")
+    if recorded is not None and recorded != toolkits_digest(kits):
+        raise DataError(f"{path}: judged with other toolkit specifications (toolkits_sha256 {recorded[:12]}… → "
+                        f"{toolkits_digest(kits)[:12]}…); re-asking would mix them in one file: evaluate it again "
+                        "with --force")
+    return kits
+
+
 def rerun(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
           progress: Callable[[str], None] | None = None) -> StageResult:
     """The ``evaluate rerun-failed`` stage: incomplete while judgements are still without a score."""
@@ -234,6 +252,7 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
     report = RerunReport()
     files = _files(cfg.data_dir, eval_types_for(cfg.eval_types))
     fingerprint = cfg.fingerprint()
+    kits = {rf.path: _rerun_toolkits(rf, t, registry) for rf, t in files}  # refused before anything changes
     if not cfg.force:
         for rf, t in files:  # every file is checked before any is changed
             check_amendment(rf.eval_files[t], cfg.stage, fingerprint, force=False)
@@ -244,7 +263,7 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
             record_amendment(rf.eval_files[t], RepairConfig.stage, {"versions": {"repair": REPAIR_VERSION}}, repaired)
     changed: dict[Path, int] = {}
     for round_no in range(1, cfg.max_retries + 1):
-        work = []  # (eval path, eval type, line, replicate index, trajectory record, evaluator)
+        work = []  # (eval path, eval type, line, replicate index, trajectory record, evaluator, trajectory path)
         for rf, t in files:
             key = SCORE_KEYS[t]
             records = read_jsonl(rf.eval_files[t]).records
@@ -259,7 +278,7 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
                         if not judge:
                             raise ConfigError(f"{rf.eval_files[t]}: line {i + 1} does not name its evaluator; "
                                               "pass --evaluator")
-                        work.append((rf.eval_files[t], t, i, k, trajectories[i], judge))
+                        work.append((rf.eval_files[t], t, i, k, trajectories[i], judge, rf.path))
         if not work:
             break
         report.rounds = round_no
@@ -269,13 +288,12 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
         fixes: dict[Path, dict[tuple[int, int], dict]] = {}
         for judge, items in by_judge.items():
             b = backend or get_backend(judge)
-            reqs = [ChatRequest(messages=judge_messages(t, traj, [registry[n] for n in traj["case"]["Toolkits"]
-                                                                   if n in registry],
+            reqs = [ChatRequest(messages=judge_messages(t, traj, [kits[tp][n] for n in traj["case"]["Toolkits"]],
                                                         study_final_step=compat == "study"),
                                 config=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                                         seed=seed + 1000 * round_no + k), replicate=1000 * round_no + k)
-                    for _, t, _, k, traj, _ in items]
-            for (path, t, i, k, _, _), resp in zip(items, b.generate(reqs)):
+                    for _, t, _, k, traj, _, tp in items]
+            for (path, t, i, k, _, _, _), resp in zip(items, b.generate(reqs)):
                 j = read_judgement(t, resp, judge)
                 if j.score is not None:
                     fixes.setdefault(path, {})[(i, k)] = {**j.fields, "status": "rerun", "rerun_round": round_no}

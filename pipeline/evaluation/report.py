@@ -3,7 +3,8 @@
 The analysis module builds the study's report (per-case median over replicates, per-metric statistics,
 replicate agreement). This adds an ``evaluation`` block per metric: the per-case *mean* over replicates
 (the median stays in ``per_case``, for pair building), the count of judgements by status (ok, parse_failed,
-repaired, rerun, error, skipped) and of cases without a score, and the judges' tokens and cost. With a
+repaired, rerun, error, skipped, invalid_score: a stored score off the 0-3 scale), of failed judgements and of
+cases without a score, and the judges' tokens and cost. Means are over valid scores only. With a
 tracking URI configured, each report is also logged as an MLflow run in the ``evaluation`` experiment.
 """
 
@@ -26,7 +27,7 @@ from pipeline.data.jsonl import atomic_write_text, read_jsonl
 from pipeline.data.naming import parse_run_filename
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest, write_manifest
-from pipeline.data.records import SCORE_KEYS
+from pipeline.data.records import SCORE_KEYS, invalid_score, valid_score
 from pipeline.errors import DataError
 from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, stat_digest
 
@@ -41,6 +42,19 @@ class ReportResult:
     paths: list[Path]
     problems: list[str]
     tracked_runs: list[str]
+
+
+#: judgement statuses without a score: a failed call, an unparsable answer, a stored score off the 0-3 scale
+FAILED_STATUSES = ("error", "parse_failed", "invalid_score")
+
+
+def _judgement_status(rep: dict[str, Any], key: str) -> str:
+    """A judgement's status; a stored score that is not an integer 0-3 (an older version or another tool wrote
+    it) is ``invalid_score`` whatever status was recorded beside it."""
+    value = (rep.get("eval_scores") or {}).get(key)
+    if invalid_score(value):
+        return "invalid_score"
+    return rep.get("status", "ok" if value is not None else ("error" if "error" in rep else "parse_failed"))
 
 
 def _evaluation_block(traj_files: list[str], eval_type: str, cases: list[int]) -> dict[str, Any]:
@@ -58,19 +72,19 @@ def _evaluation_block(traj_files: list[str], eval_type: str, cases: list[int]) -
             reps = rec["replicates"] if isinstance(rec.get("replicates"), list) else [rec]
             scores = []
             for rep in reps:
-                status[rep.get("status", "ok" if (rep.get("eval_scores") or {}).get(key) is not None
-                                else ("error" if "error" in rep else "parse_failed"))] += 1
+                status[_judgement_status(rep, key)] += 1
                 usage = rep.get("usage") or {}
                 tokens += (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
                 cost += usage.get("cost_usd") or 0.0
-                value = (rep.get("eval_scores") or {}).get(key)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = valid_score((rep.get("eval_scores") or {}).get(key))
+                if value is not None:
                     scores.append(float(value))
             means[case_ids[rec["eval_id"]]] = statistics.fmean(scores) if scores else None
     judged = sum(status.values())
+    failed = sum(status[s] for s in FAILED_STATUSES)
     return {"per_case_mean": [means.get(c) for c in cases], "status_counts": dict(sorted(status.items())),
-            "cases_without_score": sum(means.get(c) is None for c in cases),
-            "parse_failure_rate": (status["parse_failed"] + status["error"]) / judged if judged else None,
+            "failed_judgements": failed, "cases_without_score": sum(means.get(c) is None for c in cases),
+            "parse_failure_rate": failed / judged if judged else None,
             "judge_tokens": int(tokens), "judge_cost_usd": round(cost, 6)}
 
 
@@ -252,6 +266,23 @@ def _cmd_report(args: Any):  # noqa: ANN202 - returns a StageResult
         print(f"report: skipped {p}")
     for p in res.outputs["reports"]:
         print(f"report: {p}")
+        for line in _score_summary(Path(p)):
+            print(f"report:   {line}")
     print(f"report: {res.counts['reports']} unified reports, {len(res.problems)} files skipped"
           + (f", {len(res.mlflow_runs)} MLflow runs" if res.mlflow_runs else ""))
     return res
+
+
+def _score_summary(path: Path) -> list[str]:
+    """Per metric of a written report: its mean, over how many valid scores, and how many judgements failed."""
+    content = json.loads(path.read_text())
+    lines = []
+    for eval_type, name in _METRIC_NAMES:
+        stats = (content.get(eval_type) or {}).get(SCORE_KEYS[eval_type])
+        if not stats:
+            continue
+        ev = content.get("evaluation", {}).get(eval_type) or {}
+        mean = "none" if stats["mean"] is None else f"{stats['mean']:.3f}"
+        lines.append(f"{name}: mean {mean} over {stats['valid_scores']} valid scores, "
+                     f"{ev.get('failed_judgements', 0)} judgements failed")
+    return lines

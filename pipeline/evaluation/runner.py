@@ -24,7 +24,7 @@ from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_j
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import file_digest, write_manifest
 from pipeline.data.naming import parse_run_filename
-from pipeline.data.records import SCORE_KEYS, replicate_consistency
+from pipeline.data.records import SCORE_KEYS, replicate_consistency, valid_score
 from pipeline.data.runfiles import load_trajectories
 from pipeline.data.toolkits import Toolkit
 from pipeline.errors import DataError, PipelineError
@@ -74,10 +74,10 @@ class EvaluationConfig(StageConfig, BackendOptions):
         eval_types_for(v)  # raises on an unknown metric
         return v
 
-    def identity(self, eval_type: str, trajectories_sha256: str) -> dict[str, Any]:
-        """The fingerprint of one eval file."""
+    def identity(self, eval_type: str, trajectories_sha256: str, toolkits_sha256: str) -> dict[str, Any]:
+        """The fingerprint of one eval file (``toolkits_sha256``: of the tool specifications the judge sees)."""
         return {"eval_type": eval_type, **self.fingerprint(), "prompt_version": prompt_version(eval_type),
-                "trajectories_sha256": trajectories_sha256}
+                "trajectories_sha256": trajectories_sha256, "toolkits_sha256": toolkits_sha256}
 
 
 @dataclass
@@ -102,6 +102,26 @@ def toolkit_registry() -> dict[str, Toolkit]:
         except PipelineError:
             continue
     return registry
+
+
+def judged_toolkits(cases: list[dict[str, Any]], registry: dict[str, Toolkit], where: str) -> dict[str, Toolkit]:
+    """The registry's toolkit of every name the ``cases`` use; a name the registry lacks refuses the file in one
+    line naming it and ``where`` (the judge, or a replay, would otherwise see no specification of that toolkit)."""
+    names = {n for case in cases if isinstance(case, dict) and isinstance(case.get("Toolkits"), list)
+             for n in case["Toolkits"] if isinstance(n, str)}
+    unknown = sorted(names - registry.keys())
+    if unknown:
+        raise DataError(f"{where}: toolkit{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} not in the toolkit "
+                        f"registry (ToolEmu's and the demo set's {len(registry)} toolkits); expected its "
+                        "specification there")
+    return {n: registry[n] for n in sorted(names)}
+
+
+def toolkits_digest(toolkits: dict[str, Toolkit]) -> str:
+    """sha256 of the tool specifications the judge sees, by toolkit name (part of an eval file's fingerprint:
+    a changed specification is a different evaluation)."""
+    text = json.dumps({n: tk.description("low") for n, tk in sorted(toolkits.items())}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _target_trajectory(path: Path, evaluator_name: str) -> Path:
@@ -172,12 +192,15 @@ def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
     if not path.is_file():
         raise DataError(f"--trajectories {path}: trajectory file not found")
     trajectories = load_trajectories(path)
+    # checked before anything is written (the evaluator's link of the trajectory file included)
+    toolkits = judged_toolkits([t.case for t in trajectories if not t.failed], toolkit_registry(),
+                               f"--trajectories {path}")
     evaluator_name = parse_model_spec(cfg.evaluator).name
     target = _target_trajectory(path, evaluator_name)
     tname = parse_run_filename(target.name)
     result = EvaluationResult(target, {t: target.with_name(tname.eval_file(t).filename()) for t in eval_types})
     with writer_lock(target, wait=cfg.wait, what="trajectory file's evaluation"):
-        _evaluate_locked(cfg, backend, progress, trajectories, target, result)
+        _evaluate_locked(cfg, backend, progress, trajectories, toolkits, target, result)
     result.wall_s = time.monotonic() - t0
     return result
 
@@ -188,10 +211,11 @@ def _meta(out: Path) -> Path:
 
 
 def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progress: Callable[[int, int], None] | None,
-                     trajectories: list[Any], target: Path, result: EvaluationResult) -> None:
+                     trajectories: list[Any], toolkits: dict[str, Toolkit], target: Path,
+                     result: EvaluationResult) -> None:
     records = [t.model_dump(exclude_unset=True) for t in trajectories]
-    sha = file_digest(target)
-    identities = {t: json.loads(json.dumps(cfg.identity(t, sha), default=str)) for t in result.eval_files}
+    sha, tk_sha = file_digest(target), toolkits_digest(toolkits)
+    identities = {t: json.loads(json.dumps(cfg.identity(t, sha, tk_sha), default=str)) for t in result.eval_files}
     if not cfg.force:  # every eval file is checked before anything is moved or written
         for t, out in result.eval_files.items():
             journaled_output(out, identities[t], "evaluate", force=False)
@@ -210,7 +234,7 @@ def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progres
         backend = backend or get_backend(
             cfg.evaluator, cache=get_settings().home / "cache" / "llm.sqlite" if cfg.cache else None,
             **({"quantization": cfg.quantization} if cfg.quantization else {}), **cfg.backend_options())
-        _judge(cfg, backend, records, pending, result, progress)
+        _judge(cfg, backend, records, toolkits, pending, result, progress)
     for t, out in result.eval_files.items():
         if t in result.skipped:
             continue
@@ -257,9 +281,9 @@ def choice_seed(seed: int, eval_type: str, messages: list[dict[str, str]]) -> in
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
-def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], pending: list[tuple[str, int, int]],
-           result: EvaluationResult, progress: Callable[[int, int], None] | None) -> None:
-    registry = toolkit_registry()
+def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], registry: dict[str, Toolkit],
+           pending: list[tuple[str, int, int]], result: EvaluationResult,
+           progress: Callable[[int, int], None] | None) -> None:
     appenders = {t: JsonlAppender(_part(out)) for t, out in result.eval_files.items() if t not in result.skipped}
     try:
         for start in range(0, len(pending), cfg.chunk_size):
@@ -271,7 +295,7 @@ def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], pen
                     appenders[t].append({"eval_id": i, "replicate": k, "eval_scores": {}, "status": "skipped",
                                          "error": "trajectory has no episode (its emulation failed)"})
                     continue
-                toolkits = [registry[n] for n in rec["case"]["Toolkits"] if n in registry]
+                toolkits = [registry[n] for n in rec["case"]["Toolkits"]]  # every one checked by judged_toolkits
                 messages = judge_messages(t, rec, toolkits, study_final_step=cfg.compat == "study")
                 config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                           seed=cfg.seed + k)
@@ -312,7 +336,7 @@ def _assemble(entries: dict[tuple[int, int], dict], n_lines: int, replicates: in
             rep.pop("replicate", None)
             out.append({**rep, "eval_id": i})
             continue
-        scores = [(r.get("eval_scores") or {}).get(key) for r in reps]
+        scores = [valid_score((r.get("eval_scores") or {}).get(key)) for r in reps]
         rec: dict[str, Any] = {"eval_id": i, "replicates": reps, "consistency": replicate_consistency(scores)}
         if all(s is None for s in scores):
             rec["error"] = "All replicates failed"

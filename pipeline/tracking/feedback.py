@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.jsonl import atomic_write_text, read_jsonl
+from pipeline.data.records import valid_score
 import logging
 
 from pipeline.tracking.traces import ASSESSMENTS, FILE_TAG, KEY_TAG, PATH_TAG
@@ -58,7 +59,7 @@ def pull_feedback(client: Any, experiment_id: str) -> list[dict[str, Any]]:
                     continue
                 # a reviewer who edits the judge's score in the UI overrides (invalidates) the judge's assessment:
                 # the judge's score still counts, the reviewer's superseded labels do not
-                if source == "LLM_JUDGE" and isinstance(a.value, (int, float)):
+                if source == "LLM_JUDGE" and valid_score(a.value) is not None:  # off-scale values: no score
                     judge.setdefault(a.name, []).append(float(a.value))
                 elif source == "HUMAN" and getattr(a, "valid", True) is not False:
                     human.append(a)

@@ -30,7 +30,7 @@ from typing import Any
 
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.naming import EVAL_TYPES, parse_run_filename
-from pipeline.data.records import SCORE_KEYS
+from pipeline.data.records import SCORE_KEYS, invalid_score, valid_score
 
 #: assessment name per eval type
 ASSESSMENTS: dict[str, str] = {"agent_safe": "ToolCallRisk", "agent_help_ignore_safety": "Helpfulness",
@@ -106,15 +106,16 @@ def _judgements(eval_type: str, rec: dict[str, Any], default_judge: str) -> list
     reps = rec["replicates"] if isinstance(rec.get("replicates"), list) and rec["replicates"] else [rec]
     out = []
     for i, rep in enumerate(reps):
-        value = (rep.get("eval_scores") or {}).get(SCORE_KEYS[eval_type])
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            value = None
-        status = rep.get("status") or ("ok" if value is not None else "error" if rep.get("error") else
-                                       "parse_failed")
+        stored = (rep.get("eval_scores") or {}).get(SCORE_KEYS[eval_type])
+        value = valid_score(stored)
+        # a stored score off the 0-3 scale (an older version or another tool) is no assessment value
+        status = ("invalid_score" if invalid_score(stored) else rep.get("status") or
+                  ("ok" if value is not None else "error" if rep.get("error") else "parse_failed"))
+        raw = f"stored score {stored!r} is not an integer 0-3" if status == "invalid_score" else None
         out.append(Judgement(name=ASSESSMENTS[eval_type], eval_type=eval_type, value=value,
                              rationale=rep.get("Evaluator Thought") or rep.get("thought"),
                              judge=str(rep.get("evaluator_model") or rec.get("evaluator_model") or default_judge),
-                             replicate=i, status=status, raw=rep.get("raw") or rep.get("error")))
+                             replicate=i, status=status, raw=raw or rep.get("raw") or rep.get("error")))
     return out
 
 
