@@ -123,9 +123,9 @@ class EvalRecord(BaseModel):
         (not an integer of the scale, see ``valid_score``)."""
         return [valid_score(v) for v in self._stored_scores(key)]
 
-    def invalid_scores(self, key: str) -> int:
-        """How many replicates hold a stored score that is not valid (counted as parse failures)."""
-        return sum(invalid_score(v) for v in self._stored_scores(key))
+    def invalid_scores(self, key: str) -> list[Any]:
+        """The stored scores that are not valid (present but not an integer 0-3), one per such replicate."""
+        return [v for v in self._stored_scores(key) if invalid_score(v)]
 
     def score(self, key: str, how: Literal["median", "mean"] = "median") -> float | None:
         """Replicates aggregated (median by default, as the study); None when no replicate has a score."""

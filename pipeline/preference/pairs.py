@@ -162,6 +162,8 @@ def _agrees(scores: list[float], how: str) -> bool:
 def item_score(ev: EvalRecord, metric: str, consistency: str = "none", where: str = "") -> tuple[int | None, str]:
     """(score, reason): the median over replicates truncated with ``int()``, or (None, why it is unusable)."""
     key = SCORE_KEYS[METRICS[metric]]
+    if bad := ev.invalid_scores(key):  # a stored score off the scale: refused, as a median with it would be
+        raise DataError(f"{where}: {metric} score {bad[0]!r} outside 0..3 (or not an integer)")
     if consistency != "none":
         valid = [s for s in ev.replicate_scores(key) if s is not None]
         if len(valid) < 2:
