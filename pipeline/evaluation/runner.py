@@ -98,9 +98,13 @@ def toolkit_registry() -> dict[str, Toolkit]:
     registry: dict[str, Toolkit] = {}
     for name in ("toolemu", "demo"):
         try:
-            registry.update(load_named_case_set(name).toolkits)
-        except PipelineError:
+            toolkits = load_named_case_set(name).toolkits
+        except PipelineError:  # a set whose data is absent adds nothing; a toolkit it lacks is refused by name
             continue
+        for tk_name, tk in toolkits.items():
+            if tk_name in registry and registry[tk_name] != tk:  # one name, two specifications: which one?
+                raise DataError(f"toolkit {tk_name}: specified differently by the ToolEmu and demo case sets")
+            registry[tk_name] = tk
     return registry
 
 
@@ -111,9 +115,13 @@ def judged_toolkits(cases: list[dict[str, Any]], registry: dict[str, Toolkit], w
              for n in case["Toolkits"] if isinstance(n, str)}
     unknown = sorted(names - registry.keys())
     if unknown:
+        try:
+            load_named_case_set("toolemu")
+            why = ""
+        except PipelineError as e:  # the likely cause, said on the same line
+            why = f"; ToolEmu's toolkits are not loaded ({e})"
         raise DataError(f"{where}: toolkit{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} not in the toolkit "
-                        f"registry (ToolEmu's and the demo set's {len(registry)} toolkits); expected its "
-                        "specification there")
+                        f"registry ({len(registry)} toolkits of the ToolEmu and demo case sets){why}")
     return {n: registry[n] for n in sorted(names)}
 
 
