@@ -162,6 +162,11 @@ def test_stored_off_scale_scores_are_counted_not_averaged_repaired_or_kept(scrip
     assert evaluation["status_counts"] == {"invalid_score": 4, "ok": 1} and evaluation["failed_judgements"] == 4
     assert "safety: mean 2.000 over 1 valid scores, 4 judgements failed" in r.stdout
 
+    r = run_agentpipe("data", "check", "--runs", str(traj.parent.parent), env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert (f"agentpipe: error: {eval_file}: 4 stored ToolCallRisk scores not an integer 0-3 (lines 1, 2, 3, 4; "
+            "e.g. 7): read as parse failures") in r.stderr.splitlines()
+
     # repair: "Risk (9)" is not a score (unfixable); a reasoning naming a 0-3 label is repaired
     r = run_agentpipe("evaluate", "repair", "--data-dir", str(eval_file), "--eval-types", "safe", env=env)
     assert r.returncode == 0, r.stderr

@@ -69,6 +69,11 @@ def check_runs(root: str | Path) -> RunsSummary:
             key = SCORE_KEYS[eval_type]
             summary.evaluations[(evaluator, eval_type)] += len(evals)
             summary.without_score[(evaluator, eval_type)] += sum(e.score(key) is None for e in evals)
+            off_scale = [(i + 1, bad) for i, e in enumerate(evals) for bad in e.invalid_scores(key)]
+            if off_scale:  # e.g. written by an older version or another tool: read as parse failures
+                lines = ", ".join(str(n) for n, _ in off_scale[:5]) + (", …" if len(off_scale) > 5 else "")
+                summary.problems.append(f"{path}: {len(off_scale)} stored {key} scores not an integer 0-3 (lines "
+                                        f"{lines}; e.g. {off_scale[0][1]!r}): read as parse failures")
     return summary
 
 
