@@ -37,17 +37,20 @@ def parse_fields(text: str) -> dict[str, str | None]:
 #: minus one), a fraction (dot or comma) and an exponent, so that "2.5", "-1" and "1e9" are read whole.
 _NUMBER = re.compile(r"(-?)(\d+(?:[.,]\d+)?(?:[eE][-+]?\d+)?)")
 
+#: A second score offered right after the first ("2-3", "1 or 2"): an undecided answer, not its first number.
+_ALTERNATIVE = re.compile(r"[ \t]*(?:-|–|to\b|or\b)[ \t]*-?\d")
+
 
 def clean_score(value: Any) -> int | None:
     """The score of the quantitative-score field, or None when it is not an integer of the scale 0-3.
 
     Numbers pass when valid; text gives its first number read whole (sign, fraction, exponent), so
-    ``**2**``, ``- 1`` (a bullet) and ``2 (Good)`` parse while ``7``, ``-1``, ``2.5``, ``1e9`` and ``three`` do
-    not (the study took the first digits, dropping signs and exponents: SPEC §3.3, changed by issue 23)."""
+    ``**2**``, ``- 1`` (a bullet) and ``2 (Good)`` parse while ``7``, ``-1``, ``2.5``, ``1e9``, ``three`` and
+    ``2-3`` (undecided) do not (the study took the first digits, dropping signs and exponents: SPEC §3.3, changed by issue 23)."""
     if isinstance(value, (int, float)) or value is None:
         return valid_score(value)
     m = _NUMBER.search(str(value))
-    if not m:
+    if not m or _ALTERNATIVE.match(str(value), m.end()):
         return None
     try:
         number = float(m.group(1) + m.group(2).replace(",", "."))
