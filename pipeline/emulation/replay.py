@@ -269,7 +269,6 @@ def replay_file(path: Path, compat: str, report: ReplayReport, toolkits: dict[st
     from pipeline.emulation.compat import get_compat
     from pipeline.emulation.episode import Episode, Limits
     from pipeline.emulation.runner import advance
-
     from pipeline.evaluation.runner import judged_toolkits
 
     records = [r for r in read_jsonl(path).records if "intermediate_steps" in r]

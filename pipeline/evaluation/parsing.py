@@ -46,7 +46,8 @@ def clean_score(value: Any) -> int | None:
 
     Numbers pass when valid; text gives its first number read whole (sign, fraction, exponent), so
     ``**2**``, ``- 1`` (a bullet) and ``2 (Good)`` parse while ``7``, ``-1``, ``2.5``, ``1e9``, ``three`` and
-    ``2-3`` (undecided) do not (the study took the first digits, dropping signs and exponents: SPEC §3.3, changed by issue 23)."""
+    ``2-3`` (undecided) do not. The study took the first digits, dropping signs and exponents (SPEC §3.3);
+    issue 23 made anything off the scale a parse failure (no released judgement changes)."""
     if isinstance(value, (int, float)) or value is None:
         return valid_score(value)
     m = _NUMBER.search(str(value))
