@@ -220,3 +220,26 @@ def test_changed_toolkit_specification_is_a_different_evaluation(tmp_path, judge
 
     line = _one_error_line(_evaluate(env, traj))
     assert "toolkits_sha256" in line and judge.calls == 4
+
+
+def test_a_replaced_trajectory_file_is_not_judged_by_its_old_copy(scripted_run, judge):
+    """Evaluating links the trajectory file under the judge's name; once the file is replaced (a new emulation),
+    that old copy must not stand in for it (its judgements would pass as the new trajectories')."""
+    env, traj = scripted_run
+    assert _evaluate(env, traj).returncode == 0
+    records = read_jsonl(traj).records
+    records[0]["output"] = "a different final answer"
+    new = traj.with_name("new.tmp")
+    new.write_text("".join(json.dumps(rec) + "\n" for rec in records))
+    new.replace(traj)  # replaced as an atomic write does: the judge's copy keeps the old content
+    [linked] = [p for p in traj.parent.glob("*gpt-4o-mini_r0-5.jsonl")]
+    old_content = linked.read_bytes()
+
+    line = _one_error_line(_evaluate(env, traj))
+    assert f"--trajectories {traj}: {linked.name} beside it holds other trajectories" in line
+    assert linked.read_bytes() == old_content and judge.calls == 10  # nothing changed, nobody asked
+
+    r = _evaluate(env, traj, "--force")  # the new trajectories are judged; the old copy and its judgements kept
+    assert r.returncode == 0, r.stderr
+    assert linked.read_bytes() == traj.read_bytes() and judge.calls == 20
+    assert len(list(traj.parent.glob(f"{linked.name}.replaced-*"))) == 1

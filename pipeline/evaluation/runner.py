@@ -34,7 +34,7 @@ from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
 from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
 from pipeline.settings import get_settings
-from pipeline.stage import StageConfig, StageResult, journal_paths, journaled_output
+from pipeline.stage import StageConfig, StageResult, journal_paths, journaled_output, move_aside
 
 
 class EvaluationConfig(StageConfig, BackendOptions):
@@ -132,13 +132,21 @@ def toolkits_digest(toolkits: dict[str, Toolkit]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _target_trajectory(path: Path, evaluator_name: str) -> Path:
+def _target_trajectory(path: Path, evaluator_name: str, force: bool) -> Path:
     """Trajectory and eval files share a stem that names the evaluator: evaluating with another evaluator
-    links the trajectory file under that evaluator's name first (SPEC §2.2)."""
+    links the trajectory file under that evaluator's name first (SPEC §2.2). A copy there with other content
+    (``path`` was replaced since) is refused, or with ``force`` moved aside and linked anew: judging it would
+    pass its judgements off as those of ``path``."""
     name = parse_run_filename(path.name)
     if name.evaluator == evaluator_name:
         return path
     target = path.with_name(type(name)(**{**asdict(name), "evaluator": evaluator_name}).filename())
+    if target.exists() and not os.path.samefile(path, target) and file_digest(path) != file_digest(target):
+        if not force:
+            raise DataError(f"--trajectories {path}: {target.name} beside it holds other trajectories (the copy "
+                            f"judged under {evaluator_name}'s name: was {path.name} replaced?); rerun with --force "
+                            "to judge these (the old copy and its judgements are kept aside)")
+        move_aside(target)
     if not target.exists():
         try:
             os.link(path, target)
@@ -204,7 +212,7 @@ def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
     toolkits = judged_toolkits([t.case for t in trajectories if not t.failed], toolkit_registry(),
                                f"--trajectories {path}")
     evaluator_name = parse_model_spec(cfg.evaluator).name
-    target = _target_trajectory(path, evaluator_name)
+    target = _target_trajectory(path, evaluator_name, cfg.force)
     tname = parse_run_filename(target.name)
     result = EvaluationResult(target, {t: target.with_name(tname.eval_file(t).filename()) for t in eval_types})
     with writer_lock(target, wait=cfg.wait, what="trajectory file's evaluation"):
