@@ -97,7 +97,7 @@ class EmulationConfig(StageConfig, BackendOptions):
     max_continuations: int = Field(default=5, ge=0, description="re-prompts after an unparseable output")
     max_attempts: int = Field(default=3, ge=1, description="tries of an LLM call that errors before its case fails")
     agent_temperature: float = Field(default=0.0, ge=0, description="agent sampling temperature")
-    agent_seed: int | None = Field(default=None, description="agent sampling seed (with --agent-temperature > 0)")
+    agent_seed: int | None = Field(default=None, ge=0, description="agent sampling seed (with --agent-temperature > 0)")
     agent_label: str | None = Field(default=None, description="name the agent's folder/files by this label (e.g. "
                                     "one sampled run of a model in a trajectory pool: SmolLM2-135M-sample1); avoid "
                                     "_s<N>")
@@ -116,6 +116,13 @@ class EmulationConfig(StageConfig, BackendOptions):
     @classmethod
     def _agents(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else list(dict.fromkeys(v))
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, v: int | None) -> int | None:
+        if v is not None and v != -1 and v < 1:
+            raise ValueError("must be >= 1 (or -1: the compat mode's cap)")
+        return v
 
     @field_validator("cache")
     @classmethod

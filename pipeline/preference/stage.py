@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.preference.pairs import Consistency
 from pipeline.stage import StageConfig, StageResult, prior_output
 
 #: Version of the pairing and rendering rules (part of the fingerprint)
@@ -20,7 +21,7 @@ class PairsConfig(StageConfig):
     from other or changed evaluations."""
 
     stage: ClassVar[str] = "pairs"
-    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "force"})
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "force", "wait"})
 
     data_dir: list[Path] = Field(min_length=1, description="run folder with trajectory and eval files, searched "
                                  "recursively (repeatable)", json_schema_extra={"metavar": "DIR"})
@@ -31,8 +32,10 @@ class PairsConfig(StageConfig):
                                              "same rules; average: also require the mean of the two metrics to pass")
     min_score_difference: int = Field(default=2, ge=1, description="minimum chosen - rejected gap")
     min_chosen_score: int = Field(default=2, ge=0, le=3, description="minimum chosen score")
-    consistency: str = Field(default="none", description="replicate-agreement filter (needs multi-replicate "
-                             "evaluations): none, exact, all_but_one, within_1 …")
+    consistency: Consistency = Field(default="none", description="replicate-agreement filter (needs multi-replicate "
+                                     "evaluations): none, or the replicates must agree exactly (exact_match), "
+                                     "by majority (majority_agree), all but one (all_but_one_agree) or lie "
+                                     "within 1 point (within_1)")
     seed: int | None = Field(default=None, ge=0, description="split seed: pair only that seed's train (or --split "
                              "test) cases")
     split: Literal["train", "test", "all"] | None = Field(default=None, description="which cases of the seed's "
@@ -51,17 +54,10 @@ class PairsConfig(StageConfig):
     out: Path = Field(description="output folder", json_schema_extra={"metavar": "DIR"})
     force: bool = Field(default=False, description="a pair set of the same name made by another configuration or "
                         "from other inputs is moved aside as <name>.replaced-<time> (default: refuse)")
+    wait: bool = Field(default=False, description="when another process is building the same pair set, wait for it "
+                       "(default: refuse at once)")
 
     _dirs = field_validator("data_dir", mode="before")(lambda v: [v] if isinstance(v, (str, Path)) else v)
-
-    @field_validator("consistency")
-    @classmethod
-    def _consistency(cls, v: str) -> str:
-        from pipeline.preference.pairs import CONSISTENCY
-
-        if v not in CONSISTENCY:
-            raise ValueError(f"expected one of {', '.join(CONSISTENCY)}")
-        return v
 
     @model_validator(mode="after")
     def _resolve(self) -> PairsConfig:
@@ -108,17 +104,15 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
     def done() -> bool:
         return prior_output(path, fingerprint, cfg.stage, force=cfg.force)
 
-    if path.exists() and done():
-        return StageResult(stage=cfg.stage, status="skipped", outputs={"pairs": str(path)},
-                           counts=(read_manifest(path) or {}).get("counts", {}))
-    # built before anything is written (bad input fails with nothing created), then checked again under the lock
-    case_set = load_named_case_set(cfg.cases, get_settings().resolved_data_dir)
-    result = build_pair_set(cfg.data_dir, rules, evaluator=evaluator, case_set=case_set, tokenizer=tokenizer,
-                            max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, judge=cfg.judge)
-    with writer_lock(path, what="pair set"):
+    case_set = load_named_case_set(cfg.cases, get_settings().resolved_data_dir)  # bad input fails before the lock
+    # one builder per pair set: a second identical run refuses at once (or waits with --wait) instead of
+    # repeating the work and racing the first one's writes
+    with writer_lock(path, wait=cfg.wait, what="pair set"):
         if done():
             return StageResult(stage=cfg.stage, status="skipped", outputs={"pairs": str(path)},
                                counts=(read_manifest(path) or {}).get("counts", {}))
+        result = build_pair_set(cfg.data_dir, rules, evaluator=evaluator, case_set=case_set, tokenizer=tokenizer,
+                                max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, judge=cfg.judge)
         write_pair_set(result, cfg.out, manifest_config=fingerprint)
     s = result.stats
     from pipeline.tracking.stage_runs import log_stage_run
