@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -85,7 +87,6 @@ class PairsConfig(StageConfig):
 def build_pairs(cfg: PairsConfig) -> StageResult:
     """The ``pairs`` stage: skipped when the same configuration already built the set from the same inputs."""
     from pipeline.data.cases import load_named_case_set
-    from pipeline.data.locks import writer_lock
     from pipeline.data.manifest import file_digest, read_manifest
     from pipeline.errors import DataError
     from pipeline.preference.pairs import build_pair_set, length_tag, write_pair_set
@@ -107,7 +108,7 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
     case_set = load_named_case_set(cfg.cases, get_settings().resolved_data_dir)  # bad input fails before the lock
     # one builder per pair set: a second identical run refuses at once (or waits with --wait) instead of
     # repeating the work and racing the first one's writes
-    with writer_lock(path, wait=cfg.wait, what="pair set"):
+    with _builder_lock(path, wait=cfg.wait):
         if done():
             return StageResult(stage=cfg.stage, status="skipped", outputs={"pairs": str(path)},
                                counts=(read_manifest(path) or {}).get("counts", {}))
@@ -124,6 +125,24 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
                        counts={"pairs": s["pairs"], "cases": s["cases_with_pairs"], "items": s["load"]["items"],
                                "dropped_too_long": s.get("dropped_too_long", 0)},
                        length_filtered=tokenizer is not None, wall_s=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _builder_lock(path: Path, *, wait: bool) -> Iterator[None]:
+    """The writer lock of the pair set ``path``. When the build fails (bad run files), what taking the lock
+    created (the lock file, output folders that did not exist) is removed again: bad input leaves nothing behind.
+    (A process waiting on that lock file then fails on the same input: the race is harmless.)"""
+    from pipeline.data.locks import lock_path, writer_lock
+
+    created = [p for p in (lock_path(path), *path.parents) if not p.exists()]
+    try:
+        with writer_lock(path, wait=wait, what="pair set"):
+            yield
+    except BaseException:
+        for p in created:  # the lock file first, then the new folders, innermost first (each only if empty)
+            with contextlib.suppress(OSError):
+                p.rmdir() if p.is_dir() else p.unlink()
+        raise
 
 
 def _tokenizer(spec: str):  # noqa: ANN202 - a transformers tokenizer
