@@ -27,7 +27,8 @@ from pipeline.data.cases import CaseSet, load_named_case_set
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import write_manifest
-from pipeline.data.naming import RunFileName, extract_seed, file_quantization, sanitize_model_name
+from pipeline.data.naming import (RunFileName, confined_path, extract_seed, file_quantization,
+                                   sanitize_model_name)
 from pipeline.data.split import TOOLEMU_CASES, contiguous_ranges, test_cases
 from pipeline.emulation.compat import get_compat
 from pipeline.emulation.episode import ENGINE_VERSION, Episode, Limits
@@ -195,7 +196,8 @@ def plan(cfg: EmulationConfig, agent: str, case_set: CaseSet) -> tuple[list[int]
     name = RunFileName(agent_name, emu.name, evaluator, quantization=file_quantization(cfg.quantization),
                        case_range=(start, end))
     out_dir = cfg.out or get_settings().home / "trajectories"
-    return cases, (start, end), out_dir / agent_name / name.filename()
+    folder = confined_path(out_dir, agent_name, "--agent-label" if cfg.agent_label else "--agent")
+    return cases, (start, end), folder / name.filename()
 
 
 def _part_path(path: Path) -> Path:

@@ -88,6 +88,7 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
     """The ``pairs`` stage: skipped when the same configuration already built the set from the same inputs."""
     from pipeline.data.cases import load_named_case_set
     from pipeline.data.manifest import file_digest, read_manifest
+    from pipeline.data.naming import confined_path
     from pipeline.errors import DataError
     from pipeline.preference.pairs import build_pair_set, length_tag, write_pair_set
     from pipeline.settings import get_settings
@@ -99,7 +100,8 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
     evaluator = cfg.evaluator or "+".join(d.name for d in cfg.data_dir)
     tokenizer = _tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     rules = cfg.rules()
-    path = cfg.out / f"{rules.name(evaluator, length_tag(tokenizer, cfg.max_length, cfg.max_prompt_length))}.jsonl"
+    name = rules.name(evaluator, length_tag(tokenizer, cfg.max_length, cfg.max_prompt_length))
+    path = confined_path(cfg.out, f"{name}.jsonl", "--evaluator")  # the only free text in the name
     fingerprint = cfg.fingerprint() | {"inputs": {str(d): file_digest(d) for d in cfg.data_dir}}
 
     def done() -> bool:
