@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.preference.pairs import Consistency
-from pipeline.stage import StageConfig, StageResult, prior_output
+from pipeline.stage import StageConfig, StageResult, check_out_not_inputs, prior_output
 
 #: Version of the pairing and rendering rules (part of the fingerprint)
 PAIRS_VERSION = 1
@@ -97,6 +97,7 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
     for d in cfg.data_dir:
         if not d.is_dir():
             raise DataError(f"--data-dir {d}: not a folder")
+    check_out_not_inputs(cfg.out, list(cfg.data_dir), cfg.stage)
     evaluator = cfg.evaluator or "+".join(d.name for d in cfg.data_dir)
     tokenizer = _tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     rules = cfg.rules()
