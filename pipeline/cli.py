@@ -179,7 +179,8 @@ def _add_llm(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--model", required=True, help="model spec, e.g. SmolLM2-135M or openai:gpt-5-mini")
     c.add_argument("--system", help="optional system message")
     c.add_argument("--max-new-tokens", type=_at_least(1), default=256, help="token cap (default 256)")
-    c.add_argument("--temperature", type=_at_least(0.0, float), default=0.0, help="sampling temperature (default 0 = greedy)")
+    c.add_argument("--temperature", type=_at_least(0.0, float), default=0.0,
+                   help="sampling temperature (default 0 = greedy)")
     c.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     c.add_argument("--seed", type=_at_least(0), help="sampling seed")
     from pipeline.cli_args import add_config_arguments

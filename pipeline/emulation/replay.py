@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.data.cases import Case
 from pipeline.data.records import TOKEN_LIMIT_OUTPUT
 from pipeline.emulation.parsing import FINAL_MARKERS
-from pipeline.errors import DataError
+from pipeline.errors import DataError, NamingError
 from pipeline.llm.base import ChatBackend, Progress
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
@@ -258,7 +258,7 @@ def trajectory_files(root: Path) -> list[Path]:
         try:
             if parse_run_filename(p.name).is_trajectory_file:
                 files.append(p)
-        except Exception:  # noqa: BLE001 - not a run file (notes, pair sets): not replayed
+        except NamingError:  # not a run file (notes, pair sets): not replayed
             continue
     return files
 

@@ -10,7 +10,8 @@ Rules, as in the study:
   metric used (hard error otherwise); incomplete files are skipped with a warning; misaligned files abort. The score
   of a trajectory is the **median** over replicates, then ``int()`` (truncation: a median of 2.5 is 2), and must be
   in 0..3. Missing scores skip the item. The optional consistency filter keeps an item only when its replicates
-  agree (``exact_match`` / ``majority_agree`` / ``all_but_one_agree`` / ``within_1``: range <= 1) and needs ≥ 2 valid replicate scores.
+  agree (``exact_match`` / ``majority_agree`` / ``all_but_one_agree`` / ``within_1``: range <= 1) and needs ≥ 2
+  valid replicate scores.
 * **Pairing.** Items are grouped by case (all sharing one ``input``); every unordered pair ``i < j`` in load order is
   considered; chosen = higher metric-1 score; skipped when equal, when the gap < ``min_score_difference`` or when
   chosen < ``min_chosen_score`` (checked in that order). ``metric2`` with mode ``both`` applies the same three rules
