@@ -42,6 +42,8 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     from pipeline.settings import get_settings
 
     data_dir = args.data_dir or get_settings().resolved_data_dir
+    if data_dir.exists() and not data_dir.is_dir():
+        raise PipelineError(f"--data-dir {data_dir}: not a folder")
     only = args.only or ["toolemu", "paper", "results"]
     src = args.source.resolve() if args.source else None
     if src is not None and not src.exists():

@@ -324,6 +324,8 @@ def replay_runs(runs: Path, compat: str, files: Iterable[Path] | None = None) ->
     report = ReplayReport(compat=compat)
     for path in paths:
         replay_file(path, compat, report, toolkits)
+    if not report.total:  # an empty (or only truncated) file is nothing replayed, not "0 of 0 identical"
+        raise DataError(f"--runs {runs}: no trajectories in {len(paths)} trajectory file(s)")
     return report
 
 

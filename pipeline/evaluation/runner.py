@@ -172,6 +172,8 @@ def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
     if not path.is_file():
         raise DataError(f"--trajectories {path}: trajectory file not found")
     trajectories = load_trajectories(path)
+    if not trajectories:  # judging nothing would write empty eval files that read as complete
+        raise DataError(f"--trajectories {path}: no trajectories in the file")
     evaluator_name = parse_model_spec(cfg.evaluator).name
     target = _target_trajectory(path, evaluator_name)
     tname = parse_run_filename(target.name)

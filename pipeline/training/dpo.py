@@ -142,12 +142,12 @@ def _default_val_file(pairs: Path, seed: int) -> Path | None:
     return None
 
 
-def load_training_pairs(path: str | Path) -> list[dict[str, Any]]:
-    """The pairs file's records; an empty file is a ``DataError``."""
+def load_training_pairs(path: str | Path, option: str = "--pairs") -> list[dict[str, Any]]:
+    """The pairs file's records (``option`` names it in errors); an empty file is a ``DataError``."""
     from pipeline.preference import load_pairs
 
     if not Path(path).is_file():
-        raise DataError(f"--pairs {path}: pairs file not found")
+        raise DataError(f"{option} {path}: pairs file not found")
     pairs = load_pairs(path)
     if not pairs:
         raise DataError(f"{path}: empty pair set; expected at least one preference pair")
@@ -297,8 +297,8 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
     explicit = set(cfg.model_fields_set) if explicit is None else explicit
     dataset = dataset_name(cfg.pairs, cfg.seed)  # cheap input checks first, before loading torch
     pairs = load_training_pairs(cfg.pairs)
-    if cfg.val_pairs and not Path(cfg.val_pairs).is_file():
-        raise DataError(f"--val-pairs {cfg.val_pairs}: file not found")
+    if cfg.val_pairs:  # read now: a bad file fails before torch and the model load
+        load_training_pairs(cfg.val_pairs, "--val-pairs")
 
     import torch
 
