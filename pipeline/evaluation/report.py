@@ -212,12 +212,12 @@ def report(cfg: ReportConfig) -> StageResult:
         raise DataError(f"--runs {cfg.runs}: not a folder")
     if cfg.human_labels is not None and not cfg.human_labels.is_file():
         raise DataError(f"--human-labels {cfg.human_labels}: file not found")
-    # labels are an input: new labels rebuild the reports
     check_out_not_inputs(cfg.out, [cfg.runs, cfg.human_labels], cfg.stage)
     if cfg.human_labels is not None:
         from pipeline.tracking.feedback import read_feedback
 
         read_feedback(cfg.human_labels)  # a bad labels file fails here, before the report folder is claimed
+    # labels are an input: new labels rebuild the reports
     inputs = stat_digest([cfg.runs, *([cfg.human_labels] if cfg.human_labels else [])])
     if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
         m = read_manifest(cfg.out) or {}
