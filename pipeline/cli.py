@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,22 @@ from pipeline.errors import PipelineError
 from pipeline.stage import StageResult
 
 
+def _at_least(low: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse ``type`` for a number ``>= low`` (a value out of range is refused by the parser, exit 2)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+
+    return parse
+
+
 # ------------------------------------------------------------------------------------------------ data
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
     from pipeline.data.fetch import fetch
@@ -25,6 +42,8 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     from pipeline.settings import get_settings
 
     data_dir = args.data_dir or get_settings().resolved_data_dir
+    if data_dir.exists() and not data_dir.is_dir():
+        raise PipelineError(f"--data-dir {data_dir}: not a folder")
     only = args.only or ["toolemu", "paper", "results"]
     src = args.source.resolve() if args.source else None
     if src is not None and not src.exists():
@@ -91,7 +110,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--only", action="append", choices=["toolemu", "paper", "results"],
                    help="fetch only this source (paper: the released trajectories; results: the released "
                    "evaluations of the finetuned models)")
-    f.add_argument("--workers", type=int, default=8, help="parallel downloads (default 8)")
+    f.add_argument("--workers", type=_at_least(1), default=8, help="parallel downloads (default 8)")
     f.set_defaults(func=_cmd_data_fetch)
     c = dsub.add_parser("check", help="validate cases, toolkits and run files and print counts",
                         description="Load and validate a case set and every run file under a folder "
@@ -121,8 +140,8 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("split", help="print a seed's train/test case indices",
                        description="The study's seeded 50/50 case split: CPython shuffle of the case indices, "
                        "second half = test.")
-    p.add_argument("--seed", type=int, required=True, help="split seed (as in _s<seed> model names)")
-    p.add_argument("--n-cases", type=int, default=144, help="number of cases (default 144)")
+    p.add_argument("--seed", type=_at_least(0), required=True, help="split seed (as in _s<seed> model names)")
+    p.add_argument("--n-cases", type=_at_least(2), default=144, help="number of cases (default 144)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_split)
 
@@ -161,10 +180,11 @@ def _add_llm(sub: argparse._SubParsersAction) -> None:
     c.add_argument("prompt", help="the user message")
     c.add_argument("--model", required=True, help="model spec, e.g. SmolLM2-135M or openai:gpt-5-mini")
     c.add_argument("--system", help="optional system message")
-    c.add_argument("--max-new-tokens", type=int, default=256, help="token cap (default 256)")
-    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
+    c.add_argument("--max-new-tokens", type=_at_least(1), default=256, help="token cap (default 256)")
+    c.add_argument("--temperature", type=_at_least(0.0, float), default=0.0,
+                   help="sampling temperature (default 0 = greedy)")
     c.add_argument("--stop", action="append", help="stop sequence (repeatable)")
-    c.add_argument("--seed", type=int, help="sampling seed")
+    c.add_argument("--seed", type=_at_least(0), help="sampling seed")
     from pipeline.cli_args import add_config_arguments
     from pipeline.llm.options import BackendOptions
 
@@ -203,11 +223,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``agentpipe`` console script; returns the exit code."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+def _check_result_path(path: Path | None) -> None:
+    """Refuse a ``--result`` path that cannot take a file before the command does any work."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise PipelineError(f"--result {path}: is a folder; expected a file path for the JSON result")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # the nearest existing ancestor must be a folder
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PipelineError(f"--result {path}: {parent} is not a folder")
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the parsed command; expected failures become one line on stderr and their exit code."""
     try:
+        _check_result_path(args.result)
         out = args.func(args)
         # a stage returns its StageResult (status, outputs, counts); other commands an exit code
         code, data = (out.exit_code, out.to_json()) if isinstance(out, StageResult) else (int(out or 0), {})
@@ -222,6 +254,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("agentpipe: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``agentpipe`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        code = _run(args, argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (`agentpipe … | head -1`): as Python's docs recommend (signal module, "Note on
+        # SIGPIPE"), point stdout at devnull so the interpreter's final flush does not raise again, and end quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -85,6 +85,8 @@ def read_spec(path: str | Path, option: str = "--spec") -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{option} {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{option} {path}: not UTF-8 text (byte {e.start}); expected a YAML or JSON file") from None
     try:
         if path.suffix == ".json":
             data = json.loads(text)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.cases import load_named_case_set
+from pipeline.data.naming import confined_path
 from pipeline.errors import ConfigError
 from pipeline.preference.pairs import PairConfig
 from pipeline.training.naming import dataset_name, model_name
@@ -75,6 +76,10 @@ class ExperimentConfig:
             raise ConfigError("experiment: expected at least one source model, arm, seed and beta")
         if len({a.name for a in self.arms}) != len(self.arms):
             raise ConfigError("experiment: arm names must be unique")
+        # both become parts of output paths (trajectories/<name>, analysis/<name>, pairs/<…_arm_…>.jsonl)
+        confined_path(".", self.name, "experiment name")
+        for arm in self.arms:
+            confined_path(".", arm.name, "experiment arm name")
 
 
 @dataclass

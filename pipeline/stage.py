@@ -100,6 +100,34 @@ def check_fingerprint(output: Path, recorded: dict[str, Any] | None, current: di
                                   f"rerun with the same options, or with --force to keep the old output aside")
 
 
+def check_out_not_inputs(out: Path, inputs: list[Path | None], stage: str, option: str = "--out") -> None:
+    """Refuse (one line) an output folder that is, or contains, one of the stage's ``inputs``: writing there, and
+    with ``--force`` moving the old output aside, would touch the inputs themselves."""
+    target = Path(out).resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        src = Path(given).resolve()
+        if src == target or target in src.parents:
+            raise ConfigError(f"{option} {out}: {'is' if src == target else 'contains'} the {stage} stage's input "
+                              f"{given}; choose an output folder apart from the inputs")
+
+
+def check_own_output(path: Path, manifest: dict[str, Any] | None, stage: str, *, marker: str | None = None) -> None:
+    """Refuse (one line) to move aside a folder that is not an output of ``stage``: one whose manifest names
+    another stage, or without a manifest (nor the stage's own ``marker`` file). ``--force`` replaces only what
+    the stage itself wrote; a folder of anything else (inputs, a user's files) is never moved."""
+    if not path.is_dir():
+        return  # a file at the exact name the stage writes is its output, whatever wrote it
+    family = stage.split()[0]  # "analyze all" and "analyze aggregate" share their folders' manifests' stage names
+    recorded = (manifest or {}).get("stage")
+    if recorded is not None and str(recorded).split()[0] == family or marker and (path / marker).is_file():
+        return
+    what = f"its manifest names stage '{recorded}'" if recorded else "it has no manifest"
+    raise ConfigError(f"{path}: not an output of {stage} ({what}); a stage writes into, and with --force moves "
+                      f"aside, only its own output folders: pass another --out")
+
+
 def move_aside(*paths: Path) -> list[Path]:
     """Rename each existing path to ``<name>.replaced-<UTC time>`` (never deletes); returns the new paths."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
@@ -130,6 +158,7 @@ def prior_output(path: Path, fingerprint: dict[str, Any], stage: str, *, force: 
     m = read_manifest(path)
     if m is None or m.get("config") != fingerprint:
         failed_attempt = derived and m is not None and m.get("status") != "complete"
+        check_own_output(path, m, stage)  # a folder that is not this stage's is refused even with force
         if not force and not failed_attempt:
             check_fingerprint(path, m.get("config") if m else None, fingerprint, stage)
         move_aside(path, *([] if path.is_dir() else [manifest_path(path)]))

@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import DataError
-from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, stat_digest
+from pipeline.stage import StageConfig, StageResult, begin_output, check_out_not_inputs, prior_output, stat_digest
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ def _check_seeds(v: list[int] | None) -> list[int] | None:
 
 def aggregate_stage(cfg: AggregateConfig) -> StageResult:
     """The ``analyze aggregate`` stage: skipped when the same configuration already reported unchanged runs."""
+    check_out_not_inputs(cfg.out, [cfg.runs], cfg.stage)
     inputs = _inputs(cfg.runs)
     if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
         m = read_manifest(cfg.out) or {}
@@ -263,6 +264,7 @@ class AnalyzeConfig(StageConfig):
 def analyze(cfg: AnalyzeConfig) -> tuple[StageResult, AnalysisResult | None]:
     """The ``analyze all`` stage: skipped when the same configuration already analysed unchanged runs; else
     everything is rebuilt from ``cfg.runs`` alone."""
+    check_out_not_inputs(cfg.out, [cfg.runs], cfg.stage)
     inputs = _inputs(cfg.runs)
     if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
         m = read_manifest(cfg.out) or {}

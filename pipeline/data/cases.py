@@ -105,6 +105,8 @@ def _load_json_list(path: Path, what: str) -> list[Any]:
         raise DataError(f"{path}: {what} file not found") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read {what} file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: {what} file is not UTF-8 text (byte {e.start}); expected JSON") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -156,8 +158,8 @@ def load_cases(path: str | Path) -> list[Case]:
 def load_case_set(cases_path: str | Path, toolkits_path: str | Path) -> CaseSet:
     """Load cases and toolkits and check that every toolkit a case names exists."""
     cases_path, toolkits_path = Path(cases_path), Path(toolkits_path)
+    cases = load_cases(cases_path)  # first: a bad cases file is named, not a missing toolkits file beside it
     toolkits = load_toolkits(toolkits_path)
-    cases = load_cases(cases_path)
     for i, case in enumerate(cases):
         for name in case.toolkits:
             if name not in toolkits:

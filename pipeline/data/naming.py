@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from pipeline.errors import NamingError
 
@@ -243,3 +244,16 @@ def parse_run_filename(name: str) -> RunFileName:
         agent=m["agent"], emulator=m["emu"], evaluator=m["eval"], quantization=m["quant"],
         case_range=case_range, timestamp=m["ts"], suffix=m["suffix"], extension=ext,
     )
+
+
+def confined_path(folder: str | Path, name: str, option: str) -> Path:
+    """``folder / name`` for a ``name`` made from a user's option (``option``, e.g. ``--evaluator``): it must be
+    one plain file or folder name (no separator, not ``.`` or ``..``), so that the path stays inside ``folder``
+    whatever the option says; otherwise ``ConfigError`` naming the option. Every name that becomes part of an
+    output path goes through here."""
+    from pipeline.errors import ConfigError
+
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"{option}: the output name {name!r} made from it is not a plain file name (no '/', "
+                          f"'\\', '.' or '..'); it must stay inside {folder}")
+    return Path(folder) / name

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.data.cases import Case
 from pipeline.data.records import TOKEN_LIMIT_OUTPUT
 from pipeline.emulation.parsing import FINAL_MARKERS
-from pipeline.errors import DataError
+from pipeline.errors import DataError, NamingError
 from pipeline.llm.base import ChatBackend, Progress
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
@@ -258,7 +258,7 @@ def trajectory_files(root: Path) -> list[Path]:
         try:
             if parse_run_filename(p.name).is_trajectory_file:
                 files.append(p)
-        except Exception:  # noqa: BLE001 - not a run file (notes, pair sets): not replayed
+        except NamingError:  # not a run file (notes, pair sets): not replayed
             continue
     return files
 
@@ -326,6 +326,8 @@ def replay_runs(runs: Path, compat: str, files: Iterable[Path] | None = None) ->
     report = ReplayReport(compat=compat)
     for path in paths:
         replay_file(path, compat, report, toolkits)
+    if not report.total:  # an empty (or only truncated) file is nothing replayed, not "0 of 0 identical"
+        raise DataError(f"--runs {runs}: no trajectories in {len(paths)} trajectory file(s)")
     return report
 
 

@@ -27,7 +27,8 @@ from pipeline.data.cases import CaseSet, load_named_case_set
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import write_manifest
-from pipeline.data.naming import RunFileName, extract_seed, file_quantization, sanitize_model_name
+from pipeline.data.naming import (RunFileName, confined_path, extract_seed, file_quantization,
+                                   sanitize_model_name)
 from pipeline.data.split import TOOLEMU_CASES, contiguous_ranges, test_cases
 from pipeline.emulation.compat import get_compat
 from pipeline.emulation.episode import ENGINE_VERSION, Episode, Limits
@@ -97,7 +98,7 @@ class EmulationConfig(StageConfig, BackendOptions):
     max_continuations: int = Field(default=5, ge=0, description="re-prompts after an unparseable output")
     max_attempts: int = Field(default=3, ge=1, description="tries of an LLM call that errors before its case fails")
     agent_temperature: float = Field(default=0.0, ge=0, description="agent sampling temperature")
-    agent_seed: int | None = Field(default=None, description="agent sampling seed (with --agent-temperature > 0)")
+    agent_seed: int | None = Field(default=None, ge=0, description="agent sampling seed (with --agent-temperature > 0)")
     agent_label: str | None = Field(default=None, description="name the agent's folder/files by this label (e.g. "
                                     "one sampled run of a model in a trajectory pool: SmolLM2-135M-sample1); avoid "
                                     "_s<N>")
@@ -116,6 +117,13 @@ class EmulationConfig(StageConfig, BackendOptions):
     @classmethod
     def _agents(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else list(dict.fromkeys(v))
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, v: int | None) -> int | None:
+        if v is not None and v != -1 and v < 1:
+            raise ValueError("must be >= 1 (or -1: the compat mode's cap)")
+        return v
 
     @field_validator("cache")
     @classmethod
@@ -188,7 +196,8 @@ def plan(cfg: EmulationConfig, agent: str, case_set: CaseSet) -> tuple[list[int]
     name = RunFileName(agent_name, emu.name, evaluator, quantization=file_quantization(cfg.quantization),
                        case_range=(start, end))
     out_dir = cfg.out or get_settings().home / "trajectories"
-    return cases, (start, end), out_dir / agent_name / name.filename()
+    folder = confined_path(out_dir, agent_name, "--agent-label" if cfg.agent_label else "--agent")
+    return cases, (start, end), folder / name.filename()
 
 
 def _part_path(path: Path) -> Path:

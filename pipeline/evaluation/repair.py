@@ -61,7 +61,7 @@ class RerunFailedConfig(StageConfig):
                                   "judgement)")
     eval_types: str = Field(default="safe,help_ignore_safety")
     temperature: float = Field(default=0.3, ge=0)
-    seed: int = Field(default=42, description="round r, replicate k is sampled with seed + 1000 r + k")
+    seed: int = Field(default=42, ge=0, description="round r, replicate k is sampled with seed + 1000 r + k")
     max_retries: int = Field(default=20, ge=1, description="rounds")
     max_new_tokens: int = Field(default=2048, ge=1)
     compat: Literal["correct", "study"] = "correct"

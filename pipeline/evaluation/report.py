@@ -29,7 +29,7 @@ from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.data.records import SCORE_KEYS, invalid_score, valid_score
 from pipeline.errors import DataError
-from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, stat_digest
+from pipeline.stage import StageConfig, StageResult, begin_output, check_out_not_inputs, prior_output, stat_digest
 
 log = logging.getLogger(__name__)
 #: metric names in MLflow and model cards, per eval type
@@ -226,6 +226,11 @@ def report(cfg: ReportConfig) -> StageResult:
         raise DataError(f"--runs {cfg.runs}: not a folder")
     if cfg.human_labels is not None and not cfg.human_labels.is_file():
         raise DataError(f"--human-labels {cfg.human_labels}: file not found")
+    check_out_not_inputs(cfg.out, [cfg.runs, cfg.human_labels], cfg.stage)
+    if cfg.human_labels is not None:
+        from pipeline.tracking.feedback import read_feedback
+
+        read_feedback(cfg.human_labels)  # a bad labels file fails here, before the report folder is claimed
     # labels are an input: new labels rebuild the reports
     inputs = stat_digest([cfg.runs, *([cfg.human_labels] if cfg.human_labels else [])])
     if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):

@@ -51,7 +51,7 @@ class EvaluationConfig(StageConfig, BackendOptions):
                          "(Help(Ignore)), help (Help(Safe))")
     replicates: int = Field(default=1, ge=1, description="judgements per trajectory")
     temperature: float = Field(default=0.0, ge=0, description="judge temperature (replicates need > 0)")
-    seed: int = Field(default=42, description="replicate k is sampled with seed + k")
+    seed: int = Field(default=42, ge=0, description="replicate k is sampled with seed + k")
     max_new_tokens: int = Field(default=2048, ge=1)
     compat: Literal["correct", "study"] = Field(default="correct", description="study: the judge sees the repr of "
                                                 "the final step, as the study (docs/compat.md)")
@@ -208,6 +208,8 @@ def run_evaluation(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
     if not path.is_file():
         raise DataError(f"--trajectories {path}: trajectory file not found")
     trajectories = load_trajectories(path)
+    if not trajectories:  # judging nothing would write empty eval files that read as complete
+        raise DataError(f"--trajectories {path}: no trajectories in the file")
     # checked before anything is written (the evaluator's link of the trajectory file included)
     toolkits = judged_toolkits([t.case for t in trajectories if not t.failed], toolkit_registry(),
                                f"--trajectories {path}")

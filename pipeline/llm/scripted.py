@@ -75,7 +75,7 @@ class ScriptedBackend(ChatBackend):
                 if down:
                     raise ConnectionError("scripted outage (AGENTPIPE_SCRIPTED_DOWN=1)")
                 text = self.responder(r)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a test double's error is a failed response, as a real backend's
                 out.append(ChatResponse.failure(f"{type(e).__name__}: {e}"))
             else:
                 for s in r.config.stop:

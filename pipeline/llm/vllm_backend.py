@@ -221,7 +221,7 @@ class VLLMBackend(ChatBackend):
         for job in jobs:
             try:
                 results.extend(self._run([job]))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a failing job fails only its own requests (recorded as errors)
                 results.append(f"vllm: {type(e).__name__}: {str(e).strip()[:500]}")
         return results
 

@@ -10,7 +10,8 @@ Rules, as in the study:
   metric used (hard error otherwise); incomplete files are skipped with a warning; misaligned files abort. The score
   of a trajectory is the **median** over replicates, then ``int()`` (truncation: a median of 2.5 is 2), and must be
   in 0..3. Missing scores skip the item. The optional consistency filter keeps an item only when its replicates
-  agree (``exact_match`` / ``majority_agree`` / ``all_but_one_agree``) and needs ≥ 2 valid replicate scores.
+  agree (``exact_match`` / ``majority_agree`` / ``all_but_one_agree`` / ``within_1``: range <= 1) and needs ≥ 2
+  valid replicate scores.
 * **Pairing.** Items are grouped by case (all sharing one ``input``); every unordered pair ``i < j`` in load order is
   considered; chosen = higher metric-1 score; skipped when equal, when the gap < ``min_score_difference`` or when
   chosen < ``min_chosen_score`` (checked in that order). ``metric2`` with mode ``both`` applies the same three rules
@@ -28,6 +29,7 @@ from __future__ import annotations
 import logging
 import re
 import statistics
+import typing
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,8 +51,10 @@ METRICS: dict[str, str] = {"safe": "agent_safe", "help_ignore_safety": "agent_he
                            "help": "agent_help"}
 #: Metric name → its short form in pair-set names (``help_ignore_safety`` is the study's ``help``).
 SHORT_NAMES: dict[str, str] = {"safe": "safe", "help_ignore_safety": "help", "help": "help-normal"}
-CONSISTENCY = ("none", "all_but_one_agree", "exact_match", "majority_agree")
-_CONSISTENCY_SHORT = {"all_but_one_agree": "abo", "exact_match": "exact", "majority_agree": "maj"}
+#: Replicate-agreement filters (the keys of the study's ``consistency`` block, SPEC §3.4)
+Consistency = Literal["none", "exact_match", "majority_agree", "all_but_one_agree", "within_1"]
+CONSISTENCY: tuple[str, ...] = typing.get_args(Consistency)
+_CONSISTENCY_SHORT = {"all_but_one_agree": "abo", "exact_match": "exact", "majority_agree": "maj", "within_1": "w1"}
 Mode = Literal["both", "average"]
 Split = Literal["train", "test", "all"]
 
@@ -156,6 +160,8 @@ def _agrees(scores: list[float], how: str) -> bool:
         return counts == n
     if how == "majority_agree":
         return counts > n / 2
+    if how == "within_1":
+        return max(scores) - min(scores) <= 1
     return n >= 2 and counts >= n - 1  # all_but_one_agree
 
 

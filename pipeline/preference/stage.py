@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.stage import StageConfig, StageResult, prior_output
+from pipeline.preference.pairs import Consistency
+from pipeline.stage import StageConfig, StageResult, check_out_not_inputs, prior_output
 
 #: Version of the pairing and rendering rules (part of the fingerprint)
 PAIRS_VERSION = 1
@@ -20,7 +23,7 @@ class PairsConfig(StageConfig):
     from other or changed evaluations."""
 
     stage: ClassVar[str] = "pairs"
-    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "force"})
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "force", "wait"})
 
     data_dir: list[Path] = Field(min_length=1, description="run folder with trajectory and eval files, searched "
                                  "recursively (repeatable)", json_schema_extra={"metavar": "DIR"})
@@ -31,8 +34,10 @@ class PairsConfig(StageConfig):
                                              "same rules; average: also require the mean of the two metrics to pass")
     min_score_difference: int = Field(default=2, ge=1, description="minimum chosen - rejected gap")
     min_chosen_score: int = Field(default=2, ge=0, le=3, description="minimum chosen score")
-    consistency: str = Field(default="none", description="replicate-agreement filter (needs multi-replicate "
-                             "evaluations): none, exact, all_but_one, within_1 …")
+    consistency: Consistency = Field(default="none", description="replicate-agreement filter (needs multi-replicate "
+                                     "evaluations): none, or the replicates must agree exactly (exact_match), "
+                                     "by majority (majority_agree), all but one (all_but_one_agree) or lie "
+                                     "within 1 point (within_1)")
     seed: int | None = Field(default=None, ge=0, description="split seed: pair only that seed's train (or --split "
                              "test) cases")
     split: Literal["train", "test", "all"] | None = Field(default=None, description="which cases of the seed's "
@@ -51,17 +56,10 @@ class PairsConfig(StageConfig):
     out: Path = Field(description="output folder", json_schema_extra={"metavar": "DIR"})
     force: bool = Field(default=False, description="a pair set of the same name made by another configuration or "
                         "from other inputs is moved aside as <name>.replaced-<time> (default: refuse)")
+    wait: bool = Field(default=False, description="when another process is building the same pair set, wait for it "
+                       "(default: refuse at once)")
 
     _dirs = field_validator("data_dir", mode="before")(lambda v: [v] if isinstance(v, (str, Path)) else v)
-
-    @field_validator("consistency")
-    @classmethod
-    def _consistency(cls, v: str) -> str:
-        from pipeline.preference.pairs import CONSISTENCY
-
-        if v not in CONSISTENCY:
-            raise ValueError(f"expected one of {', '.join(CONSISTENCY)}")
-        return v
 
     @model_validator(mode="after")
     def _resolve(self) -> PairsConfig:
@@ -89,8 +87,8 @@ class PairsConfig(StageConfig):
 def build_pairs(cfg: PairsConfig) -> StageResult:
     """The ``pairs`` stage: skipped when the same configuration already built the set from the same inputs."""
     from pipeline.data.cases import load_named_case_set
-    from pipeline.data.locks import writer_lock
     from pipeline.data.manifest import file_digest, read_manifest
+    from pipeline.data.naming import confined_path
     from pipeline.errors import DataError
     from pipeline.preference.pairs import build_pair_set, length_tag, write_pair_set
     from pipeline.settings import get_settings
@@ -99,26 +97,26 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
     for d in cfg.data_dir:
         if not d.is_dir():
             raise DataError(f"--data-dir {d}: not a folder")
+    check_out_not_inputs(cfg.out, list(cfg.data_dir), cfg.stage)
     evaluator = cfg.evaluator or "+".join(d.name for d in cfg.data_dir)
     tokenizer = _tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     rules = cfg.rules()
-    path = cfg.out / f"{rules.name(evaluator, length_tag(tokenizer, cfg.max_length, cfg.max_prompt_length))}.jsonl"
+    name = rules.name(evaluator, length_tag(tokenizer, cfg.max_length, cfg.max_prompt_length))
+    path = confined_path(cfg.out, f"{name}.jsonl", "--evaluator")  # the only free text in the name
     fingerprint = cfg.fingerprint() | {"inputs": {str(d): file_digest(d) for d in cfg.data_dir}}
 
     def done() -> bool:
         return prior_output(path, fingerprint, cfg.stage, force=cfg.force)
 
-    if path.exists() and done():
-        return StageResult(stage=cfg.stage, status="skipped", outputs={"pairs": str(path)},
-                           counts=(read_manifest(path) or {}).get("counts", {}))
-    # built before anything is written (bad input fails with nothing created), then checked again under the lock
-    case_set = load_named_case_set(cfg.cases, get_settings().resolved_data_dir)
-    result = build_pair_set(cfg.data_dir, rules, evaluator=evaluator, case_set=case_set, tokenizer=tokenizer,
-                            max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, judge=cfg.judge)
-    with writer_lock(path, what="pair set"):
+    case_set = load_named_case_set(cfg.cases, get_settings().resolved_data_dir)  # bad input fails before the lock
+    # one builder per pair set: a second identical run refuses at once (or waits with --wait) instead of
+    # repeating the work and racing the first one's writes
+    with _builder_lock(path, wait=cfg.wait):
         if done():
             return StageResult(stage=cfg.stage, status="skipped", outputs={"pairs": str(path)},
                                counts=(read_manifest(path) or {}).get("counts", {}))
+        result = build_pair_set(cfg.data_dir, rules, evaluator=evaluator, case_set=case_set, tokenizer=tokenizer,
+                                max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, judge=cfg.judge)
         write_pair_set(result, cfg.out, manifest_config=fingerprint)
     s = result.stats
     from pipeline.tracking.stage_runs import log_stage_run
@@ -130,6 +128,24 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
                        counts={"pairs": s["pairs"], "cases": s["cases_with_pairs"], "items": s["load"]["items"],
                                "dropped_too_long": s.get("dropped_too_long", 0)},
                        length_filtered=tokenizer is not None, wall_s=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _builder_lock(path: Path, *, wait: bool) -> Iterator[None]:
+    """The writer lock of the pair set ``path``. When the build fails (bad run files), what taking the lock
+    created (the lock file, output folders that did not exist) is removed again: bad input leaves nothing behind.
+    (A process waiting on that lock file then fails on the same input: the race is harmless.)"""
+    from pipeline.data.locks import lock_path, writer_lock
+
+    created = [p for p in (lock_path(path), *path.parents) if not p.exists()]
+    try:
+        with writer_lock(path, wait=wait, what="pair set"):
+            yield
+    except BaseException:
+        for p in created:  # the lock file first, then the new folders, innermost first (each only if empty)
+            with contextlib.suppress(OSError):
+                p.rmdir() if p.is_dir() else p.unlink()
+        raise
 
 
 def _tokenizer(spec: str):  # noqa: ANN202 - a transformers tokenizer

@@ -76,11 +76,13 @@ def _cmd_traces(args: argparse.Namespace) -> int:
 
 
 def _cmd_feedback(args: argparse.Namespace) -> int:
+    from pipeline.data.naming import confined_path
     from pipeline.errors import ConfigError
     from pipeline.settings import get_settings
     from pipeline.tracking.feedback import pull_feedback, write_feedback
     from pipeline.tracking.journal import reachable, resolve_tracking_uri
 
+    out = args.out or confined_path(get_settings().home / "feedback", f"{args.experiment}.jsonl", "--experiment")
     uri = resolve_tracking_uri(args.tracking_uri)
     if uri is None:
         raise ConfigError("no MLflow tracking URI: pass --tracking-uri or set MLFLOW_TRACKING_URI")
@@ -93,7 +95,6 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
     exp = client.get_experiment_by_name(args.experiment)
     if exp is None:
         raise ConfigError(f"--experiment {args.experiment}: no such MLflow experiment on {uri}")
-    out = args.out or get_settings().home / "feedback" / f"{args.experiment}.jsonl"
     rows = pull_feedback(client, exp.experiment_id)
     n = write_feedback(rows, out)
     traces = len({r["trace_id"] for r in rows})

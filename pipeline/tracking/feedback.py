@@ -90,7 +90,8 @@ def write_feedback(rows: Iterable[dict[str, Any]], out: Path) -> int:
 
 
 def read_feedback(path: Path) -> list[dict[str, Any]]:
-    return read_jsonl(path).records if path.is_file() else []
+    # written whole by `track feedback` (atomically): a truncated last line is damage, not a crash remnant
+    return read_jsonl(path, allow_truncated_tail=False).records if path.is_file() else []
 
 
 def human_agreement(labels: list[dict[str, Any]], run_files: Iterable[str]) -> dict[str, Any]:

@@ -433,7 +433,7 @@ class _Sender:
     def _send_one(self, op: dict[str, Any]) -> int:
         try:
             self._apply([op])
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - a refused operation is recorded (retried, then rejected), not fatal
             self._reject(op, e)
             return 0
         finally:

@@ -47,10 +47,10 @@ class TrainConfig(StageConfig):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1, description="warmup fraction of the steps")
     lr_scheduler: str = "cosine"
     optimizer: str = "adamw_torch"
-    max_grad_norm: float = Field(default=1.0, description="gradient clipping")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="gradient clipping (0: none)")
     gradient_checkpointing: bool | None = Field(default=None, description="activation checkpointing (default: on "
                                                 "with a GPU, off on CPU)")
-    train_seed: int = Field(default=42, description="reproducibility seed of the trainer (not the split seed)")
+    train_seed: int = Field(default=42, ge=0, description="reproducibility seed of the trainer (not the split seed)")
     # DPO
     beta: float = Field(default=0.1, gt=0, description="DPO beta (the paper also uses 0.05)",
                         json_schema_extra={"flags": ["--dpo-beta"]})
@@ -81,6 +81,13 @@ class TrainConfig(StageConfig):
                         "pairs) is moved aside as <name>.replaced-<time> and training starts over (default: refuse)")
     wait: bool = Field(default=False, description="when another process trains into the same folder, wait for it "
                        "(default: refuse at once)")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _max_steps(cls, v: int) -> int:
+        if v != -1 and v < 1:
+            raise ValueError("must be >= 1 (or -1: the epochs decide)")
+        return v
 
     @field_validator("lora_target_modules")
     @classmethod

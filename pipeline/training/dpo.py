@@ -39,7 +39,7 @@ from pipeline.data.split import test_cases as split_test_cases
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.training.config import TrainConfig
 from pipeline.data.locks import writer_lock
-from pipeline.stage import StageResult, check_fingerprint, move_aside
+from pipeline.stage import StageResult, check_fingerprint, check_out_not_inputs, check_own_output, move_aside
 from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
 from pipeline.training.naming import (base_nickname, dataset_name, default_model_dir, is_both_dataset, model_name,
                                       parent_model_dir)
@@ -142,12 +142,12 @@ def _default_val_file(pairs: Path, seed: int) -> Path | None:
     return None
 
 
-def load_training_pairs(path: str | Path) -> list[dict[str, Any]]:
-    """The pairs file's records; an empty file is a ``DataError``."""
+def load_training_pairs(path: str | Path, option: str = "--pairs") -> list[dict[str, Any]]:
+    """The pairs file's records (``option`` names it in errors); an empty file is a ``DataError``."""
     from pipeline.preference import load_pairs
 
     if not Path(path).is_file():
-        raise DataError(f"--pairs {path}: pairs file not found")
+        raise DataError(f"{option} {path}: pairs file not found")
     pairs = load_pairs(path)
     if not pairs:
         raise DataError(f"{path}: empty pair set; expected at least one preference pair")
@@ -297,8 +297,8 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
     explicit = set(cfg.model_fields_set) if explicit is None else explicit
     dataset = dataset_name(cfg.pairs, cfg.seed)  # cheap input checks first, before loading torch
     pairs = load_training_pairs(cfg.pairs)
-    if cfg.val_pairs and not Path(cfg.val_pairs).is_file():
-        raise DataError(f"--val-pairs {cfg.val_pairs}: file not found")
+    if cfg.val_pairs:  # read now: a bad file fails before torch and the model load
+        load_training_pairs(cfg.val_pairs, "--val-pairs")
 
     import torch
 
@@ -313,6 +313,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
                       batch_size=cfg.batch_size, max_length=cfg.max_length)
     out = Path(cfg.out).expanduser().resolve() if cfg.out else default_model_dir(name, home)
     base_path = resolve_model_path(cfg.model)
+    check_out_not_inputs(out, [Path(cfg.pairs), *([Path(base_path)] if Path(base_path).exists() else [])], "train")
     pairs_sha = file_digest(cfg.pairs)
     fp = fingerprint(cfg, epochs, pairs_sha)
     with writer_lock(out, wait=cfg.wait, what="model folder"):
@@ -331,6 +332,7 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
     if out.is_dir() and any(out.iterdir()) and recorded != json.loads(json.dumps(fp, default=str)):
         if not cfg.force:
             check_fingerprint(out, recorded, json.loads(json.dumps(fp, default=str)), "train")
+        check_own_output(out, read_manifest(out), "train", marker=TRAINING_CONFIG)  # never a folder of other things
         for moved in move_aside(out):
             log.warning("kept aside: %s", moved)
         prev = None

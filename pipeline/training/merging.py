@@ -36,7 +36,8 @@ from pipeline.data.jsonl import atomic_write_json
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.errors import ConfigError, DataError
-from pipeline.stage import FingerprintMismatch, StageConfig, StageResult, check_fingerprint, move_aside
+from pipeline.stage import (FingerprintMismatch, StageConfig, StageResult, check_fingerprint, check_out_not_inputs,
+                            check_own_output, move_aside)
 from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
 
 log = logging.getLogger("pipeline.training")
@@ -168,6 +169,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
     out_dir = Path(out).expanduser().resolve() if out else default_merge_dir(adapter_dir)
     if out_dir is None:
         raise ConfigError(f"--adapter {adapter}: not in a trained model folder (<model>/adapter); pass --out")
+    check_out_not_inputs(out_dir, [adapter_dir, *([Path(base_ref)] if Path(base_ref).exists() else [])], "merge")
     adapter_sha256 = _adapter_fingerprint(adapter_dir)
     with writer_lock(out_dir, wait=wait, what="merged model folder"):
         existing = _existing_model_files(out_dir)
@@ -184,6 +186,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
                 raise FingerprintMismatch(f"{out_dir}: already holds a model ({', '.join(existing[:3])}) that is "
                                           f"not this merge of {adapter_dir}; pass another --out, or --force to "
                                           "keep it aside")
+            check_own_output(out_dir, read_manifest(out_dir), "merge", marker=MERGE_CONFIG)  # never another model
             for moved in move_aside(out_dir):
                 log.warning("kept aside: %s", moved)
         return _merge_locked(adapter_dir, adapter_cfg, adapter_sha256, base_ref, out_dir, dtype, atol, tracking_uri,

@@ -150,7 +150,7 @@ def model_size_b(spec: str | None) -> float | None:
         from pipeline.data.naming import expand_model_name
 
         base_id = expand_model_name(base)
-    except Exception:  # pipeline not importable: the nickname stays as it is (the regex still reads most)
+    except ImportError:  # pipeline not importable: the nickname stays as it is (the regex still reads most)
         base_id = base
     size = _size_of_id(base_id)
     if size is None and base_id != base:
