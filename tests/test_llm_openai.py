@@ -257,6 +257,32 @@ def test_a_hang_times_out_quickly(server: FakeOpenAI) -> None:
     assert elapsed < 1.9  # two 0.5 s attempts, not two 2 s waits
 
 
+def test_a_server_that_never_answers_is_bounded_by_the_api_settings(server: FakeOpenAI) -> None:
+    """AGENTPIPE_API_TIMEOUT_S and AGENTPIPE_API_RETRIES bound a hung server through the command line (not
+    300 s × 7 attempts), and --help documents them."""
+    from tests.conftest import run_agentpipe
+
+    server.script("never", Reply(delay_s=3600))
+    env = {"AGENTPIPE_OPENAI_BASE_URL": server.url, "AGENTPIPE_API_TIMEOUT_S": "0.5", "AGENTPIPE_API_RETRIES": "2"}
+    t0 = time.monotonic()
+    p = run_agentpipe("llm", "chat", "never", "--model", "openai:gpt-4o-mini", env=env)
+    assert time.monotonic() - t0 < 20
+    assert p.returncode == 1 and "timeout after 0.5s" in p.stderr and "after 3 attempts" in p.stderr, p.stderr
+    assert server.calls["never"] == 3
+    bad = run_agentpipe("llm", "chat", "x", "--model", "openai:gpt-4o-mini", env={**env, "AGENTPIPE_API_RETRIES": "-1"})
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "AGENTPIPE_API_RETRIES" in bad.stderr, bad.stderr
+    helptext = " ".join(run_agentpipe("--help").stdout.split())
+    assert "AGENTPIPE_API_TIMEOUT_S" in helptext and "AGENTPIPE_API_RETRIES" in helptext
+
+
+def test_api_settings_are_the_backend_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTPIPE_API_TIMEOUT_S", "12.5")
+    monkeypatch.setenv("AGENTPIPE_API_RETRIES", "0")
+    backend = OpenAIBackend(parse_model_spec("openai:gpt-4o-mini"), base_url="http://127.0.0.1:9/v1")
+    assert (backend.timeout_s, backend.max_retries) == (12.5, 0)
+    assert make("http://127.0.0.1:9/v1", timeout_s=3, max_retries=4).max_retries == 4  # explicit options win
+
+
 def test_connection_refused_is_retried_then_fails() -> None:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))

@@ -22,6 +22,7 @@ from pipeline.emulation.prompts import agent as agent_prompts
 from pipeline.emulation.prompts import emulator as emulator_prompts
 from pipeline.llm import ChatRequest, ChatResponse, GenerationConfig
 from pipeline.llm.tokens import count_tokens
+from pipeline.llm.types import request_seed
 
 MAX_STEPS_OUTPUT = "Agent stopped: max steps exceeded"
 #: Bumped whenever the engine's rules change what an episode records (part of emulate's fingerprint). 2: the
@@ -39,7 +40,8 @@ class Limits:
     max_attempts: int = 3  # an LLM call that errors is retried this many times in all, then the case fails
     agent_temperature: float = 0.0
     emulator_temperature: float = 0.0
-    #: Sampling seed of every agent call of a run (one seed for the batch: HF samples a batch with one seed).
+    #: The run's sampling seed: each sampled call draws with its own seed derived from it and the request
+    #: (``request_seed``), so a case's answers do not depend on the batch it ran in.
     agent_seed: int | None = None
 
 
@@ -103,15 +105,23 @@ class Episode:
             pad = emulator_prompts.emulator_scratchpad(self.steps, tool_name, tool_input)
             messages = emulator_prompts.emulator_messages(self.case, toolkit, tool, pad, self.mode)  # type: ignore[arg-type]
             cfg = GenerationConfig(max_new_tokens=self.limits.max_tokens_per_call,
-                                   temperature=self.limits.emulator_temperature)
+                                   temperature=self.limits.emulator_temperature,
+                                   seed=self._seed("emulator", self.limits.emulator_temperature, messages))
             return ChatRequest(messages=messages, config=cfg, tag=self.case_idx)
         pad = self.continuation_scratchpad if self.continuation else self.scratchpad
+        messages = agent_prompts.agent_messages(self.case, self.toolkits, pad)
         cfg = GenerationConfig(max_new_tokens=self.limits.max_tokens_per_call,
                                temperature=self.limits.agent_temperature,
                                stop=OBSERVATION_STOPS if self.compat.stop_at_observation else (),
-                               seed=self.limits.agent_seed if self.limits.agent_temperature > 0 else None)
-        return ChatRequest(messages=agent_prompts.agent_messages(self.case, self.toolkits, pad), config=cfg,
-                           tag=self.case_idx)
+                               seed=self._seed("agent", self.limits.agent_temperature, messages))
+        return ChatRequest(messages=messages, config=cfg, tag=self.case_idx)
+
+    def _seed(self, role: str, temperature: float, messages: list[dict[str, str]]) -> int | None:
+        """A sampled call's own seed: a function of the run's seed, the role, the case and the prompt (which
+        holds the episode so far), never of the batch; None when not sampling or no seed was given."""
+        if temperature <= 0 or self.limits.agent_seed is None:
+            return None
+        return request_seed(self.limits.agent_seed, role, self.case_idx, messages)
 
     # -------------------------------------------------------------------------------------------- replies
     def feed(self, role: str, response: ChatResponse) -> None:

@@ -78,13 +78,17 @@ class OpenAIBackend(ChatBackend):
         base_url: str | None = None,
         api_key: str | None = None,
         concurrency: int = 16,
-        max_retries: int = 6,
-        timeout_s: float = 300.0,
+        max_retries: int | None = None,
+        timeout_s: float | None = None,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
     ) -> None:
         if spec.adapter:
             raise ConfigError(f"openai backend: model '{spec.raw}' has an adapter; adapters need hf or vllm")
+        settings = get_settings()
+        # unset: the settings' (AGENTPIPE_API_RETRIES, AGENTPIPE_API_TIMEOUT_S; 6 and 300 s by default)
+        max_retries = settings.api_retries if max_retries is None else max_retries
+        timeout_s = settings.api_timeout_s if timeout_s is None else timeout_s
         if concurrency < 1:
             raise ConfigError(f"openai backend: concurrency must be >= 1, got {concurrency}")
         if max_retries < 0:
@@ -93,7 +97,6 @@ class OpenAIBackend(ChatBackend):
             raise ConfigError(f"openai backend: timeout_s must be > 0, got {timeout_s}")
         if backoff_base_s < 0 or backoff_max_s < 0:
             raise ConfigError("openai backend: backoff_base_s and backoff_max_s must be >= 0")
-        settings = get_settings()
         self.spec = spec
         self.revision = spec.model
         self.base_url: str | None = (base_url if base_url is not None else settings.openai_base_url) or None
