@@ -418,3 +418,60 @@ def test_prices_override_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("AGENTPIPE_PRICES", str(tmp_path / "missing.json"))
     with pytest.raises(ConfigError, match="not found"):
         pricing.cost_usd("gpt-4o", 1, 1)
+
+
+def test_an_unpriced_api_model_costs_null_not_zero(server: FakeOpenAI, tmp_path: Path) -> None:
+    """An API model missing from the price table: its records' cost is null (the call marked unpriced), the
+    report's judge cost is null with the number of unpriced calls, never $0.00; a priced model still sums."""
+    from tests.conftest import run_agentpipe
+
+    env = {"AGENTPIPE_OPENAI_BASE_URL": server.url, "AGENTPIPE_HOME": str(tmp_path / "home")}
+    out = tmp_path / "runs"
+    p = run_agentpipe("emulate", "--agent", "openai:house-model", "--emulator", "scripted:emulator", "--case-set",
+                      "demo", "--cases", "0-2", "--max-continuations", "1", "--out", str(out), "--no-progress",
+                      env=env)
+    assert p.returncode == 0, p.stderr
+    [traj] = out.glob("*/*.jsonl")
+    records = [json.loads(line) for line in traj.read_text().splitlines()]
+    for rec in records:
+        agent = rec["usage"]["agent"]
+        assert agent["calls"] > 0 and agent["unpriced_calls"] == agent["calls"] and agent["cost_usd"] is None
+        assert rec["usage"]["emulator"]["unpriced_calls"] == 0  # a local model: no cost, not unpriced
+    p = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "openai:house-model", "--no-progress",
+                      env=env)
+    assert p.returncode == 0, p.stderr
+    [judged] = traj.parent.glob("*_eval_agent_safe.jsonl")
+    usages = [json.loads(line)["usage"] for line in judged.read_text().splitlines()]
+    assert len(usages) == 2 and all(u["cost_usd"] is None and u["unpriced"] is True for u in usages)
+    p = run_agentpipe("report", "--runs", str(out), "--out", str(tmp_path / "reports"), "--no-track", env=env)
+    assert p.returncode == 0, p.stderr
+    [report] = (tmp_path / "reports").rglob("*_unified_report.json")
+    block = json.loads(report.read_text())["evaluation"]["agent_safe"]
+    assert block["judge_cost_usd"] is None and block["judge_unpriced_calls"] == 2
+
+
+def test_usage_metrics_do_not_log_unknown_cost_as_zero() -> None:
+    from pipeline.tracking.stage_runs import add_usage, usage_metrics
+
+    totals: dict = {}
+    for _ in range(3):
+        add_usage(totals, "judge", {"prompt_tokens": 10, "completion_tokens": 5, "cost_usd": None, "unpriced": True})
+    add_usage(totals, "agent", {"calls": 4, "unpriced_calls": 1, "prompt_tokens": 1, "completion_tokens": 1,
+                                "cost_usd": 0.5})
+    add_usage(totals, "emulator", {"calls": 2, "unpriced_calls": 0, "prompt_tokens": 1, "completion_tokens": 1,
+                                   "cost_usd": 0.0})  # a local model
+    metrics = usage_metrics(totals)
+    assert "cost_usd_judge" not in metrics and metrics["unpriced_calls_judge"] == 3
+    assert metrics["cost_usd_agent"] == 0.5 and metrics["unpriced_calls_agent"] == 1
+    assert metrics["cost_usd_emulator"] == 0.0 and "unpriced_calls_emulator" not in metrics
+
+
+def test_the_cost_approval_says_unpriced_calls_are_unknown() -> None:
+    from plugins.plan_size import describe
+
+    base = {"jobs": {"evaluate": 1}, "total_jobs": 1, "gpu_jobs": 0, "gpu_hours": 0.0, "judge_calls": 288,
+            "api_judge_calls": 288}
+    text = describe({**base, "usd": None, "unpriced": ["house-model"], "unpriced_calls": 288})
+    assert "cost unknown" in text and "288 calls unpriced" in text and "$0.00" not in text
+    partial = describe({**base, "usd": 1.5, "unpriced": ["house-model"], "unpriced_calls": 144})
+    assert "$1.50** for the priced calls" in partial and "144 calls unpriced" in partial

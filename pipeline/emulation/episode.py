@@ -50,9 +50,10 @@ class RoleUsage:
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # of the priced calls (local models: none, 0)
     latency_s: float = 0.0
     cached_calls: int = 0
+    unpriced_calls: int = 0  # API calls of a model missing from the price table
 
     def add(self, r: ChatResponse) -> None:
         self.calls += 1
@@ -61,6 +62,13 @@ class RoleUsage:
         self.cost_usd += r.cost_usd or 0.0
         self.latency_s += r.latency_s
         self.cached_calls += int(r.cached)
+        self.unpriced_calls += int(r.unpriced)
+
+    def as_json(self) -> dict[str, Any]:
+        """The record's usage: ``cost_usd`` is null when every call was unpriced (unknown, not $0), else the sum
+        over the priced calls, with ``unpriced_calls`` saying how many it leaves out."""
+        cost = None if self.unpriced_calls and self.unpriced_calls == self.calls else round(self.cost_usd, 6)
+        return vars(self) | {"cost_usd": cost, "latency_s": round(self.latency_s, 3)}
 
 
 @dataclass
@@ -219,8 +227,7 @@ class Episode:
     # --------------------------------------------------------------------------------------------- record
     def record(self, extra: dict[str, Any]) -> dict[str, Any]:
         """The trajectory record (SPEC §2.8 keys first, then this project's added fields)."""
-        usage = {role: vars(u) | {"cost_usd": round(u.cost_usd, 6), "latency_s": round(u.latency_s, 3)}
-                 for role, u in self.usage.items()}
+        usage = {role: u.as_json() for role, u in self.usage.items()}
         if self.error is not None:
             return {"error": self.error, "error_type": self.error_type, "case": self.case.to_json(),
                     "case_idx": self.case_idx, "usage": usage, **extra}

@@ -240,13 +240,15 @@ class OpenAIBackend(ChatBackend):
         # The served id (often dated, e.g. gpt-4o-mini-2024-07-18) prices snapshots exactly; else the requested one.
         model = data.get("model") if isinstance(data.get("model"), str) and data.get("model") else self.spec.model
         finish = choice.get("finish_reason")
+        cost = cost_usd(model, prompt_tokens, completion_tokens)
         return ChatResponse(
             text=content if isinstance(content, str) else "",
             finish_reason=finish if isinstance(finish, str) else None,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             latency_s=latency_s,
-            cost_usd=cost_usd(model, prompt_tokens, completion_tokens),
+            cost_usd=cost,
+            unpriced=cost is None,  # not in the price table: unknown, not free
         )
 
     def _malformed(self, what: str, body: str, latency_s: float) -> ChatResponse:

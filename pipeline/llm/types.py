@@ -72,8 +72,11 @@ class ChatResponse:
     completion_tokens: int = 0
     latency_s: float = 0.0
     error: str | None = None
+    #: USD at list price; None for local models (no USD cost) and for API models missing from the price table,
+    #: which are also ``unpriced`` (their cost is unknown, never 0)
     cost_usd: float | None = None
     cached: bool = False
+    unpriced: bool = False
 
     @property
     def ok(self) -> bool:
@@ -84,6 +87,7 @@ class ChatResponse:
         return cls(text="", finish_reason="error", error=error, latency_s=latency_s)
 
     def usage(self) -> dict[str, Any]:
-        """The fields stages copy into their records."""
+        """The fields stages copy into their records (``unpriced`` only on an API call of unknown price)."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "latency_s": round(self.latency_s, 4), "cost_usd": self.cost_usd, "cached": self.cached}
+                "latency_s": round(self.latency_s, 4), "cost_usd": self.cost_usd, "cached": self.cached,
+                **({"unpriced": True} if self.unpriced else {})}
