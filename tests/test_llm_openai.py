@@ -182,7 +182,10 @@ def test_null_content_is_empty_text_and_unknown_model_has_no_cost(server: FakeOp
 def test_request_parameters_follow_the_model_family(server: FakeOpenAI) -> None:
     cfg = {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "stop": ("\nObservation:",), "seed": 3}
     make(server.url, "openai:gpt-4o-mini").generate([req("gpt4", **cfg)])
-    make(server.url, "openai:gpt-5-mini").generate([req("gpt5", **cfg)])
+    make(server.url, "openai:gpt-5-mini").generate([req("gpt5", **{**cfg, "temperature": 0.0, "top_p": 1.0})])
+    with pytest.raises(ConfigError, match="gpt-5-mini' takes no temperature or top_p"):
+        make(server.url, "openai:gpt-5-mini").generate([req("gpt5-refused", **cfg)])
+    assert not server.calls["gpt5-refused"]
     make(server.url, "openai:Qwen/Qwen3-8B").generate([req("qwen", **cfg)])
     make(server.url, "openai:gpt-4o-mini").generate([req("defaults")])
     gpt4, gpt5, qwen, defaults = (server.bodies[m][0] for m in ("gpt4", "gpt5", "qwen", "defaults"))
@@ -475,3 +478,39 @@ def test_the_cost_approval_says_unpriced_calls_are_unknown() -> None:
     assert "cost unknown" in text and "288 calls unpriced" in text and "$0.00" not in text
     partial = describe({**base, "usd": 1.5, "unpriced": ["house-model"], "unpriced_calls": 144})
     assert "$1.50** for the priced calls" in partial and "144 calls unpriced" in partial
+
+
+def test_a_setting_a_reasoning_model_does_not_take_is_refused_or_recorded(server: FakeOpenAI, tmp_path: Path) -> None:
+    """gpt-5*/o-series take no temperature or top_p: a non-default one is refused in one line before anything is
+    written; the defaults (which the model applies anyway) are recorded as not sent, in each record's usage and in
+    the output's fingerprint. Stop sequences not sent to an OpenAI agent are recorded the same way."""
+    from tests.conftest import run_agentpipe
+
+    env = {"AGENTPIPE_OPENAI_BASE_URL": server.url, "AGENTPIPE_HOME": str(tmp_path / "home")}
+    out = tmp_path / "runs"
+    p = run_agentpipe("emulate", "--agent", "openai:gpt-4o-mini", "--emulator", "scripted:emulator", "--case-set",
+                      "demo", "--cases", "0-2", "--max-continuations", "1", "--out", str(out), "--no-progress",
+                      env=env)
+    assert p.returncode == 0, p.stderr
+    [traj] = out.glob("*/*.jsonl")
+    assert all(json.loads(line)["usage"]["agent"]["not_sent"] == ["stop"] for line in traj.read_text().splitlines())
+    assert all("stop" not in body for bodies in server.bodies.values() for body in bodies)
+    manifest = json.dumps(json.loads(traj.with_name(traj.name + ".manifest.json").read_text()))
+    assert '"not_sent": {"agent": ["stop"]}' in manifest
+
+    refused = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "openai:gpt-5-mini",
+                            "--temperature", "0.7", "--no-progress", env=env)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "gpt-5-mini' takes no temperature or top_p" in refused.stderr and "temperature 0.7" in refused.stderr
+    assert not list(traj.parent.glob("*_eval_*")), "nothing written for a refused setting"
+
+    calls_before = sum(server.calls.values())
+    p = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "openai:gpt-5-mini", "--no-progress",
+                      env=env)
+    assert p.returncode == 0, p.stderr
+    assert sum(server.calls.values()) == calls_before + 4
+    [judged] = traj.parent.glob("*_eval_agent_safe.jsonl")
+    assert all(json.loads(line)["usage"]["not_sent"] == ["temperature", "top_p"]
+               for line in judged.read_text().splitlines())
+    manifest = json.loads(judged.with_name(judged.name + ".manifest.json").read_text())
+    assert "temperature" in json.dumps(manifest) and '"not_sent": ["temperature", "top_p"]' in json.dumps(manifest)

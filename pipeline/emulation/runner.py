@@ -153,8 +153,21 @@ class EmulationConfig(StageConfig, BackendOptions):
                 "engine": ENGINE_VERSION, **sampled}
 
     def identity(self, agent: str, cases: list[int]) -> dict[str, Any]:
-        """The fingerprint of one agent's run file."""
-        return {"agent": agent, **self.fingerprint(), "cases": cases}
+        """The fingerprint of one agent's run file (with the settings its models are not sent, if any)."""
+        return {"agent": agent, **self.fingerprint(), "cases": cases, **self.not_sent(agent)}
+
+    def not_sent(self, agent: str) -> dict[str, Any]:
+        """``{"not_sent": {role: settings}}`` for models that are not sent some requested settings (an OpenAI
+        reasoning model's temperature, …), else {}; raises ``ConfigError`` for one that cannot be left out."""
+        from pipeline.emulation.compat import OBSERVATION_STOPS, get_compat
+        from pipeline.llm import GenerationConfig, settings_not_sent
+
+        stops = OBSERVATION_STOPS if get_compat(self.compat).stop_at_observation else ()
+        roles = {"agent": settings_not_sent(agent, GenerationConfig(temperature=self.agent_temperature,
+                                                                    stop=stops)),
+                 "emulator": settings_not_sent(self.emulator, GenerationConfig())}
+        roles = {role: names for role, names in roles.items() if names}
+        return {"not_sent": roles} if roles else {}
 
 
 @dataclass

@@ -83,7 +83,12 @@ class EvaluationConfig(StageConfig, BackendOptions):
 
     def identity(self, eval_type: str, trajectories_sha256: str) -> dict[str, Any]:
         """The fingerprint of one eval file."""
-        return {"eval_type": eval_type, **self.fingerprint(), "prompt_version": prompt_version(eval_type),
+        from pipeline.llm import settings_not_sent
+
+        # settings the judge is not sent (an OpenAI reasoning model's temperature): recorded, or refused
+        not_sent = settings_not_sent(self.evaluator, GenerationConfig(temperature=self.temperature))
+        return {"eval_type": eval_type, **self.fingerprint(), **({"not_sent": not_sent} if not_sent else {}),
+                "prompt_version": prompt_version(eval_type),
                 "trajectories_sha256": trajectories_sha256}
 
 

@@ -77,6 +77,8 @@ class ChatResponse:
     cost_usd: float | None = None
     cached: bool = False
     unpriced: bool = False
+    #: requested settings the backend did not send (an API model family that does not take them)
+    not_sent: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -90,4 +92,5 @@ class ChatResponse:
         """The fields stages copy into their records (``unpriced`` only on an API call of unknown price)."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "latency_s": round(self.latency_s, 4), "cost_usd": self.cost_usd, "cached": self.cached,
-                **({"unpriced": True} if self.unpriced else {})}
+                **({"unpriced": True} if self.unpriced else {}),
+                **({"not_sent": list(self.not_sent)} if self.not_sent else {})}
