@@ -203,7 +203,10 @@ STAGE_CLIS = ["pipeline.emulation.cli", "pipeline.evaluation.cli", "pipeline.pre
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentpipe", description="Post-training LLM agents on safety and "
-                                     "helpfulness: emulate, evaluate, build DPO pairs, train, analyse.")
+                                     "helpfulness: emulate, evaluate, build DPO pairs, train, analyse.",
+                                     epilog="API models (openai:): AGENTPIPE_API_TIMEOUT_S sets the seconds one "
+                                     "request attempt may take (default 300), AGENTPIPE_API_RETRIES the retries "
+                                     "after a timeout, connection error, 429 or 5xx (default 6).")
     parser.add_argument("--version", action="version", version=f"agentpipe {__version__}")
     parser.add_argument("--result", type=Path, metavar="FILE",
                         help="write the command's result (status, output paths, counts) as JSON to FILE")

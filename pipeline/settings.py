@@ -41,6 +41,12 @@ class Settings(BaseSettings):
     openai_base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("AGENTPIPE_OPENAI_BASE_URL", "OPENAI_BASE_URL")
     )
+    # How long an API model may hold one request; not part of any fingerprint (they change how long a failure
+    # takes to show, not what an answer is).
+    api_timeout_s: float = Field(default=300.0, gt=0, description="Seconds one API request attempt may take "
+                                 "(AGENTPIPE_API_TIMEOUT_S).")
+    api_retries: int = Field(default=6, ge=0, description="Retries of an API request after a timeout, a "
+                             "connection error, 429 or 5xx (AGENTPIPE_API_RETRIES).")
     # Never read from the YAML file (secrets do not belong in config files); never printed (SecretStr).
     openai_api_key: SecretStr | None = Field(default=None, validation_alias=AliasChoices("OPENAI_API_KEY"))
 
@@ -80,5 +86,16 @@ class _YamlWithoutSecrets(YamlConfigSettingsSource):
 
 
 def get_settings() -> Settings:
-    """The current settings. Not cached: long-lived processes (Airflow workers, tests) see environment changes."""
-    return Settings()
+    """The current settings. Not cached: long-lived processes (Airflow workers, tests) see environment changes.
+    A value that does not parse is a ``ConfigError`` naming the setting."""
+    from pydantic import ValidationError
+
+    from pipeline.errors import ConfigError
+
+    try:
+        return Settings()
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        raise ConfigError(f"setting {name} (AGENTPIPE_{name.upper()} or {_config_file()}): {err['msg']}, got "
+                          f"{err.get('input')!r}") from None

@@ -55,7 +55,7 @@ def plan_size(plan: Mapping[str, Any]) -> dict[str, Any]:
 
     emulations = _emulation_outputs(plan)
     jobs: dict[str, int] = {}
-    gpu_jobs, gpu_hours, calls, api_calls, usd = 0, 0.0, 0, 0, 0.0
+    gpu_jobs, gpu_hours, calls, api_calls, usd, unpriced_calls = 0, 0.0, 0, 0, 0.0, 0
     unpriced: set[str] = set()
     for stage, spec in _jobs(plan):
         jobs[stage] = jobs.get(stage, 0) + 1
@@ -75,10 +75,14 @@ def plan_size(plan: Mapping[str, Any]) -> dict[str, Any]:
                 one = cost_usd(judge.model, *JUDGE_TOKENS)
                 if one is None:
                     unpriced.add(judge.model)
+                    unpriced_calls += n
                 else:
                     usd += n * one
     return {"jobs": jobs, "total_jobs": sum(jobs.values()), "gpu_jobs": gpu_jobs, "gpu_hours": round(gpu_hours, 1),
-            "judge_calls": calls, "api_judge_calls": api_calls, "usd": round(usd, 2), "unpriced": sorted(unpriced)}
+            "judge_calls": calls, "api_judge_calls": api_calls,
+            # unknown (None) when every API call is unpriced; else the priced calls' estimate
+            "usd": None if api_calls and unpriced_calls == api_calls else round(usd, 2),
+            "unpriced": sorted(unpriced), "unpriced_calls": unpriced_calls}
 
 
 def _emulation_outputs(plan: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -105,12 +109,17 @@ def _name(agent: str) -> str:
 def describe(size: Mapping[str, Any]) -> str:
     """The approval step's text (Markdown)."""
     per = ", ".join(f"{n} {stage}" for stage, n in sorted(size["jobs"].items()))
+    unpriced_calls = size.get("unpriced_calls", 0)
+    if size["usd"] is None:
+        usd = "**cost unknown**"
+    else:
+        usd = f"about **${size['usd']:,.2f}**" + (" for the priced calls" if unpriced_calls else "")
     lines = [f"**{size['total_jobs']} stage jobs** ({per}).",
              f"**{size['gpu_jobs']} GPU jobs, at most {size['gpu_hours']:g} GPU-hours** (GPUs × time limit of the "
              "resource rule).",
-             f"**{size['judge_calls']:,} judge calls**, {size['api_judge_calls']:,} of them to the API: about "
-             f"**${size['usd']:,.2f}** at list price ({JUDGE_TOKENS[0]:,} prompt + {JUDGE_TOKENS[1]:,} completion "
-             "tokens per call assumed)."]
+             f"**{size['judge_calls']:,} judge calls**, {size['api_judge_calls']:,} of them to the API: {usd} at "
+             f"list price ({JUDGE_TOKENS[0]:,} prompt + {JUDGE_TOKENS[1]:,} completion tokens per call assumed)."]
     if size["unpriced"]:
-        lines.append(f"Not in the price table (not counted): {', '.join(size['unpriced'])}.")
+        lines.append(f"**{unpriced_calls:,} calls unpriced** (not in the price table, cost unknown): "
+                     f"{', '.join(size['unpriced'])}.")
     return "\n\n".join(lines)

@@ -47,11 +47,15 @@ def test_per_request_prefill_equals_the_padded_batched_prefill(tiny_model, tiny)
     a, b = tiny.generate(reqs), padded.generate(reqs)
     assert [(r.text, r.completion_tokens, r.finish_reason) for r in a] == \
         [(r.text, r.completion_tokens, r.finish_reason) for r in b]
-    # identical prompts (replicates) share one prefill but still sample apart
-    sampled = [_req(p, temperature=1.0, seed=7) for p in PROMPTS + PROMPTS[:3]]
+    # identical prompts (replicates) share one prefill but sample apart with their own seeds; a request's own
+    # seed alone decides its draw, so the same prompt and seed in one batch give the same answer
+    sampled = ([_req(p, temperature=1.0, seed=7) for p in PROMPTS] + [_req(p, temperature=1.0, seed=8)
+                                                                      for p in PROMPTS[:3]]
+               + [_req(p, temperature=1.0, seed=7) for p in PROMPTS[:3]])
     texts = [r.text for r in tiny.generate(sampled)]
     assert texts == [r.text for r in padded.generate(sampled)]
     assert any(texts[i] != texts[len(PROMPTS) + i] for i in range(3))
+    assert texts[len(PROMPTS) + 3:] == texts[:3]
     greedy_twice = tiny.generate(reqs + reqs[:3])
     assert [r.text for r in greedy_twice] == [r.text for r in a] + [r.text for r in a[:3]]
     # scoring: one unpadded pass per request vs padded batches, single-token and multi-token choices
@@ -134,6 +138,29 @@ def test_unknown_quantization_and_dtype_are_one_line_errors(tiny_model):
 def test_sampling_with_a_seed_is_reproducible(tiny):
     reqs = [_req(p, temperature=1.0, seed=7) for p in PROMPTS[:3]]
     assert [r.text for r in tiny.generate(reqs)] == [r.text for r in tiny.generate(reqs)]
+
+
+def test_a_sampled_answer_does_not_depend_on_its_batch(tiny_model):
+    """Each row samples from its own seeded stream: the same request gives the same tokens alone, in any batch
+    size, in another order and after an out-of-memory halving."""
+    reqs = [_req(p, temperature=1.0, top_p=0.9, seed=7) for p in PROMPTS]
+    alone = [get_backend(str(tiny_model), batch_size=1).generate([r])[0].text for r in reqs]
+    assert len(set(alone)) > 1
+    for size in (3, 8):
+        assert [r.text for r in get_backend(str(tiny_model), batch_size=size).generate(reqs)] == alone
+    assert [r.text for r in get_backend(str(tiny_model), batch_size=8).generate(reqs[::-1])] == alone[::-1]
+    backend = get_backend(str(tiny_model), batch_size=8)
+    real, calls = backend._generate_batch, []
+
+    def oom_once(prompts, batch_reqs, sampling):
+        calls.append(len(prompts))
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(prompts, batch_reqs, sampling)
+
+    backend._generate_batch = oom_once
+    assert [r.text for r in backend.generate(reqs)] == alone
+    assert calls[:2] == [8, 4] and backend.batch_size == 4
 
 
 def test_cache_second_identical_run_makes_zero_backend_calls(tmp_path):

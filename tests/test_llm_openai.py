@@ -182,7 +182,10 @@ def test_null_content_is_empty_text_and_unknown_model_has_no_cost(server: FakeOp
 def test_request_parameters_follow_the_model_family(server: FakeOpenAI) -> None:
     cfg = {"max_new_tokens": 64, "temperature": 0.7, "top_p": 0.9, "stop": ("\nObservation:",), "seed": 3}
     make(server.url, "openai:gpt-4o-mini").generate([req("gpt4", **cfg)])
-    make(server.url, "openai:gpt-5-mini").generate([req("gpt5", **cfg)])
+    make(server.url, "openai:gpt-5-mini").generate([req("gpt5", **{**cfg, "temperature": 0.0, "top_p": 1.0})])
+    with pytest.raises(ConfigError, match="gpt-5-mini' takes no temperature or top_p"):
+        make(server.url, "openai:gpt-5-mini").generate([req("gpt5-refused", **cfg)])
+    assert not server.calls["gpt5-refused"]
     make(server.url, "openai:Qwen/Qwen3-8B").generate([req("qwen", **cfg)])
     make(server.url, "openai:gpt-4o-mini").generate([req("defaults")])
     gpt4, gpt5, qwen, defaults = (server.bodies[m][0] for m in ("gpt4", "gpt5", "qwen", "defaults"))
@@ -255,6 +258,32 @@ def test_a_hang_times_out_quickly(server: FakeOpenAI) -> None:
     assert not r.ok and "timeout" in r.error.lower() and "after 2 attempts" in r.error
     assert server.calls["hang"] == 2
     assert elapsed < 1.9  # two 0.5 s attempts, not two 2 s waits
+
+
+def test_a_server_that_never_answers_is_bounded_by_the_api_settings(server: FakeOpenAI) -> None:
+    """AGENTPIPE_API_TIMEOUT_S and AGENTPIPE_API_RETRIES bound a hung server through the command line (not
+    300 s × 7 attempts), and --help documents them."""
+    from tests.conftest import run_agentpipe
+
+    server.script("never", Reply(delay_s=3600))
+    env = {"AGENTPIPE_OPENAI_BASE_URL": server.url, "AGENTPIPE_API_TIMEOUT_S": "0.5", "AGENTPIPE_API_RETRIES": "2"}
+    t0 = time.monotonic()
+    p = run_agentpipe("llm", "chat", "never", "--model", "openai:gpt-4o-mini", env=env)
+    assert time.monotonic() - t0 < 20
+    assert p.returncode == 1 and "timeout after 0.5s" in p.stderr and "after 3 attempts" in p.stderr, p.stderr
+    assert server.calls["never"] == 3
+    bad = run_agentpipe("llm", "chat", "x", "--model", "openai:gpt-4o-mini", env={**env, "AGENTPIPE_API_RETRIES": "-1"})
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "AGENTPIPE_API_RETRIES" in bad.stderr, bad.stderr
+    helptext = " ".join(run_agentpipe("--help").stdout.split())
+    assert "AGENTPIPE_API_TIMEOUT_S" in helptext and "AGENTPIPE_API_RETRIES" in helptext
+
+
+def test_api_settings_are_the_backend_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AGENTPIPE_API_TIMEOUT_S", "12.5")
+    monkeypatch.setenv("AGENTPIPE_API_RETRIES", "0")
+    backend = OpenAIBackend(parse_model_spec("openai:gpt-4o-mini"), base_url="http://127.0.0.1:9/v1")
+    assert (backend.timeout_s, backend.max_retries) == (12.5, 0)
+    assert make("http://127.0.0.1:9/v1", timeout_s=3, max_retries=4).max_retries == 4  # explicit options win
 
 
 def test_connection_refused_is_retried_then_fails() -> None:
@@ -392,3 +421,96 @@ def test_prices_override_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("AGENTPIPE_PRICES", str(tmp_path / "missing.json"))
     with pytest.raises(ConfigError, match="not found"):
         pricing.cost_usd("gpt-4o", 1, 1)
+
+
+def test_an_unpriced_api_model_costs_null_not_zero(server: FakeOpenAI, tmp_path: Path) -> None:
+    """An API model missing from the price table: its records' cost is null (the call marked unpriced), the
+    report's judge cost is null with the number of unpriced calls, never $0.00; a priced model still sums."""
+    from tests.conftest import run_agentpipe
+
+    env = {"AGENTPIPE_OPENAI_BASE_URL": server.url, "AGENTPIPE_HOME": str(tmp_path / "home")}
+    out = tmp_path / "runs"
+    p = run_agentpipe("emulate", "--agent", "openai:house-model", "--emulator", "scripted:emulator", "--case-set",
+                      "demo", "--cases", "0-2", "--max-continuations", "1", "--out", str(out), "--no-progress",
+                      env=env)
+    assert p.returncode == 0, p.stderr
+    [traj] = out.glob("*/*.jsonl")
+    records = [json.loads(line) for line in traj.read_text().splitlines()]
+    for rec in records:
+        agent = rec["usage"]["agent"]
+        assert agent["calls"] > 0 and agent["unpriced_calls"] == agent["calls"] and agent["cost_usd"] is None
+        assert rec["usage"]["emulator"]["unpriced_calls"] == 0  # a local model: no cost, not unpriced
+    p = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "openai:house-model", "--no-progress",
+                      env=env)
+    assert p.returncode == 0, p.stderr
+    [judged] = traj.parent.glob("*_eval_agent_safe.jsonl")
+    usages = [json.loads(line)["usage"] for line in judged.read_text().splitlines()]
+    assert len(usages) == 2 and all(u["cost_usd"] is None and u["unpriced"] is True for u in usages)
+    p = run_agentpipe("report", "--runs", str(out), "--out", str(tmp_path / "reports"), "--no-track", env=env)
+    assert p.returncode == 0, p.stderr
+    [report] = (tmp_path / "reports").rglob("*_unified_report.json")
+    block = json.loads(report.read_text())["evaluation"]["agent_safe"]
+    assert block["judge_cost_usd"] is None and block["judge_unpriced_calls"] == 2
+
+
+def test_usage_metrics_do_not_log_unknown_cost_as_zero() -> None:
+    from pipeline.tracking.stage_runs import add_usage, usage_metrics
+
+    totals: dict = {}
+    for _ in range(3):
+        add_usage(totals, "judge", {"prompt_tokens": 10, "completion_tokens": 5, "cost_usd": None, "unpriced": True})
+    add_usage(totals, "agent", {"calls": 4, "unpriced_calls": 1, "prompt_tokens": 1, "completion_tokens": 1,
+                                "cost_usd": 0.5})
+    add_usage(totals, "emulator", {"calls": 2, "unpriced_calls": 0, "prompt_tokens": 1, "completion_tokens": 1,
+                                   "cost_usd": 0.0})  # a local model
+    metrics = usage_metrics(totals)
+    assert "cost_usd_judge" not in metrics and metrics["unpriced_calls_judge"] == 3
+    assert metrics["cost_usd_agent"] == 0.5 and metrics["unpriced_calls_agent"] == 1
+    assert metrics["cost_usd_emulator"] == 0.0 and "unpriced_calls_emulator" not in metrics
+
+
+def test_the_cost_approval_says_unpriced_calls_are_unknown() -> None:
+    from plugins.plan_size import describe
+
+    base = {"jobs": {"evaluate": 1}, "total_jobs": 1, "gpu_jobs": 0, "gpu_hours": 0.0, "judge_calls": 288,
+            "api_judge_calls": 288}
+    text = describe({**base, "usd": None, "unpriced": ["house-model"], "unpriced_calls": 288})
+    assert "cost unknown" in text and "288 calls unpriced" in text and "$0.00" not in text
+    partial = describe({**base, "usd": 1.5, "unpriced": ["house-model"], "unpriced_calls": 144})
+    assert "$1.50** for the priced calls" in partial and "144 calls unpriced" in partial
+
+
+def test_a_setting_a_reasoning_model_does_not_take_is_refused_or_recorded(server: FakeOpenAI, tmp_path: Path) -> None:
+    """gpt-5*/o-series take no temperature or top_p: a non-default one is refused in one line before anything is
+    written; the defaults (which the model applies anyway) are recorded as not sent, in each record's usage and in
+    the output's fingerprint. Stop sequences not sent to an OpenAI agent are recorded the same way."""
+    from tests.conftest import run_agentpipe
+
+    env = {"AGENTPIPE_OPENAI_BASE_URL": server.url, "AGENTPIPE_HOME": str(tmp_path / "home")}
+    out = tmp_path / "runs"
+    p = run_agentpipe("emulate", "--agent", "openai:gpt-4o-mini", "--emulator", "scripted:emulator", "--case-set",
+                      "demo", "--cases", "0-2", "--max-continuations", "1", "--out", str(out), "--no-progress",
+                      env=env)
+    assert p.returncode == 0, p.stderr
+    [traj] = out.glob("*/*.jsonl")
+    assert all(json.loads(line)["usage"]["agent"]["not_sent"] == ["stop"] for line in traj.read_text().splitlines())
+    assert all("stop" not in body for bodies in server.bodies.values() for body in bodies)
+    manifest = json.dumps(json.loads(traj.with_name(traj.name + ".manifest.json").read_text()))
+    assert '"not_sent": {"agent": ["stop"]}' in manifest
+
+    refused = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "openai:gpt-5-mini",
+                            "--temperature", "0.7", "--no-progress", env=env)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "gpt-5-mini' takes no temperature or top_p" in refused.stderr and "temperature 0.7" in refused.stderr
+    assert not list(traj.parent.glob("*_eval_*")), "nothing written for a refused setting"
+
+    calls_before = sum(server.calls.values())
+    p = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "openai:gpt-5-mini", "--no-progress",
+                      env=env)
+    assert p.returncode == 0, p.stderr
+    assert sum(server.calls.values()) == calls_before + 4
+    [judged] = traj.parent.glob("*_eval_agent_safe.jsonl")
+    assert all(json.loads(line)["usage"]["not_sent"] == ["temperature", "top_p"]
+               for line in judged.read_text().splitlines())
+    manifest = json.loads(judged.with_name(judged.name + ".manifest.json").read_text())
+    assert "temperature" in json.dumps(manifest) and '"not_sent": ["temperature", "top_p"]' in json.dumps(manifest)

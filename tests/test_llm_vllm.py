@@ -115,6 +115,34 @@ def test_an_engine_rejection_fails_only_its_request(vtiny, monkeypatch):
     assert "rejected by the engine" in out[1].error and poisoned["n"] == 2  # the batch, then the request alone
 
 
+def test_an_aborted_generation_is_a_failed_request_not_an_answer(vtiny, monkeypatch):
+    """vLLM ends a dropped request with finish reason ``abort`` (and its text so far): a failed request, which the
+    emulation retries and then fails and the evaluation records as an error, never a finished answer."""
+    real = vtiny.llm.generate
+
+    def generate(prompts, params, **kw):
+        outs = real(prompts, params, **kw)
+        for o, p in zip(outs, params):
+            if p.max_tokens == 7:
+                o.outputs[0].finish_reason = "abort"
+        return outs
+
+    monkeypatch.setattr(vtiny.llm, "generate", generate)
+    out = vtiny.generate([_req(PROMPTS[0]), _req(PROMPTS[1], max_new_tokens=7), _req(PROMPTS[2])])
+    assert [r.ok for r in out] == [True, False, True]
+    assert out[1].finish_reason == "error" and out[1].text == ""
+    assert "finish reason 'abort'" in out[1].error
+    assert {out[0].finish_reason, out[2].finish_reason} <= {"stop", "length"}
+
+
+def test_each_request_samples_with_its_own_seed(vtiny):
+    """Sampled answers depend on the request's seed alone, not on the batch it runs in."""
+    reqs = [_req(p, temperature=1.0, seed=1000 + i) for i, p in enumerate(PROMPTS)]
+    alone = [_text(vtiny.generate([r])[0]) for r in reqs]
+    assert [_text(r) for r in vtiny.generate(reqs)] == alone
+    assert [_text(r) for r in vtiny.generate(reqs[::-1])] == alone[::-1]
+
+
 def test_same_model_shares_one_engine_and_different_models_split_the_budget(tiny_model, tmp_path):
     import shutil
 

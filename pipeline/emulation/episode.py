@@ -22,6 +22,7 @@ from pipeline.emulation.prompts import agent as agent_prompts
 from pipeline.emulation.prompts import emulator as emulator_prompts
 from pipeline.llm import ChatRequest, ChatResponse, GenerationConfig
 from pipeline.llm.tokens import count_tokens
+from pipeline.llm.types import request_seed
 
 MAX_STEPS_OUTPUT = "Agent stopped: max steps exceeded"
 #: Bumped whenever the engine's rules change what an episode records (part of emulate's fingerprint). 2: the
@@ -39,7 +40,8 @@ class Limits:
     max_attempts: int = 3  # an LLM call that errors is retried this many times in all, then the case fails
     agent_temperature: float = 0.0
     emulator_temperature: float = 0.0
-    #: Sampling seed of every agent call of a run (one seed for the batch: HF samples a batch with one seed).
+    #: The run's sampling seed: each sampled call draws with its own seed derived from it and the request
+    #: (``request_seed``), so a case's answers do not depend on the batch it ran in.
     agent_seed: int | None = None
 
 
@@ -48,9 +50,11 @@ class RoleUsage:
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # of the priced calls (local models: none, 0)
     latency_s: float = 0.0
     cached_calls: int = 0
+    unpriced_calls: int = 0  # API calls of a model missing from the price table
+    not_sent: list[str] = field(default_factory=list)  # requested settings the model was not sent
 
     def add(self, r: ChatResponse) -> None:
         self.calls += 1
@@ -59,6 +63,17 @@ class RoleUsage:
         self.cost_usd += r.cost_usd or 0.0
         self.latency_s += r.latency_s
         self.cached_calls += int(r.cached)
+        self.unpriced_calls += int(r.unpriced)
+        self.not_sent = sorted(set(self.not_sent) | set(r.not_sent))
+
+    def as_json(self) -> dict[str, Any]:
+        """The record's usage: ``cost_usd`` is null when every call was unpriced (unknown, not $0), else the sum
+        over the priced calls, with ``unpriced_calls`` saying how many it leaves out."""
+        cost = None if self.unpriced_calls and self.unpriced_calls == self.calls else round(self.cost_usd, 6)
+        out = vars(self) | {"cost_usd": cost, "latency_s": round(self.latency_s, 3)}
+        if not self.not_sent:  # only an API model that leaves settings out has the key
+            out.pop("not_sent")
+        return out
 
 
 @dataclass
@@ -103,15 +118,23 @@ class Episode:
             pad = emulator_prompts.emulator_scratchpad(self.steps, tool_name, tool_input)
             messages = emulator_prompts.emulator_messages(self.case, toolkit, tool, pad, self.mode)  # type: ignore[arg-type]
             cfg = GenerationConfig(max_new_tokens=self.limits.max_tokens_per_call,
-                                   temperature=self.limits.emulator_temperature)
+                                   temperature=self.limits.emulator_temperature,
+                                   seed=self._seed("emulator", self.limits.emulator_temperature, messages))
             return ChatRequest(messages=messages, config=cfg, tag=self.case_idx)
         pad = self.continuation_scratchpad if self.continuation else self.scratchpad
+        messages = agent_prompts.agent_messages(self.case, self.toolkits, pad)
         cfg = GenerationConfig(max_new_tokens=self.limits.max_tokens_per_call,
                                temperature=self.limits.agent_temperature,
                                stop=OBSERVATION_STOPS if self.compat.stop_at_observation else (),
-                               seed=self.limits.agent_seed if self.limits.agent_temperature > 0 else None)
-        return ChatRequest(messages=agent_prompts.agent_messages(self.case, self.toolkits, pad), config=cfg,
-                           tag=self.case_idx)
+                               seed=self._seed("agent", self.limits.agent_temperature, messages))
+        return ChatRequest(messages=messages, config=cfg, tag=self.case_idx)
+
+    def _seed(self, role: str, temperature: float, messages: list[dict[str, str]]) -> int | None:
+        """A sampled call's own seed: a function of the run's seed, the role, the case and the prompt (which
+        holds the episode so far), never of the batch; None when not sampling or no seed was given."""
+        if temperature <= 0 or self.limits.agent_seed is None:
+            return None
+        return request_seed(self.limits.agent_seed, role, self.case_idx, messages)
 
     # -------------------------------------------------------------------------------------------- replies
     def feed(self, role: str, response: ChatResponse) -> None:
@@ -209,8 +232,7 @@ class Episode:
     # --------------------------------------------------------------------------------------------- record
     def record(self, extra: dict[str, Any]) -> dict[str, Any]:
         """The trajectory record (SPEC §2.8 keys first, then this project's added fields)."""
-        usage = {role: vars(u) | {"cost_usd": round(u.cost_usd, 6), "latency_s": round(u.latency_s, 3)}
-                 for role, u in self.usage.items()}
+        usage = {role: u.as_json() for role, u in self.usage.items()}
         if self.error is not None:
             return {"error": self.error, "error_type": self.error_type, "case": self.case.to_json(),
                     "case_idx": self.case_idx, "usage": usage, **extra}

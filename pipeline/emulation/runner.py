@@ -38,6 +38,7 @@ from pipeline.errors import ConfigError
 from pipeline.llm import ChatBackend, ChatRequest
 from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
+from pipeline.llm.types import SAMPLING_VERSION
 from pipeline.settings import get_settings
 from pipeline.stage import StageConfig, StageResult, journal_paths, journaled_output
 
@@ -98,7 +99,8 @@ class EmulationConfig(StageConfig, BackendOptions):
     max_continuations: int = Field(default=5, ge=0, description="re-prompts after an unparseable output")
     max_attempts: int = Field(default=3, ge=1, description="tries of an LLM call that errors before its case fails")
     agent_temperature: float = Field(default=0.0, ge=0, description="agent sampling temperature")
-    agent_seed: int | None = Field(default=None, ge=0, description="agent sampling seed (with --agent-temperature > 0)")
+    agent_seed: int | None = Field(default=None, ge=0, description="sampling seed (needed with --agent-temperature "
+                                   "> 0): each call samples with a seed derived from it, the case and the prompt")
     agent_label: str | None = Field(default=None, description="name the agent's folder/files by this label (e.g. "
                                     "one sampled run of a model in a trajectory pool: SmolLM2-135M-sample1); avoid "
                                     "_s<N>")
@@ -134,6 +136,13 @@ class EmulationConfig(StageConfig, BackendOptions):
         return ",".join(roles)
 
     @model_validator(mode="after")
+    def _seeded(self) -> EmulationConfig:
+        # an unseeded sampled run could never be reproduced or resumed into the same answers
+        if self.agent_temperature > 0 and self.agent_seed is None:
+            raise ValueError("--agent-temperature > 0 needs --agent-seed (sampled answers are drawn from it)")
+        return self
+
+    @model_validator(mode="after")
     def _one_label(self) -> EmulationConfig:
         if self.agent_label and len(self.agent) > 1:
             raise ValueError("--agent-label names one agent's files; it cannot be used with several --agent")
@@ -147,12 +156,26 @@ class EmulationConfig(StageConfig, BackendOptions):
                       agent_seed=self.agent_seed)
 
     def versions(self) -> dict[str, Any]:
+        sampled = {"sampling": SAMPLING_VERSION} if self.agent_temperature > 0 else {}
         return {"agent_prompt": agent_prompts.PROMPT_VERSION, "emulator_prompt": emulator_prompts.PROMPT_VERSION,
-                "engine": ENGINE_VERSION}
+                "engine": ENGINE_VERSION, **sampled}
 
     def identity(self, agent: str, cases: list[int]) -> dict[str, Any]:
-        """The fingerprint of one agent's run file."""
-        return {"agent": agent, **self.fingerprint(), "cases": cases}
+        """The fingerprint of one agent's run file (with the settings its models are not sent, if any)."""
+        return {"agent": agent, **self.fingerprint(), "cases": cases, **self.not_sent(agent)}
+
+    def not_sent(self, agent: str) -> dict[str, Any]:
+        """``{"not_sent": {role: settings}}`` for models that are not sent some requested settings (an OpenAI
+        reasoning model's temperature, …), else {}; raises ``ConfigError`` for one that cannot be left out."""
+        from pipeline.emulation.compat import OBSERVATION_STOPS, get_compat
+        from pipeline.llm import GenerationConfig, settings_not_sent
+
+        stops = OBSERVATION_STOPS if get_compat(self.compat).stop_at_observation else ()
+        roles = {"agent": settings_not_sent(agent, GenerationConfig(temperature=self.agent_temperature,
+                                                                    stop=stops)),
+                 "emulator": settings_not_sent(self.emulator, GenerationConfig())}
+        roles = {role: names for role, names in roles.items() if names}
+        return {"not_sent": roles} if roles else {}
 
 
 @dataclass

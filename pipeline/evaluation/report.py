@@ -62,6 +62,7 @@ def _evaluation_block(traj_files: list[str], eval_type: str, cases: list[int]) -
     means: dict[int, float | None] = {}
     status: Counter = Counter()
     tokens = cost = 0.0
+    calls = unpriced = 0
     for traj in traj_files:
         tpath = Path(traj)
         epath = tpath.with_name(parse_run_filename(tpath.name).eval_file(eval_type).filename())
@@ -75,7 +76,9 @@ def _evaluation_block(traj_files: list[str], eval_type: str, cases: list[int]) -
                 status[_judgement_status(rep, key)] += 1
                 usage = rep.get("usage") or {}
                 tokens += (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
-                cost += usage.get("cost_usd") or 0.0
+                cost += usage.get("cost_usd") or 0.0  # null: a local judge (no cost) or unpriced (counted)
+                calls += bool(usage)
+                unpriced += bool(usage.get("unpriced"))
                 value = valid_score((rep.get("eval_scores") or {}).get(key))
                 if value is not None:
                     scores.append(float(value))
@@ -85,7 +88,11 @@ def _evaluation_block(traj_files: list[str], eval_type: str, cases: list[int]) -
     return {"per_case_mean": [means.get(c) for c in cases], "status_counts": dict(sorted(status.items())),
             "failed_judgements": failed, "cases_without_score": sum(means.get(c) is None for c in cases),
             "parse_failure_rate": failed / judged if judged else None,
-            "judge_tokens": int(tokens), "judge_cost_usd": round(cost, 6)}
+            "judge_tokens": int(tokens),
+            # unknown (null) when every call was of a model missing from the price table; else the priced calls'
+            # sum, with the number of calls it leaves out
+            "judge_cost_usd": None if unpriced and unpriced == calls else round(cost, 6),
+            "judge_unpriced_calls": unpriced}
 
 
 def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
@@ -161,7 +168,10 @@ def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:
             if ev["parse_failure_rate"] is not None:
                 metrics[f"parse_failure_rate_{name}"] = ev["parse_failure_rate"]
             metrics[f"judge_tokens_{name}"] = ev["judge_tokens"]
-            metrics[f"judge_cost_usd_{name}"] = ev["judge_cost_usd"]
+            if ev["judge_cost_usd"] is not None:  # unknown is not logged as 0
+                metrics[f"judge_cost_usd_{name}"] = ev["judge_cost_usd"]
+            if ev.get("judge_unpriced_calls"):
+                metrics[f"judge_unpriced_calls_{name}"] = ev["judge_unpriced_calls"]
         human = content.get("human_agreement", {}).get(eval_type)
         if human:
             metrics.update({f"human_{k}_{name}": human[k] for k in ("labels", "accuracy", "kappa")

@@ -33,6 +33,7 @@ from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, choice_judgement
 from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
 from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
+from pipeline.llm.types import SAMPLING_VERSION, request_seed
 from pipeline.settings import get_settings
 from pipeline.stage import StageConfig, StageResult, journal_paths, journaled_output, move_aside
 
@@ -51,7 +52,8 @@ class EvaluationConfig(StageConfig, BackendOptions):
                          "(Help(Ignore)), help (Help(Safe))")
     replicates: int = Field(default=1, ge=1, description="judgements per trajectory")
     temperature: float = Field(default=0.0, ge=0, description="judge temperature (replicates need > 0)")
-    seed: int = Field(default=42, ge=0, description="replicate k is sampled with seed + k")
+    seed: int = Field(default=42, ge=0, description="sampling seed: each judgement samples with a seed derived from it, "
+                      "the metric, the replicate and the judged prompt")
     max_new_tokens: int = Field(default=2048, ge=1)
     compat: Literal["correct", "study"] = Field(default="correct", description="study: the judge sees the repr of "
                                                 "the final step, as the study (docs/compat.md)")
@@ -74,9 +76,19 @@ class EvaluationConfig(StageConfig, BackendOptions):
         eval_types_for(v)  # raises on an unknown metric
         return v
 
+    def versions(self) -> dict[str, Any]:
+        # generated judgements sampled with per-request seeds (SAMPLING_VERSION); greedy ones and choice scoring
+        # (choice_seed) are unchanged, so their files keep their fingerprint
+        return {"sampling": SAMPLING_VERSION} if self.temperature > 0 and self.scoring == "generate" else {}
+
     def identity(self, eval_type: str, trajectories_sha256: str, toolkits_sha256: str) -> dict[str, Any]:
         """The fingerprint of one eval file (``toolkits_sha256``: of the tool specifications the judge sees)."""
-        return {"eval_type": eval_type, **self.fingerprint(), "prompt_version": prompt_version(eval_type),
+        from pipeline.llm import settings_not_sent
+
+        # settings the judge is not sent (an OpenAI reasoning model's temperature): recorded, or refused
+        not_sent = settings_not_sent(self.evaluator, GenerationConfig(temperature=self.temperature))
+        return {"eval_type": eval_type, **self.fingerprint(), **({"not_sent": not_sent} if not_sent else {}),
+                "prompt_version": prompt_version(eval_type),
                 "trajectories_sha256": trajectories_sha256, "toolkits_sha256": toolkits_sha256}
 
 
@@ -315,8 +327,9 @@ def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], reg
                     continue
                 toolkits = [registry[n] for n in rec["case"]["Toolkits"]]  # every one checked by judged_toolkits
                 messages = judge_messages(t, rec, toolkits, study_final_step=cfg.compat == "study")
-                config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                          seed=cfg.seed + k)
+                # one seed per (metric, line's prompt, replicate): a judgement does not depend on its chunk or batch
+                seed = request_seed(cfg.seed, "judge", t, k, messages) if cfg.temperature > 0 else None
+                config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
                 requests.append(ChatRequest(messages=messages, config=config, replicate=k, tag=(t, i, k)))
                 batch.append((t, i, k))
             by_type: dict[str, list[dict]] = defaultdict(list)

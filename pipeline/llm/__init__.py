@@ -22,6 +22,19 @@ LOCAL_ONLY = ("batch_size", "dtype", "quantization", "prefill", "max_model_len",
               "tensor_parallel_size", "enforce_eager", "max_loras", "max_lora_rank", "prefix_cache_gb")
 
 
+def settings_not_sent(spec: str, config: GenerationConfig) -> list[str]:
+    """The settings of ``config`` that the model of ``spec`` is not sent (only OpenAI models leave any out; see
+    ``openai_backend.settings_not_sent``), for a stage's fingerprint. Raises ``ConfigError`` for a setting the
+    model cannot take that is not its default."""
+    ms = parse_model_spec(spec)
+    if ms.backend != "openai":
+        return []
+    from pipeline.llm.openai_backend import OpenAIBackend, settings_not_sent as family_rules
+
+    return family_rules(ms.model, config, send_sampling=OpenAIBackend.send_sampling_to_reasoning,
+                        send_stop=OpenAIBackend.send_stop_to_gpt)
+
+
 def get_backend(spec: str | ModelSpec, *, cache: str | Path | None = None, **options: Any) -> ChatBackend:
     """The backend for a model spec string. ``cache`` = path of a SQLite response cache (opt-in).
 

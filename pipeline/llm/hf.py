@@ -2,7 +2,8 @@
 
 Models load once per process (cached by weights + adapter + dtype + quantization). Requests are grouped by
 sampling settings, sorted by prompt length and generated in batches with left padding; each row stops on
-its own EOS, stop sequences or token cap. On CUDA out-of-memory the batch is halved and retried.
+its own EOS, stop sequences or token cap. On CUDA out-of-memory the batch is halved and retried. A sampled
+request draws from its own seeded stream (``_RowSampler``), so its answer does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -193,6 +194,39 @@ class _RowStopper:
         return done
 
 
+class _RowSampler:
+    """Sampling with one random stream per row: each row's next token is drawn with a ``torch.Generator`` seeded
+    by its request's seed, and the row's scores become that token alone (``generate`` then decodes greedily).
+    ``generate``'s own sampling draws the whole batch from one global stream, so a row's tokens would depend on
+    which rows share its batch (batch size, OOM halving, where a resume started). The warpers are those
+    ``generate`` applies when sampling: temperature, the model's top_k (when its generation config sets one),
+    top_p. A row without a seed draws from the global stream (not reproducible)."""
+
+    def __init__(self, seeds: list[int | None], temperature: float, top_p: float, top_k: int | None,
+                 device: Any) -> None:
+        import torch
+        from transformers import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                  TopPLogitsWarper)
+
+        self.generators = [None if s is None else torch.Generator(device=device).manual_seed(s) for s in seeds]
+        warpers: list[Any] = [TemperatureLogitsWarper(temperature)]
+        if top_k:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        probs = torch.softmax(self.warpers(input_ids, scores).float(), dim=-1)
+        picked = torch.full_like(scores, float("-inf"))
+        for row, gen in enumerate(self.generators):  # rows alone: a row's draw never depends on its batch-mates
+            token = torch.multinomial(probs[row], 1, generator=gen)
+            picked[row, token] = 0.0
+        return picked
+
+
 PREFILL_MODES = ("auto", "batched", "per_request")
 
 
@@ -296,7 +330,8 @@ class HFBackend(ChatBackend):
         for i, r in enumerate(requests):
             if prompts[i] is not None:
                 c = r.config
-                sampling = (c.temperature, c.top_p, c.seed) if c.temperature > 0 else (0.0, 1.0, None)
+                # seeds are per row (_RowSampler), so requests of one temperature and top_p share batches
+                sampling = (c.temperature, c.top_p) if c.temperature > 0 else (0.0, 1.0)
                 groups.setdefault(sampling, []).append(i)
         done = sum(o is not None for o in out)
         max_len = self.max_model_length()
@@ -331,7 +366,7 @@ class HFBackend(ChatBackend):
 
     def _generate_batch(self, prompts: list[str], reqs: list[ChatRequest], sampling: tuple) -> list[ChatResponse]:
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         t0 = time.perf_counter()
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
@@ -340,17 +375,17 @@ class HFBackend(ChatBackend):
         room = max(1, self.max_model_length() - prompt_len)  # never run past the model's positions
         caps = [min(r.config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room) for r in reqs]
         stopper = _RowStopper(self.tok, prompt_len, [r.config.stop for r in reqs], caps)
-        temperature, top_p, seed = sampling
+        temperature, top_p = sampling
         gen_kwargs: dict[str, Any] = {"max_new_tokens": max(caps), "pad_token_id": self.tok.pad_token_id,
                                       "stopping_criteria": StoppingCriteriaList([stopper])}
         if names is not None:
             gen_kwargs["adapter_names"] = names
+        # greedy decoding of the token each row's own sampler picked (or of the most likely one at temperature 0)
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if temperature > 0:
-            if seed is not None:
-                torch.manual_seed(seed)
-            gen_kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
-        else:
-            gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            sampler = _RowSampler([r.config.seed for r in reqs], temperature, top_p,
+                                  getattr(self.model.generation_config, "top_k", None), self.model.device)
+            gen_kwargs["logits_processor"] = LogitsProcessorList([sampler])
         with torch.inference_mode():
             if self.prefill_per_request and (len(prompts) > 1 or self.prefix is not None):
                 prefilled = self._prefill_alone(enc, names)

@@ -30,7 +30,7 @@ from pipeline.errors import ConfigError
 from pipeline.llm.base import ChatBackend, Progress
 from pipeline.llm.pricing import cost_usd
 from pipeline.llm.spec import ModelSpec
-from pipeline.llm.types import ChatRequest, ChatResponse
+from pipeline.llm.types import ChatRequest, ChatResponse, GenerationConfig
 from pipeline.settings import get_settings
 
 log = logging.getLogger("pipeline.llm.openai")
@@ -50,6 +50,31 @@ def _is_reasoning_model(name: str) -> bool:
 
 def _is_openai_model(name: str) -> bool:
     return name.startswith("gpt-") or _is_reasoning_model(name)
+
+
+#: Temperatures a reasoning model may be asked for without being sent one: the pipeline's default (0) and the
+#: API's own (1). It samples at 1 whatever is asked; any other value would be a setting silently dropped.
+_DEFAULT_TEMPERATURES = (0.0, 1.0)
+
+
+def settings_not_sent(model: str, config: GenerationConfig, *, send_sampling: bool = False,
+                      send_stop: bool = False) -> list[str]:
+    """The requested settings an OpenAI model is not sent (the model family's rules): temperature and top_p to
+    gpt-5*/o-series, which reject them; stop sequences to OpenAI models (the study never sent them; o-series
+    reject them). Stages record these in their records (usage ``not_sent``) and fingerprints.
+    Raises ``ConfigError`` when one of them is not a default the model applies anyway (a temperature other than
+    0 or 1, top_p below 1): leaving it out would change what was asked."""
+    name = model.rsplit("/", 1)[-1].lower()
+    out = []
+    if _is_reasoning_model(name) and not send_sampling:
+        if config.temperature not in _DEFAULT_TEMPERATURES or config.top_p != 1.0:
+            raise ConfigError(f"model '{model}' takes no temperature or top_p (a reasoning model samples at its "
+                              f"own temperature 1): temperature {config.temperature:g}, top_p {config.top_p:g} "
+                              "cannot be honoured; use temperature 0 (the default) or 1 and top_p 1")
+        out += ["temperature", "top_p"]
+    if config.stop and _is_openai_model(name) and not send_stop:
+        out.append("stop")
+    return out
 
 
 @dataclass
@@ -78,13 +103,17 @@ class OpenAIBackend(ChatBackend):
         base_url: str | None = None,
         api_key: str | None = None,
         concurrency: int = 16,
-        max_retries: int = 6,
-        timeout_s: float = 300.0,
+        max_retries: int | None = None,
+        timeout_s: float | None = None,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
     ) -> None:
         if spec.adapter:
             raise ConfigError(f"openai backend: model '{spec.raw}' has an adapter; adapters need hf or vllm")
+        settings = get_settings()
+        # unset: the settings' (AGENTPIPE_API_RETRIES, AGENTPIPE_API_TIMEOUT_S; 6 and 300 s by default)
+        max_retries = settings.api_retries if max_retries is None else max_retries
+        timeout_s = settings.api_timeout_s if timeout_s is None else timeout_s
         if concurrency < 1:
             raise ConfigError(f"openai backend: concurrency must be >= 1, got {concurrency}")
         if max_retries < 0:
@@ -93,7 +122,6 @@ class OpenAIBackend(ChatBackend):
             raise ConfigError(f"openai backend: timeout_s must be > 0, got {timeout_s}")
         if backoff_base_s < 0 or backoff_max_s < 0:
             raise ConfigError("openai backend: backoff_base_s and backoff_max_s must be >= 0")
-        settings = get_settings()
         self.spec = spec
         self.revision = spec.model
         self.base_url: str | None = (base_url if base_url is not None else settings.openai_base_url) or None
@@ -117,11 +145,19 @@ class OpenAIBackend(ChatBackend):
 
     # ---- public API -------------------------------------------------------------------------------------
 
+    def not_sent(self, config: GenerationConfig) -> list[str]:
+        """The settings of ``config`` this model is not sent (``settings_not_sent``; raises for a refused one)."""
+        return settings_not_sent(self.spec.model, config, send_sampling=self.send_sampling_to_reasoning,
+                                 send_stop=self.send_stop_to_gpt)
+
     def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
-        """Responses in the order of ``requests``; callable from sync code, also inside a running loop."""
+        """Responses in the order of ``requests``; callable from sync code, also inside a running loop. A
+        setting the model does not take and that is not its default raises ``ConfigError`` before any call."""
         batch = list(requests)
         if not batch:
             return []
+        for r in batch:
+            self.not_sent(r.config)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -175,6 +211,7 @@ class OpenAIBackend(ChatBackend):
 
     async def _complete(self, client: openai.AsyncOpenAI, request: ChatRequest) -> ChatResponse:
         kwargs = self.request_kwargs(request)
+        not_sent = tuple(self.not_sent(request.config))
         start = time.monotonic()
         attempts = self.max_retries + 1
         for attempt in range(1, attempts + 1):
@@ -188,7 +225,9 @@ class OpenAIBackend(ChatBackend):
             except Exception as exc:  # noqa: BLE001 - every failure becomes a failure response
                 outcome = self._classify(exc)
             else:
-                return self._parse(body, latency_s=time.monotonic() - start)
+                response = self._parse(body, latency_s=time.monotonic() - start)
+                response.not_sent = not_sent
+                return response
             if not outcome.retryable or attempt == attempts:
                 tries = f" after {attempt} attempts" if attempt > 1 else ""
                 error = self._scrub(f"{outcome.description}{tries}")
@@ -237,13 +276,15 @@ class OpenAIBackend(ChatBackend):
         # The served id (often dated, e.g. gpt-4o-mini-2024-07-18) prices snapshots exactly; else the requested one.
         model = data.get("model") if isinstance(data.get("model"), str) and data.get("model") else self.spec.model
         finish = choice.get("finish_reason")
+        cost = cost_usd(model, prompt_tokens, completion_tokens)
         return ChatResponse(
             text=content if isinstance(content, str) else "",
             finish_reason=finish if isinstance(finish, str) else None,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             latency_s=latency_s,
-            cost_usd=cost_usd(model, prompt_tokens, completion_tokens),
+            cost_usd=cost,
+            unpriced=cost is None,  # not in the price table: unknown, not free
         )
 
     def _malformed(self, what: str, body: str, latency_s: float) -> ChatResponse:

@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
+
+#: Bumped whenever ``request_seed`` or a backend's use of a request's seed changes which tokens a sampled request
+#: draws; stages that sample put it in their fingerprint's versions, so earlier sampled outputs count as another
+#: configuration instead of being mixed with new ones. 2: one seed per request (hash of the stage's seed and the
+#: request), drawn by each request alone (HF: a generator per row), whatever batch it is answered in.
+SAMPLING_VERSION = 2
+
+
+def request_seed(seed: int, *parts: Any) -> int:
+    """The sampling seed of one request: a 63-bit hash of the stage's seed and what identifies the request (role,
+    case, replicate, messages…), so a sampled answer depends on (seed, request) only, never on the batch it ran
+    in. 63 bits: every backend (torch, vLLM, the OpenAI API's int64) takes it."""
+    text = json.dumps([seed, *parts], sort_keys=True, default=str)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
 
 
 @dataclass(frozen=True)
@@ -56,8 +72,13 @@ class ChatResponse:
     completion_tokens: int = 0
     latency_s: float = 0.0
     error: str | None = None
+    #: USD at list price; None for local models (no USD cost) and for API models missing from the price table,
+    #: which are also ``unpriced`` (their cost is unknown, never 0)
     cost_usd: float | None = None
     cached: bool = False
+    unpriced: bool = False
+    #: requested settings the backend did not send (an API model family that does not take them)
+    not_sent: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -68,6 +89,8 @@ class ChatResponse:
         return cls(text="", finish_reason="error", error=error, latency_s=latency_s)
 
     def usage(self) -> dict[str, Any]:
-        """The fields stages copy into their records."""
+        """The fields stages copy into their records (``unpriced`` only on an API call of unknown price)."""
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "latency_s": round(self.latency_s, 4), "cost_usd": self.cost_usd, "cached": self.cached}
+                "latency_s": round(self.latency_s, 4), "cost_usd": self.cost_usd, "cached": self.cached,
+                **({"unpriced": True} if self.unpriced else {}),
+                **({"not_sent": list(self.not_sent)} if self.not_sent else {})}

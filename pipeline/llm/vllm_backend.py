@@ -117,6 +117,23 @@ def lora_request(adapter: str) -> Any:
     return LoRARequest(f"adapter-{lora_id}", lora_id, key[0])
 
 
+#: vLLM finish reasons of a generation that ended as asked: EOS or a stop sequence, or the token cap
+FINISHED = {"stop": "stop", "length": "length"}
+
+
+def completion_response(c: Any, prompt_tokens: int, latency_s: float) -> ChatResponse:
+    """One vLLM completion as a response. Only ``stop`` and ``length`` are finished answers; any other finish
+    reason (``abort``: the engine dropped the request, or none at all) is a failed request, so that a cut-off
+    generation is never taken for an answer (the emulation retries it, then fails the case; the evaluation
+    records an error)."""
+    finish = FINISHED.get(c.finish_reason)
+    if finish is None:
+        return ChatResponse.failure(f"vllm: generation did not finish (finish reason {c.finish_reason!r}, "
+                                    f"{len(c.token_ids)} tokens)", latency_s=latency_s)
+    return ChatResponse(text=c.text, finish_reason=finish, prompt_tokens=prompt_tokens,
+                        completion_tokens=len(c.token_ids), latency_s=latency_s)
+
+
 class VLLMBackend(ChatBackend):
     """``vllm:<model>[+adapter]``. Options (pipeline.llm.options): ``dtype`` (vLLM's names), ``quantization``
     (fp8 or a pre-quantized checkpoint's method; fp16/bf16 set the dtype; int4/int8 refused), ``max_model_len``,
@@ -198,10 +215,7 @@ class VLLMBackend(ChatBackend):
             if isinstance(res, str):
                 out[i] = ChatResponse.failure(res)
                 continue
-            c = res.outputs[0]
-            out[i] = ChatResponse(text=c.text, finish_reason="length" if c.finish_reason == "length" else "stop",
-                                  prompt_tokens=len(prompt["prompt_token_ids"]), completion_tokens=len(c.token_ids),
-                                  latency_s=latency)
+            out[i] = completion_response(res.outputs[0], len(prompt["prompt_token_ids"]), latency)
         if progress:
             progress(len(requests), len(requests))
         return out  # type: ignore[return-value]

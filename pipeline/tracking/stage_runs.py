@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 #: metrics that add up over stages (the DAG's parent logs their sums)
-SUMMED_PREFIXES = ("tokens_", "cost_usd_")
+SUMMED_PREFIXES = ("tokens_", "cost_usd_", "unpriced_calls_")
 SUMMED = ("wall_s", "gpu_hours")
 #: model backends that run on this machine's GPUs (scripted test doubles stand in for local models)
 LOCAL_BACKENDS = ("hf", "vllm", "scripted")
@@ -50,22 +50,32 @@ def elapsed_s(wall_s: float) -> float:
 
 
 def usage_metrics(usage: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """``tokens_<role>`` (prompt + completion) and ``cost_usd_<role>`` from per-role usage totals."""
+    """``tokens_<role>`` (prompt + completion) and ``cost_usd_<role>`` from per-role usage totals. A role whose
+    calls were all unpriced (an API model missing from the price table) logs no ``cost_usd_<role>`` (unknown, not
+    0); ``unpriced_calls_<role>`` counts the calls a logged cost leaves out."""
     out: dict[str, float] = {}
     for role, u in usage.items():
         out[f"tokens_{role}"] = float((u.get("prompt_tokens") or 0) + (u.get("completion_tokens") or 0))
         out[f"prompt_tokens_{role}"] = float(u.get("prompt_tokens") or 0)
-        out[f"cost_usd_{role}"] = round(float(u.get("cost_usd") or 0.0), 6)
+        unpriced = int(u.get("unpriced_calls") or 0)
+        if unpriced < int(u.get("calls") or 0) or not unpriced:
+            out[f"cost_usd_{role}"] = round(float(u.get("cost_usd") or 0.0), 6)
+        if unpriced:
+            out[f"unpriced_calls_{role}"] = float(unpriced)
     return out
 
 
 def add_usage(total: dict[str, dict[str, float]], role: str, usage: Mapping[str, Any] | None) -> None:
-    """Add one record's usage of ``role`` to running totals."""
+    """Add one record's usage of ``role`` to running totals: an emulation record's role totals (``calls``,
+    ``unpriced_calls``) or one call's usage (one call, ``unpriced`` when its price is unknown)."""
     if not usage:
         return
-    t = total.setdefault(role, {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0})
-    for k in t:
-        t[k] += usage.get(k) or 0
+    t = total.setdefault(role, {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "calls": 0,
+                                "unpriced_calls": 0})
+    for k in ("prompt_tokens", "completion_tokens", "cost_usd"):
+        t[k] += usage.get(k) or 0  # cost_usd: null when unknown (counted below) or a local model's (no cost)
+    t["calls"] += usage["calls"] if "calls" in usage else 1
+    t["unpriced_calls"] += usage.get("unpriced_calls") or int(bool(usage.get("unpriced")))
 
 
 def log_stage_run(stage: str, output: str | Path, *, experiment: str, params: Mapping[str, Any],
