@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline.data.jsonl import atomic_write_json
+from pipeline.data.jsonl import atomic_write_json, remove_dead_temps, temp_prefix
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.errors import ConfigError, DataError
@@ -225,7 +225,8 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], adapter_sha256
                         f"(> {atol:g}); not saved")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    remove_dead_temps(out_dir)  # a killed merge's half-saved model (gigabytes)
+    tmp = out_dir.with_name(f"{temp_prefix(out_dir)}merge")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         merged.to(getattr(torch, save_dtype)).save_pretrained(str(tmp))
@@ -253,6 +254,9 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], adapter_sha256
         })
         if (adapter_dir.parent / "training_config.json").is_file():
             write_model_card(adapter_dir.parent, tmp, kind="merged")
+        # the manifest goes in before the rename: the folder appears with it, whatever instant a crash hits
+        write_manifest(tmp, stage="merge", config=_fingerprint(adapter_dir, adapter_sha256, base_ref, save_dtype),
+                       counts={"max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved})
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         if out_dir.exists():
@@ -260,8 +264,6 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], adapter_sha256
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_manifest(out_dir, stage="merge", config=_fingerprint(adapter_dir, adapter_sha256, base_ref, save_dtype),
-                   counts={"max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved})
     result = MergeResult(out=out_dir, adapter=adapter_dir, base=base_ref, max_abs_logit_diff=diff_mem,
                          max_abs_logit_diff_saved=diff_saved, dtype=save_dtype, verify_dtype=compute)
     result.mlflow_run_id = _track(result, lineage, tracking_uri, register_model, time.perf_counter() - t0)
