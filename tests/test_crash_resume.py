@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -35,17 +36,39 @@ VOLATILE = {"written_at", "at", "wall_s", "latency_s", "timestamp", "merge_times
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def hooked(root: Path, cmd: list[str], **hook: object) -> tuple[subprocess.CompletedProcess, dict, int]:
-    """Run ``agentpipe cmd`` with the crash hook watching ``root``; (process, --result JSON or {}, operations)."""
-    result, count = root.with_name(root.name + ".result.json"), root.with_name(root.name + ".count")
-    result.unlink(missing_ok=True)
-    count.unlink(missing_ok=True)
+@dataclass
+class Run:
+    """One hooked run: the process, its --result JSON ({} when none), the operations it did (``<op> <path>``,
+    in order) and how many of them were fsyncs."""
+
+    p: subprocess.CompletedProcess
+    result: dict
+    ops: list[str]
+    fsyncs: int
+
+
+def hooked(root: Path, cmd: list[str], **hook: object) -> Run:
+    """Run ``agentpipe cmd`` with the crash hook watching ``root`` (``crash_at=N``, ``enospc_at=N``)."""
+    result, count, log = (root.with_name(f"{root.name}.{x}") for x in ("result.json", "count", "log"))
+    for f in (result, count, log):
+        f.unlink(missing_ok=True)
     env = {"PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")]),
            "AGENTPIPE_TEST_WRITES_ROOT": str(root), "AGENTPIPE_TEST_WRITES_COUNT": str(count),
-           **{f"AGENTPIPE_TEST_{k.upper()}": str(v) for k, v in hook.items()}}
+           "AGENTPIPE_TEST_WRITES_LOG": str(log), **{f"AGENTPIPE_TEST_{k.upper()}": str(v) for k, v in hook.items()}}
     p = run_agentpipe("--result", str(result), *cmd, env=env)
-    return (p, json.loads(result.read_text()) if result.exists() else {},
-            int(count.read_text()) if count.exists() else -1)
+    return Run(p, json.loads(result.read_text()) if result.exists() else {},
+               log.read_text().splitlines() if log.exists() else [],
+               int(count.read_text().split()[1]) if count.exists() else -1)
+
+
+def last_manifest(ops: list[str]) -> int:
+    """The number of the operation that puts the stage's last manifest in place: after it, the work is done."""
+    return max(i for i, op in enumerate(ops, 1) if op.startswith("replace ") and op.endswith("manifest.json"))
+
+
+def last_rewrite(ops: list[str]) -> int:
+    """The number of the operation that puts the last amended eval file in place (repair, rerun-failed)."""
+    return max(i for i, op in enumerate(ops, 1) if op.startswith("replace ") and op.endswith(".jsonl"))
 
 
 def normalized(value: object) -> object:
@@ -82,28 +105,29 @@ def fresh(root: Path, template: Path | None) -> None:
         shutil.copytree(template, root)
 
 
-def crash_everywhere(tmp_path: Path, template: Path | None, command: Callable[[Path], list[str]]) -> int:
-    """Run the stage uninterrupted, then once for each of its N writes killed before write N and rerun: every
-    rerun completes with what the uninterrupted run made. Returns the number of writes."""
+def crash_everywhere(tmp_path: Path, template: Path | None, command: Callable[[Path], list[str]],
+                     done_after: Callable[[list[str]], int] = last_manifest) -> None:
+    """Run the stage uninterrupted, then for each of its N writes: killed just before write N, then rerun. Every
+    rerun exits 0 and leaves what the uninterrupted run made; its status is "complete", or "skipped" when the
+    kill came after the work was done (after write ``done_after(writes)``, e.g. before removing a journal)."""
     root = tmp_path / "w"
     fresh(root, template)
-    p, res, writes = hooked(root, command(root))
-    assert p.returncode == 0 and res["status"] == "complete", p.stdout + p.stderr
-    assert writes > 0
+    ref = hooked(root, command(root))
+    assert ref.p.returncode == 0 and ref.result["status"] == "complete", ref.p.stdout + ref.p.stderr
+    writes, done = len(ref.ops), done_after(ref.ops)
     reference = snapshot(root)
     for n in range(1, writes + 1):
         fresh(root, template)
-        p, _, _ = hooked(root, command(root), crash_at=n)
-        assert p.returncode == 137, f"write {n}: the hook did not kill the run: {p.stderr[-2000:]}"
-        again, res, _ = hooked(root, command(root))
-        assert again.returncode == 0, f"crash before write {n}/{writes}: the rerun failed: {again.stderr[-2000:]}"
-        assert res["status"] in ("complete", "skipped"), res
+        crashed = hooked(root, command(root), crash_at=n)
+        assert crashed.p.returncode == 137, f"write {n}: the hook did not kill the run: {crashed.p.stderr[-2000:]}"
+        again = hooked(root, command(root))
+        assert again.p.returncode == 0, f"crash before write {n}/{writes}: the rerun failed: {again.p.stderr[-2000:]}"
+        assert again.result["status"] == ("skipped" if n > done else "complete"), (n, ref.ops, again.result)
         after = snapshot(root)
         assert after == reference, (f"crash before write {n}/{writes}: the rerun left other outputs: " + "; ".join(
             f"{k}: {str(after.get(k))[:300]} != {str(reference.get(k))[:300]}"
             for k in sorted(set(after) | set(reference)) if after.get(k) != reference.get(k)))
         assert not [q for q in root.rglob("*") if ".tmp-" in q.name], f"write {n}: temporary files left"
-    return writes
 
 
 # ------------------------------------------------------------------------------------------------ the inputs
@@ -153,12 +177,13 @@ def test_evaluate_resumes_after_a_crash_at_any_write(tmp_path, evaluated):
 
 
 def test_evaluate_repair_resumes_after_a_crash_at_any_write(tmp_path, evaluated):
-    crash_everywhere(tmp_path, broken(evaluated, tmp_path), lambda root: ["evaluate", "repair", "--data-dir", str(root)])
+    crash_everywhere(tmp_path, broken(evaluated, tmp_path), lambda root: ["evaluate", "repair", "--data-dir", str(root)],
+                     last_rewrite)
 
 
 def test_evaluate_rerun_failed_resumes_after_a_crash_at_any_write(tmp_path, evaluated):
     crash_everywhere(tmp_path, broken(evaluated, tmp_path),
-                     lambda root: ["evaluate", "rerun-failed", "--data-dir", str(root)])
+                     lambda root: ["evaluate", "rerun-failed", "--data-dir", str(root)], last_rewrite)
 
 
 def test_report_resumes_after_a_crash_at_any_write(tmp_path, evaluated):
@@ -186,3 +211,84 @@ def test_pairs_resumes_after_a_crash_at_any_write(tmp_path):
     crash_everywhere(tmp_path, template, lambda root: ["pairs", "--data-dir", str(root / "runs"), "--metric", "safe",
                                                        "--cases", "demo", "--evaluator", "toy",
                                                        "--out", str(root / "pair_sets")])
+
+
+# ------------------------------------------------------------------------------------------------- disk full
+def full_disk_everywhere(tmp_path: Path, template: Path | None, command: Callable[[Path], list[str]]) -> None:
+    """For each fsync N of an uninterrupted run: the disk fills at fsync N (it and every later one fail with
+    ENOSPC). The run ends with one line naming a file below the stage's folder, exit 2; once space is freed
+    the same command completes with what the uninterrupted run made."""
+    root = tmp_path / "w"
+    fresh(root, template)
+    ref = hooked(root, command(root))
+    assert ref.p.returncode == 0 and ref.result["status"] == "complete", ref.p.stdout + ref.p.stderr
+    reference = snapshot(root)
+    assert ref.fsyncs > 0
+    for n in range(1, ref.fsyncs + 1):
+        fresh(root, template)
+        full = hooked(root, command(root), enospc_at=n)
+        lines = full.p.stderr.strip().splitlines()  # the stage's progress, then the error
+        errors = [line for line in lines if line.startswith("agentpipe:")]
+        assert full.p.returncode == 2 and "Traceback" not in full.p.stderr, (n, full.p.stderr)
+        assert errors == lines[-1:], (n, full.p.stderr)
+        assert errors[0].startswith(f"agentpipe: error: {root.resolve()}/"), errors[0]
+        assert "no space left on device" in errors[0] and "free space and rerun" in errors[0], errors[0]
+        again = hooked(root, command(root))
+        assert again.p.returncode == 0 and again.result["status"] == "complete", (n, again.p.stderr)
+        assert snapshot(root) == reference, f"disk full at fsync {n}: the rerun left other outputs"
+
+
+def test_emulate_on_a_full_disk_ends_in_one_line_and_resumes(tmp_path):
+    full_disk_everywhere(tmp_path, None, lambda root: [*EMULATE, "--out", str(root)])
+
+
+def test_pairs_on_a_full_disk_ends_in_one_line_and_resumes(tmp_path):
+    full_disk_everywhere(tmp_path, toy_runs(tmp_path / "template"),
+                         lambda root: ["pairs", "--data-dir", str(root / "runs"), "--metric", "safe", "--cases", "demo",
+                                       "--evaluator", "toy", "--out", str(root / "pair_sets")])
+
+
+def test_evaluate_on_a_full_disk_ends_in_one_line_and_resumes(tmp_path, evaluated):
+    template = tmp_path / "template"
+    shutil.copytree(evaluated, template)
+    for f in template.rglob("*_eval_*"):
+        f.unlink()
+
+    def command(root: Path) -> list[str]:
+        [traj] = root.rglob("*_r0-2.jsonl")
+        return ["evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--no-progress"]
+
+    full_disk_everywhere(tmp_path, template, command)
+
+
+# ---------------------------------------------------------------------------------- what a killed writer leaves
+def test_a_pairs_run_killed_mid_write_leaves_no_temporary_file_after_the_next_run(tmp_path, released_runs):
+    """SIGKILL ``pairs`` on the study's q32 runs while it writes its (~190 MB) pair set: the temporary file it
+    leaves is removed by the rerun, whose pair set equals an uninterrupted run's byte for byte."""
+    exe = str(Path(sys.executable).with_name("agentpipe"))
+
+    def command(out: Path) -> list[str]:
+        return ["pairs", "--data-dir", str(released_runs / "q32"), "--metric", "safe", "--out", str(out)]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([exe, *command(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline, temps = time.monotonic() + 300, []
+    while time.monotonic() < deadline and proc.poll() is None:
+        temps = [t for t in out.glob(".safe_q32.jsonl.tmp-*") if t.stat().st_size > 1 << 20]
+        if temps:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert temps and proc.returncode == -signal.SIGKILL, "the kill must land while the pair set is being written"
+    assert temps[0].exists() and not (out / "safe_q32.jsonl").exists()
+
+    again = run_agentpipe(*command(out))
+    assert again.returncode == 0, again.stderr
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    reference = tmp_path / "uninterrupted"
+    p = run_agentpipe(*command(reference))
+    assert p.returncode == 0, p.stderr
+    for name in ("safe_q32.jsonl", "safe_q32.stats.json"):
+        assert hashlib.sha256((out / name).read_bytes()).digest() == \
+            hashlib.sha256((reference / name).read_bytes()).digest(), name
