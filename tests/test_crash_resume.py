@@ -32,7 +32,8 @@ HOOK = Path(__file__).parent / "crash_hook"
 EMULATE = ["emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--evaluator", "scripted:judge",
            "--case-set", "demo", "--cases", "0-2", "--no-progress"]
 #: what differs between two runs of one configuration: when (and how long) they ran
-VOLATILE = {"written_at", "at", "wall_s", "latency_s", "timestamp", "merge_timestamp", "generated_at", "created_at"}
+VOLATILE = {"written_at", "at", "wall_s", "latency_s", "timestamp", "merge_timestamp", "generated_at", "created_at",
+            "ts", "journal_id", "merge_wall_s"}  # a tracking journal's times and its random id
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -89,6 +90,10 @@ def snapshot(root: Path) -> dict[str, str]:
         key = str(p.relative_to(root))
         if p.suffix == ".json":
             out[key] = json.dumps(normalized(json.loads(p.read_text())), sort_keys=True)
+        elif p.name == "journal.jsonl":  # a tracking journal resumed after a crash: the same operations, once each
+            ops = [json.dumps(normalized({k: v for k, v in r.items() if k != "seq"}), sort_keys=True)
+                   for r in read_jsonl(p).records if r["op"] != "resume"]
+            out[key] = "\n".join(dict.fromkeys(ops))
         elif p.suffix == ".jsonl":  # records, in order, without the time each took
             out[key] = "\n".join(json.dumps(normalized(r), sort_keys=True) for r in read_jsonl(p).records)
         else:
@@ -292,3 +297,14 @@ def test_a_pairs_run_killed_mid_write_leaves_no_temporary_file_after_the_next_ru
     for name in ("safe_q32.jsonl", "safe_q32.stats.json"):
         assert hashlib.sha256((out / name).read_bytes()).digest() == \
             hashlib.sha256((reference / name).read_bytes()).digest(), name
+
+
+# ------------------------------------------------------------------------------------------- train and merge
+@pytest.mark.slow  # a merge of the tiny model per write: minutes
+def test_merge_resumes_after_a_crash_at_any_write(tmp_path, tiny_adapter):
+    def folder_in_place(ops: list[str]) -> int:  # the merged folder appears whole, with its manifest
+        return max(i for i, op in enumerate(ops, 1) if op == f"replace {(tmp_path / 'w' / 'merged').resolve()}")
+
+    crash_everywhere(tmp_path, None, lambda root: ["merge", "--adapter", str(tiny_adapter), "--out",
+                                                   str(root / "merged"), "--tracking-uri", DOWN,
+                                                   "--no-register-model"], folder_in_place)

@@ -174,6 +174,9 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
         if existing:
             done = _same_merge(out_dir, adapter_dir, adapter_sha256, base_ref, dtype)
             if done is not None:
+                if not _tracked(done):  # a crash after the folder was in place, before its run was journaled
+                    done.mlflow_run_id = _track(done, _lineage(adapter_dir), tracking_uri, register_model,
+                                                time.perf_counter() - t0)
                 return done
             if not force:
                 recorded = (read_manifest(out_dir) or {}).get("config")
@@ -325,6 +328,19 @@ def _lineage(adapter_dir: Path) -> dict[str, Any]:
     return {**cfg.get("lineage", {}), "name": cfg.get("name")}
 
 
+def _track_folder(res: MergeResult) -> Path:
+    """Where a merge's run is journaled: the trained model's ``tracking/merge``, else the merged folder's."""
+    model_dir = res.adapter.parent if default_merge_dir(res.adapter) == res.out else None
+    return model_dir / "tracking" / "merge" if model_dir is not None else res.out / "tracking"
+
+
+def _tracked(res: MergeResult) -> bool:
+    """Whether the merge's run was journaled to its end."""
+    from pipeline.tracking.journal import read_journal
+
+    return any(op.get("op") == "end" for op in read_journal(_track_folder(res)))
+
+
 def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, register: bool,
            wall_s: float) -> str | None:
     import torch
@@ -333,7 +349,7 @@ def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, 
     from pipeline.tracking.stage_runs import elapsed_s, gpu_count
 
     model_dir = res.adapter.parent if default_merge_dir(res.adapter) == res.out else None
-    folder = model_dir / "tracking" / "merge" if model_dir is not None else res.out / "tracking"
+    folder = _track_folder(res)
     parent = model_dir / "tracking" / "train" if model_dir is not None else None
     name = lineage.get("name") or res.out.name
     with Tracker.open(folder, experiment="training", run_name=f"merge {name}", tracking_uri=tracking_uri,
