@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.jsonl import read_jsonl
+from pipeline.data.manifest import read_manifest
 from tests.conftest import run_agentpipe
 from tests.test_pairs import write_run
 from tests.test_train import DOWN, toy_pair, write_pairs
@@ -181,14 +182,24 @@ def test_evaluate_resumes_after_a_crash_at_any_write(tmp_path, evaluated):
     crash_everywhere(tmp_path, template, command)
 
 
+def amendments(root: Path) -> list[tuple[str, int]]:
+    """(stage, changed) of each amendment the safety eval file's manifest records; pending ones fail."""
+    [safe] = root.rglob("*_eval_agent_safe.jsonl")
+    recorded = read_manifest(safe)["amendments"]
+    assert not [a for a in recorded if "pending" in a], recorded
+    return [(a["stage"], a["changed"]) for a in recorded]
+
+
 def test_evaluate_repair_resumes_after_a_crash_at_any_write(tmp_path, evaluated):
     crash_everywhere(tmp_path, broken(evaluated, tmp_path), lambda root: ["evaluate", "repair", "--data-dir", str(root)],
                      last_rewrite)
+    assert amendments(tmp_path / "w") == [("evaluate repair", 1)]  # the same as the uninterrupted run's
 
 
 def test_evaluate_rerun_failed_resumes_after_a_crash_at_any_write(tmp_path, evaluated):
     crash_everywhere(tmp_path, broken(evaluated, tmp_path),
                      lambda root: ["evaluate", "rerun-failed", "--data-dir", str(root)], last_rewrite)
+    assert amendments(tmp_path / "w") == [("evaluate repair", 1), ("evaluate rerun-failed", 1)]
 
 
 def test_report_resumes_after_a_crash_at_any_write(tmp_path, evaluated):

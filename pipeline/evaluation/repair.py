@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from pipeline.data.jsonl import atomic_write_json, atomic_write_text, dumps, read_jsonl
-from pipeline.data.manifest import file_digest, manifest_path, read_manifest
+from pipeline.data.manifest import manifest_path, read_manifest
 from pipeline.data.naming import parse_run_filename
 from pipeline.data.records import SCORE_KEYS, replicate_consistency
 from pipeline.data.runfiles import RunFile, find_run_files
@@ -116,7 +116,7 @@ def settle_amendments(path: Path) -> None:
     amendments = (manifest or {}).get("amendments", [])
     if not any("pending" in a for a in amendments):
         return
-    digest = file_digest(path)
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     kept = [a for a in amendments if a.pop("pending", digest) == digest]
     atomic_write_json(manifest_path(path), {**manifest, "amendments": kept})
 
