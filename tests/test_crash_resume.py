@@ -319,3 +319,16 @@ def test_merge_resumes_after_a_crash_at_any_write(tmp_path, tiny_adapter):
     crash_everywhere(tmp_path, None, lambda root: ["merge", "--adapter", str(tiny_adapter), "--out",
                                                    str(root / "merged"), "--tracking-uri", DOWN,
                                                    "--no-register-model"], folder_in_place)
+
+
+def test_an_output_with_no_record_at_all_is_still_refused(tmp_path):
+    """Resuming what a crash left never takes over a file another tool wrote: a trajectory file with neither a
+    manifest nor this configuration's journal beside it is refused in one line, and left as it was."""
+    run = hooked(tmp_path / "w", [*EMULATE, "--out", str(tmp_path / "w")])
+    assert run.p.returncode == 0, run.p.stderr
+    [traj] = (tmp_path / "w").rglob("*_r0-2.jsonl")
+    traj.with_name(traj.name + ".manifest.json").unlink()
+    before = traj.read_bytes()
+    again = hooked(tmp_path / "w", [*EMULATE, "--out", str(tmp_path / "w")])
+    assert again.p.returncode == 2 and again.p.stderr.count("\n") == 1, again.p.stderr
+    assert "records no emulate configuration" in again.p.stderr and traj.read_bytes() == before
