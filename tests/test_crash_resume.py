@@ -27,7 +27,7 @@ from pipeline.data.jsonl import read_jsonl
 from pipeline.data.manifest import read_manifest
 from tests.conftest import run_agentpipe
 from tests.test_pairs import write_run
-from tests.test_train import DOWN, toy_pair, write_pairs
+from tests.test_train import DOWN
 
 HOOK = Path(__file__).parent / "crash_hook"
 EMULATE = ["emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--evaluator", "scripted:judge",
