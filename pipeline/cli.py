@@ -7,6 +7,7 @@ nothing already written is damaged because every stage writes atomically.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -257,6 +258,25 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("agentpipe: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in _STORAGE_FULL:
+            raise
+        print(f"agentpipe: error: {storage_full_message(e)}", file=sys.stderr)
+        return 2
+
+
+#: errors of a full or read-only storage: the user frees space (or remounts) and reruns; nothing else is wrong
+_STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def storage_full_message(e: OSError) -> str:
+    """One line for a full disk, an exceeded quota or a read-only file system: the path, what happened, what to do
+    (every stage resumes where it stopped, so finished work is kept)."""
+    what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system"}[e.errno]
+    fix = "make it writable" if e.errno == errno.EROFS else "free space"
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{what} ({e.strerror}); {fix} and rerun the same command: finished work is kept"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -150,8 +150,10 @@ def prior_output(path: Path, fingerprint: dict[str, Any], stage: str, *, force: 
       it is moved aside first (then False). ``derived`` views (reports, analyses: cheap to rebuild, nothing of
       value in a failed attempt) also move another configuration's *unfinished* output aside without asking.
     """
+    from pipeline.data.jsonl import remove_dead_temps
     from pipeline.data.manifest import manifest_path, read_manifest
 
+    remove_dead_temps(manifest_path(path))  # a killed writer's half-written manifest is nobody's output
     if not path.exists() or path.is_dir() and not any(path.iterdir()):
         return False
     fingerprint = json.loads(json.dumps(fingerprint, default=str))
@@ -186,14 +188,22 @@ def journaled_output(final: Path, fingerprint: dict[str, Any], stage: str, *, fo
         if not force:
             check_fingerprint(part, recorded, fingerprint, stage)
         stale += [part, meta]
-    if final.exists() and (manifest is None or manifest.get("config") != fingerprint):
+    # a final file without a manifest beside this configuration's journal is what a crash between writing the
+    # file (assembled from that journal) and its manifest leaves: this configuration's unfinished work, rewritten
+    # from the journal; a final file with no record at all is another tool's and refused
+    ours_unfinished = manifest is None and recorded == fingerprint
+    if final.exists() and not ours_unfinished and (manifest is None or manifest.get("config") != fingerprint):
         if not force:
             check_fingerprint(final, manifest.get("config") if manifest else None, fingerprint, stage)
         stale += [final, manifest_path(final)]
     for moved in move_aside(*stale):
         log.warning("kept aside: %s", moved)
-    return (final.exists() and manifest is not None and manifest.get("config") == fingerprint
-            and manifest.get("status") == "complete")
+    complete = (final.exists() and manifest is not None and manifest.get("config") == fingerprint
+                and manifest.get("status") == "complete")
+    if complete and recorded == fingerprint:  # a crash after the manifest, before the journal was removed
+        part.unlink(missing_ok=True)
+        meta.unlink(missing_ok=True)
+    return complete
 
 
 def begin_output(folder: Path, stage: str, fingerprint: dict[str, Any]) -> None:

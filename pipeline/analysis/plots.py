@@ -43,12 +43,15 @@ def _style(styles: dict[str, dict[str, str]], model: str) -> dict[str, str]:
 
 
 def save(fig, stem: str | Path, formats: Iterable[str] = FORMATS) -> list[Path]:
+    from pipeline.data.jsonl import remove_dead_temps, temp_prefix
+
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        tmp = path.with_name(f".{path.name}.tmp")
+        remove_dead_temps(path)  # what a killed earlier run left
+        tmp = path.with_name(f"{temp_prefix(path)}0.tmp")
         fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format=fmt)
         tmp.replace(path)
         out.append(path)

@@ -357,6 +357,8 @@ def write_reports(reports: list[UnifiedReport], out_dir: str | Path) -> list[Pat
     import os
     import tempfile
 
+    from pipeline.data.jsonl import remove_dead_temps, temp_prefix
+
     out = Path(out_dir)
     seen: dict[Path, UnifiedReport] = {}
     for r in reports:
@@ -366,7 +368,8 @@ def write_reports(reports: list[UnifiedReport], out_dir: str | Path) -> list[Pat
         seen[path] = r
     for path, r in seen.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_dead_temps(path)  # what a killed earlier run left
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(r.content, f, ensure_ascii=False, indent=1)

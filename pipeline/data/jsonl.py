@@ -9,8 +9,10 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,12 +30,51 @@ def dumps(record: Any) -> str:
     return json.dumps(record, ensure_ascii=False)
 
 
+def temp_prefix(path: Path) -> str:
+    """The name prefix of this process's temporary siblings of ``path``: ``.<name>.tmp-<host>-<pid>-``. The host
+    and pid say whose a temporary file is, so a later run can tell a dead writer's leftover from a live one's."""
+    return f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_dead_temps(path: str | Path) -> list[Path]:
+    """Delete the temporary siblings of ``path`` (files or folders named by ``temp_prefix``) whose writer was a
+    process on this host that no longer runs (killed mid-write); returns them. Another host's temporary files, and
+    a live process's, are never touched (a pid reused by a live process keeps its file: the safe side)."""
+    path = Path(path)
+    mine = f".{path.name}.tmp-{socket.gethostname()}-"
+    removed = []
+    for p in path.parent.glob(glob.escape(mine) + "*"):
+        pid = p.name[len(mine):].split("-", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            import shutil
+
+            shutil.rmtree(p, ignore_errors=True)  # a dead writer's half-written folder: nothing in it is kept
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 def atomic_write_text(path: str | Path, text: str | Iterable[str]) -> None:
     """Write ``text`` (a string, or chunks written as they come: nothing holds the whole file) to ``path``
-    atomically (temp file in the same folder + fsync + rename)."""
+    atomically (temp file in the same folder + fsync + rename). Temporary files that a killed writer left for
+    ``path`` are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_dead_temps(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8", buffering=1 << 20) as f:
@@ -45,8 +86,10 @@ def atomic_write_text(path: str | Path, text: str | Iterable[str]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:  # a failed write names no file: name the one meant
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     _fsync_dir(path.parent)
 
@@ -130,6 +173,15 @@ def iter_jsonl(path: str | Path) -> Iterator[Any]:
     yield from read_jsonl(path, allow_truncated_tail=False).records
 
 
+def _truncate_quietly(fd: int, size: int) -> None:
+    """Cut a file back to ``size`` after a failed write; when even that fails the half line stays, and the next
+    ``JsonlAppender`` cuts it off (``_repair_tail``), so the original error is the one to report."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError:
+        pass
+
+
 class JsonlAppender:
     """Append records durably: one complete line per record, flushed and fsync'ed per ``append`` call.
 
@@ -142,7 +194,7 @@ class JsonlAppender:
         self.fsync = fsync
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._repair_tail()
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = open(self.path, "ab", buffering=0)  # unbuffered: nothing of a failed append is written later
 
     def _repair_tail(self) -> None:
         if not self.path.exists():
@@ -181,10 +233,17 @@ class JsonlAppender:
         """Append records (one line each) and make them durable before returning."""
         if not records:
             return
-        self._f.write("".join(dumps(r) + "\n" for r in records))
-        self._f.flush()
-        if self.fsync:
-            os.fsync(self._f.fileno())
+        data = memoryview("".join(dumps(r) + "\n" for r in records).encode("utf-8"))
+        fd = self._f.fileno()
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as e:  # e.g. disk full: cut what was written of these records, name the file
+            _truncate_quietly(fd, start)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def close(self) -> None:
         self._f.close()

@@ -9,6 +9,8 @@ atomically; nothing else in them changes.
 
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline.data.jsonl import atomic_write_json, atomic_write_jsonl, read_jsonl
+from pipeline.data.jsonl import atomic_write_json, atomic_write_text, dumps, read_jsonl
 from pipeline.data.manifest import manifest_path, read_manifest
 from pipeline.data.naming import parse_run_filename
 from pipeline.data.records import SCORE_KEYS, replicate_consistency, valid_score
@@ -75,6 +77,7 @@ class RerunFailedConfig(StageConfig):
 def check_amendment(path: Path, stage: str, fingerprint: dict[str, Any], force: bool) -> None:
     """Refuse to amend an eval file that an earlier run of ``stage`` amended with another fingerprint; with
     ``force`` the file is first copied aside (``<name>.replaced-<time>``)."""
+    settle_amendments(path)
     earlier = [a for a in (read_manifest(path) or {}).get("amendments", []) if a.get("stage") == stage]
     if earlier and differences(earlier[-1]["fingerprint"], fingerprint):
         if not force:
@@ -85,13 +88,37 @@ def check_amendment(path: Path, stage: str, fingerprint: dict[str, Any], force: 
         shutil.copy2(aside, path)
 
 
-def record_amendment(path: Path, stage: str, fingerprint: dict[str, Any], changed: int) -> None:
-    """Append what a repair or rerun changed to the eval file's manifest (one is started for files without)."""
+def record_amendment(path: Path, stage: str, fingerprint: dict[str, Any], changed: int,
+                     pending: str | None = None) -> None:
+    """Append what a repair or rerun changed to the eval file's manifest (one is started for files without);
+    ``pending``: the sha256 the file will have once rewritten (``amend_file``)."""
     manifest = read_manifest(path) or {"stage": "external", "status": "complete", "config": None}
     manifest.setdefault("amendments", []).append({
         "stage": stage, "fingerprint": fingerprint, "changed": changed,
-        "at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **({"pending": pending} if pending else {})})
     atomic_write_json(manifest_path(path), manifest)
+
+
+def amend_file(path: Path, records: list[Any], stage: str, fingerprint: dict[str, Any], changed: int) -> None:
+    """Rewrite an eval file with ``records`` so that a crash at any instant leaves the old file without a record
+    of the change or the new file with it: the amendment is recorded first, pending with the new content's
+    digest, and settled once the file is in place (``settle_amendments``, which a rerun calls too)."""
+    text = "".join(dumps(r) + "\n" for r in records)
+    record_amendment(path, stage, fingerprint, changed, pending=hashlib.sha256(text.encode()).hexdigest())
+    atomic_write_text(path, text)
+    settle_amendments(path)
+
+
+def settle_amendments(path: Path) -> None:
+    """Confirm each pending amendment whose rewrite reached the file; drop one whose rewrite never did (a crash
+    between recording it and replacing the file: the file is still the one before it)."""
+    manifest = read_manifest(path)
+    amendments = (manifest or {}).get("amendments", [])
+    if not any("pending" in a for a in amendments):
+        return
+    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    kept = [a for a in amendments if a.pop("pending", digest) == digest]
+    atomic_write_json(manifest_path(path), {**manifest, "amendments": kept})
 
 
 def _has_score(rep: dict[str, Any], key: str) -> bool:
@@ -128,9 +155,14 @@ class FileRepair:
     unfixable: list[int] = field(default_factory=list)  # eval_ids
 
 
-def repair_file(path: Path, eval_type: str, *, dry_run: bool = False) -> FileRepair:
-    """Recover missing scores of one eval file from the judges' reasoning; rewrite it atomically."""
+def repair_file(path: Path, eval_type: str, *, dry_run: bool = False,
+                amendment: tuple[str, dict[str, Any]] = (RepairConfig.stage, {"versions": {"repair": REPAIR_VERSION}})
+                ) -> FileRepair:
+    """Recover missing scores of one eval file from the judges' reasoning; rewrite it atomically, recording the
+    ``amendment`` (stage, fingerprint) in its manifest."""
     key = SCORE_KEYS[eval_type]
+    if not dry_run:
+        settle_amendments(path)  # what a crashed earlier rewrite left
     records = read_jsonl(path, allow_truncated_tail=False).records
     report = FileRepair(path, eval_type)
     changed = False
@@ -156,7 +188,7 @@ def repair_file(path: Path, eval_type: str, *, dry_run: bool = False) -> FileRep
         else:
             report.unfixable.append(rec.get("eval_id", i))
     if changed and not dry_run:
-        atomic_write_jsonl(path, records)
+        amend_file(path, records, *amendment, report.repaired)
     return report
 
 
@@ -192,9 +224,7 @@ def repair(cfg: RepairConfig) -> StageResult:
 
     reports = []
     for rf, t in _files(cfg.data_dir, eval_types_for(cfg.eval_types), cfg.model_filter):
-        rep = repair_file(rf.eval_files[t], t, dry_run=cfg.dry_run)
-        if rep.repaired and not cfg.dry_run:
-            record_amendment(rep.path, cfg.stage, cfg.fingerprint(), rep.repaired)
+        rep = repair_file(rf.eval_files[t], t, dry_run=cfg.dry_run, amendment=(cfg.stage, cfg.fingerprint()))
         reports.append(rep)
     missing, repaired = sum(r.missing for r in reports), sum(r.repaired for r in reports)
     return StageResult(stage=cfg.stage, status="complete" if repaired and not cfg.dry_run else "skipped",
@@ -258,10 +288,7 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
             check_amendment(rf.eval_files[t], cfg.stage, fingerprint, force=False)
     for rf, t in files:
         check_amendment(rf.eval_files[t], cfg.stage, fingerprint, force=cfg.force)
-        repaired = repair_file(rf.eval_files[t], t).repaired
-        if repaired:
-            record_amendment(rf.eval_files[t], RepairConfig.stage, {"versions": {"repair": REPAIR_VERSION}}, repaired)
-    changed: dict[Path, int] = {}
+        repair_file(rf.eval_files[t], t)
     for round_no in range(1, cfg.max_retries + 1):
         work = []  # (eval path, eval type, line, replicate index, trajectory record, evaluator, trajectory path)
         for rf, t in files:
@@ -310,12 +337,9 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
                 else:
                     records[i] = {**fields, "eval_id": i}
                 report.fixed += 1
-            atomic_write_jsonl(path, records)
-            changed[path] = changed.get(path, 0) + len(changes)
+            amend_file(path, records, cfg.stage, fingerprint, len(changes))
         if progress:
             progress(f"round {round_no}: {len(work)} failed items re-judged, {sum(len(c) for c in fixes.values())} fixed")
-    for path, n in changed.items():
-        record_amendment(path, cfg.stage, fingerprint, n)
     for rf, t in files:
         key = SCORE_KEYS[t]
         for i, rec in enumerate(read_jsonl(rf.eval_files[t]).records):

@@ -520,9 +520,13 @@ def write_pair_set(result: PairSetResult, out_dir: str | Path, *, manifest_confi
 
     out_dir = Path(out_dir)
     path = out_dir / f"{result.name}.jsonl"
+    config = manifest_config or result.stats["config"]
+    # the intent first: a crash before the complete manifest leaves this configuration's unfinished set (redone by
+    # the same command), never a file that records no configuration
+    write_manifest(path, stage="pairs", config=config, inputs=inputs, status="incomplete")
     atomic_write_text(path, pair_lines(result.pairs))  # streamed: the file's text is never held whole
     atomic_write_json(stats_path(path), result.stats)
-    write_manifest(path, stage="pairs", config=manifest_config or result.stats["config"], inputs=inputs,
+    write_manifest(path, stage="pairs", config=config, inputs=inputs,
                    counts={"pairs": len(result.pairs), "cases": result.stats["cases_with_pairs"]})
     return path
 

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.jsonl import atomic_write_json
+from pipeline.data.jsonl import atomic_write_json, remove_dead_temps, temp_prefix
 from pipeline.data.manifest import file_digest, read_manifest, write_manifest
 from pipeline.data.manifest import is_complete as manifest_complete
 from pipeline.data.split import test_cases as split_test_cases
@@ -465,7 +465,8 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
     metrics: dict[str, Any] = dict(train_out.metrics)
     if data.val and cfg.final_eval:
         metrics.update(trainer.evaluate())
-    tmp = out / f".{ADAPTER}.tmp-{os.getpid()}"
+    remove_dead_temps(out / ADAPTER)  # a killed run's half-saved adapter
+    tmp = out / f"{temp_prefix(out / ADAPTER)}adapter"
     shutil.rmtree(tmp, ignore_errors=True)
     trainer.save_model(str(tmp))
     tok.save_pretrained(str(tmp))

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from pipeline.data.jsonl import atomic_write_json
+from pipeline.data.jsonl import atomic_write_json, remove_dead_temps, temp_prefix
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.errors import ConfigError, DataError
@@ -176,6 +176,9 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
         if existing:
             done = _same_merge(out_dir, adapter_dir, adapter_sha256, base_ref, dtype)
             if done is not None:
+                if not _tracked(done):  # a crash after the folder was in place, before its run was journaled
+                    done.mlflow_run_id = _track(done, _lineage(adapter_dir), tracking_uri, register_model,
+                                                time.perf_counter() - t0)
                 return done
             if not force:
                 recorded = (read_manifest(out_dir) or {}).get("config")
@@ -228,7 +231,8 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], adapter_sha256
                         f"(> {atol:g}); not saved")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    remove_dead_temps(out_dir)  # a killed merge's half-saved model (gigabytes)
+    tmp = out_dir.with_name(f"{temp_prefix(out_dir)}merge")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         merged.to(getattr(torch, save_dtype)).save_pretrained(str(tmp))
@@ -256,6 +260,9 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], adapter_sha256
         })
         if (adapter_dir.parent / "training_config.json").is_file():
             write_model_card(adapter_dir.parent, tmp, kind="merged")
+        # the manifest goes in before the rename: the folder appears with it, whatever instant a crash hits
+        write_manifest(tmp, stage="merge", config=_fingerprint(adapter_dir, adapter_sha256, base_ref, save_dtype),
+                       counts={"max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved})
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         if out_dir.exists():
@@ -263,8 +270,6 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], adapter_sha256
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_manifest(out_dir, stage="merge", config=_fingerprint(adapter_dir, adapter_sha256, base_ref, save_dtype),
-                   counts={"max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved})
     result = MergeResult(out=out_dir, adapter=adapter_dir, base=base_ref, max_abs_logit_diff=diff_mem,
                          max_abs_logit_diff_saved=diff_saved, dtype=save_dtype, verify_dtype=compute)
     result.mlflow_run_id = _track(result, lineage, tracking_uri, register_model, time.perf_counter() - t0)
@@ -326,6 +331,19 @@ def _lineage(adapter_dir: Path) -> dict[str, Any]:
     return {**cfg.get("lineage", {}), "name": cfg.get("name")}
 
 
+def _track_folder(res: MergeResult) -> Path:
+    """Where a merge's run is journaled: the trained model's ``tracking/merge``, else the merged folder's."""
+    model_dir = res.adapter.parent if default_merge_dir(res.adapter) == res.out else None
+    return model_dir / "tracking" / "merge" if model_dir is not None else res.out / "tracking"
+
+
+def _tracked(res: MergeResult) -> bool:
+    """Whether the merge's run was journaled to its end."""
+    from pipeline.tracking.journal import read_journal
+
+    return any(op.get("op") == "end" for op in read_journal(_track_folder(res)))
+
+
 def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, register: bool,
            wall_s: float) -> str | None:
     import torch
@@ -334,7 +352,7 @@ def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, 
     from pipeline.tracking.stage_runs import elapsed_s, gpu_count
 
     model_dir = res.adapter.parent if default_merge_dir(res.adapter) == res.out else None
-    folder = model_dir / "tracking" / "merge" if model_dir is not None else res.out / "tracking"
+    folder = _track_folder(res)
     parent = model_dir / "tracking" / "train" if model_dir is not None else None
     name = lineage.get("name") or res.out.name
     with Tracker.open(folder, experiment="training", run_name=f"merge {name}", tracking_uri=tracking_uri,
