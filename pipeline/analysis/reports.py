@@ -50,6 +50,8 @@ class _Case(NamedTuple):
 class FileProblem:
     path: str
     reason: str
+    #: the configuration (model folder, emulator, evaluator, quantization) the skipped file belongs to
+    key: tuple[str, str, str, str | None] | None = None
 
 
 @dataclass
@@ -84,6 +86,8 @@ class CollectResult:
     configs: list[ConfigScores]
     problems: list[FileProblem]
     files_processed: int
+    #: the cases the runs were planned over (``pipeline.analysis.coverage``)
+    universe: list[int] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -196,16 +200,16 @@ def collect_config_scores(root: str | Path, *, strict: bool = False, warn: bool 
     by_config: dict[tuple, ConfigScores] = {}
     problems: list[FileProblem] = []
     for rf in run_files:
+        key = (rf.model_dir, *rf.name.config_key[1:])
         try:
             fs = load_run_file(rf)
         except PipelineError as e:
             if strict:
                 raise
-            problems.append(FileProblem(str(rf.path), str(e)))
+            problems.append(FileProblem(str(rf.path), str(e), key))  # type: ignore[arg-type]
             if warn:
                 print(f"agentpipe: warning: skipped {e}", file=sys.stderr)
             continue
-        key = (rf.model_dir, *rf.name.config_key[1:])
         cfg = by_config.get(key)
         if cfg is None:
             cfg = by_config[key] = ConfigScores(model_dir=rf.model_dir, emulator=rf.name.emulator,
@@ -218,7 +222,24 @@ def collect_config_scores(root: str | Path, *, strict: bool = False, warn: bool 
         for eval_type, reps in fs.replicates.items():
             cfg.replicates.setdefault(eval_type, {}).update(reps)
     configs = [by_config[k] for k in sorted(by_config, key=lambda k: tuple("" if x is None else x for x in k))]
-    return CollectResult(configs=configs, problems=problems, files_processed=len(run_files))
+    return CollectResult(configs=configs, problems=problems, files_processed=len(run_files),
+                         universe=case_universe(run_files))
+
+
+def case_universe(run_files: list[RunFile]) -> list[int]:
+    """The cases the runs were planned over: every case a file's range names, plus the study's 144 cases when
+    a trajectory file has no emulation manifest (the released data) or names no range (a full run)."""
+    from pipeline.data.manifest import manifest_path
+    from pipeline.data.split import TOOLEMU_CASES
+
+    cases: set[int] = set()
+    for rf in run_files:
+        rng = rf.name.case_range
+        if rng is None or not manifest_path(rf.path).is_file():
+            cases.update(range(TOOLEMU_CASES))
+        if rng is not None:
+            cases.update(range(*rng))
+    return sorted(cases)
 
 
 def _quick_scan(root: Path) -> list[RunFile]:

@@ -15,7 +15,7 @@ import json
 import logging
 import statistics
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,6 +41,8 @@ class ReportResult:
     paths: list[Path]
     problems: list[str]
     tracked_runs: list[str]
+    #: one line per configuration lacking expected cases or with files skipped (``coverage.Gap.describe``)
+    partial: list[str] = field(default_factory=list)
 
 
 def _evaluation_block(traj_files: list[str], eval_type: str, cases: list[int]) -> dict[str, Any]:
@@ -80,11 +82,20 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
     labels (``agentpipe track feedback``) each report also gets ``human_agreement`` per metric."""
     from pipeline.tracking.feedback import human_agreement, read_feedback
 
+    from pipeline.analysis.coverage import expected_cases, find_gaps
+
     labels = read_feedback(human_labels) if human_labels is not None else []
     collected = collect_config_scores(runs, warn=False)
+    gaps = find_gaps(collected)
+    by_key = {(g.model_dir, g.emulator, g.evaluator, g.quantization): g for g in gaps}
     reports = []
     for cfg in collected.configs:
         rep = build_report(cfg)
+        gap = by_key.get(cfg.key)
+        # what the report does not cover is in the report itself, never only in a log
+        rep.content["coverage"] = gap.to_json() if gap else {
+            "expected_cases": len(expected_cases(cfg.model_dir, set(collected.universe))), "missing_cases": 0,
+            "missing_case_idx": [], "skipped_files": []}
         cases = rep.content["per_case"]["case_idx"]
         rep.content["evaluation"] = {t: _evaluation_block(cfg.files, t, cases) for t in cfg.scores}
         if labels:
@@ -99,7 +110,8 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
             run_id = _track(rep.content, path, cfg.files)
             if run_id:
                 tracked.append(run_id)
-    return ReportResult(paths, [f"{p.path}: {p.reason}" for p in collected.problems], tracked)
+    return ReportResult(paths, [f"{p.path}: {p.reason}" for p in collected.problems], tracked,
+                        [g.describe() for g in gaps])
 
 
 def _card_scores(content: dict[str, Any], path: Path) -> None:
@@ -142,6 +154,8 @@ def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:
         if stats and stats.get("mean") is not None:
             metrics[f"mean_{name}"] = stats["mean"]
             metrics[f"missing_{name}"] = stats["missing_scores"]
+    if "coverage" in content:
+        metrics["missing_cases"] = content["coverage"]["missing_cases"]
         ev = content.get("evaluation", {}).get(eval_type)
         if ev:
             if ev["parse_failure_rate"] is not None:
@@ -217,16 +231,20 @@ def report(cfg: ReportConfig) -> StageResult:
     if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
         m = read_manifest(cfg.out) or {}
         return StageResult(stage=cfg.stage, status="skipped", outputs={"reports": m.get("counts", {}).get("paths", [])},
-                           counts={"reports": m.get("counts", {}).get("reports", 0)}, problems=[], mlflow_runs=[])
+                           counts={"reports": m.get("counts", {}).get("reports", 0),
+                                   "partial_configurations": m.get("counts", {}).get("partial_configurations", 0)},
+                           problems=[], mlflow_runs=[])
     with writer_lock(cfg.out, wait=False, what="report folder"):
         begin_output(cfg.out, cfg.stage, cfg.fingerprint())
         res = build_and_write_reports(cfg.runs, cfg.out, track=not cfg.no_track, human_labels=cfg.human_labels)
         paths = [str(p) for p in res.paths]
         write_manifest(cfg.out, stage=cfg.stage, config=cfg.fingerprint(), inputs_digest=inputs,
-                       counts={"reports": len(paths), "skipped_files": len(res.problems), "paths": paths})
+                       counts={"reports": len(paths), "skipped_files": len(res.problems), "paths": paths,
+                               "partial_configurations": len(res.partial)})
     return StageResult(stage=cfg.stage, status="complete", outputs={"reports": paths},
-                       counts={"reports": len(paths), "skipped_files": len(res.problems)}, problems=res.problems,
-                       mlflow_runs=res.tracked_runs)
+                       counts={"reports": len(paths), "skipped_files": len(res.problems),
+                               "partial_configurations": len(res.partial)}, problems=res.problems,
+                       partial=res.partial, mlflow_runs=res.tracked_runs)
 
 
 def add_report_parser(sub: Any) -> None:
@@ -247,11 +265,18 @@ def _cmd_report(args: Any):  # noqa: ANN202 - returns a StageResult
     res = report(cfg)
     if res.status == "skipped":
         print(f"report: {res.counts['reports']} unified reports up to date (same runs, unchanged) → {cfg.out}")
+        if res.counts["partial_configurations"]:
+            print(f"report: {res.counts['partial_configurations']} configurations lack cases (see their reports' "
+                  "coverage)")
         return res
     for p in res.problems:
         print(f"report: skipped {p}")
+    for p in res.partial:
+        print(f"report: partial: {p}")
     for p in res.outputs["reports"]:
         print(f"report: {p}")
     print(f"report: {res.counts['reports']} unified reports, {len(res.problems)} files skipped"
+          + (f", {len(res.partial)} configurations lack cases (counted in their reports' coverage)"
+             if res.partial else "")
           + (f", {len(res.mlflow_runs)} MLflow runs" if res.mlflow_runs else ""))
     return res
