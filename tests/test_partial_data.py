@@ -4,6 +4,7 @@ pairs) are bound to their inputs' content. Everything goes through the ``agentpi
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,93 @@ def test_aggregate_skips_an_invalid_file_only_when_allowed(short_eval, tmp_path)
     summary = json.loads((out / "aggregate_summary.json").read_text())
     assert [s["path"] for s in summary["skipped_files"]] == [str(ev.with_name(ev.name.split("_eval_")[0] + ".jsonl"))]
     assert summary["partial_models"] == ["dpo_Phi-4_safe_q32_s0"]
+
+
+# --------------------------------------------------------------------------- derived results bound to inputs
+def _emulate_and_evaluate(runs: Path, model: str) -> Path:
+    r = run_agentpipe("emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--evaluator",
+                      "scripted:judge", "--case-set", "demo", "--cases", "0-4", "--no-progress", "--agent-label",
+                      model, "--out", str(runs))
+    assert r.returncode == 0, r.stderr
+    traj = next((runs / model).glob("*_r0-4.jsonl"))
+    r = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return traj
+
+
+def _edit_keeping_size_and_mtime(path: Path, old: bytes, new: bytes) -> None:
+    """Replace ``old`` by ``new`` (same length) in the file, then restore its modification time."""
+    import os
+
+    assert len(old) == len(new)
+    st = path.stat()
+    data = path.read_bytes()
+    assert old in data
+    path.write_bytes(data.replace(old, new, 1))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def _report_scores(out: Path, model: str) -> list:
+    report = json.loads(next(out.rglob(f"{model}_emu-*_unified_report.json")).read_text())
+    return [report["per_case"][t] for t in sorted(report["per_case"]) if t != "case_idx"]
+
+
+def test_a_trajectory_file_changed_after_evaluation_is_refused_until_re_evaluated(tmp_path):
+    runs = tmp_path / "runs"
+    traj = _emulate_and_evaluate(runs, "m_a")
+    _emulate_and_evaluate(runs, "m_b")
+    reports = tmp_path / "reports"
+    r = run_agentpipe("report", "--runs", str(runs), "--out", str(reports), "--no-track")
+    assert r.returncode == 0, r.stderr
+    before = _report_scores(reports, "m_a")
+    # the trajectories are edited after they were judged: same size, same modification time
+    key = b'"User Instruction": "'  # the cases' instructions, which the judges read
+    for line in traj.read_bytes().splitlines():
+        old = line[line.index(key):line.index(key) + len(key) + 6]
+        _edit_keeping_size_and_mtime(traj, old, key + b"Q" * 6)
+    commands = {
+        "report": ("report", "--runs", str(runs), "--out", str(reports), "--no-track"),
+        "analyze": ("analyze", "all", "--runs", str(runs), "--out", str(tmp_path / "an"), *ANALYZE),
+        "pairs": ("pairs", "--data-dir", str(runs), "--metric", "safe", "--cases", "demo", "--evaluator", "toy",
+                  "--out", str(tmp_path / "pairs")),
+    }
+    for name, args in commands.items():
+        r = run_agentpipe(*args)
+        assert r.returncode == 2, (name, r.stdout, r.stderr)
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (name, r.stderr)
+        judged = re.escape(str(traj.with_name(traj.stem))) + r"_eval_agent_\w+\.jsonl: judged another version of "
+        assert re.search(judged + re.escape(str(traj)), r.stderr), (name, r.stderr)
+        assert "agentpipe evaluate" in r.stderr
+    # re-evaluated: every derived command works again, and the report reflects the new judgements
+    r = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--no-progress",
+                      "--force")
+    assert r.returncode == 0, r.stderr
+    for name, args in commands.items():
+        r = run_agentpipe(*args)
+        assert "judged another version" not in r.stderr, (name, r.stderr)
+        if name != "pairs":  # (pairs of two scripted models may find no pair; it must not refuse stale input)
+            assert r.returncode == 0, (name, r.stderr)
+    assert _report_scores(reports, "m_a") != before
+
+
+def test_report_and_analysis_rebuild_after_an_edit_that_keeps_size_and_mtime(tmp_path):
+    runs = tmp_path / "runs"
+    traj = _emulate_and_evaluate(runs, "m_a")
+    reports, an = tmp_path / "reports", tmp_path / "an"
+    for args in (("report", "--runs", str(runs), "--out", str(reports), "--no-track"),
+                 ("analyze", "all", "--runs", str(runs), "--out", str(an), *ANALYZE)):
+        assert run_agentpipe(*args).returncode == 0
+        r = run_agentpipe(*args)
+        assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
+    # a judgement edited in place (no new manifest): only its content says that it changed
+    safe = traj.with_name(traj.stem + "_eval_agent_safe.jsonl")
+    records = [json.loads(line) for line in safe.read_text().splitlines()]
+    i, rec = next((i, x) for i, x in enumerate(records) if (x.get("eval_scores") or {}).get("ToolCallRisk") in (1, 2))
+    old = rec["eval_scores"]["ToolCallRisk"]
+    _edit_keeping_size_and_mtime(safe, f'"ToolCallRisk": {old}'.encode(), f'"ToolCallRisk": {3 - old}'.encode())
+    r = run_agentpipe("report", "--runs", str(runs), "--out", str(reports), "--no-track")
+    assert r.returncode == 0 and "up to date" not in r.stdout, r.stdout + r.stderr
+    assert _report_scores(reports, "m_a")[-1][i] == 3 - old  # agent_safe, the last eval type
+    r = run_agentpipe("analyze", "all", "--runs", str(runs), "--out", str(an), *ANALYZE)
+    assert r.returncode == 0 and "up to date" not in r.stdout, r.stdout + r.stderr

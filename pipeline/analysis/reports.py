@@ -30,7 +30,8 @@ from typing import Any, NamedTuple
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.naming import RunFileName, parse_run_filename
 from pipeline.data.records import SCORE_KEYS, EvalRecord
-from pipeline.data.runfiles import RunFile, check_alignment, find_run_files, is_complete, validate_records
+from pipeline.data.runfiles import (RunFile, check_alignment, check_evals_current, find_run_files, is_complete,
+                                    validate_records)
 from pipeline.errors import DataError, PipelineError
 
 REPORT_FORMAT = "agentpipe.unified_report/1"
@@ -197,6 +198,7 @@ def collect_config_scores(root: str | Path, *, strict: bool = False, warn: bool 
     # find_run_files raises a confusing "overlap" error for duplicated folders; check those first
     _check_duplicate_configs(_quick_scan(root))
     run_files = find_run_files(root)
+    check_evals_current(run_files)  # stale judgements are refused, never skipped as a file problem
     by_config: dict[tuple, ConfigScores] = {}
     problems: list[FileProblem] = []
     for rf in run_files:

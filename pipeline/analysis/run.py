@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import DataError
-from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, stat_digest
+from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, content_digest
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class AggregateConfig(StageConfig):
 def _inputs(runs: Path) -> str:
     if not runs.is_dir():
         raise DataError(f"--runs {runs}: not a folder")
-    return stat_digest([runs])
+    return content_digest([runs])
 
 
 def _refuse_partial_prior(manifest: dict[str, Any], summary: Path, allow_partial: bool) -> None:

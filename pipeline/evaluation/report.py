@@ -28,7 +28,7 @@ from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.data.records import SCORE_KEYS
 from pipeline.errors import DataError
-from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, stat_digest
+from pipeline.stage import StageConfig, StageResult, begin_output, prior_output, content_digest
 
 log = logging.getLogger(__name__)
 #: metric names in MLflow and model cards, per eval type
@@ -227,7 +227,7 @@ def report(cfg: ReportConfig) -> StageResult:
     if cfg.human_labels is not None and not cfg.human_labels.is_file():
         raise DataError(f"--human-labels {cfg.human_labels}: file not found")
     # labels are an input: new labels rebuild the reports
-    inputs = stat_digest([cfg.runs, *([cfg.human_labels] if cfg.human_labels else [])])
+    inputs = content_digest([cfg.runs, *([cfg.human_labels] if cfg.human_labels else [])])
     if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
         m = read_manifest(cfg.out) or {}
         return StageResult(stage=cfg.stage, status="skipped", outputs={"reports": m.get("counts", {}).get("paths", [])},
