@@ -210,3 +210,25 @@ def test_report_and_analysis_rebuild_after_an_edit_that_keeps_size_and_mtime(tmp
     assert _report_scores(reports, "m_a")[-1][i] == 3 - old  # agent_safe, the last eval type
     r = run_agentpipe("analyze", "all", "--runs", str(runs), "--out", str(an), *ANALYZE)
     assert r.returncode == 0 and "up to date" not in r.stdout, r.stdout + r.stderr
+
+
+# --------------------------------------------------------------------------- split seeds never assumed
+def test_a_test_split_analysis_of_source_models_needs_its_seeds(tmp_path):
+    runs = tmp_path / "runs"
+    for model, s in (("microsoft_phi-4", 2), ("Qwen_Qwen2.5-7B-Instruct", 1)):
+        write_config(runs, model, Q32, {c: s for c in range(144)}, {c: 3 - s for c in range(144)})
+    r = run_agentpipe("analyze", "all", "--runs", str(runs), "--out", str(tmp_path / "an"), "--split", "test",
+                      *ANALYZE)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stdout + r.stderr
+    assert "--split test: no finetuned folder names a split seed" in r.stderr and "--seed N" in r.stderr
+    r = run_agentpipe("analyze", "all", "--runs", str(runs), "--out", str(tmp_path / "an"), "--split", "test",
+                      "--seed", "1", *ANALYZE)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "an" / "summary.json").read_text())
+    assert (summary["seeds"], summary["seeds_from"], summary["split"]) == ([1], "--seed", "test")
+    # all cases: the source models' per-seed columns use the study's seeds, and the summary says so
+    r = run_agentpipe("analyze", "all", "--runs", str(runs), "--out", str(tmp_path / "an_all"), *ANALYZE)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "an_all" / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1, 2] and summary["seeds_from"].startswith("the study's seeds")
+    assert "split seeds 0, 1, 2: the study's seeds" in r.stderr

@@ -272,8 +272,9 @@ class AnalyzeConfig(StageConfig):
     split: Literal["auto", "test", "all"] = Field(default="auto", description="cases analysed: test splits (auto "
                                                   "when finetuned models exist) or all cases (auto for source models "
                                                   "only)")
-    seed: list[int] | None = Field(default=None, description="split seed(s) (default: the finetuned models' seeds, "
-                                   "else 0 1 2)")
+    seed: list[int] | None = Field(default=None, description="split seed(s) (default: the finetuned models' seeds; "
+                                   "without finetuned models required for --split test; for the source models' "
+                                   "test columns of an all-cases analysis the study's 0 1 2, said so in summary.json)")
     n_bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for CIs (0 = none)")
     setting: Literal["match", "cross"] | None = Field(default=None, description="analyse only finetuned models "
                                                       "evaluated by their own (match) or the other (cross) evaluator")
@@ -326,7 +327,7 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
     from pipeline.analysis.rows import load_reports, usable
     from pipeline.data.jsonl import atomic_write_json
     from pipeline.data.manifest import write_manifest
-    from pipeline.data.naming import extract_seed, is_finetuned
+    from pipeline.data.naming import is_finetuned
 
     if split not in ("auto", "test", "all"):
         raise DataError(f"split '{split}': expected auto, test or all")
@@ -342,11 +343,10 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
     if not configs:
         raise DataError(f"{runs}: no complete run files found; expected model folders with trajectory and eval files")
     has_ft = any(is_finetuned(c.model_dir) for c in configs)
-    if seeds is None:
-        ft_seeds = sorted({s for c in configs
-                           if is_finetuned(c.model_dir) and (s := extract_seed(c.model_dir)) is not None})
-        seeds = ft_seeds or [0, 1, 2]
     used_split = ("test" if has_ft else "all") if split == "auto" else split
+    seeds, seeds_from = _analysis_seeds(configs, seeds, used_split)
+    if seeds_from == STUDY_SEEDS_NOTE:
+        warn(f"split seeds {', '.join(map(str, seeds))}: {seeds_from}")
 
     # 1. reports (the only input of everything below)
     all_paths = write_reports(partition(configs, "all").reports, out / "reports" / "all")
@@ -450,7 +450,7 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
 
     # 5. summary
     summary = {
-        "runs": str(runs), "split": used_split, "seeds": seeds, "setting": setting_used,
+        "runs": str(runs), "split": used_split, "seeds": seeds, "seeds_from": seeds_from, "setting": setting_used,
         "n_bootstrap": n_bootstrap,
         "counts": {"files_processed": collected.files_processed, "configurations": len(configs),
                    "reports_all": len(rows_all), "reports_test": len(rows_test), "rows_analysed": len(rows),
@@ -477,6 +477,28 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
                            "partial_configurations": len(gaps)})
     return AnalysisResult(out=out, summary=summary, summary_path=summary_path, plots=plot_files, tables=table_files,
                           reports=report_paths, persistence_path=persistence_path)
+
+
+STUDY_SEEDS = [0, 1, 2]
+STUDY_SEEDS_NOTE = ("the study's seeds (SPEC §11.1), for the source models' per-seed test-split columns only: no "
+                    "finetuned folder names a seed and no --seed was given; the analysed figures use all cases")
+
+
+def _analysis_seeds(configs: list, seeds: list[int] | None, used_split: str) -> tuple[list[int], str]:
+    """The split seeds and where they come from: ``--seed``, else the finetuned folders' ``_s<seed>``. With
+    neither, a test-split analysis has nothing to split by (``DataError``); an all-cases analysis of source models
+    shows the study's seeds' test columns beside it, said so in the summary and on stderr."""
+    from pipeline.data.naming import extract_seed, is_finetuned
+
+    if seeds is not None:
+        return seeds, "--seed"
+    ft_seeds = sorted({s for c in configs if is_finetuned(c.model_dir) and (s := extract_seed(c.model_dir)) is not None})
+    if ft_seeds:
+        return ft_seeds, "finetuned folders"
+    if used_split == "test":
+        raise DataError("--split test: no finetuned folder names a split seed (_s<N>) to take the test cases of; "
+                        "expected --seed N (repeatable)")
+    return list(STUDY_SEEDS), STUDY_SEEDS_NOTE
 
 
 def _agreement(runs: str | Path) -> list[dict[str, Any]]:
