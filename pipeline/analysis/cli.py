@@ -8,7 +8,7 @@
                           [--setting match|cross] [--formats png pdf] [--allow-partial]
 
 Partial data (a configuration lacking expected cases, an invalid file) is refused in one line naming the missing
-cases per model unless --allow-partial is given (``pipeline.analysis.coverage``).
+cases per model unless --allow-partial is given (``pipeline.data.coverage``).
 
 Nothing heavy is imported at module level (matplotlib, scipy, numpy load inside the commands).
 """
@@ -58,7 +58,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
         split = args.split or ("test" if args.seed else "all")
         if split == "all" and args.seed:
             raise ConfigError("--seed selects a seed's train or test cases; expected --split train or --split test")
-        from pipeline.analysis.coverage import require_complete
+        from pipeline.data.coverage import require_complete
 
         collected = collect_config_scores(args.runs, warn=args.allow_partial)
         for g in require_complete(collected, allow_partial=args.allow_partial, where=f"--runs {args.runs}"):

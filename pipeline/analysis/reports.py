@@ -87,7 +87,7 @@ class CollectResult:
     configs: list[ConfigScores]
     problems: list[FileProblem]
     files_processed: int
-    #: the cases the runs were planned over (``pipeline.analysis.coverage``)
+    #: the cases the runs were planned over (``pipeline.data.coverage``)
     universe: list[int] = field(default_factory=list)
 
 

@@ -43,7 +43,7 @@ class AggregateResult:
     skipped_configs: list[dict[str, str]]
     files_processed: int
     seeds: list[int]
-    #: configurations lacking expected cases (``pipeline.analysis.coverage.Gap``; empty unless --allow-partial)
+    #: configurations lacking expected cases (``pipeline.data.coverage.Gap``; empty unless --allow-partial)
     partial: list = field(default_factory=list)
 
 
@@ -136,10 +136,9 @@ def aggregate(runs: str | Path, out: str | Path, *, split: str = "all", seeds: l
     """Unified reports of every configuration under ``runs`` restricted to ``split`` → ``<out>/<evaluator>/``."""
     from pipeline.analysis.partition import partition
     from pipeline.analysis.reports import collect_config_scores, write_reports
+    from pipeline.data.coverage import gap_summary, require_complete
     from pipeline.data.jsonl import atomic_write_json
     from pipeline.data.manifest import write_manifest
-
-    from pipeline.analysis.coverage import gap_summary, require_complete
 
     collected = collect_config_scores(runs, strict=strict, warn=allow_partial)
     gaps = require_complete(collected, allow_partial=allow_partial, where=f"--runs {runs}")
@@ -207,7 +206,8 @@ class AnalysisResult:
         partial = self.summary.get("partial_configurations") or []
         out["partial_models"] = float(len(self.summary.get("partial_models") or []))
         for g in partial:
-            out[f"missing_cases.{g['model_dir']}.{g['evaluator']}"] = float(g["missing_cases"])
+            quant = f".{g['quantization']}" if g["quantization"] else ""
+            out[f"missing_cases.{g['model_dir']}.{g['evaluator']}{quant}"] = float(g["missing_cases"])
         for pair in self.summary.get("judge_agreement") or []:
             for metric, m in (pair.get("metrics") or {}).items():
                 for k in ("kappa", "kappa_quadratic", "exact_agreement", "n"):
@@ -325,6 +325,7 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
     from pipeline.analysis.persistence import PersistenceError, compute_persistence
     from pipeline.analysis.reports import collect_config_scores, write_reports
     from pipeline.analysis.rows import load_reports, usable
+    from pipeline.data.coverage import gap_summary, require_complete
     from pipeline.data.jsonl import atomic_write_json
     from pipeline.data.manifest import write_manifest
     from pipeline.data.naming import is_finetuned
@@ -333,8 +334,6 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
         raise DataError(f"split '{split}': expected auto, test or all")
     t0 = time.perf_counter()
     out = Path(out)
-    from pipeline.analysis.coverage import gap_summary, require_complete
-
     collected = collect_config_scores(runs, strict=strict, warn=allow_partial)
     gaps = require_complete(collected, allow_partial=allow_partial, where=f"--runs {runs}")
     for g in gaps:

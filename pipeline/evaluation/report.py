@@ -82,7 +82,7 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
     labels (``agentpipe track feedback``) each report also gets ``human_agreement`` per metric."""
     from pipeline.tracking.feedback import human_agreement, read_feedback
 
-    from pipeline.analysis.coverage import expected_cases, find_gaps
+    from pipeline.data.coverage import expected_cases, find_gaps
 
     labels = read_feedback(human_labels) if human_labels is not None else []
     collected = collect_config_scores(runs, warn=False)
