@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Iterable
@@ -61,7 +62,7 @@ def file_digests(paths: Iterable[Path]) -> dict[Path, str]:
     for p in paths:
         p = Path(p)
         st = p.stat()
-        key = str(p.resolve())
+        key = os.path.abspath(p)
         stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
         hit = cache.get(key)
         if isinstance(hit, list) and len(hit) == 5 and hit[:4] == stamp:
