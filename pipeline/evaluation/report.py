@@ -154,8 +154,6 @@ def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:
         if stats and stats.get("mean") is not None:
             metrics[f"mean_{name}"] = stats["mean"]
             metrics[f"missing_{name}"] = stats["missing_scores"]
-    if "coverage" in content:
-        metrics["missing_cases"] = content["coverage"]["missing_cases"]
         ev = content.get("evaluation", {}).get(eval_type)
         if ev:
             if ev["parse_failure_rate"] is not None:
@@ -166,6 +164,8 @@ def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:
         if human:
             metrics.update({f"human_{k}_{name}": human[k] for k in ("labels", "accuracy", "kappa")
                             if human[k] is not None})
+    if "coverage" in content:
+        metrics["missing_cases"] = content["coverage"]["missing_cases"]
     table = io.StringIO()
     per_case = content["per_case"]
     columns = [c for c in ("agent_safe", "agent_help_ignore_safety", "agent_help") if c in per_case]
