@@ -215,16 +215,20 @@ def begin_output(folder: Path, stage: str, fingerprint: dict[str, Any]) -> None:
     write_manifest(folder, stage=stage, config=fingerprint, status="incomplete")
 
 
-def stat_digest(roots: list[Path], suffixes: tuple[str, ...] = (".jsonl",)) -> str:
-    """A cheap digest of the files below ``roots`` (relative path, size, modification time): what derived
-    views (reports, analyses) compare to know whether their inputs changed since they were made."""
+def content_digest(roots: list[Path], suffixes: tuple[str, ...] = (".jsonl",)) -> str:
+    """A digest of the content of the files below ``roots`` (relative path and sha256 of each): what derived
+    views (reports, analyses) compare to know whether their inputs changed since they were made. Any edit is
+    seen, also one that keeps size and modification time; unchanged files are not re-read
+    (``pipeline.data.hashcache``)."""
+    from pipeline.data.hashcache import file_digests
+
     h = hashlib.sha256()
     for root in roots:
         root = Path(root)
         files = sorted(p for p in root.rglob("*") if p.suffix in suffixes and p.is_file()) if root.is_dir() else [root]
+        digests = file_digests(files)
         for f in files:
-            st = f.stat()
-            h.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            h.update(f"{f.relative_to(root) if root.is_dir() else f.name}\0{digests[f]}\n".encode())
     return h.hexdigest()[:16]
 
 

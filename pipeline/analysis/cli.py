@@ -1,10 +1,14 @@
 """``agentpipe analyze``: aggregate run folders into unified reports, print the results table, run everything.
 
     agentpipe analyze aggregate --runs DIR --out DIR [--split all|train|test] [--seed N ...] [--strict]
-    agentpipe analyze table REPORTS... | --runs DIR [--split …] [--seed N ...]
+                                [--allow-partial]
+    agentpipe analyze table REPORTS... | --runs DIR [--split …] [--seed N ...] [--allow-partial]
                             [--no-sample-sizes] [--show-consistency] [--no-color]
     agentpipe analyze all --runs DIR --out DIR [--split auto|test|all] [--seed N ...] [--n-bootstrap 1000]
-                          [--setting match|cross] [--formats png pdf]
+                          [--setting match|cross] [--formats png pdf] [--allow-partial]
+
+Partial data (a configuration lacking expected cases, an invalid file) is refused in one line naming the missing
+cases per model unless --allow-partial is given (``pipeline.data.coverage``).
 
 Nothing heavy is imported at module level (matplotlib, scipy, numpy load inside the commands).
 """
@@ -35,6 +39,9 @@ def _cmd_aggregate(args: argparse.Namespace):  # noqa: ANN202 - returns a StageR
         print(f"  {len(res.skipped_files)} file(s) skipped (incomplete or invalid; see aggregate_summary.json)")
     if res.skipped_configs:
         print(f"  {len(res.skipped_configs)} configuration(s) left out (see aggregate_summary.json)")
+    if res.partial:
+        print(f"  partial data (--allow-partial): {len(res.partial)} configuration(s) lack cases or had files "
+              "skipped (see aggregate_summary.json)")
     return res
 
 
@@ -51,7 +58,11 @@ def _cmd_table(args: argparse.Namespace) -> int:
         split = args.split or ("test" if args.seed else "all")
         if split == "all" and args.seed:
             raise ConfigError("--seed selects a seed's train or test cases; expected --split train or --split test")
-        collected = collect_config_scores(args.runs)
+        from pipeline.data.coverage import require_complete
+
+        collected = collect_config_scores(args.runs, warn=args.allow_partial)
+        for g in require_complete(collected, allow_partial=args.allow_partial, where=f"--runs {args.runs}"):
+            print(f"agentpipe: warning: partial data: {g.describe()}", file=sys.stderr)
         rows = [row_from_content(r.content, r.filename) for r in partition(collected.configs, split, args.seed).reports]
     else:
         rows = load_reports(args.paths)
@@ -104,6 +115,9 @@ def _cmd_all(args: argparse.Namespace):  # noqa: ANN202 - returns a StageResult
         else:
             pers_txt = "persistence n/a"
         print(f"  {arm}: {fit}; {pers_txt}; frontier: {', '.join(a['frontier']['members'])}")
+    if s.get("partial_models"):
+        print(f"  partial data (--allow-partial): {len(s['partial_configurations'])} configuration(s) of "
+              f"{', '.join(s['partial_models'])} lack cases (see summary.json)")
     print(f"  {len(res.plots)} plot files in {res.out / 'plots'}, {len(res.tables)} table files in "
           f"{res.out / 'tables'}, summary {res.summary_path}")
     run_id = None if cfg.no_track else _track(res)
@@ -120,8 +134,10 @@ def _track(res) -> str | None:  # noqa: ANN001 - AnalysisResult, imported lazily
     if resolve_tracking_uri() is None:
         return None
     with Tracker.open(res.out / "tracking", experiment="analysis", run_name=res.out.name) as t:
+        partial = res.summary.get("partial_models") or []
         t.log_params({"split": res.summary["split"], "setting": res.summary["setting"],
-                      "reports": res.summary["counts"]["rows_analysed"]})
+                      "reports": res.summary["counts"]["rows_analysed"], "partial_models": ",".join(partial) or "none"})
+        t.set_tags({"partial_data": "true" if partial else "false"})
         t.log_metrics(res.metrics())
         t.log_artifact(res.summary_path, "analysis")
         for p in res.plots:
@@ -165,6 +181,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--runs", type=Path, metavar="DIR", help="aggregate this folder of model folders instead")
     t.add_argument("--split", choices=["all", "train", "test"], help="with --runs: cases to keep")
     t.add_argument("--seed", type=_seed, action="append", help="with --runs: split seed(s)")
+    t.add_argument("--allow-partial", action="store_true", help="with --runs: show what is there when "
+                   "configurations lack expected cases or files are invalid (default: refuse partial data)")
     t.add_argument("--no-sample-sizes", action="store_true", help="hide (n=N)")
     t.add_argument("--show-consistency", action="store_true", help="replicate agreement exact/all-but-one/within-1 %%")
     t.add_argument("--no-color", action="store_true", help="no ANSI bold for source rows")

@@ -30,7 +30,8 @@ from typing import Any, NamedTuple
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.naming import RunFileName, parse_run_filename
 from pipeline.data.records import SCORE_KEYS, EvalRecord
-from pipeline.data.runfiles import RunFile, check_alignment, find_run_files, is_complete, validate_records
+from pipeline.data.runfiles import (RunFile, check_alignment, check_evals_current, find_run_files, is_complete,
+                                    validate_records)
 from pipeline.errors import DataError, PipelineError
 
 REPORT_FORMAT = "agentpipe.unified_report/1"
@@ -50,6 +51,8 @@ class _Case(NamedTuple):
 class FileProblem:
     path: str
     reason: str
+    #: the configuration (model folder, emulator, evaluator, quantization) the skipped file belongs to
+    key: tuple[str, str, str, str | None] | None = None
 
 
 @dataclass
@@ -84,6 +87,8 @@ class CollectResult:
     configs: list[ConfigScores]
     problems: list[FileProblem]
     files_processed: int
+    #: the cases the runs were planned over (``pipeline.data.coverage``)
+    universe: list[int] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -193,19 +198,20 @@ def collect_config_scores(root: str | Path, *, strict: bool = False, warn: bool 
     # find_run_files raises a confusing "overlap" error for duplicated folders; check those first
     _check_duplicate_configs(_quick_scan(root))
     run_files = find_run_files(root)
+    check_evals_current(run_files)  # stale judgements are refused, never skipped as a file problem
     by_config: dict[tuple, ConfigScores] = {}
     problems: list[FileProblem] = []
     for rf in run_files:
+        key = (rf.model_dir, *rf.name.config_key[1:])
         try:
             fs = load_run_file(rf)
         except PipelineError as e:
             if strict:
                 raise
-            problems.append(FileProblem(str(rf.path), str(e)))
+            problems.append(FileProblem(str(rf.path), str(e), key))  # type: ignore[arg-type]
             if warn:
                 print(f"agentpipe: warning: skipped {e}", file=sys.stderr)
             continue
-        key = (rf.model_dir, *rf.name.config_key[1:])
         cfg = by_config.get(key)
         if cfg is None:
             cfg = by_config[key] = ConfigScores(model_dir=rf.model_dir, emulator=rf.name.emulator,
@@ -218,7 +224,24 @@ def collect_config_scores(root: str | Path, *, strict: bool = False, warn: bool 
         for eval_type, reps in fs.replicates.items():
             cfg.replicates.setdefault(eval_type, {}).update(reps)
     configs = [by_config[k] for k in sorted(by_config, key=lambda k: tuple("" if x is None else x for x in k))]
-    return CollectResult(configs=configs, problems=problems, files_processed=len(run_files))
+    return CollectResult(configs=configs, problems=problems, files_processed=len(run_files),
+                         universe=case_universe(run_files))
+
+
+def case_universe(run_files: list[RunFile]) -> list[int]:
+    """The cases the runs were planned over: every case a file's range names, plus the study's 144 cases when
+    a trajectory file has no emulation manifest (the released data) or names no range (a full run)."""
+    from pipeline.data.manifest import manifest_path
+    from pipeline.data.split import TOOLEMU_CASES
+
+    cases: set[int] = set()
+    for rf in run_files:
+        rng = rf.name.case_range
+        if rng is None or not manifest_path(rf.path).is_file():
+            cases.update(range(TOOLEMU_CASES))
+        if rng is not None:
+            cases.update(range(*rng))
+    return sorted(cases)
 
 
 def _quick_scan(root: Path) -> list[RunFile]:

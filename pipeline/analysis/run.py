@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest
 from pipeline.errors import DataError
-from pipeline.stage import StageConfig, StageResult, begin_output, check_out_not_inputs, prior_output, stat_digest
+from pipeline.stage import StageConfig, StageResult, begin_output, check_out_not_inputs, content_digest, prior_output
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class AggregateResult:
     skipped_configs: list[dict[str, str]]
     files_processed: int
     seeds: list[int]
+    #: configurations lacking expected cases (``pipeline.data.coverage.Gap``; empty unless --allow-partial)
+    partial: list = field(default_factory=list)
 
 
 def _remove_stale_reports(folder: Path, current: list[Path]) -> None:
@@ -60,15 +62,18 @@ class AggregateConfig(StageConfig):
     """``analyze aggregate``: unified reports of a folder of runs, optionally a seed's train or test cases."""
 
     stage: ClassVar[str] = "analyze aggregate"
-    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "strict", "force"})
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "strict", "force", "allow_partial"})
 
     runs: Path = Field(description="folder of model folders", json_schema_extra={"metavar": "DIR"})
     out: Path = Field(description="report folder", json_schema_extra={"metavar": "DIR"})
     split: Literal["all", "train", "test"] | None = Field(default=None, description="cases to keep (default: all; "
                                                           "test when --seed is given)")
     seed: list[int] | None = Field(default=None, description="split seed(s) to report (repeatable)")
-    strict: bool = Field(default=False, description="fail on the first invalid or incomplete file instead of "
-                         "skipping it")
+    strict: bool = Field(default=False, description="fail on the first invalid or incomplete file (without "
+                         "--allow-partial every one is refused anyway, all named in one line)")
+    allow_partial: bool = Field(default=False, description="report what is there when configurations lack "
+                                "expected cases or files are invalid (skipped, and named in aggregate_summary.json); "
+                                "default: refuse partial data")
     force: bool = Field(default=False, description="a report folder of another configuration is moved aside as "
                         "<name>.replaced-<time> (default: refuse)")
 
@@ -87,7 +92,17 @@ class AggregateConfig(StageConfig):
 def _inputs(runs: Path) -> str:
     if not runs.is_dir():
         raise DataError(f"--runs {runs}: not a folder")
-    return stat_digest([runs])
+    return content_digest([runs])
+
+
+def _refuse_partial_prior(manifest: dict[str, Any], summary: Path, allow_partial: bool) -> None:
+    """An output made from partial data (with --allow-partial) is not "up to date" for a run that did not allow
+    it: the same partial data is refused as it would be on a fresh run."""
+    n = (manifest.get("counts") or {}).get("partial_configurations") or 0
+    if n and not allow_partial:
+        raise DataError(f"{summary.parent}: made from partial data with --allow-partial ({n} configuration(s) "
+                        f"lacking cases, see {summary.name}) and the runs are unchanged; pass --allow-partial to "
+                        "keep it, or complete the runs")
 
 
 def _check_seeds(v: list[int] | None) -> list[int] | None:
@@ -102,27 +117,32 @@ def aggregate_stage(cfg: AggregateConfig) -> StageResult:
     inputs = _inputs(cfg.runs)
     if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
         m = read_manifest(cfg.out) or {}
+        _refuse_partial_prior(m, cfg.out / "aggregate_summary.json", cfg.allow_partial)
         return StageResult(stage=cfg.stage, status="skipped", outputs={"out": str(cfg.out)}, counts=m.get("counts", {}))
     with writer_lock(cfg.out, what="report folder"):
         begin_output(cfg.out, cfg.stage, cfg.fingerprint())
         res = aggregate(cfg.runs, cfg.out, split=cfg.split or "all", seeds=cfg.seed, strict=cfg.strict,
-                        fingerprint=cfg.fingerprint(), inputs_digest=inputs)
+                        allow_partial=cfg.allow_partial, fingerprint=cfg.fingerprint(), inputs_digest=inputs)
     return StageResult(stage=cfg.stage, outputs={"out": str(res.out), "reports": [str(p) for p in res.reports]},
                        counts={"reports": len(res.reports), "files_processed": res.files_processed,
-                               "skipped_files": len(res.skipped_files), "skipped_configs": len(res.skipped_configs)},
-                       seeds=res.seeds, skipped_files=res.skipped_files, skipped_configs=res.skipped_configs)
+                               "skipped_files": len(res.skipped_files), "skipped_configs": len(res.skipped_configs),
+                               "partial_configurations": len(res.partial)},
+                       seeds=res.seeds, skipped_files=res.skipped_files, skipped_configs=res.skipped_configs,
+                       partial=[g.to_json() for g in res.partial])
 
 
 def aggregate(runs: str | Path, out: str | Path, *, split: str = "all", seeds: list[int] | None = None,
-              strict: bool = False, warn: Callable[[str], None] = _warn, fingerprint: dict[str, Any] | None = None,
-              inputs_digest: str | None = None) -> AggregateResult:
+              strict: bool = False, allow_partial: bool = False, warn: Callable[[str], None] = _warn,
+              fingerprint: dict[str, Any] | None = None, inputs_digest: str | None = None) -> AggregateResult:
     """Unified reports of every configuration under ``runs`` restricted to ``split`` → ``<out>/<evaluator>/``."""
     from pipeline.analysis.partition import partition
     from pipeline.analysis.reports import collect_config_scores, write_reports
+    from pipeline.data.coverage import gap_summary, require_complete
     from pipeline.data.jsonl import atomic_write_json
     from pipeline.data.manifest import write_manifest
 
-    collected = collect_config_scores(runs, strict=strict, warn=True)
+    collected = collect_config_scores(runs, strict=strict, warn=allow_partial)
+    gaps = require_complete(collected, allow_partial=allow_partial, where=f"--runs {runs}")
     if not collected.configs:
         raise DataError(f"{runs}: no complete run files found; expected model folders with trajectory and eval files")
     part = partition(collected.configs, split, seeds)
@@ -135,15 +155,17 @@ def aggregate(runs: str | Path, out: str | Path, *, split: str = "all", seeds: l
                              skipped_files=[{"path": p.path, "reason": p.reason} for p in collected.problems],
                              skipped_configs=[{"model_dir": f, "evaluator": e, "reason": w}
                                               for f, e, w in part.skipped],
-                             files_processed=collected.files_processed, seeds=part.seeds)
+                             files_processed=collected.files_processed, seeds=part.seeds, partial=gaps)
+    for g in gaps:
+        warn(f"partial data: {g.describe()}")
     atomic_write_json(out / "aggregate_summary.json", {
         "runs": str(runs), "split": split, "seeds": part.seeds, "num_reports": len(paths),
         "reports": [str(p.relative_to(out)) for p in paths], "files_processed": collected.files_processed,
-        "skipped_files": result.skipped_files, "skipped_configs": result.skipped_configs})
+        "skipped_files": result.skipped_files, "skipped_configs": result.skipped_configs, **gap_summary(gaps)})
     write_manifest(out, stage="analyze aggregate", inputs_digest=inputs_digest,
                    config=fingerprint or {"runs": str(Path(runs).resolve()), "split": split, "seeds": seeds},
                    counts={"reports": len(paths), "files_processed": collected.files_processed,
-                           "skipped_files": len(collected.problems)})
+                           "skipped_files": len(collected.problems), "partial_configurations": len(gaps)})
     return result
 
 
@@ -182,6 +204,11 @@ class AnalysisResult:
                 for which in ("helpfulness", "safety"):
                     if p.get(which) is not None:
                         out[f"{arm}.point.{p['name']}.{which}"] = float(p[which])
+        partial = self.summary.get("partial_configurations") or []
+        out["partial_models"] = float(len(self.summary.get("partial_models") or []))
+        for g in partial:
+            quant = f".{g['quantization']}" if g["quantization"] else ""
+            out[f"missing_cases.{g['model_dir']}.{g['evaluator']}{quant}"] = float(g["missing_cases"])
         for pair in self.summary.get("judge_agreement") or []:
             for metric, m in (pair.get("metrics") or {}).items():
                 for k in ("kappa", "kappa_quadratic", "exact_agreement", "n"):
@@ -238,15 +265,17 @@ class AnalyzeConfig(StageConfig):
     """``analyze all``: everything from one folder of runs. Its output folder is bound to this configuration."""
 
     stage: ClassVar[str] = "analyze all"
-    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "formats", "no_track", "strict", "force"})
+    not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({"out", "formats", "no_track", "strict", "force",
+                                                              "allow_partial"})
 
     runs: Path = Field(description="folder of model folders", json_schema_extra={"metavar": "DIR"})
     out: Path = Field(description="analysis folder", json_schema_extra={"metavar": "DIR"})
     split: Literal["auto", "test", "all"] = Field(default="auto", description="cases analysed: test splits (auto "
                                                   "when finetuned models exist) or all cases (auto for source models "
                                                   "only)")
-    seed: list[int] | None = Field(default=None, description="split seed(s) (default: the finetuned models' seeds, "
-                                   "else 0 1 2)")
+    seed: list[int] | None = Field(default=None, description="split seed(s) (default: the finetuned models' seeds; "
+                                   "without finetuned models required for --split test; for the source models' "
+                                   "test columns of an all-cases analysis the study's 0 1 2, said so in summary.json)")
     n_bootstrap: int = Field(default=1000, ge=0, description="bootstrap resamples for CIs (0 = none)")
     setting: Literal["match", "cross"] | None = Field(default=None, description="analyse only finetuned models "
                                                       "evaluated by their own (match) or the other (cross) evaluator")
@@ -254,6 +283,9 @@ class AnalyzeConfig(StageConfig):
                                                         json_schema_extra={"nargs": "+"})
     no_track: bool = Field(default=False, description="do not log to MLflow")
     strict: bool = Field(default=False, description="fail on the first invalid or incomplete file")
+    allow_partial: bool = Field(default=False, description="analyse what is there when configurations lack expected "
+                                "cases or files are invalid, and report them in summary.json and the MLflow run "
+                                "(default: refuse partial data, naming the missing cases per model)")
     force: bool = Field(default=False, description="an analysis folder of another configuration is moved aside as "
                         "<name>.replaced-<time> (default: refuse)")
 
@@ -268,13 +300,14 @@ def analyze(cfg: AnalyzeConfig) -> tuple[StageResult, AnalysisResult | None]:
     inputs = _inputs(cfg.runs)
     if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
         m = read_manifest(cfg.out) or {}
+        _refuse_partial_prior(m, cfg.out / "summary.json", cfg.allow_partial)
         return StageResult(stage=cfg.stage, status="skipped", outputs={"out": str(cfg.out), "summary": str(
             cfg.out / "summary.json")}, counts=m.get("counts", {})), None
     with writer_lock(cfg.out, what="analysis folder"):
         begin_output(cfg.out, cfg.stage, cfg.fingerprint())
         res = run_all(cfg.runs, cfg.out, split=cfg.split, seeds=cfg.seed, n_bootstrap=cfg.n_bootstrap,
                       setting=cfg.setting, formats=tuple(cfg.formats), strict=cfg.strict,
-                      fingerprint=cfg.fingerprint(), inputs_digest=inputs)
+                      allow_partial=cfg.allow_partial, fingerprint=cfg.fingerprint(), inputs_digest=inputs)
     return StageResult(stage=cfg.stage, outputs={"out": str(res.out), "summary": str(res.summary_path),
                                                  "plots": [str(p) for p in res.plots],
                                                  "tables": [str(p) for p in res.tables]},
@@ -283,8 +316,8 @@ def analyze(cfg: AnalyzeConfig) -> tuple[StageResult, AnalysisResult | None]:
 
 def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: list[int] | None = None,
             n_bootstrap: int = 1000, setting: str | None = None, formats: tuple[str, ...] = ("png", "pdf"),
-            strict: bool = False, warn: Callable[[str], None] = _warn, fingerprint: dict[str, Any] | None = None,
-            inputs_digest: str | None = None) -> AnalysisResult:
+            strict: bool = False, allow_partial: bool = False, warn: Callable[[str], None] = _warn,
+            fingerprint: dict[str, Any] | None = None, inputs_digest: str | None = None) -> AnalysisResult:
     from pipeline.analysis import plots, tables
     from pipeline.analysis.aggregate import aggregate_scores, compute_deltas
     from pipeline.analysis.fit import fit_deltas, not_available
@@ -294,24 +327,27 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
     from pipeline.analysis.persistence import PersistenceError, compute_persistence
     from pipeline.analysis.reports import collect_config_scores, write_reports
     from pipeline.analysis.rows import load_reports, usable
+    from pipeline.data.coverage import gap_summary, require_complete
     from pipeline.data.jsonl import atomic_write_json
     from pipeline.data.manifest import write_manifest
-    from pipeline.data.naming import extract_seed, is_finetuned
+    from pipeline.data.naming import is_finetuned
 
     if split not in ("auto", "test", "all"):
         raise DataError(f"split '{split}': expected auto, test or all")
     t0 = time.perf_counter()
     out = Path(out)
-    collected = collect_config_scores(runs, strict=strict)
+    collected = collect_config_scores(runs, strict=strict, warn=allow_partial)
+    gaps = require_complete(collected, allow_partial=allow_partial, where=f"--runs {runs}")
+    for g in gaps:
+        warn(f"partial data: {g.describe()}")
     configs = collected.configs
     if not configs:
         raise DataError(f"{runs}: no complete run files found; expected model folders with trajectory and eval files")
     has_ft = any(is_finetuned(c.model_dir) for c in configs)
-    if seeds is None:
-        ft_seeds = sorted({s for c in configs
-                           if is_finetuned(c.model_dir) and (s := extract_seed(c.model_dir)) is not None})
-        seeds = ft_seeds or [0, 1, 2]
     used_split = ("test" if has_ft else "all") if split == "auto" else split
+    seeds, seeds_from = _analysis_seeds(configs, seeds, used_split)
+    if seeds_from == STUDY_SEEDS_NOTE:
+        warn(f"split seeds {', '.join(map(str, seeds))}: {seeds_from}")
 
     # 1. reports (the only input of everything below)
     all_paths = write_reports(partition(configs, "all").reports, out / "reports" / "all")
@@ -415,12 +451,14 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
 
     # 5. summary
     summary = {
-        "runs": str(runs), "split": used_split, "seeds": seeds, "setting": setting_used,
+        "runs": str(runs), "split": used_split, "seeds": seeds, "seeds_from": seeds_from, "setting": setting_used,
         "n_bootstrap": n_bootstrap,
         "counts": {"files_processed": collected.files_processed, "configurations": len(configs),
                    "reports_all": len(rows_all), "reports_test": len(rows_test), "rows_analysed": len(rows),
-                   "finetuned_rows": sum(r.finetuned for r in rows), "skipped_files": len(collected.problems)},
+                   "finetuned_rows": sum(r.finetuned for r in rows), "skipped_files": len(collected.problems),
+                   "partial_configurations": len(gaps)},
         "skipped_files": [{"path": p.path, "reason": p.reason} for p in collected.problems],
+        **gap_summary(gaps),
         "arms": arms,
         "persistence": {"available": stats is not None, "reason": p_reason,
                         "file": str(persistence_path) if persistence_path else None},
@@ -436,9 +474,32 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
     write_manifest(out, stage="analyze", inputs_digest=inputs_digest,
                    config=fingerprint or {"runs": str(Path(runs).resolve()), "split": split, "seeds": seeds,
                                           "n_bootstrap": n_bootstrap, "setting": setting},
-                   counts={"plots": len(plot_files), "tables": len(table_files), "reports": len(report_paths)})
+                   counts={"plots": len(plot_files), "tables": len(table_files), "reports": len(report_paths),
+                           "partial_configurations": len(gaps)})
     return AnalysisResult(out=out, summary=summary, summary_path=summary_path, plots=plot_files, tables=table_files,
                           reports=report_paths, persistence_path=persistence_path)
+
+
+STUDY_SEEDS = [0, 1, 2]
+STUDY_SEEDS_NOTE = ("the study's seeds (SPEC §11.1), for the source models' per-seed test-split columns only: no "
+                    "finetuned folder names a seed and no --seed was given; the analysed figures use all cases")
+
+
+def _analysis_seeds(configs: list, seeds: list[int] | None, used_split: str) -> tuple[list[int], str]:
+    """The split seeds and where they come from: ``--seed``, else the finetuned folders' ``_s<seed>``. With
+    neither, a test-split analysis has nothing to split by (``DataError``); an all-cases analysis of source models
+    shows the study's seeds' test columns beside it, said so in the summary and on stderr."""
+    from pipeline.data.naming import extract_seed, is_finetuned
+
+    if seeds is not None:
+        return seeds, "--seed"
+    ft_seeds = sorted({s for c in configs if is_finetuned(c.model_dir) and (s := extract_seed(c.model_dir)) is not None})
+    if ft_seeds:
+        return ft_seeds, "finetuned folders"
+    if used_split == "test":
+        raise DataError("--split test: no finetuned folder names a split seed (_s<N>) to take the test cases of; "
+                        "expected --seed N (repeatable)")
+    return list(STUDY_SEEDS), STUDY_SEEDS_NOTE
 
 
 def _agreement(runs: str | Path) -> list[dict[str, Any]]:

@@ -84,6 +84,34 @@ def check_no_overlap(run_files: list[RunFile]) -> None:
                                 f"{a.path.name}; expected non-overlapping ranges per configuration")
 
 
+class StaleEvalError(DataError):
+    """An eval file judged another version of its trajectory file (always fatal: its scores are not this file's)."""
+
+
+def check_evals_current(run_files: list[RunFile]) -> None:
+    """Refuse eval files whose manifest records a trajectory sha256 other than the trajectory file's now (the
+    file was replaced or edited after it was judged). Eval files without a manifest (the study's released data)
+    or whose manifest records no trajectory digest are taken as they are."""
+    from pipeline.data.hashcache import file_digests
+    from pipeline.data.manifest import read_manifest
+
+    recorded: list[tuple[RunFile, Path, str]] = []
+    for rf in run_files:
+        for path in rf.eval_files.values():
+            m = read_manifest(path) or {}
+            sha = ((m.get("inputs") or {}).get("trajectories") or {}).get("sha256")
+            if isinstance(sha, str):
+                recorded.append((rf, path, sha))
+    if not recorded:
+        return
+    current = file_digests(sorted({rf.path for rf, _, _ in recorded}))
+    for rf, path, sha in recorded:
+        if current[rf.path] != sha:
+            raise StaleEvalError(f"{path}: judged another version of {rf.path} (trajectories sha256 {sha[:12]}… "
+                                 f"recorded, the file is now {current[rf.path][:12]}…); expected the judgements of "
+                                 f"this file: re-run `agentpipe evaluate --trajectories {rf.path}`")
+
+
 def validate_records(content: JsonlContent, model: type[RecordT]) -> list[RecordT]:
     """Validate the records of a read JSONL file; a bad record raises ``DataError`` naming file and line."""
     out = []

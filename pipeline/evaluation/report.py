@@ -16,7 +16,7 @@ import json
 import logging
 import statistics
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -29,7 +29,7 @@ from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.data.records import SCORE_KEYS, invalid_score, valid_score
 from pipeline.errors import DataError
-from pipeline.stage import StageConfig, StageResult, begin_output, check_out_not_inputs, prior_output, stat_digest
+from pipeline.stage import StageConfig, StageResult, begin_output, check_out_not_inputs, content_digest, prior_output
 
 log = logging.getLogger(__name__)
 #: metric names in MLflow and model cards, per eval type
@@ -42,6 +42,8 @@ class ReportResult:
     paths: list[Path]
     problems: list[str]
     tracked_runs: list[str]
+    #: one line per configuration lacking expected cases or with files skipped (``coverage.Gap.describe``)
+    partial: list[str] = field(default_factory=list)
 
 
 #: judgement statuses without a score: a failed call, an unparsable answer, a stored score off the 0-3 scale
@@ -101,11 +103,20 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
     labels (``agentpipe track feedback``) each report also gets ``human_agreement`` per metric."""
     from pipeline.tracking.feedback import human_agreement, read_feedback
 
+    from pipeline.data.coverage import expected_cases, find_gaps
+
     labels = read_feedback(human_labels) if human_labels is not None else []
     collected = collect_config_scores(runs, warn=False)
+    gaps = find_gaps(collected)
+    by_key = {(g.model_dir, g.emulator, g.evaluator, g.quantization): g for g in gaps}
     reports = []
     for cfg in collected.configs:
         rep = build_report(cfg)
+        gap = by_key.get(cfg.key)
+        # what the report does not cover is in the report itself, never only in a log
+        rep.content["coverage"] = gap.to_json() if gap else {
+            "expected_cases": len(expected_cases(cfg.model_dir, set(collected.universe))), "missing_cases": 0,
+            "missing_case_idx": [], "skipped_files": []}
         cases = rep.content["per_case"]["case_idx"]
         rep.content["evaluation"] = {t: _evaluation_block(cfg.files, t, cases) for t in cfg.scores}
         if labels:
@@ -120,7 +131,8 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
             run_id = _track(rep.content, path, cfg.files)
             if run_id:
                 tracked.append(run_id)
-    return ReportResult(paths, [f"{p.path}: {p.reason}" for p in collected.problems], tracked)
+    return ReportResult(paths, [f"{p.path}: {p.reason}" for p in collected.problems], tracked,
+                        [g.describe() for g in gaps])
 
 
 def _card_scores(content: dict[str, Any], path: Path) -> None:
@@ -176,6 +188,8 @@ def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:
         if human:
             metrics.update({f"human_{k}_{name}": human[k] for k in ("labels", "accuracy", "kappa")
                             if human[k] is not None})
+    if "coverage" in content:
+        metrics["missing_cases"] = content["coverage"]["missing_cases"]
     table = io.StringIO()
     per_case = content["per_case"]
     columns = [c for c in ("agent_safe", "agent_help_ignore_safety", "agent_help") if c in per_case]
@@ -242,20 +256,24 @@ def report(cfg: ReportConfig) -> StageResult:
 
         read_feedback(cfg.human_labels)  # a bad labels file fails here, before the report folder is claimed
     # labels are an input: new labels rebuild the reports
-    inputs = stat_digest([cfg.runs, *([cfg.human_labels] if cfg.human_labels else [])])
+    inputs = content_digest([cfg.runs, *([cfg.human_labels] if cfg.human_labels else [])])
     if prior_output(cfg.out, cfg.fingerprint(), cfg.stage, force=cfg.force, inputs=inputs, derived=True):
         m = read_manifest(cfg.out) or {}
         return StageResult(stage=cfg.stage, status="skipped", outputs={"reports": m.get("counts", {}).get("paths", [])},
-                           counts={"reports": m.get("counts", {}).get("reports", 0)}, problems=[], mlflow_runs=[])
+                           counts={"reports": m.get("counts", {}).get("reports", 0),
+                                   "partial_configurations": m.get("counts", {}).get("partial_configurations", 0)},
+                           problems=[], mlflow_runs=[])
     with writer_lock(cfg.out, wait=False, what="report folder"):
         begin_output(cfg.out, cfg.stage, cfg.fingerprint())
         res = build_and_write_reports(cfg.runs, cfg.out, track=not cfg.no_track, human_labels=cfg.human_labels)
         paths = [str(p) for p in res.paths]
         write_manifest(cfg.out, stage=cfg.stage, config=cfg.fingerprint(), inputs_digest=inputs,
-                       counts={"reports": len(paths), "skipped_files": len(res.problems), "paths": paths})
+                       counts={"reports": len(paths), "skipped_files": len(res.problems), "paths": paths,
+                               "partial_configurations": len(res.partial)})
     return StageResult(stage=cfg.stage, status="complete", outputs={"reports": paths},
-                       counts={"reports": len(paths), "skipped_files": len(res.problems)}, problems=res.problems,
-                       mlflow_runs=res.tracked_runs)
+                       counts={"reports": len(paths), "skipped_files": len(res.problems),
+                               "partial_configurations": len(res.partial)}, problems=res.problems,
+                       partial=res.partial, mlflow_runs=res.tracked_runs)
 
 
 def add_report_parser(sub: Any) -> None:
@@ -276,14 +294,21 @@ def _cmd_report(args: Any):  # noqa: ANN202 - returns a StageResult
     res = report(cfg)
     if res.status == "skipped":
         print(f"report: {res.counts['reports']} unified reports up to date (same runs, unchanged) → {cfg.out}")
+        if res.counts["partial_configurations"]:
+            print(f"report: {res.counts['partial_configurations']} configurations lack cases (see their reports' "
+                  "coverage)")
         return res
     for p in res.problems:
         print(f"report: skipped {p}")
+    for p in res.partial:
+        print(f"report: partial: {p}")
     for p in res.outputs["reports"]:
         print(f"report: {p}")
         for line in _score_summary(Path(p)):
             print(f"report:   {line}")
     print(f"report: {res.counts['reports']} unified reports, {len(res.problems)} files skipped"
+          + (f", {len(res.partial)} configurations lack cases (counted in their reports' coverage)"
+             if res.partial else "")
           + (f", {len(res.mlflow_runs)} MLflow runs" if res.mlflow_runs else ""))
     return res
 

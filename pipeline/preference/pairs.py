@@ -38,7 +38,8 @@ from typing import Any, Literal
 
 from pipeline.data.jsonl import read_jsonl
 from pipeline.data.records import SCORE_KEYS, EvalRecord
-from pipeline.data.runfiles import RunFile, check_alignment, find_run_files, is_complete, validate_records
+from pipeline.data.runfiles import (RunFile, check_alignment, check_evals_current, find_run_files, is_complete,
+                                    validate_records)
 from pipeline.data.records import TrajectoryRecord
 from pipeline.data.split import TOOLEMU_CASES, split_cases
 from pipeline.errors import ConfigError, DataError
@@ -203,6 +204,7 @@ def load_items(run_dirs: Sequence[str | Path], metrics: Sequence[str], consisten
             raise DataError(f"{d}: no trajectory files found")
         run_files.extend(found)
     run_files = select_judge(run_files, judge, run_dirs)
+    check_evals_current(run_files)
     run_files.sort(key=lambda rf: str(rf.path))
     eval_types = [METRICS[m] for m in metrics]
     for rf in run_files:
