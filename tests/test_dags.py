@@ -336,7 +336,7 @@ def _answer_approval(dag_id: str, answer: str | None, outcome: list) -> None:
                     outcome.append("answered")
                     return
             time.sleep(0.5)
-        outcome.append(TimeoutError("approve_cost never waited for input"))
+        outcome.append(TimeoutError("approve_cost was neither answered nor timed out within 300 s"))
     except Exception as e:  # noqa: BLE001 - reported by the test; the run must still end
         outcome.append(e)
     with create_session() as session:
