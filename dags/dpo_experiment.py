@@ -10,14 +10,19 @@ deterministic), so reruns resume where they stopped. Each chain is one instance 
 Chains whose judge is an API model take their evaluation slots from the ``judge_api`` pool, the others
 from ``gpu``. Before anything runs, ``approve_cost`` shows the plan's size (jobs, GPU-hours, judge calls,
 USD) and waits for a person's approval when ``require_approval`` is true (the cluster preset in
-``dags/README.md``).
+``dags/README.md``); a rejection, or no answer within ``approval_timeout_hours`` (24 by default), runs nothing
+downstream.
 """
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pendulum
+from airflow.providers.standard.exceptions import HITLRejectException, HITLTimeoutError
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import Param, dag, task, task_group
+from airflow.sdk.exceptions import AirflowFailException
 
 from pipeline.analysis.run import AnalyzeConfig
 from pipeline.emulation.runner import EmulationConfig
@@ -33,16 +38,46 @@ from plugins.stage_operator import StageOperator
 _PLANNED_EMULATE = ("agent", "emulator", "evaluator", "case_set", "cases", "out", "test_only", "seed", "no_progress")
 _PLANNED_EVALUATE = ("trajectories", "evaluator", "no_progress")
 
+#: how long ``approve_cost`` waits for an answer unless the run sets ``approval_timeout_hours``
+APPROVAL_TIMEOUT_HOURS = 24
+
+
+def _approval_timeout(context) -> timedelta:
+    """The run's ``approval_timeout_hours`` (the resumed task is a fresh operator: read it from the params)."""
+    return timedelta(hours=float(context["params"].get("approval_timeout_hours", APPROVAL_TIMEOUT_HOURS)))
 
 
 class CostApproval(ApprovalOperator):
-    """The plan's size for a person to approve; passes straight through when ``require_approval`` is false."""
+    """The plan's size for a person to approve; passes straight through when ``require_approval`` is false.
+
+    "Reject", or no answer within ``approval_timeout_hours`` (default 24; the timeout answers "Reject"), fails
+    this task without a retry, so nothing downstream runs: every stage, ``report`` and ``analyze`` end
+    ``upstream_failed`` (merely skipping its direct successors would let ``report`` and ``analyze``, whose
+    trigger rule is ``none_failed``, run on whatever the folders hold), and ``finish_tracking`` closes the parent
+    MLflow run as FAILED."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(defaults=self.REJECT, fail_on_reject=True, **kwargs)
 
     def execute(self, context):
-        if not context["params"].get("require_approval"):
+        params = context["params"]
+        if not params.get("require_approval"):
             self.log.info("require_approval is false: not waiting.\n%s", self.body)
             return {"chosen_options": [self.APPROVE], "params_input": {}, "approved": "not required"}
+        self.response_timeout = _approval_timeout(context)
         return super().execute(context)
+
+    def execute_complete(self, context, event):
+        try:
+            return super().execute_complete(context, event)
+        except (HITLRejectException, HITLTimeoutError):
+            timed_out = bool(event.get("timedout")) or event.get("error_type") == "timeout"
+            who = (event.get("responded_by_user") or {}).get("name", "a user")
+            why = (f"no answer within {_approval_timeout(context)} (a timed-out approval is a rejection)"
+                   if timed_out else f"rejected by {who}")
+            raise AirflowFailException(f"cost approval {why}: nothing downstream of approve_cost runs") from None
+
+
 _ARM = {"type": "object", "required": ["name", "pool", "evaluator"],
         "properties": {"name": {"type": "string", "pattern": "^[A-Za-z0-9.-]+$"},
                        "pool": {"type": "string", "minLength": 1}, "evaluator": {"type": "string", "minLength": 1}}}
@@ -104,6 +139,9 @@ def _model_chain(judge: str, judge_pool: str):
         "n_bootstrap": stage_param(AnalyzeConfig, "n_bootstrap"),
         "require_approval": Param(False, type="boolean", description="wait for a person to approve the plan's "
                                   "size (jobs, GPU-hours, judge calls, USD) before anything runs"),
+        "approval_timeout_hours": Param(APPROVAL_TIMEOUT_HOURS, type="number", exclusiveMinimum=0,
+                                        description="with require_approval: hours to wait for an answer; no "
+                                        "answer by then is a rejection (nothing runs)"),
         **common_params(),
     },
 )

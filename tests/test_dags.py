@@ -3,6 +3,7 @@ with the tiny model as the agent that is finetuned, the scripted doubles as emul
 against a real MLflow server."""
 
 import json
+import threading
 import os
 import subprocess
 import sys
@@ -289,3 +290,83 @@ def test_rerun_failed_evaluations_dag_fixes_a_planted_failure(dag_env, run_dag, 
     fixed = read_jsonl(path).records[planted]
     assert fixed["status"] == "rerun" and fixed["eval_scores"]["ToolCallRisk"] in (0, 1, 2, 3)
     assert fixed["eval_id"] == planted
+
+
+def _answer_approval(dag_id: str, answer: str | None, outcome: list) -> None:
+    """Stand in for the person (or the scheduler's timeout sweep) while ``dag.test()`` waits at ``approve_cost``:
+    once the task is parked awaiting input, record ``answer`` the way the HITL REST API does (``None``: run the
+    scheduler's timeout sweep instead, as a real scheduler does once the deadline passed). ``outcome`` gets
+    "answered", or the error that stopped this; then the task is failed so that ``dag.test()`` ends."""
+    import logging
+    import time
+    import types
+
+    from sqlalchemy.orm import joinedload
+
+    from airflow.jobs.scheduler_job_runner import SchedulerJobRunner
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.trigger import handle_event_submit
+    from airflow.triggers.base import TriggerEvent
+    from airflow.sdk import timezone
+    from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
+
+    def parked(session):
+        return (session.query(TaskInstance).options(joinedload(TaskInstance.hitl_detail))
+                .filter(TaskInstance.dag_id == dag_id, TaskInstance.task_id == "approve_cost",
+                        TaskInstance.state == TaskInstanceState.AWAITING_INPUT).first())
+
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            with create_session() as session:
+                ti = parked(session)
+                if ti is not None and answer is not None:
+                    detail = ti.hitl_detail
+                    detail.chosen_options, detail.params_input = [answer], {}
+                    detail.responded_by, detail.responded_at = {"id": "1", "name": "reviewer"}, timezone.utcnow()
+                    session.add(detail)
+                    handle_event_submit(TriggerEvent(detail.as_resume_event_payload()), task_instance=ti,
+                                        session=session)
+                    outcome.append("answered")
+                    return
+                if ti is not None and ti.trigger_timeout is not None and ti.trigger_timeout < timezone.utcnow():
+                    SchedulerJobRunner.check_awaiting_input_timeouts(
+                        types.SimpleNamespace(log=logging.getLogger("sweep")), session=session)
+                    outcome.append("answered")
+                    return
+            time.sleep(0.5)
+        outcome.append(TimeoutError("approve_cost was neither answered nor timed out within 300 s"))
+    except Exception as e:  # noqa: BLE001 - reported by the test; the run must still end
+        outcome.append(e)
+    with create_session() as session:
+        ti = parked(session)
+        if ti is not None:
+            ti.state = TaskInstanceState.FAILED
+
+
+@pytest.mark.parametrize("answer", ["Reject", None], ids=["rejected", "timed-out"])
+def test_a_rejected_or_timed_out_cost_approval_runs_nothing_downstream(dag_env, run_dag, answer):
+    """Rejecting approve_cost (or leaving it unanswered past approval_timeout_hours) runs no stage: report and
+    analyze, whose trigger rule is none_failed, used to run on whatever the folders held and log to MLflow."""
+    home, _ = dag_env
+    name = f"approval-{'rejected' if answer else 'timeout'}"
+    conf = {"name": name, "source_models": ["tiny-llama"],
+            "arms": [{"name": "demo", "pool": "pool", "evaluator": "scripted:judge"}], "seeds": [2],
+            "configurations": ["safe"], "emulator": "scripted:emulator", "case_set": "demo", "cases": "0-4",
+            "compute": "local", "require_approval": True,
+            **({} if answer else {"approval_timeout_hours": 2 / 3600})}
+    outcome: list = []
+    responder = threading.Thread(target=_answer_approval, args=("dpo_experiment", answer, outcome), daemon=True)
+    responder.start()
+    dag_run, _ = run_dag(_dag("dpo_experiment"), run_conf=conf)
+    responder.join(timeout=5)
+    assert outcome == ["answered"]  # the approval was really asked for and answered (or timed out)
+    states = {(ti.task_id, ti.map_index): ti.state for ti in _task_instances("dpo_experiment", dag_run.run_id)}
+    print(f"\n{name}: " + ", ".join(f"{t}{'' if i < 0 else f'[{i}]'}={s}" for (t, i), s in sorted(states.items())))
+    assert states[("approve_cost", -1)] == "failed"
+    assert states[("report", -1)] == "upstream_failed" and states[("analyze", -1)] == "upstream_failed"
+    assert {s for (t, _), s in states.items() if t in ("pairs", "emulate_source")} == {"upstream_failed"}
+    assert dag_run.state == "failed"
+    assert not (home / "reports" / name).exists() and not (home / "analysis" / name).exists()
+    assert not (home / "trajectories" / name).exists() and not (home / "pairs" / name).exists()

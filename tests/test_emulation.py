@@ -224,6 +224,24 @@ def test_parsing_rules():
     assert parse_emulator_output("no format").observation == ""
 
 
+def test_a_final_answer_is_the_text_after_the_agents_last_final_answer(tmp_path):
+    """The record's output for a final answer, checked against the scripted agent's known answer (it ends with
+    "Final Answer: Done after <n> tool calls.") and against the model's own last output, through the CLI."""
+    from tests.conftest import run_agentpipe
+
+    p = run_agentpipe("emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--case-set", "demo",
+                      "--cases", "0-4", "--out", str(tmp_path), "--no-progress")
+    assert p.returncode == 0, p.stderr
+    [path] = tmp_path.rglob("*.jsonl")
+    records = read_jsonl(path).records
+    assert [r["finish_reason"] for r in records] == ["final_answer"] * 4
+    for r in records:
+        final = r["intermediate_steps"][-1][0]
+        calls = sum(1 for s in r["intermediate_steps"] if not isinstance(s[0], dict))
+        assert r["output"] == f": Done after {calls} tool calls." == final["return_values"]["output"]
+        assert r["output"] == parse_agent_output(final["log"], ignore_think=True).output
+
+
 @pytest.mark.slow
 def test_smollm2_emulates_two_demo_cases(tmp_path, smollm2_model):
     cfg = EmulationConfig(agent="SmolLM2-135M", emulator="SmolLM2-135M", case_set="demo", cases=(0, 2),
@@ -237,7 +255,13 @@ def test_smollm2_emulates_two_demo_cases(tmp_path, smollm2_model):
     for r in records:
         final = r["intermediate_steps"][-1][0]
         assert final["type"] == "AgentFinish" and final["log"].strip()  # the model's own last output
-        assert r["finish_reason"] in outputs and r["output"] == (outputs[r["finish_reason"]] or r["output"])
+        assert r["finish_reason"] in outputs
+        if r["finish_reason"] == "final_answer":  # the text after the last "Final Answer" of the model's output
+            parsed = parse_agent_output(final["log"], ignore_think=True)  # compat "correct": outside <think>
+            assert isinstance(parsed, AgentFinish) and parsed.output.strip()
+            assert r["output"] == parsed.output == final["return_values"]["output"]
+        else:
+            assert r["output"] == outputs[r["finish_reason"]] == final["return_values"]["output"]
         assert r["usage"]["agent"]["completion_tokens"] > 0 and r["agent_output_tokens"] > 0
         actions = [s for s in r["intermediate_steps"] if not isinstance(s[0], dict)]
         assert len(actions) <= 3  # --max-steps 3

@@ -34,8 +34,34 @@ def _when(text):
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def _approve_when_asked(af, run_id) -> dict:
+    """Wait until ``approve_cost`` awaits input, record what the approval step shows and what has started by
+    then, approve through the REST API and follow the run to its end; returns those facts."""
+    deadline = time.monotonic() + 300
+    states: dict = {}
+    while time.monotonic() < deadline:
+        states = {t["task_id"]: t["state"] for t in _tis(af, "dpo_experiment", run_id)}
+        if states.get("approve_cost") == "awaiting_input":
+            break
+        if states.get("approve_cost") in ("success", "failed", "skipped", "upstream_failed"):
+            return {"never_waited": states}
+        time.sleep(2)
+    else:
+        return {"never_waited": states}
+    quoted = urllib.parse.quote(run_id, safe="")
+    detail = af.call("GET", f"/dags/dpo_experiment/dagRuns/{quoted}/taskInstances/approve_cost/-1/hitlDetails")
+    time.sleep(15)  # the scheduler has had many loops: still nothing after the approval may start
+    started = {t["task_id"] for t in _tis(af, "dpo_experiment", run_id) if t["start_date"]}
+    af.call("PATCH", f"/dags/dpo_experiment/dagRuns/{quoted}/taskInstances/approve_cost/-1/hitlDetails",
+            {"chosen_options": ["Approve"]})
+    return {"never_waited": None, "body": detail["body"], "started_before_approval": started,
+            "final_state": af.follow("dpo_experiment", run_id, timeout=1800)}
+
+
 @pytest.fixture(scope="module")
 def experiment(live_services):
+    """The pool evaluated, then one dpo_experiment run, approved when it asks and followed to its end: every
+    test of this module gets a finished run whatever runs first (none depends on another test's steps)."""
     demo, urls, home = live_services
     af = demo.Airflow(urls["airflow"], urls["user"], urls["password"])
     pools = {p["name"]: p for p in af.call("GET", "/pools")["pools"]}
@@ -45,33 +71,21 @@ def experiment(live_services):
     assert af.follow("toolemu_evaluation", af.trigger("toolemu_evaluation", POOL), timeout=1200) == "success"
     af.wait_for_dag("dpo_experiment")
     run_id = af.trigger("dpo_experiment", EXPERIMENT)
-    return af, run_id, home
+    facts = _approve_when_asked(af, run_id)
+    return af, run_id, home, facts
 
 
 def test_the_approval_step_blocks_until_approved_through_the_rest_api(experiment):
-    af, run_id, _ = experiment
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        states = {t["task_id"]: t["state"] for t in _tis(af, "dpo_experiment", run_id)}
-        if states.get("approve_cost") == "awaiting_input":
-            break
-        assert states.get("approve_cost") not in ("success", "failed", "skipped"), states
-        time.sleep(2)
-    else:
-        pytest.fail(f"approve_cost never waited for input: {states}")
-    quoted = urllib.parse.quote(run_id, safe="")
-    detail = af.call("GET", f"/dags/dpo_experiment/dagRuns/{quoted}/taskInstances/approve_cost/-1/hitlDetails")
-    assert "GPU-hours" in detail["body"] and "judge calls" in detail["body"]  # the plan's size is shown
-    time.sleep(15)  # the scheduler has had many loops: still nothing after the approval may start
-    started = {t["task_id"] for t in _tis(af, "dpo_experiment", run_id) if t["start_date"]}
+    _, _, _, facts = experiment
+    assert facts["never_waited"] is None, f"approve_cost never waited for input: {facts['never_waited']}"
+    assert "GPU-hours" in facts["body"] and "judge calls" in facts["body"]  # the plan's size is shown
+    started = facts["started_before_approval"]
     assert not started & {"pairs", "emulate_source", "models_local_judge.train", "report"}, started
-    af.call("PATCH", f"/dags/dpo_experiment/dagRuns/{quoted}/taskInstances/approve_cost/-1/hitlDetails",
-            {"chosen_options": ["Approve"]})
-    assert af.follow("dpo_experiment", run_id, timeout=1800) == "success"
+    assert facts["final_state"] == "success"
 
 
 def test_a_first_stage_model_is_judged_before_the_second_stage_built_on_it_trains(experiment):
-    af, run_id, _ = experiment
+    af, run_id, _, _ = experiment
     tis = _tis(af, "dpo_experiment", run_id)
     assert {t["task_id"]: t["state"] for t in tis}.get("analyze") == "success", "the DAG run did not finish"
     chain = {(t["task_id"].split(".")[-1], t["rendered_map_index"]): t for t in tis
@@ -89,7 +103,7 @@ def test_a_first_stage_model_is_judged_before_the_second_stage_built_on_it_train
 def test_the_asset_scheduled_dags_ran_when_the_pool_was_evaluated_and_reported(experiment):
     """toolemu_evaluation's repair announces evaluations and its report announces reports (Assets): the scheduler
     then ran rerun_failed_evaluations on that pool and refresh_analysis of it, without anyone triggering them."""
-    af, _, home = experiment
+    af, _, home, _ = experiment
     deadline = time.monotonic() + 600
     while True:
         runs = {dag: af.call("GET", f"/dags/{dag}/dagRuns?limit=50")["dag_runs"]
@@ -121,7 +135,7 @@ def test_mlflow_shows_every_trajectory_as_a_trace_the_lineage_and_the_costs(expe
     from pipeline.tracking.traces import judged_files
     from pipeline.training.registry import registry_family
 
-    af, run_id, home = experiment
+    af, run_id, home, _ = experiment
     _, urls, _ = live_services
     assert {t["task_id"]: t["state"] for t in _tis(af, "dpo_experiment", run_id)}.get("analyze") == "success"
     c = MlflowClient(tracking_uri=urls["mlflow"], registry_uri=urls["mlflow"])

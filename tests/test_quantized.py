@@ -14,6 +14,30 @@ from tests.test_train import DOWN, tiny_cfg, toy_pair
 pytestmark = pytest.mark.quantized
 
 
+#: the bitsandbytes layer class each quantization setting must produce
+QUANTIZED_LAYER = {"int4": "Linear4bit", "int8": "Linear8bitLt"}
+
+
+def _quantized_kinds(model) -> set[str]:
+    """The bitsandbytes layer classes in ``model`` (either setting's)."""
+    return {type(m).__name__ for m in model.modules()} & set(QUANTIZED_LAYER.values())
+
+
+class _BaseLayers:
+    """A ``TrainerCallback`` that records which quantized layer classes the model being trained holds."""
+
+    def __init__(self) -> None:
+        from transformers import TrainerCallback
+
+        seen = self.seen = set()
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                seen.update(_quantized_kinds(model))
+
+        self.callback = Callback()
+
+
 def _req(text: str, n: int = 16) -> ChatRequest:
     return ChatRequest(messages=[{"role": "user", "content": text}], config=GenerationConfig(max_new_tokens=n))
 
@@ -27,7 +51,8 @@ def test_quantized_inference_on_cpu(tiny_model, quantization):
     # with other tests' backends (and carry their request adapters)
     full = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     q = get_backend(str(tiny_model), quantization=quantization)
-    assert any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in q.model.modules())
+    # the setting's own layer type, and only it: int4 is NF4 (Linear4bit), int8 is LLM.int8 (Linear8bitLt)
+    assert _quantized_kinds(q.model) == {QUANTIZED_LAYER[quantization]}
     assert q.model.get_memory_footprint() < full.get_memory_footprint()
     out = q.generate([_req("Delete my files"), _req("hi")])
     assert all(r.ok and r.completion_tokens > 0 for r in out)
@@ -59,9 +84,11 @@ def test_qlora_int4_trains_on_cpu_loads_quantized_and_merges_into_full_precision
     from tests.test_train import write_pairs
 
     pairs = write_pairs(tmp_path / "safe_toy.jsonl", [toy_pair(c) for c in split.train_cases(0)[:8]])
+    base_layers = _BaseLayers()
     res = train(tiny_cfg(tiny_model, pairs, tmp_path / "m", quantization="int4", max_steps=10, learning_rate=2e-3,
-                         final_eval=False))
+                         final_eval=False), callbacks=[base_layers.callback])
     assert res.global_step == 10 and "_int4" in res.name
+    assert base_layers.seen == {"Linear4bit"}  # QLoRA: the base under the adapter was really NF4
     hist = [h for h in res.metrics["log_history"] if "loss" in h and "rewards/margins" in h]
     assert hist[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.05 and hist[-1]["rewards/margins"] > 0
@@ -101,7 +128,10 @@ def test_qlora_int8_trains_on_cpu(tiny_model, tmp_path):
     from tests.test_train import write_pairs
 
     pairs = write_pairs(tmp_path / "help_toy.jsonl", [toy_pair(c) for c in split.train_cases(0)[:4]])
-    res = train(tiny_cfg(tiny_model, pairs, tmp_path / "m8", quantization="int8", max_steps=4, final_eval=False))
+    base_layers = _BaseLayers()
+    res = train(tiny_cfg(tiny_model, pairs, tmp_path / "m8", quantization="int8", max_steps=4, final_eval=False),
+                callbacks=[base_layers.callback])
+    assert base_layers.seen == {"Linear8bitLt"}  # the base under the adapter was really int8
     hist = [h for h in res.metrics["log_history"] if "rewards/margins" in h]
     assert res.global_step == 4 and len(hist) == 4 and (res.adapter / "adapter_model.safetensors").is_file()
     assert hist[-1]["loss"] < hist[0]["loss"]

@@ -3,6 +3,7 @@ verified file by file, analysed — the paper's figures (R² = 0.77 for the gpt-
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 from pathlib import Path
@@ -69,9 +70,11 @@ def test_an_altered_archive_is_refused_and_nothing_is_unpacked(tmp_path):
     dest = tmp_path / "data"
     r = run_agentpipe("data", "fetch", "--from", str(archive), "--data-dir", str(dest))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"agentpipe: error: {archive}: 1 files whose digest "
-                                             f"{r.stderr.split('digest ')[1][:12]}… is not the pinned release's "
-                                             "(11160 files, 3c9ce90bad8a…)"]
+    # the tree digest computed here by hand: sha256 of the sorted "<file sha256>  <path>" lines
+    file_sha = hashlib.sha256(b'{"x": 1}\n').hexdigest()
+    tree = hashlib.sha256(f"{file_sha}  results/match_eval_results/m/a.jsonl\n".encode()).hexdigest()
+    assert r.stderr.strip().splitlines() == [f"agentpipe: error: {archive}: 1 files whose digest {tree[:12]}… is "
+                                             "not the pinned release's (11160 files, 3c9ce90bad8a…)"]
     (tmp_path / "src" / "results.sha256").write_text("0" * 64 + "  results/match_eval_results/m/a.jsonl\n")
     r = run_agentpipe("data", "fetch", "--from", str(archive), "--data-dir", str(dest))
     assert r.returncode == 2 and "results/match_eval_results/m/a.jsonl: sha256" in r.stderr

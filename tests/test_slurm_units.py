@@ -348,3 +348,60 @@ def test_retries_know_the_failure():
     assert [doubled("time", t) for t in ("03:00:00", "1-12:00:00", "00:05:00")] == ["06:00:00", "3-00:00:00",
                                                                                    "00:10:00"]
     assert [doubled("mem", m) for m in ("8G", "100G", "512M", "1.5G")] == ["16G", "200G", "1024M", "3G"]
+
+
+def test_slurm_connection_absent_means_the_documented_defaults_with_a_warning(monkeypatch):
+    from plugins.slurm.hook import load_settings
+
+    class Log:  # records levels (Airflow's structlog setup bypasses caplog)
+        def __init__(self):
+            self.lines = []
+
+        def info(self, msg, *args):
+            self.lines.append(("info", msg % args))
+
+        def warning(self, msg, *args):
+            self.lines.append(("warning", msg % args))
+
+    monkeypatch.delenv("AIRFLOW_CONN_SLURM_TEST_ABSENT", raising=False)
+    log = Log()
+    assert load_settings("slurm_test_absent", log=log) == SlurmSettings()
+    assert [level for level, _ in log.lines] == ["warning"]
+    assert "'slurm_test_absent'" in log.lines[0][1] and "local Slurm defaults" in log.lines[0][1]
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ("{not json", "extra is not valid JSON"),
+    ('["partition"]', "extra must be a JSON object"),
+    ('{"partiton": "gpu"}', "unknown key(s) partiton"),
+    ('{"poll_interval": "often"}', "invalid extra"),
+])
+def test_slurm_connection_with_bad_extras_raises_naming_it(monkeypatch, extra, expected):
+    import json
+
+    from plugins.slurm.hook import SlurmError, SlurmHook
+    monkeypatch.setenv("AIRFLOW_CONN_SLURM_TEST_BAD", json.dumps({"conn_type": "generic", "extra": extra}))
+    with pytest.raises(SlurmError) as err:
+        SlurmHook("slurm_test_bad").settings
+    assert "'slurm_test_bad'" in str(err.value) and expected in str(err.value)
+
+
+def test_slurm_connection_lookup_failure_raises_instead_of_defaults(monkeypatch):
+    from airflow.sdk import Connection
+
+    from plugins.slurm.hook import SlurmError, load_settings
+
+    def unreachable(conn_id):
+        raise ConnectionError("secrets backend at vault:8200 unreachable")
+    monkeypatch.setattr(Connection, "get", staticmethod(unreachable))
+    with pytest.raises(SlurmError, match="'slurm_default' could not be read .*vault:8200 unreachable"):
+        load_settings("slurm_default")
+
+
+def test_slurm_connection_extras_are_used(monkeypatch):
+    import json
+
+    from plugins.slurm.hook import load_settings
+    monkeypatch.setenv("AIRFLOW_CONN_SLURM_TEST_GOOD", json.dumps({"conn_type": "generic",
+                                                                   "extra": {"partition": "gpu"}}))
+    assert load_settings("slurm_test_good").partition == "gpu"

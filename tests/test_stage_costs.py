@@ -26,46 +26,97 @@ def _stage_run(uri, experiment, stage):
     return run
 
 
-def test_stage_runs_log_tokens_time_and_gpu_hours_and_the_parent_sums_them(mlflow_server, tmp_path):
+#: what the fake API answers: the agent ends each case at once, the judge gives a valid score; fixed usage
+AGENT_REPLY = "Thought: nothing to do.\nFinal Answer: done."
+JUDGE_REPLY = ("Evaluator Thought: fine.\nOverall Qualitative Label: Good (2)\nOverall Quantitative Score: 2\n"
+               "Evaluator Log Summary: fine.")
+USAGE = {"costly-agent": (1000, 50), "costly-judge": (700, 30)}  # (prompt, completion) tokens per call
+PRICES = {"costly-agent": (2.0, 8.0), "costly-judge": (0.5, 4.0)}  # USD per million (input, output)
+
+
+@pytest.fixture
+def fake_api():
+    """An OpenAI-compatible server that counts the calls per model and answers with fixed usage."""
+    import threading
+    from collections import Counter
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    calls: Counter = Counter()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            payload = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            model = payload["model"]
+            calls[model] += 1
+            prompt, completion = USAGE[model]
+            body = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": model, "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {
+                    "role": "assistant", "content": AGENT_REPLY if model == "costly-agent" else JUDGE_REPLY}}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_port}/v1", calls
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_stage_runs_log_tokens_time_and_gpu_hours_and_the_parent_sums_them(mlflow_server, tmp_path, fake_api):
+    """Tokens and USD in MLflow equal the figures computed here from the calls the API server counted, its
+    fixed usage and the test's own prices (not from what the stages wrote)."""
     from pipeline.tracking import Tracker
     from pipeline.tracking.stage_runs import child_sums
 
+    url, calls = fake_api
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"models": {m: {"input": i, "output": o} for m, (i, o) in PRICES.items()}}))
     home = tmp_path / "home"
     parent = Tracker.open(tmp_path / "parent", experiment="evaluation", run_name="dag run",
                           tracking_uri=mlflow_server)
     parent.flush(force=True)
     env = {"AGENTPIPE_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_server,
            "AGENTPIPE_MLFLOW_PARENT_RUN_ID": parent.run_id, "SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "2",
-           "SLURM_JOB_START_TIME": str(int(time.time()) - 360)}
-    r = run_agentpipe("emulate", "--agent", "scripted:agent", "--agent-label", "costed", "--emulator",
+           "SLURM_JOB_START_TIME": str(int(time.time()) - 360), "AGENTPIPE_OPENAI_BASE_URL": url,
+           "OPENAI_API_KEY": "sk-test", "AGENTPIPE_PRICES": str(prices)}
+    r = run_agentpipe("emulate", "--agent", "openai:costly-agent", "--agent-label", "costed", "--emulator",
                       "scripted:emulator", "--case-set", "demo", "--cases", "0-3", env=env)
     assert r.returncode == 0, r.stderr
     raw = next((home / "trajectories" / "costed").glob("*.jsonl"))
-    r = run_agentpipe("evaluate", "--trajectories", str(raw), "--evaluator", "scripted:judge", env=env)
+    r = run_agentpipe("evaluate", "--trajectories", str(raw), "--evaluator", "openai:costly-judge", env=env)
     assert r.returncode == 0, r.stderr
 
-    records = [json.loads(x) for x in raw.read_text().splitlines()]
+    def expected(model: str) -> tuple[int, float]:
+        (p, c), (pi, po) = USAGE[model], PRICES[model]
+        return calls[model] * (p + c), calls[model] * (p * pi + c * po) / 1e6
+
+    assert calls["costly-agent"] == 3  # each of the 3 cases ends with the agent's first answer
     emu = _stage_run(mlflow_server, "evaluation", "emulate")
     m = emu.data.metrics
-    for role in ("agent", "emulator"):
-        want = sum(rec["usage"][role]["prompt_tokens"] + rec["usage"][role]["completion_tokens"] for rec in records)
-        assert m[f"tokens_{role}"] == want > 0
-        assert m[f"cost_usd_{role}"] == 0  # scripted models are free
+    tokens, usd = expected("costly-agent")
+    assert m["tokens_agent"] == tokens == 3150 and m["cost_usd_agent"] == pytest.approx(usd) == 0.0072
+    assert m.get("tokens_emulator", 0) == 0  # no tool was called: the emulator was never asked
     assert m["cases"] == 3 and m["failed"] == 0
     # inside the Slurm job: the job's elapsed time (≥ 6 min) on its 2 GPUs
     assert 360 <= m["wall_s"] < 420 and m["gpu_hours"] == pytest.approx(2 * m["wall_s"] / 3600, rel=1e-3)
     assert emu.data.tags["mlflow.parentRunId"] == parent.run_id
 
-    judged = raw.with_name(raw.name.replace("_eval-none_", "_eval-judge_"))
     ev = _stage_run(mlflow_server, "evaluation", "evaluate").data.metrics
-    judge_tokens = 0
-    for f in judged.parent.glob(judged.name[:-6] + "_eval_*.jsonl"):
-        for rec in map(json.loads, f.read_text().splitlines()):
-            judge_tokens += rec["usage"]["prompt_tokens"] + rec["usage"]["completion_tokens"]
-    assert ev["tokens_judge"] == judge_tokens > 0 and ev["judgements"] == 6  # 3 cases x 2 metrics
+    tokens, usd = expected("costly-judge")
+    assert calls["costly-judge"] == 6  # 3 cases x 2 metrics, each answered validly at once
+    assert ev["tokens_judge"] == tokens and ev["cost_usd_judge"] == pytest.approx(usd) and ev["judgements"] == 6
 
     sums = child_sums(parent.run_id, mlflow_server)
-    assert sums["tokens_agent"] == m["tokens_agent"] and sums["tokens_judge"] == ev["tokens_judge"]
+    assert sums["tokens_agent"] == 3150 and sums["tokens_judge"] == tokens
+    assert sums["cost_usd_agent"] == pytest.approx(0.0072) and sums["cost_usd_judge"] == pytest.approx(usd)
     assert sums["gpu_hours"] == pytest.approx(m["gpu_hours"] + ev["gpu_hours"], abs=1e-5)
 
 

@@ -271,6 +271,57 @@ def test_bad_inputs_are_one_line_errors(tiny_model, tiny_adapter, toy_pairs, tmp
         train(tiny_cfg(tmp_path / "missing-model", toy_pairs, tmp_path / "o5"))
 
 
+def test_trained_parent_without_a_readable_training_config_is_refused(tiny_model, toy_pairs, tmp_path):
+    """A merged parent's lineage comes from its training_config.json: missing or corrupt, train and merge refuse
+    naming the file (train used to call the second stage "stage 1", merge recorded no lineage)."""
+    home = tmp_path / "home"
+    res = train(tiny_cfg(tiny_model, toy_pairs, max_steps=1, final_eval=False, register_model=False), home=home)
+    merged = merge(res.out, tracking_uri=DOWN).out
+    help_pairs = write_pairs(tmp_path / "help_toy_s0.jsonl", [toy_pair(c) for c in split.train_cases(0)[:2]])
+    config = res.out / "training_config.json"
+    good = config.read_text()
+
+    def refused(argv: tuple[str, ...], expected: str) -> None:
+        before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+        r = run_agentpipe(*argv, env=ONE_THREAD)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert lines[0].startswith(f"agentpipe: error: {config}: {expected}"), r.stderr
+        assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before  # nothing written
+
+    train_argv = ("train", "--model", str(merged), "--pairs", str(help_pairs), "--seed", "0", "--max-steps", "1",
+                  "--out", str(tmp_path / "stage2"), "--tracking-uri", DOWN, "--no-register-model")
+    merge_argv = ("merge", "--adapter", str(res.out / "adapter"), "--out", str(tmp_path / "merged2"),
+                  "--tracking-uri", DOWN)
+    config.write_text(good[: len(good) // 2])  # truncated
+    refused(train_argv, "unreadable training config (JSONDecodeError")
+    refused(merge_argv, "unreadable training config (JSONDecodeError")
+    config.write_text("[]")
+    refused(train_argv, "expected a JSON object, got list")
+    config.unlink()
+    refused(train_argv, "missing;")
+    refused(merge_argv, "missing;")
+    config.write_text(good)  # restored: the second stage trains, with the parent's lineage
+    r = run_agentpipe(*train_argv, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    lineage = json.loads((tmp_path / "stage2" / "training_config.json").read_text())["lineage"]
+    assert lineage["stage"] == "2" and lineage["base_model"] == str(tiny_model) and lineage["parent_model"] == res.name
+
+
+def test_merge_with_a_corrupt_adapter_config_is_one_line(tiny_adapter, tmp_path):
+    adapter = shutil.copytree(tiny_adapter, tmp_path / "lora")
+    for content, expected in ((b'{"base_model_name_or_path": ', "unreadable adapter config (JSONDecodeError"),
+                              (b"\xff\xfe{", "unreadable adapter config (UnicodeDecodeError"),
+                              (b'["r", 8]', "expected a JSON object, got list")):
+        (adapter / "adapter_config.json").write_bytes(content)
+        r = run_agentpipe("merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged"),
+                          "--tracking-uri", DOWN, env=ONE_THREAD)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert lines[0].startswith(f"agentpipe: error: {adapter / 'adapter_config.json'}: {expected}"), r.stderr
+        assert not (tmp_path / "merged").exists()
+
+
 # ------------------------------------------------------------------------------------------------ tracking
 def _client(uri):
     from mlflow.tracking import MlflowClient

@@ -42,7 +42,7 @@ from pipeline.data.locks import writer_lock
 from pipeline.stage import StageResult, check_fingerprint, check_out_not_inputs, check_own_output, move_aside
 from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
 from pipeline.training.naming import (base_nickname, dataset_name, default_model_dir, is_both_dataset, model_name,
-                                      parent_model_dir)
+                                      parent_model_dir, read_training_config)
 
 log = logging.getLogger("pipeline.training")
 
@@ -100,12 +100,15 @@ def lineage(model: str, dataset: str, seed: int, beta: float) -> dict[str, str]:
     parent_dir = parent_model_dir(model)
     root, stage = model, 1
     if parent_dir is not None:
+        parent_cfg = read_training_config(parent_dir)
+        parent_lineage = parent_cfg.get("lineage") or {}
+        root = parent_lineage.get("base_model") or parent_cfg.get("model")
         try:
-            parent_cfg = json.loads((parent_dir / TRAINING_CONFIG).read_text())
-            root = parent_cfg.get("lineage", {}).get("base_model", parent_cfg.get("model", model))
-            stage = int(parent_cfg.get("lineage", {}).get("stage", 1)) + 1
-        except (OSError, ValueError):
-            pass
+            stage = int(parent_lineage["stage"]) + 1
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError(f"{parent_dir / TRAINING_CONFIG}: lineage.stage missing or not an integer") from None
+        if not root:
+            raise ConfigError(f"{parent_dir / TRAINING_CONFIG}: neither lineage.base_model nor model is set")
     return {"base_model": root, "parent_model": base_nickname(model) if parent_dir is not None else model,
             "dataset": dataset, "seed": str(seed), "beta": f"{beta:g}", "stage": str(stage)}
 

@@ -39,6 +39,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.stage import (FingerprintMismatch, StageConfig, StageResult, check_fingerprint, check_out_not_inputs,
                             check_own_output, move_aside)
 from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
+from pipeline.training.naming import read_training_config
 
 log = logging.getLogger("pipeline.training")
 
@@ -79,6 +80,18 @@ def resolve_adapter(adapter: str | Path) -> Path:
     if not (p / "adapter_config.json").is_file():
         raise DataError(f"--adapter {adapter}: no LoRA adapter there (expected a folder with adapter_config.json)")
     return p.resolve()
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """The adapter's ``adapter_config.json`` as a dict; unreadable or not a JSON object is a ``DataError``."""
+    path = adapter_dir / "adapter_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: unreadable adapter config ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def default_merge_dir(adapter: Path) -> Path | None:
@@ -162,7 +175,8 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     adapter_dir = resolve_adapter(adapter)  # cheap input checks first, before loading torch
-    adapter_cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter_cfg = read_adapter_config(adapter_dir)
+    lineage = _lineage(adapter_dir)
     base_ref = base or adapter_cfg.get("base_model_name_or_path") or adapter_cfg.get("source_model_name_or_path")
     if not base_ref:
         raise DataError(f"{adapter_dir / 'adapter_config.json'}: no base_model_name_or_path; pass --base")
@@ -192,16 +206,17 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
             check_own_output(out_dir, read_manifest(out_dir), "merge", marker=MERGE_CONFIG)  # never another model
             for moved in move_aside(out_dir):
                 log.warning("kept aside: %s", moved)
-        return _merge_locked(adapter_dir, adapter_cfg, adapter_sha256, base_ref, out_dir, dtype, atol, tracking_uri,
-                             register_model, t0)
+        return _merge_locked(adapter_dir, adapter_cfg, lineage, adapter_sha256, base_ref, out_dir, dtype, atol,
+                             tracking_uri, register_model, t0)
 
 
 def _fingerprint(adapter_dir: Path, adapter_sha256: str, base: str, dtype: str) -> dict[str, Any]:
     return {"adapter": str(adapter_dir), "adapter_sha256": adapter_sha256, "base": base, "dtype": dtype}
 
 
-def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], adapter_sha256: str, base_ref: str, out_dir: Path,
-                  dtype: str, atol: float, tracking_uri: str | None, register_model: bool, t0: float) -> MergeResult:
+def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], lineage: dict[str, Any], adapter_sha256: str,
+                  base_ref: str, out_dir: Path, dtype: str, atol: float, tracking_uri: str | None,
+                  register_model: bool, t0: float) -> MergeResult:
 
     import torch
     from peft import PeftModel
@@ -249,7 +264,6 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], adapter_sha256
         if save_dtype == "float32" and diff_saved > atol:
             raise DataError(f"merge of {adapter_dir}: the saved model's logits differ from base+adapter by "
                             f"{diff_saved:.2e} (> {atol:g})")
-        lineage = _lineage(adapter_dir)
         atomic_write_json(tmp / MERGE_CONFIG, {
             "source_model": base_ref, "source_model_path": base_path, "adapter_path": str(adapter_dir),
             "adapter_sha256": adapter_sha256,
@@ -323,12 +337,17 @@ def _config_dtype(base_path: str) -> str:
 
 
 def _lineage(adapter_dir: Path) -> dict[str, Any]:
-    cfg_path = adapter_dir.parent / "training_config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, ValueError):
+    """The lineage of the model an adapter belongs to. An adapter that ``train`` made (``<model>/adapter`` beside
+    ``checkpoints/`` or a ``manifest.json``) needs its ``training_config.json``; an adapter from elsewhere has
+    no recorded lineage (``{}``), which is what it is, not a guess."""
+    model_dir = adapter_dir.parent
+    trained = adapter_dir.name == "adapter" and ((model_dir / "checkpoints").is_dir()
+                                                 or (model_dir / "manifest.json").is_file()
+                                                 or (model_dir / "training_config.json").exists())
+    if not trained:
         return {}
-    return {**cfg.get("lineage", {}), "name": cfg.get("name")}
+    cfg = read_training_config(model_dir)
+    return {**(cfg.get("lineage") or {}), "name": cfg.get("name")}
 
 
 def _track_folder(res: MergeResult) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 from pipeline.data.naming import NICKNAME_TO_ID, expand_model_name, extract_seed, nickname
 from pipeline.errors import ConfigError
 
+TRAINING_CONFIG = "training_config.json"
 _SEED_SUFFIX = re.compile(r"_s(\d+)$")
 _PROJECT_MERGED = re.compile(r"(?:^|/)models/([^/]+)/merged$")
 _STUDY_MERGED = re.compile(r"(?:^|/)(?:dpo_merged|dpo_trained|sft_merged)/([^/]+)$")
@@ -46,13 +47,39 @@ def is_both_dataset(name: str) -> bool:
 
 
 def parent_model_dir(model: str) -> Path | None:
-    """The trained-model folder a base spec points into (``…/models/<name>/merged`` or the folder itself)."""
+    """The trained-model folder a base spec points into (``…/models/<name>/merged`` or the folder itself).
+
+    Told from a base model by what is on disk, not by whether its ``training_config.json`` can be read: a
+    ``merged/`` folder beside an ``adapter/`` (or holding the merge's ``merge_config.json``) belongs to a trained
+    model, whose lineage :func:`read_training_config` then requires."""
     p = Path(model).expanduser()
-    if p.name == "merged" and (p.parent / "training_config.json").is_file():
+    if p.name == "merged" and p.is_dir() and _is_trained_model_dir(p.parent, merged=p):
         return p.parent
-    if p.is_dir() and (p / "merged").is_dir() and (p / "training_config.json").is_file():
+    if p.is_dir() and (p / "merged").is_dir() and _is_trained_model_dir(p, merged=p / "merged"):
         return p
     return None
+
+
+def _is_trained_model_dir(folder: Path, *, merged: Path) -> bool:
+    """A ``train`` output folder: its config, its adapter, or a merge of its adapter is there."""
+    return ((folder / TRAINING_CONFIG).exists() or (folder / "adapter").is_dir()
+            or (merged / "merge_config.json").is_file())
+
+
+def read_training_config(model_dir: Path) -> dict:
+    """A trained model folder's ``training_config.json``; missing or unreadable is an error naming the file
+    (a lineage guessed without it would call a second stage the first)."""
+    path = model_dir / TRAINING_CONFIG
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing; {model_dir} is a trained model folder (it has merged/ or adapter/), "
+                          f"so its training config is needed for the lineage") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable training config ({type(e).__name__}: {e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
 
 
 def base_nickname(model: str) -> str:
@@ -60,10 +87,10 @@ def base_nickname(model: str) -> str:
     text = model.rstrip("/")
     parent = parent_model_dir(text)
     if parent is not None:
-        try:
-            return json.loads((parent / "training_config.json").read_text())["name"]
-        except (OSError, ValueError, KeyError):
-            return parent.name
+        name = read_training_config(parent).get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"{parent / TRAINING_CONFIG}: field 'name' missing or not a string")
+        return name
     for rx in (_PROJECT_MERGED, _STUDY_MERGED):
         m = rx.search(text)
         if m:

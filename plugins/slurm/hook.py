@@ -1,11 +1,13 @@
 """``SlurmHook``: submit, query, cancel and tail Slurm jobs through the stable CLI (sbatch, scontrol, sacct,
 scancel) on the machine Airflow runs on (a submit host). Cluster settings come from the connection
 ``slurm_default`` (extras, see :class:`plugins.slurm.core.SlurmSettings` and plugins/README.md); without that
-connection the defaults for the local single-node cluster apply.
+connection the documented defaults for the local single-node cluster apply (with a warning); a connection that
+cannot be read raises.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import tempfile
@@ -55,7 +57,8 @@ class SlurmHook(BaseHook):
 
     @cached_property
     def settings(self) -> SlurmSettings:
-        """The connection's extras as settings; the local defaults when the connection does not exist."""
+        """The connection's extras as settings; the documented local defaults when the connection does not
+        exist (a warning); a connection that cannot be read raises :class:`SlurmError`."""
         return load_settings(self.slurm_conn_id, log=self.log)
 
     # ------------------------------------------------------------------------------------------------ submit
@@ -148,14 +151,36 @@ class SlurmHook(BaseHook):
 
 
 def load_settings(conn_id: str = SlurmHook.default_conn_name, *, log: Any = None) -> SlurmSettings:
-    """Settings from the connection's extras; the defaults when the connection is not defined (or no Airflow
-    context can look it up). Invalid extras raise."""
+    """Settings from the connection's extras; the documented local defaults (plugins/README.md) only when no
+    connection of that id is defined, with a warning. Any other failure to read it (a secrets backend that
+    raises, extras that are not a JSON object, unknown or invalid keys) raises :class:`SlurmError`."""
     from airflow.sdk import Connection
+    from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
         conn = Connection.get(conn_id)
-    except Exception as e:  # AirflowNotFoundException, or no secrets backend reachable outside a task
+    except AirflowNotFoundException:
         if log is not None:
-            log.info("no Airflow connection '%s' (%s): local Slurm defaults", conn_id, type(e).__name__)
+            log.warning("no Airflow connection '%s': using the local Slurm defaults documented in "
+                        "plugins/README.md (%s)", conn_id, SlurmSettings())
         return SlurmSettings()
-    return SlurmSettings.from_extras(conn.extra_dejson)
+    except Exception as e:  # re-raised: anything but "not defined" must not turn into the local defaults
+        raise SlurmError(f"Airflow connection '{conn_id}' could not be read ({type(e).__name__}: {e}); "
+                         f"fix it or delete it to use the local defaults") from e
+    return settings_from_connection(conn_id, conn.extra)
+
+
+def settings_from_connection(conn_id: str, extra: str | None) -> SlurmSettings:
+    """Parse a connection's raw ``extra`` text (Airflow's ``extra_dejson`` turns malformed JSON into ``{}``,
+    which would silently mean the defaults)."""
+    try:
+        extras = json.loads(extra) if extra and extra.strip() else {}
+    except json.JSONDecodeError as e:
+        raise SlurmError(f"Airflow connection '{conn_id}': extra is not valid JSON ({e})") from None
+    if not isinstance(extras, dict):
+        raise SlurmError(f"Airflow connection '{conn_id}': extra must be a JSON object, "
+                         f"got {type(extras).__name__}")
+    try:
+        return SlurmSettings.from_extras(extras)
+    except (TypeError, ValueError) as e:
+        raise SlurmError(f"Airflow connection '{conn_id}': invalid extra ({e})") from None
