@@ -100,17 +100,22 @@ def check_fingerprint(output: Path, recorded: dict[str, Any] | None, current: di
                                   f"rerun with the same options, or with --force to keep the old output aside")
 
 
-def check_out_not_inputs(out: Path, inputs: list[Path | None], stage: str, option: str = "--out") -> None:
+def check_out_not_inputs(out: Path, inputs: list[Path | None], stage: str, option: str = "--out", *,
+                         scanned: bool = False) -> None:
     """Refuse (one line) an output folder that is, or contains, one of the stage's ``inputs``: writing there, and
-    with ``--force`` moving the old output aside, would touch the inputs themselves."""
+    with ``--force`` moving the old output aside, would touch the inputs themselves. ``scanned``: the inputs are
+    folders searched recursively for run files, so an output inside one is refused too (the stage's own files
+    would be read as inputs by its next run)."""
     target = Path(out).resolve()
     for given in inputs:
         if given is None:
             continue
         src = Path(given).resolve()
-        if src == target or target in src.parents:
-            raise ConfigError(f"{option} {out}: {'is' if src == target else 'contains'} the {stage} stage's input "
-                              f"{given}; choose an output folder apart from the inputs")
+        inside = scanned and src in target.parents
+        if src == target or target in src.parents or inside:
+            how = "is" if src == target else "is inside" if inside else "contains"
+            raise ConfigError(f"{option} {out}: {how} the {stage} stage's input {given}; choose an output folder "
+                              "apart from the inputs")
 
 
 def check_own_output(path: Path, manifest: dict[str, Any] | None, stage: str, *, marker: str | None = None) -> None:

@@ -243,3 +243,18 @@ def test_a_replaced_trajectory_file_is_not_judged_by_its_old_copy(scripted_run, 
     assert r.returncode == 0, r.stderr
     assert linked.read_bytes() == traj.read_bytes() and judge.calls == 20
     assert len(list(traj.parent.glob(f"{linked.name}.replaced-*"))) == 1
+
+
+def test_a_byte_identical_copy_under_the_judges_name_is_the_same_file(scripted_run, judge):
+    """A copy of the trajectory file under the judge's name (a filesystem without hard links, ``cp -r`` of a runs
+    folder) holds the same trajectories: evaluating again skips, it is not refused as another file."""
+    env, traj = scripted_run
+    assert _evaluate(env, traj).returncode == 0
+    [linked] = [p for p in traj.parent.glob("*gpt-4o-mini_r0-5.jsonl")]
+    content = linked.read_bytes()
+    linked.unlink()
+    linked.write_bytes(content)  # a copy: another inode, same bytes
+    assert not linked.samefile(traj)
+    r = _evaluate(env, traj)
+    assert r.returncode == 0, r.stderr
+    assert judge.calls == 10  # nothing judged again

@@ -51,11 +51,13 @@ def remove_dead_temps(path: str | Path) -> list[Path]:
     process on this host that no longer runs (killed mid-write); returns them. Another host's temporary files, and
     a live process's, are never touched (a pid reused by a live process keeps its file: the safe side)."""
     path = Path(path)
-    mine = f".{path.name}.tmp-{socket.gethostname()}-"
+    prefix, host = f".{path.name}.tmp-", socket.gethostname()
     removed = []
-    for p in path.parent.glob(glob.escape(mine) + "*"):
-        pid = p.name[len(mine):].split("-", 1)[0]
-        if not pid.isdigit() or _pid_alive(int(pid)):
+    for p in path.parent.glob(glob.escape(prefix + host) + "-*"):
+        # <host>-<pid>-<suffix>: the host may hold '-' (node-45123), the suffix never does, so read from the right
+        # and require this host exactly (host 'node' must not claim host 'node-45123''s files)
+        parts = p.name[len(prefix):].rsplit("-", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or _pid_alive(int(parts[1])):
             continue
         if p.is_dir() and not p.is_symlink():
             import shutil

@@ -54,6 +54,7 @@ class RoleUsage:
     latency_s: float = 0.0
     cached_calls: int = 0
     unpriced_calls: int = 0  # API calls of a model missing from the price table
+    priced_calls: int = 0  # calls with a known cost (a failed call has none, priced model or not)
     not_sent: list[str] = field(default_factory=list)  # requested settings the model was not sent
 
     def add(self, r: ChatResponse) -> None:
@@ -64,12 +65,13 @@ class RoleUsage:
         self.latency_s += r.latency_s
         self.cached_calls += int(r.cached)
         self.unpriced_calls += int(r.unpriced)
+        self.priced_calls += r.cost_usd is not None
         self.not_sent = sorted(set(self.not_sent) | set(r.not_sent))
 
     def as_json(self) -> dict[str, Any]:
         """The record's usage: ``cost_usd`` is null when every call was unpriced (unknown, not $0), else the sum
         over the priced calls, with ``unpriced_calls`` saying how many it leaves out."""
-        cost = None if self.unpriced_calls and self.unpriced_calls == self.calls else round(self.cost_usd, 6)
+        cost = None if self.unpriced_calls and not self.priced_calls else round(self.cost_usd, 6)
         out = vars(self) | {"cost_usd": cost, "latency_s": round(self.latency_s, 3)}
         if not self.not_sent:  # only an API model that leaves settings out has the key
             out.pop("not_sent")

@@ -38,7 +38,7 @@ def parse_fields(text: str) -> dict[str, str | None]:
 _NUMBER = re.compile(r"(-?)(\d+(?:[.,]\d+)?(?:[eE][-+]?\d+)?)")
 
 #: A second score offered right after the first ("2-3", "1 or 2"): an undecided answer, not its first number.
-_ALTERNATIVE = re.compile(r"[ \t]*(?:-|–|to\b|or\b)[ \t]*-?\d")
+_ALTERNATIVE = re.compile(r"[ \t]*(?:-|–|—|,|to\b|or\b|and\b)[ \t]*-?\d")
 
 
 def clean_score(value: Any) -> int | None:

@@ -64,7 +64,7 @@ def _evaluation_block(traj_files: list[str], eval_type: str, cases: list[int]) -
     means: dict[int, float | None] = {}
     status: Counter = Counter()
     tokens = cost = 0.0
-    calls = unpriced = 0
+    priced = unpriced = 0
     for traj in traj_files:
         tpath = Path(traj)
         epath = tpath.with_name(parse_run_filename(tpath.name).eval_file(eval_type).filename())
@@ -79,7 +79,7 @@ def _evaluation_block(traj_files: list[str], eval_type: str, cases: list[int]) -
                 usage = rep.get("usage") or {}
                 tokens += (usage.get("prompt_tokens") or 0) + (usage.get("completion_tokens") or 0)
                 cost += usage.get("cost_usd") or 0.0  # null: a local judge (no cost) or unpriced (counted)
-                calls += bool(usage)
+                priced += usage.get("cost_usd") is not None  # a failed call has no cost either
                 unpriced += bool(usage.get("unpriced"))
                 value = valid_score((rep.get("eval_scores") or {}).get(key))
                 if value is not None:
@@ -93,7 +93,7 @@ def _evaluation_block(traj_files: list[str], eval_type: str, cases: list[int]) -
             "judge_tokens": int(tokens),
             # unknown (null) when every call was of a model missing from the price table; else the priced calls'
             # sum, with the number of calls it leaves out
-            "judge_cost_usd": None if unpriced and unpriced == calls else round(cost, 6),
+            "judge_cost_usd": None if unpriced and not priced else round(cost, 6),
             "judge_unpriced_calls": unpriced}
 
 

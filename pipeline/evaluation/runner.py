@@ -8,6 +8,7 @@ records are assembled in line order (``eval_id`` = line index), written atomical
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -153,7 +154,7 @@ def _target_trajectory(path: Path, evaluator_name: str, force: bool) -> Path:
     if name.evaluator == evaluator_name:
         return path
     target = path.with_name(type(name)(**{**asdict(name), "evaluator": evaluator_name}).filename())
-    if target.exists() and not os.path.samefile(path, target) and file_digest(path) != file_digest(target):
+    if target.exists() and not filecmp.cmp(path, target, shallow=False):  # the bytes (a copy is fine: cp -r)
         if not force:
             raise DataError(f"--trajectories {path}: {target.name} beside it holds other trajectories (the copy "
                             f"judged under {evaluator_name}'s name: was {path.name} replaced?); rerun with --force "

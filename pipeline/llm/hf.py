@@ -227,6 +227,25 @@ class _RowSampler:
         return picked
 
 
+#: generation-config settings ``generate`` would apply when sampling that ``_RowSampler`` does not, with the values
+#: that leave sampling unchanged
+_UNAPPLIED_SAMPLING = {"min_p": (None, 0, 0.0), "typical_p": (None, 1, 1.0), "epsilon_cutoff": (None, 0, 0.0),
+                       "eta_cutoff": (None, 0, 0.0), "top_h": (None, 0, 0.0)}
+
+
+def _check_sampling_settings(generation_config: Any, model: str) -> None:
+    """Refuse to sample a model whose generation config sets a warper the row sampler does not apply: its
+    samples would come from another distribution than ``generate``'s (and the fingerprint would not say so)."""
+    set_ = {k: getattr(generation_config, k, None) for k, neutral in _UNAPPLIED_SAMPLING.items()
+            if getattr(generation_config, k, None) not in neutral}
+    if set_:
+        from pipeline.errors import ConfigError
+
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(set_.items()))
+        raise ConfigError(f"{model}: its generation config sets {shown}, which sampling here does not apply; "
+                          "sample at temperature 0, or clear these settings in the model's generation_config.json")
+
+
 PREFILL_MODES = ("auto", "batched", "per_request")
 
 
@@ -319,6 +338,8 @@ class HFBackend(ChatBackend):
 
     def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
         out: list[ChatResponse | None] = [None] * len(requests)
+        if any(r.config.temperature > 0 for r in requests):  # a model's setting: refused before any request runs
+            _check_sampling_settings(self.model.generation_config, self.spec.model)
         prompts: list[str | None] = []
         for i, r in enumerate(requests):
             try:

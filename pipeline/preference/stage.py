@@ -97,7 +97,7 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
     for d in cfg.data_dir:
         if not d.is_dir():
             raise DataError(f"--data-dir {d}: not a folder")
-    check_out_not_inputs(cfg.out, list(cfg.data_dir), cfg.stage)
+    check_out_not_inputs(cfg.out, list(cfg.data_dir), cfg.stage, scanned=True)
     evaluator = cfg.evaluator or "+".join(d.name for d in cfg.data_dir)
     tokenizer = _tokenizer(cfg.tokenizer) if cfg.tokenizer else None
     rules = cfg.rules()
@@ -138,10 +138,14 @@ def _builder_lock(path: Path, *, wait: bool) -> Iterator[None]:
     from pipeline.data.locks import lock_path, writer_lock
 
     created = [p for p in (lock_path(path), *path.parents) if not p.exists()]
+    held = False
     try:
         with writer_lock(path, wait=wait, what="pair set"):
+            held = True
             yield
     except BaseException:
+        if not held:  # refused because another build holds the lock: its lock file and folders are not ours
+            raise
         for p in created:  # the lock file first, then the new folders, innermost first (each only if empty)
             with contextlib.suppress(OSError):
                 p.rmdir() if p.is_dir() else p.unlink()

@@ -58,7 +58,7 @@ def usage_metrics(usage: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
         out[f"tokens_{role}"] = float((u.get("prompt_tokens") or 0) + (u.get("completion_tokens") or 0))
         out[f"prompt_tokens_{role}"] = float(u.get("prompt_tokens") or 0)
         unpriced = int(u.get("unpriced_calls") or 0)
-        if unpriced < int(u.get("calls") or 0) or not unpriced:
+        if not unpriced or u.get("priced_calls"):  # a sum over no priced call is unknown, not 0
             out[f"cost_usd_{role}"] = round(float(u.get("cost_usd") or 0.0), 6)
         if unpriced:
             out[f"unpriced_calls_{role}"] = float(unpriced)
@@ -71,11 +71,15 @@ def add_usage(total: dict[str, dict[str, float]], role: str, usage: Mapping[str,
     if not usage:
         return
     t = total.setdefault(role, {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "calls": 0,
-                                "unpriced_calls": 0})
+                                "unpriced_calls": 0, "priced_calls": 0})
     for k in ("prompt_tokens", "completion_tokens", "cost_usd"):
         t[k] += usage.get(k) or 0  # cost_usd: null when unknown (counted below) or a local model's (no cost)
     t["calls"] += usage["calls"] if "calls" in usage else 1
     t["unpriced_calls"] += usage.get("unpriced_calls") or int(bool(usage.get("unpriced")))
+    # calls with a known cost: a role total says how many (older records: one, when it has a cost), one call
+    # whether it has one (a failed call has none, whatever its model's price)
+    t["priced_calls"] += usage.get("priced_calls", int(usage.get("cost_usd") is not None)) if "calls" in usage \
+        else int(usage.get("cost_usd") is not None)
 
 
 def log_stage_run(stage: str, output: str | Path, *, experiment: str, params: Mapping[str, Any],

@@ -329,6 +329,8 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
     t0 = time.monotonic()
     # Already trained with this exact configuration: nothing to do; another configuration's model: refuse.
     existing = out / TRAINING_CONFIG
+    for written in (existing, out / "manifest.json", out / ADAPTER):  # a killed writer's leftovers are nobody's
+        remove_dead_temps(written)
     prev = json.loads(existing.read_text()) if existing.is_file() else None
     recorded = (read_manifest(out) or {}).get("config") if (out / "manifest.json").is_file() else (
         prev.get("fingerprint") if prev else None)
