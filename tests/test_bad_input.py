@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -343,3 +344,40 @@ def test_a_second_identical_pairs_run_is_refused_or_waits(inputs, tmp_path):
     stdout, stderr = waiting.communicate(timeout=300)
     assert waiting.returncode == 0 and "1 pairs over 1 cases" in stdout, stderr
     assert path.is_file()
+
+
+def test_a_refused_pairs_build_leaves_the_other_builds_lock_alone(tmp_path, monkeypatch):
+    """The race the refusal must survive: this build finds no lock file, another build creates and takes it just
+    before this one tries, this one is refused. Cleaning up then must not delete the other build's lock file (a
+    third build would take a fresh one while the other still writes)."""
+    import contextlib
+
+    import pipeline.data.locks as locks
+    from pipeline.errors import ConfigError
+    from pipeline.preference.stage import _builder_lock
+
+    path = tmp_path / "out" / "safe_toy.jsonl"
+
+    @contextlib.contextmanager
+    def taken_meanwhile(output, **_):
+        locks.lock_path(Path(output)).parent.mkdir(parents=True, exist_ok=True)
+        locks.lock_path(Path(output)).write_text("")  # the other build's lock file, created after our check
+        raise ConfigError(f"{output}: another process is writing this pair set")
+        yield
+
+    monkeypatch.setattr(locks, "writer_lock", taken_meanwhile)
+    with pytest.raises(ConfigError), _builder_lock(path, wait=False):
+        pass
+    assert locks.lock_path(path).is_file()
+
+
+def test_pairs_out_inside_its_data_dir_is_refused(inputs, tmp_path):
+    """Pair sets written inside the run folder they are built from would be read as run files by the next
+    build (and change its input digest): refused in one line."""
+    runs = tmp_path / "runs"
+    shutil.copytree(inputs["RUNS"], runs)
+    before = sorted(p.name for p in runs.rglob("*"))
+    _one_error_line(run_agentpipe("pairs", "--data-dir", str(runs), "--metric", "safe", "--cases", "demo",
+                                  "--evaluator", "toy", "--out", str(runs / "pairs")),
+                    f"--out {runs / 'pairs'}: is inside the pairs stage's input")
+    assert sorted(p.name for p in runs.rglob("*")) == before

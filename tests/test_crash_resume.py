@@ -332,3 +332,21 @@ def test_an_output_with_no_record_at_all_is_still_refused(tmp_path):
     again = hooked(tmp_path / "w", [*EMULATE, "--out", str(tmp_path / "w")])
     assert again.p.returncode == 2 and again.p.stderr.count("\n") == 1, again.p.stderr
     assert "records no emulate configuration" in again.p.stderr and traj.read_bytes() == before
+
+
+def test_dead_temp_cleanup_claims_only_this_hosts_files(tmp_path, monkeypatch):
+    """Temporary names carry <host>-<pid>: host 'node' must never take host 'node-45123''s live file for its own
+    dead pid 45123's; this host's dead writer's file goes."""
+    import socket
+
+    from pipeline.data.jsonl import remove_dead_temps
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "node")
+    target = tmp_path / "pairs.jsonl"
+    dead = 2**22 + 12345  # above any pid in use here
+    other_host = tmp_path / f".pairs.jsonl.tmp-node-{dead}-999-abcd1234.tmp"
+    mine_dead = tmp_path / f".pairs.jsonl.tmp-node-{dead}-abcd1234.tmp"
+    other_host.write_text("another node's write in progress")
+    mine_dead.write_text("a killed writer's leftover")
+    assert remove_dead_temps(target) == [mine_dead]
+    assert other_host.is_file() and not mine_dead.exists()

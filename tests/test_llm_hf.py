@@ -164,6 +164,21 @@ def test_a_sampled_answer_does_not_depend_on_its_batch(tiny_model):
     assert calls[:2] == [8, 4] and backend.batch_size == 4
 
 
+def test_sampling_refuses_a_generation_config_warper_it_does_not_apply(tiny_model):
+    """The row sampler applies temperature, top_k and top_p; a model whose generation config also sets e.g. min_p
+    would sample from another distribution than ``generate``'s without a word: refused before anything runs."""
+    from pipeline.errors import ConfigError
+
+    backend = get_backend(str(tiny_model), batch_size=2)
+    backend.model.generation_config.min_p = 0.05  # the loaded model is shared by the process: reset below
+    try:
+        with pytest.raises(ConfigError, match="min_p=0.05"):
+            backend.generate([_req(PROMPTS[0], temperature=1.0, seed=1)])
+        assert backend.generate([_req(PROMPTS[0])])[0].ok  # greedy decoding does not sample: unaffected
+    finally:
+        backend.model.generation_config.min_p = None
+
+
 def test_cache_second_identical_run_makes_zero_backend_calls(tmp_path):
     register_script("count-words", lambda r: f"{len(r.messages[-1]['content'].split())} words")
     inner = ScriptedBackend(parse_model_spec("scripted:count-words"))

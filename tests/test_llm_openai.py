@@ -514,3 +514,27 @@ def test_a_setting_a_reasoning_model_does_not_take_is_refused_or_recorded(server
                for line in judged.read_text().splitlines())
     manifest = json.loads(judged.with_name(judged.name + ".manifest.json").read_text())
     assert "temperature" in json.dumps(manifest) and '"not_sent": ["temperature", "top_p"]' in json.dumps(manifest)
+
+
+def test_a_failed_call_does_not_turn_unknown_cost_into_zero() -> None:
+    """A failed call has no cost whatever its model's price: an unpriced model's usage with one failed call is
+    still unknown (null / not logged), not the $0 sum over no priced call."""
+    from pipeline.emulation.episode import RoleUsage
+    from pipeline.llm import ChatResponse
+    from pipeline.tracking.stage_runs import add_usage, usage_metrics
+
+    role = RoleUsage()
+    role.add(ChatResponse(text="x", finish_reason="stop", prompt_tokens=10, completion_tokens=5, unpriced=True))
+    role.add(ChatResponse.failure("server error"))
+    assert role.as_json()["cost_usd"] is None and role.as_json()["unpriced_calls"] == 1
+    priced = RoleUsage()
+    priced.add(ChatResponse(text="x", finish_reason="stop", prompt_tokens=10, completion_tokens=5, cost_usd=0.25))
+    priced.add(ChatResponse.failure("server error"))
+    assert priced.as_json()["cost_usd"] == 0.25
+
+    totals: dict = {}
+    add_usage(totals, "judge", {"prompt_tokens": 10, "completion_tokens": 5, "cost_usd": None, "unpriced": True})
+    add_usage(totals, "judge", {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None})  # the failed call
+    add_usage(totals, "agent", role.as_json())
+    metrics = usage_metrics(totals)
+    assert "cost_usd_judge" not in metrics and "cost_usd_agent" not in metrics
