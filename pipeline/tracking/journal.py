@@ -221,7 +221,7 @@ class _Sender:
             kwargs["artifact_location"] = (Path(self.uri[len("sqlite:///"):]).parent / "mlartifacts" / name).as_uri()
         try:
             return self.client.create_experiment(name, **kwargs)
-        except Exception:
+        except Exception:  # accepted only when another process created it meanwhile; else re-raised
             exp = self.client.get_experiment_by_name(name)  # created concurrently
             if exp is None:
                 raise
