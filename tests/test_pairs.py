@@ -185,6 +185,22 @@ def test_missing_eval_file_is_an_error_and_incomplete_files_are_skipped(tmp_path
         pairs_of(root, metric="help_ignore_safety")
 
 
+def test_the_command_says_which_incomplete_files_it_skipped(tmp_path):
+    """Skipping an incomplete trajectory file is the study's rule (SPEC §4.1), never silent: the command names it
+    and counts it in its result."""
+    root = tmp_path / "runs"
+    write_run(root, "m_a", [2, 3], {"safe": [3, 3]})
+    write_run(root, "m_b", [2, 3], {"safe": [0, 0]})
+    write_run(root, "m_c", [2], {"safe": [0]}, start=2, end=4)
+    result = tmp_path / "result.json"
+    r = run_agentpipe("--result", str(result), "pairs", "--data-dir", str(root), "--metric", "safe", "--cases",
+                      "demo", "--evaluator", "toy", "--out", str(tmp_path / "pairs"))
+    assert r.returncode == 0, r.stderr
+    assert "pairs: 1 incomplete trajectory file(s) skipped" in r.stderr and "m_c" in r.stderr
+    data = json.loads(result.read_text())
+    assert data["counts"]["incomplete_files_skipped"] == 1 and "m_c" in data["incomplete_files_skipped"][0]
+
+
 def test_one_user_input_per_case(tmp_path):
     root = tmp_path / "runs"
     write_run(root, "m_a", [2], {"safe": [3]})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _cmd_pairs(args: argparse.Namespace):  # noqa: ANN202 - returns a StageResult
@@ -18,6 +19,10 @@ def _cmd_pairs(args: argparse.Namespace):  # noqa: ANN202 - returns a StageResul
     dropped = f", {c['dropped_too_long']} dropped as too long" if res.length_filtered else ""
     print(f"pairs: {c['pairs']} pairs over {c['cases']} cases from {c['items']} scored trajectories{dropped} -> "
           f"{path} ({res.wall_s:.1f} s)")
+    skipped = getattr(res, "incomplete_files_skipped", [])
+    if skipped:  # the study skips them too (SPEC §4.1); said, so a pair set from partial data is never silent
+        print(f"pairs: {len(skipped)} incomplete trajectory file(s) skipped (fewer trajectories than their case "
+              f"range), e.g. {skipped[0]}; listed in the stats file", file=sys.stderr)
     return res
 
 

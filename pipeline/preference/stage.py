@@ -124,9 +124,13 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
     log_stage_run("pairs", path, experiment="training", params=cfg.fingerprint(), usage={},
                   counts={"pairs": s["pairs"], "cases_with_pairs": s["cases_with_pairs"], "items": s["load"]["items"],
                           "dropped_too_long": s.get("dropped_too_long", 0)}, wall_s=time.perf_counter() - t0, gpus=0)
+    # incomplete trajectory files are skipped as the study does (SPEC §4.1): counted and named, never silent
+    skipped_files = s["load"].get("incomplete_files_skipped") or []
     return StageResult(stage=cfg.stage, outputs={"pairs": str(path)},
                        counts={"pairs": s["pairs"], "cases": s["cases_with_pairs"], "items": s["load"]["items"],
-                               "dropped_too_long": s.get("dropped_too_long", 0)},
+                               "dropped_too_long": s.get("dropped_too_long", 0),
+                               "incomplete_files_skipped": len(skipped_files)},
+                       incomplete_files_skipped=skipped_files,
                        length_filtered=tokenizer is not None, wall_s=time.perf_counter() - t0)
 
 
