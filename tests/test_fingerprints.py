@@ -64,13 +64,19 @@ def world(tmp_path_factory, tiny_model):
     traj = Path(res["outputs"]["trajectories"])
     p, res = agentpipe(root, "evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge")
     assert p.returncode == 0, p.stderr
-    # one judgement neither score nor label can be recovered from: only rerun-failed's re-asking mends it
-    safe = Path(res["outputs"]["eval_files"]["agent_safe"])
-    records = read_jsonl(safe).records
-    records[0] = {"eval_id": 0, "Evaluator Thought": "I am unable to evaluate this.", "eval_scores": {},
-                  "status": "parse_failed", "raw": "I am unable to evaluate this.",
-                  "evaluator_model": "scripted:judge"}
-    safe.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # exactly one judgement neither score nor label can be recovered from (only rerun-failed's re-asking mends
+    # it); every other one scored, whatever the scripted judge answered, so evaluate repair has nothing to mend
+    for eval_type, path in res["outputs"]["eval_files"].items():
+        path = Path(path)
+        key = "ToolCallRisk" if eval_type == "agent_safe" else "Helpfulness"
+        records = [r if (r.get("eval_scores") or {}).get(key) is not None else
+                   {**r, "Overall Quantitative Score": "2", "eval_scores": {key: 2}, "status": "ok"}
+                   for r in read_jsonl(path).records]
+        if eval_type == "agent_safe":
+            records[0] = {"eval_id": 0, "Evaluator Thought": "I am unable to evaluate this.", "eval_scores": {},
+                          "status": "parse_failed", "raw": "I am unable to evaluate this.",
+                          "evaluator_model": "scripted:judge"}
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
     other_runs = root / "other_runs"
     pair_runs, pair_runs2 = root / "pair_runs", root / "pair_runs2"
     for model, s, h in zip("abcde", [3, 3, 1, 0, 2], [0, 3, 3, 3, 1]):

@@ -7,15 +7,11 @@ fields dropped before comparing are timings: ``wall_s`` and ``usage.<role>.laten
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
+import os
 from pathlib import Path
 
 from tests.conftest import run_agentpipe
 
-EXE = str(Path(sys.executable).with_name("agentpipe"))
 
 
 def _emulate_args(tiny_model: Path, out: Path, batch_size: int, seed: int = 5) -> list[str]:
@@ -52,15 +48,16 @@ def _run(args: list[str]) -> None:
 
 
 def _kill_part_way(args: list[str], part: Path, total: int) -> int:
-    """Start the command, SIGKILL it once its journal holds a record; the number of records it left."""
-    proc = subprocess.Popen([EXE, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if part.exists() and part.read_bytes().count(b"\n") >= 1:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    """Run the command and kill it (as SIGKILL does: ``os._exit``, no cleanup) right after its first append to
+    the journal ``part`` was written, before anything else: the crash hook of tests/test_crash_resume.py, so the
+    kill lands part-way whatever the machine's load. The number of records it left."""
+    from tests.test_crash_resume import HOOK
+
+    env = {"PYTHONPATH": os.pathsep.join([str(HOOK), os.environ.get("PYTHONPATH", "")]),
+           "AGENTPIPE_TEST_WRITES_ROOT": str(part.parent), "AGENTPIPE_TEST_CRASH_AT": "1",
+           "AGENTPIPE_TEST_CRASH_SUFFIX": part.name}
+    p = run_agentpipe(*args, env=env)
+    assert p.returncode == 137, p.stderr
     left = part.read_bytes().count(b"\n") if part.exists() else 0
     assert 0 < left < total, f"the kill must land part-way ({left} of {total} records)"
     return left

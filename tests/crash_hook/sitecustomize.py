@@ -4,6 +4,8 @@ folder: it counts the file-system operations that make a stage's writes durable 
 
 * ``AGENTPIPE_TEST_CRASH_AT=N``: kills the process (``os._exit(137)``, no cleanup, like SIGKILL) just before the
   N-th one;
+* ``AGENTPIPE_TEST_CRASH_SUFFIX=S`` (with ``CRASH_AT``): counts only the fsyncs of files whose path ends with ``S``
+  (e.g. ``.part``: killed right after the N-th append to a journal was written, before it was made durable);
 * ``AGENTPIPE_TEST_ENOSPC_AT=N``: makes the N-th fsync of a file and every later one fail with ``ENOSPC``, as a full disk
   does (data written to a full disk fails at the latest when it is made durable);
 * ``AGENTPIPE_TEST_WRITES_COUNT=<file>``: writes the number of operations (and of fsyncs) seen to that file at
@@ -26,7 +28,8 @@ def _install() -> None:
     full_at = int(os.environ.get("AGENTPIPE_TEST_ENOSPC_AT") or 0)
     count_file = os.environ.get("AGENTPIPE_TEST_WRITES_COUNT")
     log_file = os.environ.get("AGENTPIPE_TEST_WRITES_LOG")
-    seen, fsyncs = [0], [0]
+    suffix = os.environ.get("AGENTPIPE_TEST_CRASH_SUFFIX")
+    seen, fsyncs, matched = [0], [0], [0]
     root = os.path.realpath(_ROOT)
 
     def below_root(target) -> str | None:
@@ -45,8 +48,12 @@ def _install() -> None:
             path = below_root(target)
             if path:
                 seen[0] += 1
-                if seen[0] == crash_at:
+                if suffix is None and seen[0] == crash_at:
                     os._exit(137)
+                if suffix is not None and name == "fsync" and path.endswith(suffix):
+                    matched[0] += 1
+                    if matched[0] == crash_at:
+                        os._exit(137)
                 if log_file:  # a rename is logged by its destination: what it puts in place
                     shown = os.path.realpath(os.fsdecode(args[0])) if name in ("replace", "rename") else path
                     with open(log_file, "a") as f:
