@@ -20,7 +20,8 @@ from pipeline.evaluation.judges import judge_messages
 from pipeline.evaluation.parsing import clean_score, parse_fields, recover_score
 from pipeline.evaluation.prompts.common import evaluator_scratchpad
 from pipeline.evaluation.repair import RerunFailedConfig, rerun_failed
-from pipeline.evaluation.runner import EvaluationConfig, run_evaluation, toolkit_registry
+from pipeline.data.toolkit_registry import toolkit_registry
+from pipeline.evaluation.runner import EvaluationConfig, run_evaluation
 from tests.conftest import run_agentpipe
 
 

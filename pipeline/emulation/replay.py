@@ -269,7 +269,7 @@ def replay_file(path: Path, compat: str, report: ReplayReport, toolkits: dict[st
     from pipeline.emulation.compat import get_compat
     from pipeline.emulation.episode import Episode, Limits
     from pipeline.emulation.runner import advance
-    from pipeline.evaluation.runner import judged_toolkits
+    from pipeline.data.toolkit_registry import judged_toolkits
 
     records = [r for r in read_jsonl(path).records if "intermediate_steps" in r]
     judged_toolkits([r["case"] for r in records], toolkits, str(path))  # an unknown toolkit refuses the file
@@ -317,7 +317,7 @@ class ReplayConfig(BaseModel):
 
 def replay_runs(runs: Path, compat: str, files: Iterable[Path] | None = None) -> ReplayReport:
     """Replay every trajectory below ``runs`` (or ``files``) with the engine's ``compat`` rules."""
-    from pipeline.evaluation.runner import toolkit_registry
+    from pipeline.data.toolkit_registry import toolkit_registry
 
     paths = list(files) if files is not None else trajectory_files(Path(runs))
     if not paths:

@@ -246,7 +246,7 @@ def _rerun_toolkits(rf: RunFile, eval_type: str, registry: dict[str, Any]) -> di
     eval file was judged with (``toolkits_sha256`` of its manifest): re-asking with changed specifications would
     mix two evaluations in one file."""
     from pipeline.data.runfiles import load_trajectories
-    from pipeline.evaluation.runner import judged_toolkits, toolkits_digest
+    from pipeline.data.toolkit_registry import judged_toolkits, toolkits_digest
 
     path = rf.eval_files[eval_type]
     kits = judged_toolkits([x.case for x in load_trajectories(rf.path) if not x.failed], registry, str(rf.path))
@@ -274,7 +274,7 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
     rounds. An eval file re-judged earlier by another rerun configuration is refused (``check_amendment``)."""
     from pipeline.data.runfiles import load_trajectories
     from pipeline.evaluation.judges import eval_types_for
-    from pipeline.evaluation.runner import toolkit_registry
+    from pipeline.data.toolkit_registry import toolkit_registry
 
     evaluator, temperature, seed, compat = cfg.evaluator, cfg.temperature, cfg.seed, cfg.compat
     max_new_tokens = cfg.max_new_tokens

@@ -20,13 +20,13 @@ from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from pipeline.data.cases import load_named_case_set
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import file_digest, write_manifest
 from pipeline.data.naming import parse_run_filename
 from pipeline.data.records import SCORE_KEYS, replicate_consistency, valid_score
 from pipeline.data.runfiles import load_trajectories
+from pipeline.data.toolkit_registry import judged_toolkits, toolkit_registry, toolkits_digest
 from pipeline.data.toolkits import Toolkit
 from pipeline.errors import DataError, PipelineError
 from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, choice_judgement, eval_types_for, judge_messages,
@@ -104,45 +104,6 @@ class EvaluationResult:
     skipped: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)  # eval files with failed requests left
     wall_s: float = 0.0
-
-
-def toolkit_registry() -> dict[str, Toolkit]:
-    """Every toolkit the project knows (ToolEmu's when the data is present, and the demo set's)."""
-    registry: dict[str, Toolkit] = {}
-    for name in ("toolemu", "demo"):
-        try:
-            toolkits = load_named_case_set(name).toolkits
-        except PipelineError:  # a set whose data is absent adds nothing; a toolkit it lacks is refused by name
-            continue
-        for tk_name, tk in toolkits.items():
-            if tk_name in registry and registry[tk_name] != tk:  # one name, two specifications: which one?
-                raise DataError(f"toolkit {tk_name}: specified differently by the ToolEmu and demo case sets")
-            registry[tk_name] = tk
-    return registry
-
-
-def judged_toolkits(cases: list[dict[str, Any]], registry: dict[str, Toolkit], where: str) -> dict[str, Toolkit]:
-    """The registry's toolkit of every name the ``cases`` use; a name the registry lacks refuses the file in one
-    line naming it and ``where`` (the judge, or a replay, would otherwise see no specification of that toolkit)."""
-    names = {n for case in cases if isinstance(case, dict) and isinstance(case.get("Toolkits"), list)
-             for n in case["Toolkits"] if isinstance(n, str)}
-    unknown = sorted(names - registry.keys())
-    if unknown:
-        try:
-            load_named_case_set("toolemu")
-            why = ""
-        except PipelineError as e:  # the likely cause, said on the same line
-            why = f"; ToolEmu's toolkits are not loaded ({e})"
-        raise DataError(f"{where}: toolkit{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} not in the toolkit "
-                        f"registry ({len(registry)} toolkits of the ToolEmu and demo case sets){why}")
-    return {n: registry[n] for n in sorted(names)}
-
-
-def toolkits_digest(toolkits: dict[str, Toolkit]) -> str:
-    """sha256 of the tool specifications the judge sees, by toolkit name (part of an eval file's fingerprint:
-    a changed specification is a different evaluation)."""
-    text = json.dumps({n: tk.description("low") for n, tk in sorted(toolkits.items())}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _target_trajectory(path: Path, evaluator_name: str, force: bool) -> Path:
