@@ -135,6 +135,21 @@ class JsonlContent:
         return self.truncated_line is None
 
 
+def read_json_object(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """A JSON file holding an object; unreadable, not JSON or not an object is a ``DataError`` naming the file and
+    ``what`` it should be (``FileNotFoundError`` passes through: callers say what a missing file means)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{path}: unreadable {what} ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def read_jsonl(path: str | Path, *, allow_truncated_tail: bool = True) -> JsonlContent:
     """Read a JSONL file.
 

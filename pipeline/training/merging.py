@@ -84,14 +84,13 @@ def resolve_adapter(adapter: str | Path) -> Path:
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
     """The adapter's ``adapter_config.json`` as a dict; unreadable or not a JSON object is a ``DataError``."""
+    from pipeline.data.jsonl import read_json_object
+
     path = adapter_dir / "adapter_config.json"
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{path}: unreadable adapter config ({type(e).__name__}: {e})") from None
-    if not isinstance(cfg, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
+        return read_json_object(path, "adapter config")
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; expected the adapter's config") from None
 
 
 def default_merge_dir(adapter: Path) -> Path | None:

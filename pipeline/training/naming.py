@@ -12,7 +12,6 @@ Model folder layout: ``adapter/`` (final LoRA adapter + tokenizer), ``merged/`` 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -69,17 +68,14 @@ def _is_trained_model_dir(folder: Path, *, merged: Path) -> bool:
 def read_training_config(model_dir: Path) -> dict:
     """A trained model folder's ``training_config.json``; missing or unreadable is an error naming the file
     (a lineage guessed without it would call a second stage the first)."""
+    from pipeline.data.jsonl import read_json_object
+
     path = model_dir / TRAINING_CONFIG
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path, "training config")
     except FileNotFoundError:
         raise ConfigError(f"{path}: missing; {model_dir} is a trained model folder (it has merged/ or adapter/), "
                           f"so its training config is needed for the lineage") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConfigError(f"{path}: unreadable training config ({type(e).__name__}: {e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
-    return cfg
 
 
 def base_nickname(model: str) -> str:

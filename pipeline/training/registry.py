@@ -17,7 +17,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError
 
 _SEED_OR_BETA = re.compile(r"_(?:s\d+|beta-[0-9.e-]+)(?=_|$)")
 #: options that name what is trained on, not how: a model is "paper-config" whatever these are
@@ -118,12 +117,8 @@ def _read(path: Path) -> dict[str, Any]:
     """A model folder's JSON file; ``{}`` only when it is not written yet (no metrics or test scores so far).
     A file that exists but cannot be read is an error: a card or a merged score table built without it would
     silently drop what it held."""
+    from pipeline.data.jsonl import read_json_object
+
     if not path.exists():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path)
