@@ -164,22 +164,27 @@ def broken(evaluated: Path, tmp_path: Path) -> Path:
     return template
 
 
+def unjudged_copy(tmp_path: Path, evaluated: Path) -> Path:
+    """A copy of the evaluated runs without their eval files: what evaluate starts from."""
+    template = tmp_path / "template"
+    shutil.copytree(evaluated, template)
+    for f in template.rglob("*_eval_*"):
+        f.unlink()
+    return template
+
+
+def evaluate_command(root: Path) -> list[str]:
+    [traj] = root.rglob("*_r0-2.jsonl")
+    return ["evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--no-progress"]
+
+
 # ------------------------------------------------------------------------------------------------ the stages
 def test_emulate_resumes_after_a_crash_at_any_write(tmp_path):
     crash_everywhere(tmp_path, None, lambda root: [*EMULATE, "--out", str(root)])
 
 
 def test_evaluate_resumes_after_a_crash_at_any_write(tmp_path, evaluated):
-    template = tmp_path / "template"
-    shutil.copytree(evaluated, template)
-    for f in template.rglob("*_eval_*"):
-        f.unlink()
-
-    def command(root: Path) -> list[str]:
-        [traj] = root.rglob("*_r0-2.jsonl")
-        return ["evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--no-progress"]
-
-    crash_everywhere(tmp_path, template, command)
+    crash_everywhere(tmp_path, unjudged_copy(tmp_path, evaluated), evaluate_command)
 
 
 def amendments(root: Path) -> list[tuple[str, int]]:
@@ -265,16 +270,7 @@ def test_pairs_on_a_full_disk_ends_in_one_line_and_resumes(tmp_path):
 
 
 def test_evaluate_on_a_full_disk_ends_in_one_line_and_resumes(tmp_path, evaluated):
-    template = tmp_path / "template"
-    shutil.copytree(evaluated, template)
-    for f in template.rglob("*_eval_*"):
-        f.unlink()
-
-    def command(root: Path) -> list[str]:
-        [traj] = root.rglob("*_r0-2.jsonl")
-        return ["evaluate", "--trajectories", str(traj), "--evaluator", "scripted:judge", "--no-progress"]
-
-    full_disk_everywhere(tmp_path, template, command)
+    full_disk_everywhere(tmp_path, unjudged_copy(tmp_path, evaluated), evaluate_command)
 
 
 # ---------------------------------------------------------------------------------- what a killed writer leaves
