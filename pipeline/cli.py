@@ -194,8 +194,54 @@ def _add_llm(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_cmd_llm_chat)
 
 
+# ---------------------------------------------------------------------------------------------- replay
+def _cmd_replay(args: argparse.Namespace) -> int:
+    """Trajectories replay through the emulation stage's engine, judgements through the evaluation stage's
+    replay judge: the command lives here, above both stages (a stage imports no other)."""
+    from pipeline.cli_args import config_from_args
+    from pipeline.data.jsonl import atomic_write_json
+    from pipeline.emulation.replay import ReplayConfig, format_table, replay_runs
+
+    cfg = config_from_args(ReplayConfig, args)
+    if cfg.judgements:
+        from pipeline.evaluation.replay import replay_judgements
+
+        if cfg.compat != "study":
+            raise PipelineError(f"--compat {cfg.compat}: applies to replayed trajectories, not to --judgements")
+        report = replay_judgements(cfg.runs)
+        table = report.table()
+    else:
+        report = replay_runs(cfg.runs, cfg.compat)
+        table = format_table(report)
+    print(report.line())
+    if table:
+        print(table)
+    if cfg.out:
+        atomic_write_json(cfg.out, report.to_json())
+        print(f"details: {cfg.out}")
+    return 0
+
+
+def _add_replay(sub: argparse._SubParsersAction) -> None:
+    from pipeline.cli_args import add_config_arguments
+    from pipeline.emulation.replay import ReplayConfig
+
+    r = sub.add_parser("replay", help="drive recorded trajectories (or judgements) through the pipeline and compare",
+                       description="Replay every trajectory under --runs: the agent's recorded outputs and the "
+                       "emulator's recorded replies go through the real engine (parsing, validation, token budget, "
+                       "continuations, stop rules); the rebuilt trajectory is compared with the record (steps, "
+                       "tools, inputs, observations, final output, stop). --compat study checks the engine "
+                       "reproduces the study; --compat correct shows which episodes the project's defaults would "
+                       "end differently, and why. --judgements replays the recorded judgements instead: each "
+                       "eval file's judgements are answered by the replay judge (replay:DIR#<judge>) and read by "
+                       "the project's parser, and the scores are compared with the recorded ones. See "
+                       "docs/compat.md.")
+    add_config_arguments(r, ReplayConfig, spec=False)
+    r.set_defaults(func=_cmd_replay)
+
+
 #: Built-in sub-commands.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_split, _add_llm]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_data, _add_split, _add_llm, _add_replay]
 #: Stage sub-commands, in pipeline order: each module has ``add_parser(subparsers)`` and imports nothing heavy
 #: at module level (torch, transformers, mlflow load inside the command functions).
 STAGE_CLIS = ["pipeline.emulation.cli", "pipeline.evaluation.cli", "pipeline.preference.cli",

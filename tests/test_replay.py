@@ -98,13 +98,14 @@ def test_the_replay_backend_answers_per_case_and_role_and_then_fails():
         [{"log": "Final Answer: done\n", "return_values": {"output": ": done"}, "type": "AgentFinish"}, ""]]}
     backend = ReplayBackend(records=[record])
     agent = ChatRequest(messages=[{"role": "system", "content": agent_prompts.SYSTEM}], config=GenerationConfig(),
-                        tag=3)
+                        tag=3, role="agent")
     emulator = ChatRequest(messages=[{"role": "system", "content": "You are the simulator."}],
-                           config=GenerationConfig(), tag=3)
+                           config=GenerationConfig(), tag=3, role="emulator")
     a1, e1, a2, a3 = (backend.generate([r])[0] for r in (agent, emulator, agent, agent))
     assert a1.text.startswith("Action: ToolA") and e1.text.endswith('{"x": 1}') and a2.text == "Final Answer: done\n"
     assert not a3.ok and "no more recorded agent outputs for case 3" in a3.error
-    stopped = ChatRequest(messages=agent.messages, config=GenerationConfig(stop=("\nObservation:",)), tag=4)
+    stopped = ChatRequest(messages=agent.messages, config=GenerationConfig(stop=("\nObservation:",)), tag=4,
+                          role="agent")
     backend = ReplayBackend(records=[{**record, "case_idx": 4, "intermediate_steps": [[{
         "log": "Action: ToolA\nAction Input: {}\nObservation: {}\nFinal Answer: made up\n", "return_values": {},
         "type": "AgentFinish"}, ""]]}])

@@ -72,36 +72,9 @@ def _lines():  # noqa: ANN202 - the progress callback for logs
                                   f"{p['failed']} failed, {p['active']} active, {p['batches']} batched calls")
 
 
-def _cmd_replay(args: argparse.Namespace) -> int:
-    from pipeline.cli_args import config_from_args
-    from pipeline.emulation.replay import ReplayConfig, format_table, replay_runs, write_report
-
-    cfg = config_from_args(ReplayConfig, args)
-    report = replay_runs(cfg.runs, cfg.compat)
-    print(report.line())
-    table = format_table(report)
-    if table:
-        print(table)
-    if cfg.out:
-        write_report(report, cfg.out)
-        print(f"details: {cfg.out}")
-    return 0
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from pipeline.cli_args import add_config_arguments
-    from pipeline.emulation.replay import ReplayConfig
     from pipeline.emulation.runner import EmulationConfig
-
-    r = sub.add_parser("replay", help="drive recorded trajectories through the episode engine and compare",
-                       description="Replay every trajectory under --runs: the agent's recorded outputs and the "
-                       "emulator's recorded replies go through the real engine (parsing, validation, token budget, "
-                       "continuations, stop rules); the rebuilt trajectory is compared with the record (steps, "
-                       "tools, inputs, observations, final output, stop). --compat study checks the engine "
-                       "reproduces the study; --compat correct shows which episodes the project's defaults would "
-                       "end differently, and why. See docs/compat.md.")
-    add_config_arguments(r, ReplayConfig, spec=False)
-    r.set_defaults(func=_cmd_replay)
 
     p = sub.add_parser("emulate", help="run an agent in the LLM-emulated tool sandbox",
                        description="Emulate trajectories: the agent acts on each case's tools, the emulator LLM "

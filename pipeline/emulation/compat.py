@@ -39,6 +39,9 @@ class Compat:
     #: into '{"error": "InvalidRequestException: …"}' as it was, so a tool name or input with a newline or a
     #: quote made the observation invalid JSON.
     escaped_errors: bool = True
+    #: The whitespace after a leading "Thought:" is dropped with it. Study: only the prefix was cut, so the log of
+    #: an output "Thought: X" starts with " X" (6,780 of the released step logs, both judges' pools together).
+    strip_after_thought: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -48,7 +51,7 @@ CORRECT = Compat("correct", stop_at_observation=True, final_answer_outside_think
                  continuation_without_duplicates=True, max_steps=30)
 STUDY = Compat("study", stop_at_observation=False, final_answer_outside_think=False,
                continuation_without_duplicates=False, max_steps=None, first_json_object=False,
-               clean_continuations=False, escaped_errors=False)
+               clean_continuations=False, escaped_errors=False, strip_after_thought=False)
 
 
 def get_compat(name: str) -> Compat:

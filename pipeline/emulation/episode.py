@@ -27,8 +27,8 @@ from pipeline.llm.types import request_seed
 MAX_STEPS_OUTPUT = "Agent stopped: max steps exceeded"
 #: Bumped whenever the engine's rules change what an episode records (part of emulate's fingerprint). 2: the
 #: study's action-input, continuation and error-observation rules found by replaying its released runs; "Final
-#: Answer" before "The final answer is".
-ENGINE_VERSION = 2
+#: Answer" before "The final answer is". 3: study mode keeps the whitespace after a leading "Thought:".
+ENGINE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -122,14 +122,14 @@ class Episode:
             cfg = GenerationConfig(max_new_tokens=self.limits.max_tokens_per_call,
                                    temperature=self.limits.emulator_temperature,
                                    seed=self._seed("emulator", self.limits.emulator_temperature, messages))
-            return ChatRequest(messages=messages, config=cfg, tag=self.case_idx)
+            return ChatRequest(messages=messages, config=cfg, tag=self.case_idx, role="emulator")
         pad = self.continuation_scratchpad if self.continuation else self.scratchpad
         messages = agent_prompts.agent_messages(self.case, self.toolkits, pad)
         cfg = GenerationConfig(max_new_tokens=self.limits.max_tokens_per_call,
                                temperature=self.limits.agent_temperature,
                                stop=OBSERVATION_STOPS if self.compat.stop_at_observation else (),
                                seed=self._seed("agent", self.limits.agent_temperature, messages))
-        return ChatRequest(messages=messages, config=cfg, tag=self.case_idx)
+        return ChatRequest(messages=messages, config=cfg, tag=self.case_idx, role="agent")
 
     def _seed(self, role: str, temperature: float, messages: list[dict[str, str]]) -> int | None:
         """A sampled call's own seed: a function of the run's seed, the role, the case and the prompt (which
@@ -158,7 +158,8 @@ class Episode:
             self.error_type = "ContextLengthExceeded" if too_long else "LLMError"
 
     def _agent_reply(self, raw: str) -> None:
-        text = clean_agent_output(raw) if not self.continuation or self.compat.clean_continuations else raw
+        text = (clean_agent_output(raw, self.compat.strip_after_thought)
+                if not self.continuation or self.compat.clean_continuations else raw)
         self.agent_tokens += count_tokens(text)
         full = self.continuation + text if self.continuation else text
         if self.agent_tokens >= self.limits.max_agent_tokens:

@@ -13,11 +13,13 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _EMULATOR = re.compile(r"Simulator Log Summary: (.*?)[\n]*Observation:[\s]*(.*)", re.DOTALL)
 
 
-def clean_agent_output(text: str) -> str:
-    """The study's post-processing of every agent call: strip, drop a leading ``Thought:``, end with a newline."""
+def clean_agent_output(text: str, strip_after_thought: bool = True) -> str:
+    """The study's post-processing of every agent call: strip, drop a leading ``Thought:``, end with a newline.
+    ``strip_after_thought=False``: the study's exact rule, which cut the prefix only (``Thought: X`` → `` X``)."""
     text = text.lstrip()
     if text.startswith("Thought:"):
-        text = text[len("Thought:"):].lstrip()
+        text = text[len("Thought:"):]
+        text = text.lstrip() if strip_after_thought else text
     return text.rstrip() + "\n"
 
 

@@ -1,8 +1,8 @@
 """Replay recorded trajectories through the real episode engine, and compare what it rebuilds with the record.
 
-``ReplayBackend`` (model spec ``replay:<run file>``) answers the agent role with the agent outputs a run file
-recorded (each step's ``log``) and the emulator role with the emulator outputs it recorded (each emulated step's
-raw log), in order, per case (``ChatRequest.tag`` is the case index). It is a reproduction and debugging tool
+``ReplayBackend`` (model spec ``replay:<run file or folder>[#<name>]``) answers the agent role with the agent
+outputs a recording holds (each step's ``log``) and the emulator role with the emulator outputs (each emulated
+step's raw log), in order, per case (``ChatRequest.tag`` is the case index, ``ChatRequest.role`` the role). It is a reproduction and debugging tool
 for real runs — the study's released trajectories above all — not a test double: everything else (parsing,
 validation, local tool errors, the token budget, continuations, stop rules) is the engine's own.
 
@@ -43,10 +43,18 @@ def agent_outputs(record: dict[str, Any]) -> list[str]:
         log = s[0]["log"] if isinstance(s[0], dict) else s[0][2]
         if (isinstance(s[0], dict) and record.get("output") == TOKEN_LIMIT_OUTPUT
                 and parse_agent_output(log, ignore_think=False) is None):
-            out += split_lines(log, MAX_CONTINUATIONS + 1)  # the study gave up after its last continuation
+            calls = split_lines(log, MAX_CONTINUATIONS + 1)  # the study gave up after its last continuation
         else:
-            out += split_continuation(log)
+            calls = split_continuation(log)
+        out += [first_output(calls[0]), *calls[1:]]
     return out
+
+
+def first_output(text: str) -> str:
+    """The output of a step's first call that the study's cleaning turned into ``text``: it dropped leading
+    whitespace, then a leading ``Thought:`` but not the whitespace after it, so a log starting with whitespace
+    was ``Thought:`` + log."""
+    return "Thought:" + text if text[:1].isspace() else text
 
 
 #: The study's continuation limit (SPEC §2.5): an episode that never parsed made this many calls plus one.
@@ -54,10 +62,16 @@ MAX_CONTINUATIONS = 5
 
 
 def split_lines(log: str, n: int) -> list[str]:
-    """An unparseable log as the ``n`` calls that made it: the first line (as the first, cleaned, output), then
-    one line per call, the last call taking the rest (empty outputs when there are fewer lines)."""
-    head, sep, rest = log.partition("\n")
-    pieces = [head + sep]
+    """An unparseable log as the ``n`` calls that made it: the first lines up to one a cleaned output can end
+    with (not with whitespace before its newline), as the first output, then one line per call, the last call
+    taking the rest (empty outputs when there are fewer lines)."""
+    from pipeline.emulation.parsing import clean_agent_output
+
+    ends = [i + 1 for i, ch in enumerate(log) if ch == "\n"]
+    cut = next((i for i in ends if clean_agent_output(first_output(log[:i]), strip_after_thought=False) == log[:i]),
+               ends[0] if ends else len(log))
+    head, rest = log[:cut], log[cut:]
+    pieces = [head]
     lines = rest.splitlines(keepends=True)
     pieces += lines[:n - 2] + ["".join(lines[n - 2:])] if n > 1 else []
     return pieces + [""] * (n - len(pieces))
@@ -75,7 +89,8 @@ def split_continuation(log: str) -> list[str]:
     start = 0
     while (i := log.find("\n", start)) >= 0:
         head = log[:i + 1]
-        if clean_agent_output(head) == head and parse_agent_output(head, ignore_think=False) is None:
+        if (clean_agent_output(first_output(head), strip_after_thought=False) == head
+                and parse_agent_output(head, ignore_think=False) is None):
             return [head, log[i + 1:]]
         if parse_agent_output(head, ignore_think=False) is not None:
             break
@@ -95,25 +110,45 @@ def emulator_outputs(record: dict[str, Any]) -> list[str]:
     return [s[1][2] for s in record["intermediate_steps"] if not isinstance(s[0], dict) and not is_local_step(s)]
 
 
+def recorded_trajectories(path: Path, spec: str) -> list[dict[str, Any]]:
+    """The trajectories a recording holds, in case order: a run file's, or those of every trajectory file below
+    a folder merged per case index (the study stores one model as several range files). The same case recorded
+    twice with different content is a ``DataError`` naming both files (the replay could not tell which to
+    answer from); recorded twice alike (a run file and its copy under another judge's name) is one case."""
+    from pipeline.data.jsonl import read_jsonl
+
+    if path.is_file():
+        return read_jsonl(path).records
+    if not path.is_dir():
+        raise DataError(f"{spec}: no run file or folder at {path}")
+    files = trajectory_files(path)
+    if not files:
+        raise DataError(f"{spec}: no trajectory files below {path}")
+    by_case: dict[Any, tuple[Path, dict[str, Any]]] = {}
+    for f in files:
+        for i, rec in enumerate(read_jsonl(f).records):
+            if "case_idx" not in rec:
+                raise DataError(f"{f}: line {i + 1} has no case_idx")
+            seen = by_case.setdefault(rec["case_idx"], (f, rec))
+            if seen[1] != rec:
+                raise DataError(f"{spec}: case {rec['case_idx']} is recorded twice with different content: "
+                                f"{seen[0]} and {f}")
+    return [rec for _, (_, rec) in sorted(by_case.items(), key=lambda kv: kv[0])]
+
+
 class ReplayBackend(ChatBackend):
-    """Answers from recorded outputs, per case and role, in order; an engine that asks for more than was
-    recorded gets a failed response (the episode then fails: a difference the replay reports)."""
+    """Answers from recorded outputs, per case and role (``ChatRequest.role``), in order; an engine that asks
+    for more than was recorded gets a failed response (the episode then fails: a difference the replay
+    reports). A request without a role, or for the judge (``pipeline.evaluation.replay`` replays judgements),
+    gets a failed response too."""
 
     def __init__(self, spec: ModelSpec | None = None, records: Sequence[dict[str, Any]] | None = None) -> None:
-        from pipeline.emulation.prompts import agent as agent_prompts
-
         if records is None:
             if spec is None:
-                raise DataError("replay backend: give a run file (replay:<path>) or records")
-            from pipeline.data.jsonl import read_jsonl
-
-            path = Path(spec.model)
-            if not path.is_file():
-                raise DataError(f"replay:{path}: run file not found")
-            records = read_jsonl(path).records
+                raise DataError("replay backend: give a run file or folder (replay:<path>) or records")
+            records = recorded_trajectories(Path(spec.model), spec.raw)
         self.spec = spec
         self.revision = f"replay:{spec.model}" if spec else "replay"
-        self._agent_system = agent_prompts.SYSTEM
         self._queues: dict[tuple[Any, str], list[str]] = {}
         #: case → agent outputs whose answer was cut off at a stop sequence (written after an invented observation)
         self.cut: Counter = Counter()
@@ -123,16 +158,16 @@ class ReplayBackend(ChatBackend):
             self._queues[(rec["case_idx"], "agent")] = list(reversed(agent_outputs(rec)))
             self._queues[(rec["case_idx"], "emulator")] = list(reversed(emulator_outputs(rec)))
 
-    def role_of(self, request: ChatRequest) -> str:
-        return "agent" if request.messages and request.messages[0]["content"] == self._agent_system else "emulator"
-
     def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
         out = []
         for r in requests:
-            role = self.role_of(r)
-            queue = self._queues.get((r.tag, role))
+            if r.role not in ("agent", "emulator"):
+                out.append(ChatResponse.failure(f"replay: a trajectory replay answers the agent and the emulator, "
+                                                f"not a request of role {r.role} (case {r.tag})"))
+                continue
+            queue = self._queues.get((r.tag, r.role))
             if not queue:
-                out.append(ChatResponse.failure(f"replay: no more recorded {role} outputs for case {r.tag}"))
+                out.append(ChatResponse.failure(f"replay: no more recorded {r.role} outputs for case {r.tag}"))
                 continue
             text = queue.pop()
             for stop in r.config.stop:  # as a real backend: the output ends before a stop sequence
@@ -312,6 +347,9 @@ class ReplayConfig(BaseModel):
     compat: Literal["correct", "study"] = Field(default="study", description="the engine's rules: study (the "
                                                 "released runs' own) or correct (how the project's defaults "
                                                 "would have ended the same episodes)")
+    judgements: bool = Field(default=False, description="replay the recorded judgements instead: every eval file "
+                             "under --runs through the replay judge and the parser, compared with the recorded "
+                             "scores (--compat does not apply)")
     out: Path | None = Field(default=None, description="write the details (every difference) as JSON here")
 
 
@@ -329,12 +367,6 @@ def replay_runs(runs: Path, compat: str, files: Iterable[Path] | None = None) ->
     if not report.total:  # an empty (or only truncated) file is nothing replayed, not "0 of 0 identical"
         raise DataError(f"--runs {runs}: no trajectories in {len(paths)} trajectory file(s)")
     return report
-
-
-def write_report(report: ReplayReport, out: Path) -> None:
-    from pipeline.data.jsonl import atomic_write_json
-
-    atomic_write_json(out, report.to_json())
 
 
 def format_table(report: ReplayReport) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +48,29 @@ def judge_messages(eval_type: str, record: dict[str, Any], toolkits: list[Toolki
     if eval_type == "agent_safe":
         return safety.render(inputs, specs, pad)
     return helpfulness.render(eval_type, inputs, specs, pad)
+
+
+def trajectory_digest(record: dict[str, Any]) -> str:
+    """What identifies a judged trajectory whatever file or line it is on: a sha256 of its case index, input,
+    steps and output (the fields a rebuilt trajectory equals its recording in)."""
+    text = json.dumps([record.get("case_idx"), record.get("input"), record.get("intermediate_steps"),
+                       record.get("output")], sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class JudgeTag:
+    """The ``tag`` of a judge request (caller data, not in the response cache key): which judgement of which
+    trajectory it asks for. ``trajectory`` is the ``trajectory_digest``; ``agent``/``emulator`` the names in the
+    judged file's name (a replay judge tells apart recorded judgements of the same trajectory by them)."""
+
+    eval_type: str
+    line: int
+    replicate: int
+    case_idx: Any
+    trajectory: str
+    agent: str
+    emulator: str
 
 
 @dataclass(frozen=True)

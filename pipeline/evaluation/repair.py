@@ -318,7 +318,8 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
             reqs = [ChatRequest(messages=judge_messages(t, traj, [kits[tp][n] for n in traj["case"]["Toolkits"]],
                                                         study_final_step=compat == "study"),
                                 config=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                        seed=seed + 1000 * round_no + k), replicate=1000 * round_no + k)
+                                                        seed=seed + 1000 * round_no + k), replicate=1000 * round_no + k,
+                                role="judge")
                     for _, t, _, k, traj, _, tp in items]
             for (path, t, i, k, _, _, _), resp in zip(items, b.generate(reqs)):
                 j = read_judgement(t, resp, judge)

@@ -23,14 +23,14 @@ from pydantic import Field, field_validator
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import file_digest, write_manifest
-from pipeline.data.naming import parse_run_filename
+from pipeline.data.naming import RunFileName, parse_run_filename
 from pipeline.data.records import SCORE_KEYS, replicate_consistency, valid_score
 from pipeline.data.runfiles import load_trajectories
 from pipeline.data.toolkit_registry import judged_toolkits, toolkit_registry, toolkits_digest
 from pipeline.data.toolkits import Toolkit
-from pipeline.errors import DataError, PipelineError
-from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, choice_judgement, eval_types_for, judge_messages,
-                                       prompt_version, read_judgement)
+from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, JudgeTag, choice_judgement, eval_types_for,
+                                       judge_messages, prompt_version, read_judgement, trajectory_digest)
 from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
 from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
@@ -223,10 +223,8 @@ def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progres
         atomic_write_json(_meta(out), identities[t])
     pending = [(t, i, k) for t, items in todo.items() for i, k in items]
     if pending:
-        backend = backend or get_backend(
-            cfg.evaluator, cache=get_settings().home / "cache" / "llm.sqlite" if cfg.cache else None,
-            **({"quantization": cfg.quantization} if cfg.quantization else {}), **cfg.backend_options())
-        _judge(cfg, backend, records, toolkits, pending, result, progress)
+        backend = backend or _judge_backend(cfg)
+        _judge(cfg, backend, records, toolkits, pending, result, progress, parse_run_filename(target.name))
     for t, out in result.eval_files.items():
         if t in result.skipped:
             continue
@@ -246,6 +244,20 @@ def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progres
         else:
             _part(out).unlink(missing_ok=True)
             _meta(out).unlink(missing_ok=True)
+
+
+def _judge_backend(cfg: EvaluationConfig) -> ChatBackend:
+    """The evaluator's backend. A ``replay:`` evaluator is this stage's replay judge (it answers in the judge's
+    format, which this stage owns), built here rather than by ``pipeline.llm`` (which imports no stage)."""
+    spec = parse_model_spec(cfg.evaluator)
+    if spec.backend == "replay":
+        from pipeline.evaluation.replay import ReplayJudge
+
+        if cfg.cache:  # the cache keys on the messages, the replay on the trajectory: a hit could be another's
+            raise ConfigError(f"--cache: the replay judge {cfg.evaluator} answers from its recording; drop --cache")
+        return ReplayJudge(spec)
+    return get_backend(cfg.evaluator, cache=get_settings().home / "cache" / "llm.sqlite" if cfg.cache else None,
+                       **({"quantization": cfg.quantization} if cfg.quantization else {}), **cfg.backend_options())
 
 
 def _part(out: Path) -> Path:
@@ -275,7 +287,7 @@ def choice_seed(seed: int, eval_type: str, messages: list[dict[str, str]]) -> in
 
 def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], registry: dict[str, Toolkit],
            pending: list[tuple[str, int, int]], result: EvaluationResult,
-           progress: Callable[[int, int], None] | None) -> None:
+           progress: Callable[[int, int], None] | None, run: RunFileName) -> None:
     appenders = {t: JsonlAppender(_part(out)) for t, out in result.eval_files.items() if t not in result.skipped}
     try:
         for start in range(0, len(pending), cfg.chunk_size):
@@ -292,7 +304,8 @@ def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], reg
                 # one seed per (metric, line's prompt, replicate): a judgement does not depend on its chunk or batch
                 seed = request_seed(cfg.seed, "judge", t, k, messages) if cfg.temperature > 0 else None
                 config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
-                requests.append(ChatRequest(messages=messages, config=config, replicate=k, tag=(t, i, k)))
+                tag = JudgeTag(t, i, k, rec.get("case_idx"), trajectory_digest(rec), run.agent, run.emulator)
+                requests.append(ChatRequest(messages=messages, config=config, replicate=k, tag=tag, role="judge"))
                 batch.append((t, i, k))
             by_type: dict[str, list[dict]] = defaultdict(list)
             if cfg.scoring == "choice":

@@ -5,11 +5,14 @@
 * ``openai:<model>`` → any OpenAI-compatible endpoint (base URL from settings); bare ``gpt-*`` names too
 * ``<base>+<adapter_path>`` → a LoRA adapter on top of the base (HF and vLLM)
 * ``scripted:<name>`` → the deterministic test double (tests only, never a default)
-* ``replay:<run file>`` → the outputs a run file recorded, per case and role (``pipeline.emulation.replay``)
+* ``replay:<run file or folder>[#<name>]`` → the outputs a recording holds, per case and role (the agent and
+  emulator: ``pipeline.emulation.replay``; the judge: ``pipeline.evaluation.replay``); ``<name>`` is the name the
+  replayed model takes in run-file and folder names (default: the path's)
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +33,8 @@ class ModelSpec:
     adapter: str | None = None
     #: Qwen3 "nt" ids (``…Bnt``): load the plain id with thinking disabled in the chat template.
     enable_thinking: bool | None = None
+    #: ``replay:<path>#<label>``: the name the replayed model takes in file names (already in file-name form)
+    label: str | None = None
 
     @property
     def load_id(self) -> str:
@@ -38,7 +43,9 @@ class ModelSpec:
 
     @property
     def name(self) -> str:
-        """The sanitised name used in run-file and folder names."""
+        """The sanitised name used in run-file and folder names (a replay spec's ``#label`` verbatim)."""
+        if self.label is not None:
+            return self.label
         return sanitize_model_name(self.model + (f"+{self.adapter}" if self.adapter else ""))
 
 
@@ -59,8 +66,12 @@ def parse_model_spec(spec: str) -> ModelSpec:
     base, plus, adapter = body.partition("+")
     if plus and (not base or not adapter):
         raise ConfigError(f"model spec '{raw}': expected <base>+<adapter_path>")
-    if backend == "replay":  # a file path: no adapter, no nickname
+    label = None
+    if backend == "replay":  # a file or folder path (no adapter, no nickname), then the optional #label
         base, plus, adapter = body, "", ""
+        if "#" in body:
+            base, _, label = body.rpartition("#")
+            _check_label(raw, label)
     if plus and backend in ("openai", "scripted"):
         raise ConfigError(f"model spec '{raw}': adapters need a local backend (hf or vllm)")
     if not base:
@@ -69,4 +80,17 @@ def parse_model_spec(spec: str) -> ModelSpec:
     enable_thinking = None
     if backend in ("hf", "vllm") and "Bnt" in model:
         enable_thinking = False
-    return ModelSpec(raw=raw, backend=backend, model=model, adapter=adapter or None, enable_thinking=enable_thinking)
+    return ModelSpec(raw=raw, backend=backend, model=model, adapter=adapter or None, enable_thinking=enable_thinking,
+                     label=label)
+
+
+#: A model name in file-name form: what ``sanitize_model_name`` leaves as it is.
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _check_label(raw: str, label: str) -> None:
+    """A replay spec's ``#name`` must already be a run-file name part (it is used verbatim)."""
+    if not _FILE_NAME.fullmatch(label) or sanitize_model_name(label) != label or "_emu-" in label \
+            or "_eval-" in label:
+        raise ConfigError(f"model spec '{raw}': expected replay:<path>#<name> with a model name in file-name form "
+                          f"(letters, digits, '.', '_', '-'; e.g. Qwen_Qwen3-8B), got '{label}'")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": "..."}
 
@@ -53,13 +53,16 @@ class ChatRequest:
     """One chat completion to make. ``replicate`` distinguishes repeated samples of the same prompt (it is
     part of the cache key); ``tag`` is free caller data (e.g. the case index) and is not. ``adapter``: a LoRA
     adapter folder to answer this request with, on a local backend serving its base model (requests for the base
-    and for several adapters then run in one batch); None = the backend's own spec."""
+    and for several adapters then run in one batch); None = the backend's own spec. ``role``: which part of the
+    study the request plays (set by the stage that makes it; a replay answers by it); not in the cache key, as
+    a live model's answer depends on the messages alone."""
 
     messages: list[Message]
     config: GenerationConfig = field(default_factory=GenerationConfig)
     replicate: int = 0
     tag: Any = None
     adapter: str | None = None
+    role: Literal["agent", "emulator", "judge"] | None = None
 
 
 @dataclass
