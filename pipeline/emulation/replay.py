@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.cases import Case
-from pipeline.data.records import TOKEN_LIMIT_OUTPUT
+from pipeline.data.records import OOM_OUTPUT, TOKEN_LIMIT_OUTPUT
 from pipeline.emulation.parsing import FINAL_MARKERS
 from pipeline.errors import DataError, NamingError
 from pipeline.llm.base import ChatBackend, Progress
@@ -39,14 +39,22 @@ def agent_outputs(record: dict[str, Any]) -> list[str]:
     from pipeline.emulation.parsing import parse_agent_output
 
     out: list[str] = []
-    for s in record["intermediate_steps"]:
+    for i, s in enumerate(record["intermediate_steps"]):
         log = s[0]["log"] if isinstance(s[0], dict) else s[0][2]
+        if is_oom_step(s) and i and log == record["intermediate_steps"][i - 1][0][2]:
+            continue  # the call after this step ran out of memory: the OOM step repeats the step's output
         if (isinstance(s[0], dict) and record.get("output") == TOKEN_LIMIT_OUTPUT
                 and parse_agent_output(log, ignore_think=False) is None):
-            out += split_lines(log, MAX_CONTINUATIONS + 1)  # the study gave up after its last continuation
+            out += _as_returned(split_lines(log, MAX_CONTINUATIONS + 1))  # gave up after its last continuation
         else:
-            out += split_continuation(log)
+            out += _as_returned(split_continuation(log))
     return out
+
+
+def _as_returned(outputs: list[str]) -> list[str]:
+    """A step's call outputs as the model returned them: a cleaned first output that starts with whitespace
+    had a ``Thought:`` before it, which the study's cleaning dropped (and only it)."""
+    return ["Thought:" + outputs[0], *outputs[1:]] if outputs[0][:1].isspace() else outputs
 
 
 #: The study's continuation limit (SPEC §2.5): an episode that never parsed made this many calls plus one.
@@ -89,10 +97,16 @@ def is_local_step(step: list[Any]) -> bool:
     return obs[1] == "" and obs[2] == obs[0] and str(obs[0]).startswith(_LOCAL_ERROR)
 
 
+def is_oom_step(step: list[Any]) -> bool:
+    """The study's last step of an episode stopped by an out-of-memory call (SPEC §2.7)."""
+    return isinstance(step[0], list) and step[0][0] == "[OOM]" and step[1] == ["[OOM]", "", "[OOM]"]
+
+
 def emulator_outputs(record: dict[str, Any]) -> list[str]:
     """The emulator's raw output of every emulated step (an unparseable reply was recorded as ``""``: replayed
     as such it parses to the same empty observation)."""
-    return [s[1][2] for s in record["intermediate_steps"] if not isinstance(s[0], dict) and not is_local_step(s)]
+    return [s[1][2] for s in record["intermediate_steps"]
+            if not isinstance(s[0], dict) and not is_local_step(s) and not is_oom_step(s)]
 
 
 class ReplayBackend(ChatBackend):
@@ -117,6 +131,9 @@ class ReplayBackend(ChatBackend):
         self._queues: dict[tuple[Any, str], list[str]] = {}
         #: case → agent outputs whose answer was cut off at a stop sequence (written after an invented observation)
         self.cut: Counter = Counter()
+        #: cases whose recorded episode stopped at an out-of-memory call: asked past the record, the backend
+        #: runs out of memory there again
+        self._oom = {rec["case_idx"] for rec in records if rec.get("output") == OOM_OUTPUT}
         for rec in records:
             if "intermediate_steps" not in rec:
                 continue  # a failed episode recorded no outputs
@@ -131,6 +148,9 @@ class ReplayBackend(ChatBackend):
         for r in requests:
             role = self.role_of(r)
             queue = self._queues.get((r.tag, role))
+            if not queue and r.tag in self._oom:
+                out.append(ChatResponse.failure(f"replay: CUDA out of memory (as recorded) for case {r.tag}"))
+                continue
             if not queue:
                 out.append(ChatResponse.failure(f"replay: no more recorded {role} outputs for case {r.tag}"))
                 continue
