@@ -105,8 +105,10 @@ class ToolInputError(ValueError):
     """The agent's Action Input does not fit the tool; the message becomes the error observation."""
 
 
-def parse_tool_input(raw: str) -> dict[str, Any]:
-    """Parse an Action Input as a JSON object (non-strict: control characters allowed inside strings)."""
+def parse_tool_input(raw: str, *, study: bool = False) -> dict[str, Any]:
+    """Parse an Action Input as a JSON object (non-strict: control characters allowed inside strings).
+    ``study``: JSON that is not an object gets the study's message, the Python error its validation raised when
+    it called ``.keys()`` on the value (``'list' object has no attribute 'keys'``)."""
     try:
         value = json.loads(raw, strict=False)
     except json.JSONDecodeError as e:
@@ -115,6 +117,8 @@ def parse_tool_input(raw: str) -> dict[str, Any]:
             "tool's argument specifications. Do not include backsticks to wrap the JSON object."
         ) from None
     if not isinstance(value, dict):
+        if study:
+            raise ToolInputError(f"'{type(value).__name__}' object has no attribute 'keys'")
         raise ToolInputError(
             f"Invalid format: expected a JSON object, got {type(value).__name__}. Please format it as a JSON "
             "object with necessary fields matching the tool's argument specifications."
@@ -122,13 +126,14 @@ def parse_tool_input(raw: str) -> dict[str, Any]:
     return value
 
 
-def validate_tool_input(tool: Tool, raw: str) -> dict[str, Any]:
+def validate_tool_input(tool: Tool, raw: str, *, study: bool = False) -> dict[str, Any]:
     """Parse and check an Action Input against a tool's parameters (SPEC §1.2); raises ``ToolInputError``.
 
     Checks, in the study's order: each declared parameter in turn (type if present, presence if required),
-    then unexpected keys. Parameters without a ``required`` flag are not enforced.
+    then unexpected keys. Parameters without a ``required`` flag are not enforced. ``study``: the study's
+    message for JSON that is not an object (``parse_tool_input``).
     """
-    args = parse_tool_input(raw)
+    args = parse_tool_input(raw, study=study)
     for p in tool.parameters:
         if p.name in args:
             expected = PARAM_TYPES.get(p.type)

@@ -39,8 +39,17 @@ class Compat:
     #: into '{"error": "InvalidRequestException: …"}' as it was, so a tool name or input with a newline or a
     #: quote made the observation invalid JSON.
     escaped_errors: bool = True
-    #: The whitespace after a leading "Thought:" is dropped with it. Study: only the prefix was cut, so the log of
-    #: an output "Thought: X" starts with " X" (6,780 of the released step logs, both judges' pools together).
+    #: A tool input that parses as JSON but not as an object is answered "Invalid format: expected a JSON
+    #: object, got list…". Study: the Python error its validation raised calling ``.keys()`` on the value
+    #: ("'list' object has no attribute 'keys'"), found replaying the finetuned models' trajectories.
+    object_input_message: bool = True
+    #: An LLM call that runs out of memory fails like any other error (retried, then the case fails). Study:
+    #: the episode stops there as a partial trajectory (SPEC §2.7): its steps, then a step
+    #: ``[["[OOM]", "", <last agent output>], ["[OOM]", "", "[OOM]"]]``, output "Agent stopped: OOM" (14 of
+    #: the finetuned models' released trajectories); with no agent output yet the case fails.
+    oom_fails_case: bool = True
+    #: A leading "Thought:" the agent repeats is dropped with the whitespace after it. Study: only the prefix
+    #: (ToolEmu's _fix_text): the log keeps the space, " Based on …" (1,877 of the pool's 3,888 trajectories).
     strip_after_thought: bool = True
 
     def as_dict(self) -> dict:
@@ -51,7 +60,9 @@ CORRECT = Compat("correct", stop_at_observation=True, final_answer_outside_think
                  continuation_without_duplicates=True, max_steps=30)
 STUDY = Compat("study", stop_at_observation=False, final_answer_outside_think=False,
                continuation_without_duplicates=False, max_steps=None, first_json_object=False,
-               clean_continuations=False, escaped_errors=False, strip_after_thought=False)
+               clean_continuations=False, escaped_errors=False,
+               object_input_message=False, oom_fails_case=False,
+               strip_after_thought=False)
 
 
 def get_compat(name: str) -> Compat:

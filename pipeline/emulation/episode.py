@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.data.cases import Case
-from pipeline.data.records import TOKEN_LIMIT_OUTPUT
+from pipeline.data.records import OOM_OUTPUT, TOKEN_LIMIT_OUTPUT
 from pipeline.data.toolkits import Tool, Toolkit, ToolInputError, validate_tool_input
 from pipeline.emulation.compat import OBSERVATION_STOPS, Compat
 from pipeline.emulation.parsing import (AgentAction, AgentFinish, clean_agent_output, parse_agent_output,
@@ -27,7 +27,8 @@ from pipeline.llm.types import request_seed
 MAX_STEPS_OUTPUT = "Agent stopped: max steps exceeded"
 #: Bumped whenever the engine's rules change what an episode records (part of emulate's fingerprint). 2: the
 #: study's action-input, continuation and error-observation rules found by replaying its released runs; "Final
-#: Answer" before "The final answer is". 3: study mode keeps the whitespace after a leading "Thought:".
+#: Answer" before "The final answer is". 3: the study's rules found replaying its finetuned models' runs (ToolEmu's
+#: action input extraction, the error for a non-object input, OOM partial trajectories, "Thought:" cleaning).
 ENGINE_VERSION = 3
 
 
@@ -92,6 +93,7 @@ class Episode:
     continuation: str = ""  # accumulated unparseable agent output
     continuation_scratchpad: str = ""
     continuations: int = 0
+    last_output: str = ""  # the agent's latest output (accumulated while continuing): an OOM stop records it
     pending: tuple[str, str, str, Toolkit, Tool] | None = None  # action awaiting the emulator
     output: str | None = None
     finish_log: str = ""
@@ -151,6 +153,9 @@ class Episode:
             self._emulator_reply(response.text)
 
     def _llm_failure(self, role: str, error: str) -> None:
+        if not self.compat.oom_fails_case and "out of memory" in error.lower() and (self.steps or self.last_output):
+            self._stop_oom()
+            return
         self.failures += 1
         too_long = "maximum model length" in error or "too long" in error
         if too_long or self.failures >= self.limits.max_attempts:
@@ -158,10 +163,12 @@ class Episode:
             self.error_type = "ContextLengthExceeded" if too_long else "LLMError"
 
     def _agent_reply(self, raw: str) -> None:
-        text = (clean_agent_output(raw, self.compat.strip_after_thought)
-                if not self.continuation or self.compat.clean_continuations else raw)
+        keep_space = not self.compat.strip_after_thought
+        cleaned = not self.continuation or self.compat.clean_continuations
+        text = clean_agent_output(raw, keep_space=keep_space) if cleaned else raw
         self.agent_tokens += count_tokens(text)
         full = self.continuation + text if self.continuation else text
+        self.last_output = full
         if self.agent_tokens >= self.limits.max_agent_tokens:
             self._finish(TOKEN_LIMIT_OUTPUT, full, "token_limit")
             return
@@ -196,7 +203,7 @@ class Episode:
             return
         toolkit, tool = found
         try:
-            validate_tool_input(tool, action.tool_input)
+            validate_tool_input(tool, action.tool_input, study=not self.compat.object_input_message)
         except ToolInputError as e:
             self._local_observation(action, log, self._error(str(e)))
             return
@@ -232,6 +239,12 @@ class Episode:
         self.output, self.finish_log, self.finish_reason = output, log, reason
         self.steps.append([{"return_values": {"output": output}, "log": log, "type": "AgentFinish"}, ""])
 
+    def _stop_oom(self) -> None:
+        """The study's partial trajectory after an out-of-memory call (SPEC §2.7): no AgentFinish step."""
+        self.pending = None
+        self.output, self.finish_log, self.finish_reason = OOM_OUTPUT, self.last_output, "oom"
+        self.steps.append([["[OOM]", "", self.last_output], ["[OOM]", "", "[OOM]"]])
+
     # --------------------------------------------------------------------------------------------- record
     def record(self, extra: dict[str, Any]) -> dict[str, Any]:
         """The trajectory record (SPEC §2.8 keys first, then this project's added fields)."""
@@ -240,8 +253,8 @@ class Episode:
             return {"error": self.error, "error_type": self.error_type, "case": self.case.to_json(),
                     "case_idx": self.case_idx, "usage": usage, **extra}
         inputs = self.case.prompt_inputs()
-        rec: dict[str, Any] = {"input": inputs["input"]}
-        if self.mode == "adversarial":
+        rec: dict[str, Any] = {} if self.finish_reason == "oom" else {"input": inputs["input"]}  # as the study
+        if self.mode == "adversarial" and self.finish_reason != "oom":
             rec.update(underspecifications=inputs["underspecifications"], risky_outcome=inputs["risky_outcome"],
                        risky_actions=inputs["risky_actions"])
         rec.update(output=self.output, intermediate_steps=self.steps, case=self.case.to_json(),

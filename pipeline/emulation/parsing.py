@@ -13,13 +13,13 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL)
 _EMULATOR = re.compile(r"Simulator Log Summary: (.*?)[\n]*Observation:[\s]*(.*)", re.DOTALL)
 
 
-def clean_agent_output(text: str, strip_after_thought: bool = True) -> str:
+def clean_agent_output(text: str, *, keep_space: bool = False) -> str:
     """The study's post-processing of every agent call: strip, drop a leading ``Thought:``, end with a newline.
-    ``strip_after_thought=False``: the study's exact rule, which cut the prefix only (``Thought: X`` → `` X``)."""
+    ``keep_space``: as the study (ToolEmu's ``_fix_text``), only the prefix is dropped, so ``Thought: Done``
+    becomes `` Done`` (after the scratchpad's ``Thought:`` it reads ``Thought: Done`` again)."""
     text = text.lstrip()
     if text.startswith("Thought:"):
-        text = text[len("Thought:"):]
-        text = text.lstrip() if strip_after_thought else text
+        text = text[len("Thought:"):] if keep_space else text[len("Thought:"):].lstrip()
     return text.rstrip() + "\n"
 
 
@@ -76,32 +76,49 @@ def extract_action_input(text: str) -> str:
     return candidate[:err_pos].strip(' "')
 
 
-_BAD_ESCAPE = re.compile(r'\\([^"\\/bfnrtu])')
+#: The study's fenced block: only one that holds a JSON object (``{…}``) right inside its fences is unwrapped.
+_STUDY_FENCE = re.compile(r"```(?:json)?\s*(\{.*?\})\s*```", re.DOTALL)
 
 
 def study_action_input(text: str) -> str:
-    """The action input as the study recorded it (found by replaying its 3,888 released trajectories: 11,344 of
-    11,350 action steps): a fenced block is unwrapped and stripped; text that parses as JSON as a whole (trailing newline
-    included) is kept whole; a JSON object followed by other text is cut after the object; invalid escapes
-    (``\\$``, ``\\_``) and Python booleans are fixed first when that makes it parse; text that still does not
-    parse is kept whole (tool validation then rejects it). Finally stripped of spaces and double quotes."""
-    fenced = _FENCE.search(text)
+    """The action input as the study extracted it (ToolEmu's ``get_first_json_object_str``: every action step of
+    the released trajectories follows it, 5,876 in the pool, 16,611 in the finetuned models'): the first fenced
+    block that holds a JSON object is unwrapped; the text, left-stripped, is parsed; at each error an invalid
+    escape (``\\$``: every occurrence of that pair loses its backslash) or a Python boolean (every ``True``/
+    ``False``) is fixed and parsing retried; at any other error the text is cut there, and the cut is kept when
+    it parses (a JSON object followed by other text), else the (fixed) text is kept whole (tool validation then
+    rejects it). Finally stripped of spaces, then of double quotes."""
+    fenced = _STUDY_FENCE.search(text)
     if fenced:
-        text = fenced.group(1).strip()
+        text = fenced.group(1)
+    text = kept = text.lstrip()
     decoder = json.JSONDecoder(strict=False)
-    fixed = _BAD_ESCAPE.sub(r"\1", text)
-    for attempt in (text, fixed, re.sub(r"\bTrue\b", "true", re.sub(r"\bFalse\b", "false", fixed))):
+    while True:
         try:
-            decoder.decode(attempt)
-            return attempt.strip(' "')
-        except json.JSONDecodeError:
-            pass
-        try:
-            _, end = decoder.raw_decode(attempt)
-            return attempt[:end].strip(' "')
-        except json.JSONDecodeError:
-            pass
-    return text.strip(' "')
+            decoder.decode(text)
+            break
+        except json.JSONDecodeError as e:
+            fixed = _study_json_fix(text, e.pos)
+            if fixed is None:
+                text = text[:e.pos].rstrip()
+                break
+            text = kept = fixed
+    try:
+        decoder.decode(text)
+        kept = text
+    except json.JSONDecodeError:  # the cut does not parse either: the whole (fixed) text is the input
+        pass
+    return kept.strip(" ").strip('"')
+
+
+def _study_json_fix(text: str, pos: int) -> str | None:
+    """ToolEmu's ``special_fix_for_json_obj``: the text with the slip at ``pos`` fixed everywhere, or None."""
+    if text.startswith("\\", pos) and pos + 1 < len(text):  # {"a\_b": 1}: every "\_" becomes "_"
+        return text.replace(text[pos:pos + 2], text[pos + 1])
+    for python, json_name in (("True", "true"), ("False", "false")):
+        if text.startswith(python, pos):
+            return text.replace(python, json_name)
+    return None
 
 
 @dataclass(frozen=True)

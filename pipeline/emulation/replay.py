@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.data.cases import Case
-from pipeline.data.records import TOKEN_LIMIT_OUTPUT
+from pipeline.data.records import OOM_OUTPUT, TOKEN_LIMIT_OUTPUT
 from pipeline.emulation.parsing import FINAL_MARKERS
 from pipeline.errors import DataError, NamingError
 from pipeline.llm.base import ChatBackend, Progress
@@ -39,22 +39,27 @@ def agent_outputs(record: dict[str, Any]) -> list[str]:
     from pipeline.emulation.parsing import parse_agent_output
 
     out: list[str] = []
-    for s in record["intermediate_steps"]:
+    for i, s in enumerate(record["intermediate_steps"]):
         log = s[0]["log"] if isinstance(s[0], dict) else s[0][2]
+        if is_oom_step(s) and i and log == record["intermediate_steps"][i - 1][0][2]:
+            continue  # the call after this step ran out of memory: the OOM step repeats the step's output
         if (isinstance(s[0], dict) and record.get("output") == TOKEN_LIMIT_OUTPUT
                 and parse_agent_output(log, ignore_think=False) is None):
-            calls = split_lines(log, MAX_CONTINUATIONS + 1)  # the study gave up after its last continuation
+            out += _as_returned(split_lines(log, MAX_CONTINUATIONS + 1))  # gave up after its last continuation
         else:
-            calls = split_continuation(log)
-        out += [first_output(calls[0]), *calls[1:]]
+            out += _as_returned(split_continuation(log))
     return out
 
 
 def first_output(text: str) -> str:
-    """The output of a step's first call that the study's cleaning turned into ``text``: it dropped leading
-    whitespace, then a leading ``Thought:`` but not the whitespace after it, so a log starting with whitespace
-    was ``Thought:`` + log."""
+    """The output of a step's first call that the study's cleaning turned into ``text`` (see ``_as_returned``)."""
     return "Thought:" + text if text[:1].isspace() else text
+
+
+def _as_returned(outputs: list[str]) -> list[str]:
+    """A step's call outputs as the model returned them: a cleaned first output that starts with whitespace
+    had a ``Thought:`` before it, which the study's cleaning dropped (and only it)."""
+    return ["Thought:" + outputs[0], *outputs[1:]] if outputs[0][:1].isspace() else outputs
 
 
 #: The study's continuation limit (SPEC §2.5): an episode that never parsed made this many calls plus one.
@@ -68,7 +73,7 @@ def split_lines(log: str, n: int) -> list[str]:
     from pipeline.emulation.parsing import clean_agent_output
 
     ends = [i + 1 for i, ch in enumerate(log) if ch == "\n"]
-    cut = next((i for i in ends if clean_agent_output(first_output(log[:i]), strip_after_thought=False) == log[:i]),
+    cut = next((i for i in ends if clean_agent_output(first_output(log[:i]), keep_space=True) == log[:i]),
                ends[0] if ends else len(log))
     head, rest = log[:cut], log[cut:]
     pieces = [head]
@@ -89,7 +94,7 @@ def split_continuation(log: str) -> list[str]:
     start = 0
     while (i := log.find("\n", start)) >= 0:
         head = log[:i + 1]
-        if (clean_agent_output(first_output(head), strip_after_thought=False) == head
+        if (clean_agent_output(first_output(head), keep_space=True) == head
                 and parse_agent_output(head, ignore_think=False) is None):
             return [head, log[i + 1:]]
         if parse_agent_output(head, ignore_think=False) is not None:
@@ -104,10 +109,16 @@ def is_local_step(step: list[Any]) -> bool:
     return obs[1] == "" and obs[2] == obs[0] and str(obs[0]).startswith(_LOCAL_ERROR)
 
 
+def is_oom_step(step: list[Any]) -> bool:
+    """The study's last step of an episode stopped by an out-of-memory call (SPEC §2.7)."""
+    return isinstance(step[0], list) and step[0][0] == "[OOM]" and step[1] == ["[OOM]", "", "[OOM]"]
+
+
 def emulator_outputs(record: dict[str, Any]) -> list[str]:
     """The emulator's raw output of every emulated step (an unparseable reply was recorded as ``""``: replayed
     as such it parses to the same empty observation)."""
-    return [s[1][2] for s in record["intermediate_steps"] if not isinstance(s[0], dict) and not is_local_step(s)]
+    return [s[1][2] for s in record["intermediate_steps"]
+            if not isinstance(s[0], dict) and not is_local_step(s) and not is_oom_step(s)]
 
 
 def recorded_trajectories(path: Path, spec: str) -> list[dict[str, Any]]:
@@ -152,6 +163,9 @@ class ReplayBackend(ChatBackend):
         self._queues: dict[tuple[Any, str], list[str]] = {}
         #: case → agent outputs whose answer was cut off at a stop sequence (written after an invented observation)
         self.cut: Counter = Counter()
+        #: cases whose recorded episode stopped at an out-of-memory call: asked past the record, the backend
+        #: runs out of memory there again
+        self._oom = {rec["case_idx"] for rec in records if rec.get("output") == OOM_OUTPUT}
         for rec in records:
             if "intermediate_steps" not in rec:
                 continue  # a failed episode recorded no outputs
@@ -166,6 +180,9 @@ class ReplayBackend(ChatBackend):
                                                 f"not a request of role {r.role} (case {r.tag})"))
                 continue
             queue = self._queues.get((r.tag, r.role))
+            if not queue and r.tag in self._oom:
+                out.append(ChatResponse.failure(f"replay: CUDA out of memory (as recorded) for case {r.tag}"))
+                continue
             if not queue:
                 out.append(ChatResponse.failure(f"replay: no more recorded {r.role} outputs for case {r.tag}"))
                 continue
