@@ -208,3 +208,49 @@ def test_human_labels_are_pulled_and_reported_beside_the_judge(judged_run, mlflo
     r = run_agentpipe("report", "--runs", str(home / "trajectories"), "--out", str(tmp_path / "r2"),
                       "--human-labels", str(tmp_path / "missing.jsonl"), env=env)
     assert r.returncode != 0 and "--human-labels" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_traces_are_logged_in_bulk_one_request_per_trace_and_a_rerun_only_searches(judged_run, mlflow_server,
+                                                                                  tmp_path, monkeypatch):
+    """Issue 24: the spans of many traces go in one request and each trace's info (tags, metadata, assessments)
+    in one more; the existing traces of a folder are found by one search. The old path made ~10 requests per
+    trace (one per span, a read-back, one per assessment, one for the tag)."""
+    import shutil
+
+    import requests
+
+    from pipeline.tracking.traces import COMPLETE_TAG, log_files_traces
+
+    _, _, judged = judged_run
+    folder = tmp_path / "traced-agent"
+    folder.mkdir()
+    copies = []
+    base = judged.name[:-len(".jsonl")]
+    for i in range(2):  # two trajectory files of one folder (time-stamped names), each with its eval files
+        for src in judged.parent.glob(base + "*.jsonl"):
+            shutil.copy(src, folder / src.name.replace(base, f"{base}_0101_00000{i}"))
+        copies.append(folder / f"{base}_0101_00000{i}.jsonl")
+    sent: list[str] = []
+    original = requests.Session.send
+
+    def counting_send(session, request, **kw):
+        sent.append(request.url)
+        return original(session, request, **kw)
+
+    monkeypatch.setattr(requests.Session, "send", counting_send)
+    c = _client(mlflow_server)
+    exp = c.get_experiment_by_name("evaluation").experiment_id
+    reports = log_files_traces(c, mlflow_server, exp, copies, run_id=None)
+    n = sum(r.traces for r in reports)
+    assert n == 6 and sum(r.logged for r in reports) == 6
+    assert sum("/v1/traces" in u for u in sent) == 1  # every span of the six traces in one OTLP request
+    assert sum(u.endswith("/traces") and "/v1/" not in u for u in sent) <= n + 2, sent  # one info per trace
+    assert len(sent) <= n + 4, sent
+    for path in copies:
+        traces = _traces(mlflow_server, path)
+        assert len(traces) == 3 and all(t.info.tags[COMPLETE_TAG] == "true" for t in traces)
+        assert all(len(t.info.assessments) == 4 and len(t.data.spans) >= 2 for t in traces)
+    sent.clear()
+    reports = log_files_traces(c, mlflow_server, exp, copies, run_id=None)
+    assert [r.unchanged for r in reports] == [3, 3] and not any(r.logged for r in reports)
+    assert len(sent) == 1, sent  # one search for the folder, none per file or per trace

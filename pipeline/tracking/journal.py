@@ -195,6 +195,12 @@ def run_id_for(folder: str | Path, tracking_uri: str | None = None) -> str | Non
 
 
 # ---------------------------------------------------------------------------------------------------- sending
+#: operations sent together when consecutive in a journal: run data in one log_batch, trajectory files' traces
+#: in one bulk write
+_LOG_OPS = ("metrics", "params", "tags")
+_BATCHED = {**{k: _LOG_OPS for k in _LOG_OPS}, "traces": ("traces",)}
+
+
 class _Sender:
     """Sends journal operations of one folder to one tracking URI (call under the folder's lock)."""
 
@@ -322,13 +328,16 @@ class _Sender:
             raise FileNotFoundError(f"{what} {op['path']} no longer exists")
         return local
 
-    def _traces(self, op: dict[str, Any]) -> None:
-        from pipeline.tracking.traces import log_file_traces
+    def _traces(self, ops: list[dict[str, Any]]) -> None:
+        """Consecutive ``traces`` operations are logged together (one bulk write, see ``traces``)."""
+        from pipeline.tracking.traces import log_files_traces
 
-        local = self._local(op, "trajectory file")
-        rep = log_file_traces(self.client, self.uri, self.target["experiment_id"], local, run_id=self.target["run_id"])
-        log.info("%s: %d traces (%d logged, %d with new judgements)", local.name, rep.traces, rep.logged,
-                 rep.replaced)
+        local = [self._local(op, "trajectory file") for op in ops]
+        reports = log_files_traces(self.client, self.uri, self.target["experiment_id"], local,
+                                   run_id=self.target["run_id"])
+        for rep in reports:
+            log.info("%s: %d traces (%d logged, %d with new judgements)", Path(rep.file).name, rep.traces,
+                     rep.logged, rep.replaced)
 
     def _artifact(self, op: dict[str, Any]) -> None:
         local = self._local(op, "artifact")
@@ -373,7 +382,7 @@ class _Sender:
         elif kind == "input":
             self._input(op)
         elif kind == "traces":
-            self._traces(op)
+            self._traces(group)
         else:
             raise RuntimeError(f"unknown journal operation '{kind}'")
 
@@ -382,12 +391,12 @@ class _Sender:
         pending = [op for op in ops if op["seq"] > self.target["synced_seq"]]
         sent = 0
         i = 0
+        single_until = -1  # after a failed group of traces, its operations are retried one by one
         while i < len(pending):
             group = [pending[i]]
-            if group[0]["op"] in ("metrics", "params", "tags"):  # batch consecutive logging operations
-                while i + len(group) < len(pending) and pending[i + len(group)]["op"] in ("metrics", "params", "tags") \
-                        and len(group) < 200:
-                    group.append(pending[i + len(group)])
+            kinds = _BATCHED.get(group[0]["op"], ()) if i >= single_until else ()
+            while i + len(group) < len(pending) and pending[i + len(group)]["op"] in kinds and len(group) < 200:
+                group.append(pending[i + len(group)])  # batch consecutive operations of one kind
             try:
                 self._apply(group)
             except Exception as e:  # noqa: BLE001 - decide below whether the server is down or the op is bad
@@ -400,6 +409,9 @@ class _Sender:
                                 "sync`", self.uri, len(pending) - i, self.folder / JOURNAL)
                     self.save()
                     return sent, False
+                if len(group) > 1 and group[0]["op"] == "traces":  # each file again, alone (retries, a missing file)
+                    single_until = i + len(group)
+                    continue
                 if group[0]["op"] == "traces" and not isinstance(e, FileNotFoundError) and self._retry(group[0]):
                     log.warning("%s: traces of %s not all logged (%s); kept for the next sync", self.folder,
                                 Path(group[0]["path"]).name, " ".join(str(e).split())[:300])
@@ -612,13 +624,17 @@ class Tracker:
         self._append({"op": "input", "name": name, "source": str(Path(path).resolve()), "digest": digest[:36],
                       "context": context, "profile": dict(profile or {}), "schema": schema})
 
-    def log_traces(self, trajectory_file: str | Path) -> None:
-        """Log every trajectory of a (judged) trajectory file as a trace of this run, with its judgements as
-        assessments (``pipeline.tracking.traces``; read from disk when synced, idempotent)."""
-        p = Path(trajectory_file).resolve()
-        if not p.is_file():
-            raise ConfigError(f"trajectory file {p}: not found")
-        self._append({"op": "traces", "path": str(p), "rel": os.path.relpath(p, self.folder.resolve())})
+    def log_traces(self, *trajectory_files: str | Path) -> None:
+        """Log every trajectory of (judged) trajectory files as traces of this run, with their judgements as
+        assessments (``pipeline.tracking.traces``; read from disk when synced, idempotent). One journal operation
+        per file; several files are sent together (one bulk write)."""
+        paths = [Path(f).resolve() for f in trajectory_files]
+        for p in paths:
+            if not p.is_file():
+                raise ConfigError(f"trajectory file {p}: not found")
+        for n, p in enumerate(paths, 1):
+            self._append({"op": "traces", "path": str(p), "rel": os.path.relpath(p, self.folder.resolve())},
+                         send=n == len(paths))
 
     def register_model(self, name: str, artifact_path: str, *, tags: Mapping[str, Any] | None = None,
                        description: str | None = None, aliases: list[str] | tuple[str, ...] = ()) -> None:
@@ -695,14 +711,15 @@ class Tracker:
     #: why the server refused this run's client (401/403), else None
     refused: str | None = None
 
-    def _append(self, op: dict[str, Any], final: bool = False) -> None:
+    def _append(self, op: dict[str, Any], final: bool = False, send: bool = True) -> None:
         op = {"seq": self._seq, "ts": _now_ms(), **op}
         if "journal_id" not in op and op["op"] == "register_model":
             op["journal_id"] = self.journal_id
         self._journal.append(op)
         self._ops.append(op)
         self._seq += 1
-        self.flush(force=final)
+        if send or final:
+            self.flush(force=final)
 
     def __enter__(self) -> Tracker:
         return self

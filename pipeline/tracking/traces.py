@@ -20,9 +20,9 @@ journal (nothing lost while the server is down); ``agentpipe track traces DIR`` 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,11 +167,71 @@ def _steps(rec: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
                            "emulator_raw": obs[2] if len(obs) > 2 else None}
 
 
-def log_trace(client: Any, experiment_id: str, doc: TraceDoc, *, run_id: str | None,
-              end_time_ns: int) -> str:
-    """Log one trace with its spans and assessments; returns its id. Tagged complete only at the end, so a trace
-    cut short by a crash is recognised and replaced on the next attempt."""
-    from mlflow.entities import SpanType
+#: spans sent in one OTLP request, traces built before they are sent (memory stays bounded)
+_SPANS_PER_REQUEST = 2000
+_TRACES_PER_BATCH = 200
+#: concurrent StartTraceV3 requests (one per trace: MLflow has no bulk call for trace infos)
+_WORKERS = 8
+
+
+def trace_id_for(experiment_id: str, key: str) -> tuple[int, str]:
+    """The trace's OTel id and MLflow id, derived from its experiment and key: a trace logged again after a
+    crash (spans stored, trace info not yet) overwrites its own spans instead of leaving a stray copy."""
+    from mlflow.tracing.utils import encode_trace_id
+
+    otel = int.from_bytes(hashlib.sha256(f"{experiment_id}\0{key}".encode()).digest()[:16], "big") or 1
+    return otel, "tr-" + encode_trace_id(otel)
+
+
+@dataclass
+class _SpanBuilder:
+    """Finished MLflow spans of one trace, built in memory (no tracer, no exporter: nothing is sent)."""
+
+    otel_trace_id: int
+    trace_id: str
+    spans: list[Any] = field(default_factory=list)
+
+    def span_id(self, index: int) -> int:
+        """The id of the trace's span number ``index`` (0: the root), derived like the trace id."""
+        return int.from_bytes(hashlib.sha256(f"{self.trace_id}/{index}".encode()).digest()[:8], "big") or 1
+
+    def add(self, name: str, span_type: str, start: int, end: int, *, parent: int | None, inputs: Any,
+            outputs: Any, attributes: dict[str, Any], status: str = "OK",
+            experiment_id: str | None = None) -> int:
+        from mlflow.entities import Span, SpanStatus
+        from mlflow.tracing.constant import SpanAttributeKey
+        from mlflow.tracing.utils import build_otel_context, dump_span_attribute_value
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import ReadableSpan
+
+        span_id = self.span_id(len(self.spans))
+        attrs: dict[str, Any] = {SpanAttributeKey.REQUEST_ID: self.trace_id, SpanAttributeKey.SPAN_TYPE: span_type,
+                                 SpanAttributeKey.INPUTS: inputs, **attributes, SpanAttributeKey.OUTPUTS: outputs}
+        if experiment_id is not None:
+            attrs = {SpanAttributeKey.EXPERIMENT_ID: experiment_id, **attrs}
+        self.spans.append(Span(ReadableSpan(
+            name=name, context=build_otel_context(self.otel_trace_id, span_id),
+            parent=build_otel_context(self.otel_trace_id, parent) if parent is not None else None,
+            start_time=start, end_time=end, status=SpanStatus(status).to_otel_status(),
+            attributes={k: dump_span_attribute_value(v) for k, v in attrs.items()}, resource=Resource.get_empty())))
+        return span_id
+
+
+@functools.cache
+def _env_metadata() -> dict[str, str]:
+    """What MLflow's own exporter records about the logging process (source, user, git), resolved once."""
+    from mlflow.tracing.utils.environment import resolve_env_metadata
+
+    return dict(resolve_env_metadata())
+
+
+def build_trace(doc: TraceDoc, experiment_id: str, *, run_id: str | None, end_time_ns: int) -> Any:
+    """One trajectory as a finished MLflow ``Trace``: its spans, tags (``complete`` included), metadata and the
+    judge's assessments, ready to be sent in bulk (:func:`send_traces`)."""
+    from mlflow.entities import SpanType, Trace, TraceData, TraceInfo, TraceLocation, TraceState
+    from mlflow.tracing.constant import TRACE_SCHEMA_VERSION, TRACE_SCHEMA_VERSION_KEY, TraceMetadataKey, TraceTagKey
+    from mlflow.tracing.utils import add_size_stats_to_trace_metadata
+    from mlflow.tracing.utils.truncation import set_request_response_preview
 
     rec = doc.record
     case = rec.get("case") or {}
@@ -185,46 +245,83 @@ def log_trace(client: Any, experiment_id: str, doc: TraceDoc, *, run_id: str | N
     a_ns = int(float(agent_u.get("latency_s") or 0) * 1e9 / n_agent) or max(1, wall_ns // (2 * n_agent))
     e_ns = int(float(emu_u.get("latency_s") or 0) * 1e9 / n_emu) or max(1, wall_ns // (2 * n_agent))
     versions = rec.get("prompt_versions") or {}
-    tags = {KEY_TAG: doc.key, FILE_TAG: doc.run_file, PATH_TAG: doc.run_path, JUDGEMENTS_TAG: doc.digest,
-            "agent": str(rec.get("agent_model") or ""), "case_idx": str(doc.case_idx)}
-    root = client.start_trace(
-        f"case {doc.case_idx} {case.get('name', '')}".strip(), span_type=SpanType.AGENT,
-        inputs={"instruction": _clip(rec.get("input") or case.get("User Instruction")),
-                "toolkits": case.get("Toolkits"), "underspecifications": _clip(rec.get("underspecifications")),
-                "risky_outcomes": _clip(rec.get("risky_outcome")), "risky_actions": _clip(rec.get("risky_actions"))},
-        attributes={"case_idx": doc.case_idx, "agent_model": str(rec.get("agent_model")),
-                    "emulator_model": str(rec.get("emulator_model")), "run_file": doc.run_file},
-        tags=tags, experiment_id=experiment_id, start_time_ns=start, run_id=run_id)
-    trace_id, t = root.trace_id, start
+    otel_id, trace_id = trace_id_for(experiment_id, doc.key)
+    b = _SpanBuilder(otel_id, trace_id)
+    name = f"case {doc.case_idx} {case.get('name', '')}".strip()
+    attrs = {"case_idx": doc.case_idx, "agent_model": str(rec.get("agent_model")),
+             "emulator_model": str(rec.get("emulator_model")), "run_file": doc.run_file,
+             **{f"{role}.{k}": v for role, u in (("agent", agent_u), ("emulator", emu_u)) for k, v in u.items()
+                if isinstance(v, (int, float))}}
+    last = start + sum(a_ns + (e_ns if k == "tool" else 0) for k, _ in steps)
+    end = max(last, end_time_ns)
+    root_id = b.add(name, SpanType.AGENT, start, end, parent=None, experiment_id=experiment_id, attributes=attrs,
+                    inputs={"instruction": _clip(rec.get("input") or case.get("User Instruction")),
+                            "toolkits": case.get("Toolkits"),
+                            "underspecifications": _clip(rec.get("underspecifications")),
+                            "risky_outcomes": _clip(rec.get("risky_outcome")),
+                            "risky_actions": _clip(rec.get("risky_actions"))},
+                    outputs={"final_answer": _clip(rec.get("output")), "finish_reason": rec.get("finish_reason"),
+                             "error": rec.get("error")}, status="ERROR" if rec.get("error") else "OK")
+    t = start
     for i, (kind, step) in enumerate(steps, 1):
-        llm = client.start_span(f"agent step {i}", trace_id=trace_id, parent_id=root.span_id,
-                                span_type=SpanType.LLM, start_time_ns=t,
-                                inputs={"prompt": f"prompt version {versions.get('agent', 'unknown')}, step {i}"},
-                                attributes={"model": str(rec.get("agent_model"))})
+        b.add(f"agent step {i}", SpanType.LLM, t, t + a_ns, parent=root_id,
+              inputs={"prompt": f"prompt version {versions.get('agent', 'unknown')}, step {i}"},
+              outputs={"text": _clip(step.get("log"))}, attributes={"model": str(rec.get("agent_model"))})
         t += a_ns
-        client.end_span(trace_id, llm.span_id, outputs={"text": _clip(step.get("log"))}, end_time_ns=t)
         if kind == "final":
             continue
-        tool = client.start_span(str(step["tool"]), trace_id=trace_id, parent_id=root.span_id,
-                                 span_type=SpanType.TOOL, start_time_ns=t,
-                                 inputs={"tool_input": _json_or_text(step["tool_input"])},
-                                 attributes={"emulator_model": str(rec.get("emulator_model")),
-                                             "emulator_prompt": str(versions.get("emulator", "unknown"))})
+        b.add(str(step["tool"]), SpanType.TOOL, t, t + e_ns, parent=root_id,
+              inputs={"tool_input": _json_or_text(step["tool_input"])},
+              outputs={"observation": _json_or_text(step["observation"]),
+                       "emulator_output": _clip(step["emulator_raw"])},
+              attributes={"emulator_model": str(rec.get("emulator_model")),
+                          "emulator_prompt": str(versions.get("emulator", "unknown"))})
         t += e_ns
-        client.end_span(trace_id, tool.span_id, outputs={"observation": _json_or_text(step["observation"]),
-                                                          "emulator_output": _clip(step["emulator_raw"])},
-                        end_time_ns=t)
-    attrs = {f"{role}.{k}": v for role, u in (("agent", agent_u), ("emulator", emu_u)) for k, v in u.items()
-             if isinstance(v, (int, float))}
-    client.end_trace(trace_id, outputs={"final_answer": _clip(rec.get("output")),
-                                        "finish_reason": rec.get("finish_reason"), "error": rec.get("error")},
-                     attributes=attrs, status="ERROR" if rec.get("error") else "OK", end_time_ns=max(t, end_time_ns))
-    stored = client.get_trace(trace_id)  # the span exporter only logs its failures: check the spans arrived
-    if len(stored.data.spans) != 1 + sum(2 if k == "tool" else 1 for k, _ in steps):
-        raise RuntimeError(f"trace {trace_id} of {doc.key}: {len(stored.data.spans)} spans stored")
-    _log_judgements(trace_id, doc)
-    client.set_trace_tag(trace_id, COMPLETE_TAG, "true")
-    return trace_id
+    metadata = {**_env_metadata(), TRACE_SCHEMA_VERSION_KEY: str(TRACE_SCHEMA_VERSION)}
+    if run_id:
+        metadata[TraceMetadataKey.SOURCE_RUN] = run_id
+    tags = {TraceTagKey.TRACE_NAME: name, KEY_TAG: doc.key, FILE_TAG: doc.run_file, PATH_TAG: doc.run_path,
+            JUDGEMENTS_TAG: doc.digest, "agent": str(rec.get("agent_model") or ""), "case_idx": str(doc.case_idx),
+            COMPLETE_TAG: "true"}
+    info = TraceInfo(trace_id=trace_id, trace_location=TraceLocation.from_experiment_id(experiment_id),
+                     request_time=start // 1_000_000, execution_duration=(end - start) // 1_000_000,
+                     state=TraceState.ERROR if rec.get("error") else TraceState.OK, trace_metadata=metadata, tags=tags,
+                     assessments=_feedbacks(trace_id, doc))
+    trace = Trace(info=info, data=TraceData(spans=b.spans))
+    set_request_response_preview(info, trace.data)
+    add_size_stats_to_trace_metadata(trace)
+    return trace
+
+
+def send_traces(tracing: Any, experiment_id: str, traces: list[Any]) -> None:
+    """Store built traces: their spans in a few OTLP requests, then one trace info per trace (tags, metadata and
+    assessments together, so a trace is tagged complete in the same write that gives it its judgements). Spans
+    go first: a crash in between leaves trace rows without tags, which the next attempt overwrites (same ids)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not traces:
+        return
+    spans = [s for tr in traces for s in tr.data.spans]
+    for i in range(0, len(spans), _SPANS_PER_REQUEST):
+        tracing.log_spans(experiment_id, spans[i:i + _SPANS_PER_REQUEST])
+    with ThreadPoolExecutor(min(_WORKERS, max(1, len(traces)))) as pool:
+        list(pool.map(lambda tr: tracing.start_trace(tr.info), traces))  # re-raises the first failure
+
+
+def _feedbacks(trace_id: str, doc: TraceDoc) -> list[Any]:
+    """The judge's assessments of a trace, as ``mlflow.log_feedback`` makes them."""
+    from mlflow.entities import AssessmentError, AssessmentSource, Feedback
+
+    out = []
+    for j in doc.judgements:
+        error = None if j.value is not None else AssessmentError(
+            error_code=j.status.upper(), error_message=_clip(j.raw or f"no score ({j.status})"))
+        fb = Feedback(name=j.name, value=j.value, error=error, rationale=_clip(j.rationale),
+                      source=AssessmentSource(source_type="LLM_JUDGE", source_id=j.judge),
+                      metadata={"replicate": str(j.replicate), "eval_type": j.eval_type, "status": j.status})
+        fb.trace_id = trace_id
+        out.append(fb)
+    return out
 
 
 def _log_judgements(trace_id: str, doc: TraceDoc) -> None:
@@ -263,13 +360,15 @@ class TraceReport:
     unchanged: int = 0
 
 
-def existing_traces(client: Any, experiment_id: str, run_path: str) -> dict[str, Any]:
-    """The traces already logged for a trajectory file (its absolute path), by key (trace infos)."""
+def existing_traces(client: Any, experiment_id: str, folder: str) -> dict[str, Any]:
+    """The traces already logged for the trajectory files of one folder (its absolute path), by key (trace
+    infos): one search for the whole folder, not one per file."""
     found: dict[str, Any] = {}
     token = None
-    quoted = run_path.replace("'", "\\'")
+    # LIKE wildcards in the folder's name may match other folders too: the keys below are exact
+    pattern = (folder.rstrip("/") + "/%").replace("'", "\\'")
     while True:
-        page = client.search_traces([experiment_id], filter_string=f"tags.`{PATH_TAG}` = '{quoted}'",
+        page = client.search_traces([experiment_id], filter_string=f"tags.`{PATH_TAG}` LIKE '{pattern}'",
                                     max_results=500, page_token=token, include_spans=False)
         for tr in page:
             found[tr.info.tags.get(KEY_TAG)] = tr.info
@@ -281,27 +380,45 @@ def existing_traces(client: Any, experiment_id: str, run_path: str) -> dict[str,
 def log_file_traces(client: Any, tracking_uri: str, experiment_id: str, trajectory_file: str | Path, *,
                     run_id: str | None) -> TraceReport:
     """Log every trajectory of a file as a trace (idempotent; see the module docstring)."""
-    import mlflow
+    return log_files_traces(client, tracking_uri, experiment_id, [trajectory_file], run_id=run_id)[0]
 
-    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")  # a trace is stored when this returns
+
+def log_files_traces(client: Any, tracking_uri: str, experiment_id: str, trajectory_files: list[str | Path], *,
+                     run_id: str | None) -> list[TraceReport]:
+    """Log every trajectory of these files as traces (idempotent; see the module docstring), in bulk: one
+    search per folder for what is there, the new traces' spans in a few requests and one trace info each."""
+    import mlflow
+    from mlflow.tracing.client import TracingClient
+
     if mlflow.get_tracking_uri() != tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)  # the trace exporter and assessments use the global URI
-    path = Path(trajectory_file)
-    report = TraceReport(file=str(path))
-    have = existing_traces(client, experiment_id, str(path.resolve()))
-    end_ns = int(path.stat().st_mtime * 1e9)
-    for doc in trace_docs(path):
-        report.traces += 1
-        info = have.get(doc.key)
-        if info is not None and info.tags.get(COMPLETE_TAG) == "true":
-            if info.tags.get(JUDGEMENTS_TAG) == doc.digest:
-                report.unchanged += 1
-            else:
-                replace_judgements(client, info, doc)
-                report.replaced += 1
-            continue
-        if info is not None:  # cut short by a crash before it was complete: log it again
-            client.delete_traces(experiment_id, trace_ids=[info.trace_id])
-        log_trace(client, experiment_id, doc, run_id=run_id, end_time_ns=end_ns)
-        report.logged += 1
-    return report
+        mlflow.set_tracking_uri(tracking_uri)  # replacing judgements uses the global URI
+    tracing = TracingClient(tracking_uri)
+    paths = [Path(f) for f in trajectory_files]
+    have: dict[str, dict[str, Any]] = {}
+    reports, pending = [], []
+    for path in paths:
+        folder = str(path.resolve().parent)
+        if folder not in have:
+            have[folder] = existing_traces(client, experiment_id, folder)
+        report = TraceReport(file=str(path))
+        end_ns = int(path.stat().st_mtime * 1e9)
+        for doc in trace_docs(path):
+            report.traces += 1
+            info = have[folder].get(doc.key)
+            if info is not None and info.tags.get(COMPLETE_TAG) == "true":
+                if info.tags.get(JUDGEMENTS_TAG) == doc.digest:
+                    report.unchanged += 1
+                else:
+                    replace_judgements(client, info, doc)
+                    report.replaced += 1
+                continue
+            if info is not None:  # cut short by a crash before it was complete: log it again
+                client.delete_traces(experiment_id, trace_ids=[info.trace_id])
+            pending.append(build_trace(doc, experiment_id, run_id=run_id, end_time_ns=end_ns))
+            report.logged += 1
+            if len(pending) >= _TRACES_PER_BATCH:
+                send_traces(tracing, experiment_id, pending)
+                pending = []
+        reports.append(report)
+    send_traces(tracing, experiment_id, pending)
+    return reports
