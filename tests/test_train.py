@@ -101,7 +101,7 @@ def test_config_defaults_file_and_flags(tmp_path):
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules) == (16, 32, 0.05, "all-linear")
     assert (cfg.learning_rate, cfg.batch_size, cfg.gradient_accumulation_steps, cfg.num_epochs) == (5e-5, 1, 8, 1)
     assert (cfg.lr_scheduler, cfg.warmup_ratio, cfg.beta, cfg.max_length, cfg.precompute_ref_log_probs) == \
-        ("cosine", 0.1, 0.1, 8192, True)
+        ("cosine", 0.1, 0.1, 8192, None)
     assert (cfg.save_steps, cfg.save_total_limit, cfg.logging_steps) == (100, 2, 40)
     assert cfg.effective_eval_sample_size == 320  # logging steps x accumulation x batch
     (tmp_path / "c.yaml").write_text("lora-r: 8\nbeta: 0.05\nlora_target_modules: q_proj, v_proj\nseed: 3\n")

@@ -304,9 +304,38 @@ class _Sender:
                         if (mv.tags or {}).get("agentpipe.op") == key), None)
         if version is None:
             tags = {**{k: str(v) for k, v in (op.get("tags") or {}).items()}, "agentpipe.op": key}
-            version = self.client.create_model_version(name, source=f"runs:/{run_id}/{op['artifact_path']}",
-                                                       run_id=run_id, tags=tags,
+            source = f"runs:/{run_id}/{op['artifact_path']}"
+            if op.get("source_path"):  # files registered where they are: no upload, no second copy
+                version = self._register_in_place(name, op, tags)
+                if version is not None:
+                    self._aliases(name, op, version)
+                    return
+                self.client.log_artifacts(run_id, str(self._local(op, "model folder")), op["artifact_path"])
+            version = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags,
                                                        description=op.get("description")).version
+        self._aliases(name, op, version)
+
+    def _register_in_place(self, name: str, op: dict[str, Any], tags: dict[str, str]) -> str | None:
+        """Create the version with the local folder itself as its source (``file://``); None when the backend
+        refuses local sources (an MLflow server accepts them only inside the run's own artifact folder): the caller
+        then uploads the folder once and registers that, and the version's ``agentpipe.weights`` tag says so."""
+        from mlflow.exceptions import MlflowException
+
+        local = self._local(op, "model folder")
+        try:
+            return self.client.create_model_version(
+                name, source=local.as_uri(), run_id=self.target["run_id"],
+                tags={**tags, "agentpipe.weights": "in place"}, description=op.get("description")).version
+        except MlflowException as e:
+            if "local path" not in str(e) or "INVALID_PARAMETER_VALUE" not in str(e.error_code):
+                raise
+        log.warning("%s: the tracking server refuses local model sources; uploading %s to the run's artifacts "
+                    "(a second copy of the weights; a direct database tracking URI registers them in place)",
+                    self.uri, local)
+        tags["agentpipe.weights"] = "uploaded (the tracking server refuses local sources)"
+        return None
+
+    def _aliases(self, name: str, op: dict[str, Any], version: str) -> None:
         for alias in op.get("aliases") or []:  # moves the alias to this version
             self.client.set_registered_model_alias(name, alias, version)
 
@@ -637,12 +666,20 @@ class Tracker:
                          send=n == len(paths))
 
     def register_model(self, name: str, artifact_path: str, *, tags: Mapping[str, Any] | None = None,
-                       description: str | None = None, aliases: list[str] | tuple[str, ...] = ()) -> None:
+                       description: str | None = None, aliases: list[str] | tuple[str, ...] = (),
+                       in_place: str | Path | None = None) -> None:
         """Register this run's artifact ``artifact_path`` as a new version of registered model ``name`` and point
-        ``aliases`` at it."""
-        self._append({"op": "register_model", "name": name, "artifact_path": artifact_path,
-                      "tags": {k: str(v) for k, v in (tags or {}).items()}, "description": description,
-                      "aliases": list(aliases)})
+        ``aliases`` at it. ``in_place``: a local folder registered where it is (``file://`` source, nothing
+        uploaded), where the backend accepts local sources; else it is uploaded once as ``artifact_path``."""
+        op: dict[str, Any] = {"op": "register_model", "name": name, "artifact_path": artifact_path,
+                              "tags": {k: str(v) for k, v in (tags or {}).items()}, "description": description,
+                              "aliases": list(aliases)}
+        if in_place is not None:
+            p = Path(in_place).resolve()
+            if not p.is_dir():
+                raise ConfigError(f"model folder {p}: not found")
+            op.update(source_path=str(p), path=str(p), rel=os.path.relpath(p, self.folder.resolve()))
+        self._append(op)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run (FINISHED, FAILED or KILLED) and make a last attempt to send everything."""

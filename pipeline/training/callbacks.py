@@ -99,6 +99,13 @@ def make_trainer_class() -> type:
             self.validation = validation
             self.eval_sample_size = eval_sample_size
 
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            # pairs tokenised (and length-filtered) by pipeline.training.token_cache, the way trl would: used as they
+            # are, not tokenised a second time
+            if "prompt_ids" in getattr(dataset, "column_names", ()):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
             if eval_dataset is None:
                 if self.validation is None or len(self.validation) == 0:

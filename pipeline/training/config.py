@@ -55,9 +55,13 @@ class TrainConfig(StageConfig):
     beta: float = Field(default=0.1, gt=0, description="DPO beta (the paper also uses 0.05)",
                         json_schema_extra={"flags": ["--dpo-beta"]})
     max_length: int = Field(default=8192, ge=16, description="drop pairs with prompt+completion above this many "
-                            "tokens")
+                            "tokens (a limit, not a size: batches are padded to their longest pair; kept pairs "
+                            "longer than the model's context are refused, lower this to drop them)")
     max_prompt_length: int = Field(default=8192, ge=8, description="drop pairs with prompts above this many tokens")
-    precompute_ref_log_probs: bool = Field(default=True, description="precompute the reference log-probs once")
+    precompute_ref_log_probs: bool | None = Field(
+        default=None, description="precompute the reference log-probs once over the training pairs (default auto: "
+        "yes when the run sees every training pair, i.e. no max_steps or max_steps x batch x grad acc >= the "
+        "training pairs; else computed on the fly for the pairs drawn). What was used is in training_config.json")
     # LoRA
     lora_r: int = Field(default=16, ge=1)
     lora_alpha: int = Field(default=32, ge=1)

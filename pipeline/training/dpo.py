@@ -7,6 +7,11 @@
   ``val_pairs``, or from a sibling ``<stem>_test.jsonl``) validate: every ``eval_steps`` steps and once at the end,
   on a random sample of ``eval_sample_size`` pairs (``Random(42 + step)``). Pairs longer than ``max_length`` /
   ``max_prompt_length`` chat-template tokens are dropped, never truncated. An empty training set is an error.
+  Pairs are tokenised once per pairs file and tokenizer and cached (``token_cache``); the limits are limits, not
+  sizes (batches are padded to their longest pair); kept pairs longer than the model's context are refused with
+  one line (lower ``max_length`` to drop them).
+* **Reference log-probs.** ``precompute_ref_log_probs`` auto: precomputed once when the run sees every training
+  pair, else computed on the fly for the pairs drawn (``ref_log_probs_plan``; recorded in training_config.json).
 * **Epochs.** A ``both`` dataset trains 3 epochs when ``num_epochs`` was not set explicitly (study quirk).
 * **Output** ``<home>/models/<name>/`` (``pipeline.training.naming``): ``adapter/``, ``checkpoints/``,
   ``training_config.json`` (with the split), ``training_metrics.json`` (incl. the log history), ``manifest.json``,
@@ -130,8 +135,10 @@ def last_checkpoint(folder: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------------------ data
 @dataclass
 class _Data:
-    train: list[dict[str, Any]]
-    val: list[dict[str, Any]]
+    """The training and validation pairs, tokenised (``datasets.Dataset`` rows of ``token_cache.COLUMNS``)."""
+
+    train: Any
+    val: Any
     stats: dict[str, Any]
     train_cases: list[int]
     test_cases: list[int]
@@ -157,46 +164,126 @@ def load_training_pairs(path: str | Path, option: str = "--pairs") -> list[dict[
     return pairs
 
 
-def prepare_data(cfg: TrainConfig, tokenizer: Any, pairs: list[dict[str, Any]] | None = None) -> _Data:
-    """Load (unless given), split (SPEC §5/§6.2) and length-filter the pairs."""
-    from pipeline.preference import filter_by_length, load_pairs, split_by_cases
+def _fits(tokens: Any, idx: list[int], cfg: TrainConfig) -> tuple[list[int], int]:
+    """(indices of the pairs within ``max_length`` / ``max_prompt_length``, number dropped): SPEC §6.2, pairs
+    above the limits are dropped, never truncated."""
+    import pyarrow.compute as pc
+
+    lengths = tokens.select_columns(["prompt_length", "chosen_length", "rejected_length"]).to_dict()
+    # trl also drops a pair whose prompt part alone fills max_length (no completion token would be left)
+    shared_prompt = pc.list_value_length(tokens.data.column("prompt_ids")).to_numpy()
+    kept = [i for i in idx if lengths["prompt_length"][i] <= cfg.max_prompt_length
+            and max(lengths["chosen_length"][i], lengths["rejected_length"][i]) <= cfg.max_length
+            and shared_prompt[i] < cfg.max_length]
+    return kept, len(idx) - len(kept)
+
+
+def _longest(tokens: Any, idx: list[int]) -> int:
+    """The longest prompt + completion (tokens) among the rows ``idx``."""
+    if not idx:
+        return 0
+    lengths = tokens.select_columns(["chosen_length", "rejected_length"]).to_dict()
+    return max(max(lengths["chosen_length"][i], lengths["rejected_length"][i]) for i in idx)
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Any, pairs: list[dict[str, Any]] | None = None, *,
+                 model_path: str | None = None, pairs_sha: str | None = None, home: Path | None = None) -> _Data:
+    """Load (unless given), split (SPEC §5/§6.2), tokenise (cached: ``token_cache``) and length-filter the pairs.
+    ``model_path``: where the tokenizer's files are (default ``cfg.model`` resolved)."""
+    from datasets import concatenate_datasets
+
+    from pipeline.data.hashcache import cached_file_digest
+    from pipeline.training.token_cache import tokenized_pairs
 
     pairs_path = Path(cfg.pairs)
     if pairs is None:
         pairs = load_training_pairs(pairs_path)
+    model_path = model_path or resolve_model_path(cfg.model)
+    tokens = tokenized_pairs(pairs, pairs_sha or cached_file_digest(pairs_path), tokenizer, model_path, home=home)
     test = split_test_cases(cfg.seed)
     test_set = set(test)
-    train, val = split_by_cases(pairs, test_set)
+    train_idx = [i for i, p in enumerate(pairs) if p["case_idx"] not in test_set]
+    val_idx = [i for i, p in enumerate(pairs) if p["case_idx"] in test_set]
+    n_train_raw = len(train_idx)
+    train_idx, dropped_train = _fits(tokens, train_idx, cfg)
+    val_parts = []
+    n_val_raw = len(val_idx)
+    val_idx, dropped_val = _fits(tokens, val_idx, cfg)
+    val_cases = {pairs[i]["case_idx"] for i in val_idx}
+    if val_idx:
+        val_parts.append(tokens.select(val_idx))
     val_file = Path(cfg.val_pairs) if cfg.val_pairs else _default_val_file(pairs_path, cfg.seed)
     if val_file is not None:
-        extra = load_pairs(val_file)
+        extra = load_training_pairs(val_file, "--val-pairs")
         leaked = sorted({p["case_idx"] for p in extra} - test_set)
         if leaked:
             raise DataError(f"{val_file}: validation pairs of train cases of seed {cfg.seed} (e.g. case "
                             f"{leaked[0]}); expected only the seed's test cases")
-        val = val + extra
-    n_train_raw, n_val_raw = len(train), len(val)
-    train, dropped_train = filter_by_length(train, tokenizer, max_length=cfg.max_length,
-                                            max_prompt_length=cfg.max_prompt_length)
-    val, dropped_val = filter_by_length(val, tokenizer, max_length=cfg.max_length,
-                                        max_prompt_length=cfg.max_prompt_length)
-    if not train:
-        raise DataError(f"{pairs_path}: no training pairs for seed {cfg.seed} ({len(pairs)} pairs, {n_val_raw} of "
-                        f"them in test cases, {dropped_train} too long); expected a non-empty training set")
-    train_cases = sorted({p["case_idx"] for p in train})
-    stats = {"pairs_total": len(pairs), "train_pairs": len(train), "val_pairs": len(val),
+        extra_tokens = tokenized_pairs(extra, cached_file_digest(val_file), tokenizer, model_path, home=home)
+        extra_idx, extra_dropped = _fits(extra_tokens, list(range(len(extra))), cfg)
+        n_val_raw += len(extra)
+        dropped_val += extra_dropped
+        val_cases |= {extra[i]["case_idx"] for i in extra_idx}
+        if extra_idx:
+            val_parts.append(extra_tokens.select(extra_idx))
+    if not train_idx:
+        raise DataError(f"{pairs_path}: no training pairs for seed {cfg.seed} ({len(pairs)} pairs, "
+                        f"{len(pairs) - n_train_raw} of them in test cases, {dropped_train} too long); expected a "
+                        "non-empty training set")
+    train_cases = sorted({pairs[i]["case_idx"] for i in train_idx})
+    val = concatenate_datasets(val_parts) if len(val_parts) > 1 else (val_parts[0] if val_parts else None)
+    n_val = len(val) if val is not None else 0
+    stats = {"pairs_total": len(pairs), "train_pairs": len(train_idx), "val_pairs": n_val,
              "train_pairs_before_length_filter": n_train_raw, "val_pairs_before_length_filter": n_val_raw,
              "dropped_too_long_train": dropped_train, "dropped_too_long_val": dropped_val,
-             "train_cases": len(train_cases), "val_cases": len({p["case_idx"] for p in val}),
+             "train_cases": len(train_cases), "val_cases": len(val_cases),
+             "longest_train_pair_tokens": _longest(tokens, train_idx),
+             "longest_val_pair_tokens": max((_longest(part, list(range(len(part)))) for part in val_parts),
+                                            default=0),
              "val_source": str(val_file) if val_file else "pairs file (test cases)"}
-    return _Data(train, val, stats, train_cases, test)
+    return _Data(tokens.select(train_idx), val, stats, train_cases, test)
 
 
-def _hf_dataset(pairs: list[dict[str, Any]]) -> Any:
-    from datasets import Dataset
+def model_context(model_path: str) -> int | None:
+    """The model's context length (``max_position_embeddings`` or its older names), None when it declares none."""
+    from transformers import AutoConfig
 
-    return Dataset.from_list([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-                              for p in pairs])
+    config = AutoConfig.from_pretrained(model_path)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(cfg: TrainConfig, data: _Data, model_path: str) -> int | None:
+    """Refuse (one line) when kept pairs are longer than the model's context: they would be trained past the
+    positions the model was built for. The limits keep their study meaning (pairs above them are dropped); a
+    shorter model needs a lower ``--max-length``, chosen by the researcher, never silently."""
+    context = model_context(model_path)
+    longest = max(data.stats["longest_train_pair_tokens"], data.stats.get("longest_val_pair_tokens", 0))
+    if context is not None and longest > context:
+        raise ConfigError(f"--max-length {cfg.max_length}: kept pairs are up to {longest} tokens but {model_path} "
+                          f"has a {context}-token context (max_position_embeddings); rerun with --max-length "
+                          f"{context} (or lower) to drop the longer pairs, counted in data_stats")
+    return context
+
+
+def ref_log_probs_plan(cfg: TrainConfig, n_train: int, epochs: float) -> tuple[bool, str]:
+    """(precompute the reference log-probs?, why). ``precompute_ref_log_probs`` None (auto): precompute once over
+    the training set when the run sees all of it (no ``max_steps``, or ``max_steps`` × batch × gradient
+    accumulation × processes ≥ the training pairs), else compute them on the fly for the pairs drawn (a short
+    run would otherwise score every pair to use a few). Either way each step's loss uses the same reference."""
+    if cfg.precompute_ref_log_probs is not None:
+        return cfg.precompute_ref_log_probs, "set explicitly"
+    if cfg.max_steps == -1:
+        return True, f"auto: {epochs:g} epoch(s) see all {n_train} training pairs; precomputed once"
+    seen = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
+    if seen >= n_train:
+        return True, f"auto: {cfg.max_steps} steps see {seen} pairs >= {n_train} training pairs; precomputed once"
+    return False, (f"auto: {cfg.max_steps} steps see {seen} of {n_train} training pairs; computed on the fly for "
+                   "those")
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -320,12 +407,12 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
     pairs_sha = file_digest(cfg.pairs)
     fp = fingerprint(cfg, epochs, pairs_sha)
     with writer_lock(out, wait=cfg.wait, what="model folder"):
-        return _train_locked(cfg, name, out, base_path, dataset, pairs, epochs, pairs_sha, fp, cuda, callbacks)
+        return _train_locked(cfg, name, out, base_path, dataset, pairs, epochs, pairs_sha, fp, cuda, callbacks, home)
 
 
 def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, dataset: str, pairs: list[dict[str, Any]],
                   epochs: float, pairs_sha: str, fp: dict[str, Any], cuda: bool,
-                  callbacks: Sequence[Any]) -> TrainResult:
+                  callbacks: Sequence[Any], home: Path | None = None) -> TrainResult:
     t0 = time.monotonic()
     # Already trained with this exact configuration: nothing to do; another configuration's model: refuse.
     existing = out / TRAINING_CONFIG
@@ -348,7 +435,10 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
             "global_step", 0), metrics=m.get("counts", {}), skipped=True)
 
     tok = load_tokenizer(base_path)
-    data = prepare_data(cfg, tok, pairs)
+    data = prepare_data(cfg, tok, pairs, model_path=base_path, pairs_sha=pairs_sha, home=home)
+    context = check_context(cfg, data, base_path)
+    precompute, why = ref_log_probs_plan(cfg, len(data.train), epochs)
+    log.info("reference log-probs: %s (%s)", "precomputed" if precompute else "on the fly", why)
     lin = lineage(cfg.model, dataset, cfg.seed, cfg.beta)
 
     # Resume: same fingerprint (checked above) and the same split as the interrupted run.
@@ -366,7 +456,8 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
             "dataset": dataset, "output_dir": str(out), "effective_epochs": epochs,
             "train_test_split_seed": cfg.seed, "seed": cfg.train_seed,
             "train_case_indices": data.train_cases, "test_case_indices": data.test_cases,
-            "pairs_sha256": pairs_sha, "data_stats": data.stats, "lineage": lin,
+            "pairs_sha256": pairs_sha, "data_stats": data.stats, "lineage": lin, "model_context": context,
+            "precompute_ref_log_probs_used": precompute, "precompute_ref_log_probs_rule": why,
             "tracking_journal": str(TRACKING_TRAIN), "config": cfg.model_dump(mode="json"),
             "fingerprint": json.loads(json.dumps(fp, default=str)),
         })
@@ -391,7 +482,7 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
             tracker.set_tags({"resumed_from_checkpoint": resume_from.name})
             log.info("resuming from %s", resume_from)
         result = _run_training(cfg, name, out, base_path, tok, data, epochs, cuda, tracker, resume_from,
-                               list(callbacks))
+                               list(callbacks), precompute)
         adapter = out / ADAPTER
         from pipeline.tracking.stage_runs import elapsed_s, gpu_count
 
@@ -425,7 +516,8 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
 
 
 def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: Any, data: _Data, epochs: float,
-                  cuda: bool, tracker: Any, resume_from: Path | None, extra_callbacks: list[Any]) -> TrainResult:
+                  cuda: bool, tracker: Any, resume_from: Path | None, extra_callbacks: list[Any],
+                  precompute: bool) -> TrainResult:
     import torch
     from peft import LoraConfig
     from trl import DPOConfig
@@ -443,7 +535,7 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
         warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler, optim=cfg.optimizer,
         max_grad_norm=cfg.max_grad_norm, bf16=bf16, fp16=cuda and cfg.quantization == "fp16",
         gradient_checkpointing=bool(cfg.gradient_checkpointing), beta=cfg.beta, max_length=cfg.max_length,
-        precompute_ref_log_probs=cfg.precompute_ref_log_probs, remove_unused_columns=False, seed=cfg.train_seed,
+        precompute_ref_log_probs=precompute, remove_unused_columns=False, seed=cfg.train_seed,
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, eval_strategy="no", load_best_model_at_end=False,
         report_to="none", use_cpu=not cuda, disable_tqdm=not os.isatty(2),
@@ -452,12 +544,11 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
                              task_type="CAUSAL_LM", target_modules=cfg.lora_target_modules)
     preempt = PreemptionCallback()
     callbacks = [TrackingCallback(tracker), EpochAdapterCallback(out / CHECKPOINTS, tok), preempt, *extra_callbacks]
-    if data.val:
+    if data.val is not None:
         callbacks.append(EvalScheduleCallback(cfg.eval_steps))
     trainer_cls = make_trainer_class()
-    trainer = trainer_cls(model=model, args=args, train_dataset=_hf_dataset(data.train), processing_class=tok,
-                          peft_config=peft_config, callbacks=callbacks,
-                          validation=_hf_dataset(data.val) if data.val else None,
+    trainer = trainer_cls(model=model, args=args, train_dataset=data.train, processing_class=tok,
+                          peft_config=peft_config, callbacks=callbacks, validation=data.val,
                           eval_sample_size=cfg.effective_eval_sample_size)
     preempt.install()
     try:
@@ -468,7 +559,7 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
         raise Preempted(f"training of {name} stopped by SIGTERM at step {trainer.state.global_step}; checkpoint "
                         f"saved in {out / CHECKPOINTS}: rerun the same command to resume")
     metrics: dict[str, Any] = dict(train_out.metrics)
-    if data.val and cfg.final_eval:
+    if data.val is not None and cfg.final_eval:
         metrics.update(trainer.evaluate())
     remove_dead_temps(out / ADAPTER)  # a killed run's half-saved adapter
     tmp = out / f"{temp_prefix(out / ADAPTER)}adapter"

@@ -382,8 +382,7 @@ def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, 
                        "wall_s": elapsed_s(wall_s),
                        "gpu_hours": elapsed_s(wall_s) * (gpu_count() or int(torch.cuda.is_available())) / 3600})
         t.log_artifact(res.out / MERGE_CONFIG, "merge")
-        if register:  # the version points at the weights themselves: the folder is the run's "model" artifact
-            t.log_artifact(res.out, "model")
+        if register:  # the version's source is the merged folder where it is (uploaded only if the backend refuses)
             train_cfg = json.loads((res.adapter.parent / "training_config.json").read_text()) \
                 if (res.adapter.parent / "training_config.json").is_file() else {}
             t.register_model(registry_family(name), "model",
@@ -391,5 +390,6 @@ def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, 
                                    "model_name": name, "path": str(res.out)},
                              aliases=aliases("merged", bool(train_cfg) and is_paper_config(train_cfg.get("config",
                                                                                                           {}))),
-                             description=f"merged model {name} (standalone weights; also at {res.out})")
+                             description=f"merged model {name} (standalone weights at {res.out})",
+                             in_place=res.out)
     return t.run_id

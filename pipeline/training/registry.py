@@ -7,7 +7,10 @@ versions of it, told apart by the ``kind`` tag, each tagged with its lineage (ba
 stage, model name). Aliases: ``latest-adapter`` / ``latest-merged`` (the newest of each kind; MLflow reserves the
 bare ``latest``, and ``models:/<family>/latest`` already resolves to the newest version of either kind) and
 ``paper-config`` / ``paper-config-merged`` for a model trained with the study's hyper-parameters (every training
-option at its default). A merged version's source is its weights, logged as the run's ``model`` artifact.
+option at its default). A merged version's source is its weights where they are (``file://<model>/merged``, tag
+``agentpipe.weights=in place``): no second copy. An MLflow *server* accepts a local source only inside the run's
+own artifact folder, so through one the folder is uploaded once as the run's ``model`` artifact instead (tag
+``agentpipe.weights=uploaded …``, with a warning); a direct database tracking URI registers in place.
 """
 
 from __future__ import annotations
