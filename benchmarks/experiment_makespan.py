@@ -62,6 +62,7 @@ def _eval_hours(spec: dict, h: dict) -> tuple[float, str]:
 
 def chain_jobs(plan, h: dict) -> list[Job]:
     """Today's DAG: pair sets, then one chain per first-stage model; deeper steps first (CHAIN_PRIORITY)."""
+    from pipeline.experiment import CROSS_STEPS
     from plugins.dag_common import CHAIN_PRIORITY
 
     from pipeline.llm.spec import parse_model_spec
@@ -76,18 +77,22 @@ def chain_jobs(plan, h: dict) -> list[Job]:
                 jobs.append(Job(f"src-eval{k}", hours, pool, 10, [f"src-emu{i}"]))
     for c, chain in enumerate(plan.chains):
         prev = {"train": pairs, "emulate": ["train"], "evaluate": ["emulate"], "merge": ["train"],
-                "train2": ["merge"], "emulate2": ["train2"], "evaluate2": ["emulate2"]}
+                "train2": ["merge"], "emulate2": ["train2"], "evaluate2": ["emulate2"],
+                # the other arm's judge (cross evaluation), after the model's own evaluation
+                **{k: [f"emulate{n}", f"evaluate{n}"] for k in CROSS_STEPS
+                   for n in ["2" if k.startswith("cross_evaluate2") else ""]}}
         for step, before in prev.items():
             if chain[step] is None:
                 continue
             name = f"c{c}.{step}"
-            deps = before if step == "train" else [f"c{c}.{b}" for b in before]
-            if step.startswith("evaluate"):
+            deps = before if step == "train" else [f"c{c}.{b}" for b in before if chain[b] is not None]
+            if "evaluate" in step:
                 hours, pool = _eval_hours(chain[step], h)
             else:
                 hours, pool = {"train": h["train"], "train2": h["train"], "merge": h["merge"]}.get(
                     step, h["emulate"]), "gpu"
-            jobs.append(Job(name, hours, pool, CHAIN_PRIORITY[step], deps, step.startswith("evaluate")))
+            priority = CHAIN_PRIORITY[step.rsplit("_", 1)[0] if step.startswith("cross_") else step]
+            jobs.append(Job(name, hours, pool, priority, deps, step.startswith("evaluate")))
     return jobs
 
 
@@ -108,7 +113,7 @@ def phase_jobs(plan, h: dict, group_speedup: float) -> list[Job]:
     phases.append(emulate)
     sources = {Path(e["trajectories"]).parent.name for e in plan.source_evaluate}
     evaluate = []
-    for i, spec in enumerate(plan.evaluate):
+    for i, spec in enumerate(plan.evaluate + plan.cross_evaluate):
         hours, pool = _eval_hours(spec, h)
         evaluate.append(Job(f"eval{i}", hours, pool, trained_eval=Path(spec["trajectories"]).parent.name
                             not in sources))
@@ -179,7 +184,7 @@ def main() -> None:
         h[key] = float(value)
     plan = _plan()
     print(f"plan: {len(plan.train_stage1) + len(plan.train_stage2)} trained models ({len(plan.chains)} chains), "
-          f"{len(plan.evaluate)} evaluations; hours per job {h}")
+          f"{len(plan.evaluate)} evaluations + {len(plan.cross_evaluate)} cross evaluations; hours per job {h}")
     print(f"{'GPUs':>5} | {'phases: makespan':>16} {'idle':>6} {'1st eval':>8} | {'chains: makespan':>16} {'idle':>6} "
           f"{'1st eval':>8} | ratio")
     for n in args.gpus:

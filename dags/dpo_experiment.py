@@ -8,7 +8,12 @@ The plan (``pipeline.experiment``) computes every stage's options and output pat
 deterministic), so reruns resume where they stopped. Each chain is one instance of a mapped task group
 (named by its model in the UI): a model is evaluated as soon as it has trained, while others still train.
 Chains whose judge is an API model take their evaluation slots from the ``judge_api`` pool, the others
-from ``gpu``. Before anything runs, ``approve_cost`` shows the plan's size (jobs, GPU-hours, judge calls,
+from ``gpu``. With two arms every finetuned model is also judged by the other arm's judge (``cross_evaluation``,
+on by default then): the chain's ``cross_evaluate_<kind>`` / ``cross_evaluate2_<kind>`` step of that judge's
+kind runs after the model's own evaluation and takes its slot from that judge's pool (an API judge's from
+``judge_api``, a local one's from ``gpu``); the other kind's step is skipped. The analysis then runs per
+setting: ``analyze`` (match) into ``analysis/<name>/match`` and ``analyze_cross`` into ``analysis/<name>/cross``;
+without cross evaluation ``analyze`` alone into ``analysis/<name>`` and ``analyze_cross`` is skipped. Before anything runs, ``approve_cost`` shows the plan's size (jobs, GPU-hours, judge calls,
 USD) and waits for a person's approval when ``require_approval`` is true (the cluster preset in
 ``dags/README.md``); a rejection, or no answer within ``approval_timeout_hours`` (24 by default), runs nothing
 downstream.
@@ -94,15 +99,24 @@ def _model_chain(judge: str, judge_pool: str):
 
     @task_group(group_id=f"models_{judge}_judge")
     def model_chain(chain: dict):
-        def step(key: str, name: str, pool: str = GPU_POOL, **kwargs) -> StageOperator:
+        def step(key: str, name: str, pool: str = GPU_POOL, priority: str | None = None, **kwargs) -> StageOperator:
             return StageOperator(**_stage(key, name, **kwargs), spec=chain, spec_key=key, pool=pool,
-                                 priority_weight=CHAIN_PRIORITY[key], weight_rule="absolute",
+                                 priority_weight=CHAIN_PRIORITY[priority or key], weight_rule="absolute",
                                  map_index_template="{{ task.spec.name }}")
 
+        def evaluations(emulate: StageOperator, stage: str) -> None:
+            """The model's evaluation by its arm's judge, then by the other arm's (one step per judge kind,
+            each from its kind's pool; a step the chain does not have is skipped). A cross evaluation needs
+            only the trajectories: it runs when the own evaluation failed too, not when the emulation did."""
+            own = step(f"evaluate{stage}", "evaluate", judge_pool, outlets=[EVALUATIONS])
+            emulate >> own
+            for kind, pool in JUDGE_POOLS.items():
+                [emulate, own] >> step(f"cross_evaluate{stage}_{kind}", "evaluate", pool, f"cross_evaluate{stage}",
+                                       trigger_rule="all_done_min_one_success", outlets=[EVALUATIONS])
+
         train = step("train", "train")
-        train >> step("emulate", "emulate") >> step("evaluate", "evaluate", judge_pool, outlets=[EVALUATIONS])
-        (train >> step("merge", "merge") >> step("train2", "train") >> step("emulate2", "emulate")
-         >> step("evaluate2", "evaluate", judge_pool, outlets=[EVALUATIONS]))
+        evaluations(train >> step("emulate", "emulate"), "")
+        evaluations(train >> step("merge", "merge") >> step("train2", "train") >> step("emulate2", "emulate"), "2")
 
     return model_chain
 
@@ -137,6 +151,9 @@ def _model_chain(judge: str, judge_pool: str):
                                              "metric2"),
                                '{"min_score_difference": 1}'),
         "n_bootstrap": stage_param(AnalyzeConfig, "n_bootstrap"),
+        "cross_evaluation": Param(None, type=["boolean", "null"], description="judge every finetuned model by the "
+                                  "other arm's judge too and analyse both settings (match, cross); empty (null): "
+                                  "on with two arms, which must then be named after their judges (q32, gpt5m)"),
         "require_approval": Param(False, type="boolean", description="wait for a person to approve the plan's "
                                   "size (jobs, GPU-hours, judge calls, USD) before anything runs"),
         "approval_timeout_hours": Param(APPROVAL_TIMEOUT_HOURS, type="number", exclusiveMinimum=0,
@@ -164,7 +181,8 @@ def dpo_experiment():
                                configurations=list(p["configurations"]), emulator=p["emulator"],
                                case_set=p["case_set"], case_range=p["cases"] or None, emulation=dict(p["emulation"]),
                                evaluation=dict(p["evaluation"]), backend=dict(p["backend"]),
-                               train=dict(p["train"]), pairs=dict(p["pairs"]), n_bootstrap=p["n_bootstrap"])
+                               train=dict(p["train"]), pairs=dict(p["pairs"]), n_bootstrap=p["n_bootstrap"],
+                               cross_evaluation=p.get("cross_evaluation"))
         result = plan_experiment(cfg, root).as_dict()
         atomic_write_json(root / "experiments" / p["name"] / "plan.json", result)  # beside, not inside, the analysis
         return result
@@ -213,12 +231,12 @@ def dpo_experiment():
     report = StageOperator(task_id="report", stage="report", compute="{{ params.compute }}",
                            mlflow_parent_run_id=PARENT_RUN, trigger_rule="none_failed",
                            spec={"runs": runs, "out": str(home() / "reports") + "/{{ params.name }}"})
-    analyze = StageOperator(task_id="analyze", stage="analyze all", compute="{{ params.compute }}",
-                            mlflow_parent_run_id=PARENT_RUN, trigger_rule="none_failed", outlets=[ANALYSIS],
-                            spec={"runs": runs, "out": str(home() / "analysis") + "/{{ params.name }}",
-                                  "n_bootstrap": "{{ params.n_bootstrap }}"})
+    # the plan's analyses: the match setting (or the only one) and, with cross evaluation, the cross setting
+    analyses = [StageOperator(task_id=key, stage="analyze all", compute="{{ params.compute }}",
+                              mlflow_parent_run_id=PARENT_RUN, trigger_rule="none_failed", outlets=[ANALYSIS],
+                              spec=planned, spec_key=key) for key in ("analyze", "analyze_cross")]
     chains >> report
-    report >> analyze >> finish_tracking(parent, "training")
+    report >> analyses >> finish_tracking(parent, "training")
 
 
 dpo_experiment()

@@ -6,9 +6,18 @@ For source models × evaluator arms × split seeds × betas × configurations (`
 * **chains** (what the DAG runs): one per first-stage model, its own path
   train → test-split emulation → evaluation, and train → merge → second-stage train → emulation → evaluation
   when a two-stage configuration builds on it; each model moves on as soon as its own inputs exist.
-* **phases** (``pairs``, ``train_stage1``, …, ``evaluate``): the same stages phase by phase, with the test-split
-  emulation of one base model's first-stage adapters grouped into one run (a backend that serves many adapters
-  at once loads the base once). ``benchmarks/experiment_makespan.py`` compares the two schedules.
+* **phases** (``pairs``, ``train_stage1``, …, ``evaluate``, ``cross_evaluate``): the same stages phase by phase,
+  with the test-split emulation of one base model's first-stage adapters grouped into one run (a backend that
+  serves many adapters at once loads the base once). ``benchmarks/experiment_makespan.py`` compares the two
+  schedules.
+
+Cross evaluation (``cross_evaluation``, on by default with two arms): every finetuned model is judged by its own
+arm's judge (the match setting) and by the other arm's (cross: the study's ``cross_eval_results``); the second
+judgement links the same trajectory file under that judge's name in the model folder, so both live side by side
+and the analysis runs once per setting (``analyze`` into ``analysis/<name>/match``, ``analyze_cross`` into
+``analysis/<name>/cross``; without cross evaluation one analysis into ``analysis/<name>``). The analysis tells
+the settings apart by the dataset origin in a model's name, so cross evaluation needs arms named after their
+judges as the study's (``q32`` for a Qwen…32B judge, ``gpt5m`` for gpt-5-mini).
 
 Output names are deterministic (SPEC §6.4, DESIGN §4), so every path a later stage needs is known up front,
 and a stage shared by several configurations (the ``safe`` model is also the first stage of ``safe->help``) is
@@ -21,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.analysis.names import KNOWN_ORIGINS, evaluator_origin
+from pipeline.analysis.run import SETTINGS, analysis_specs
 from pipeline.data.cases import load_named_case_set
 from pipeline.data.naming import confined_path
 from pipeline.errors import ConfigError
@@ -38,6 +49,11 @@ DATASETS: dict[str, dict[str, Any]] = {
     "help": {"metric": "help_ignore_safety"},
     "both": {"metric": "help_ignore_safety", "metric2": "safe", "mode": "both"},
 }
+#: judge kinds (``judge_kind``): the DAG takes an evaluation's slot from the pool of its judge's kind
+JUDGE_KINDS = ("local", "api")
+#: a chain's cross-evaluation steps, one per judge kind and stage: ``cross_evaluate_<kind>`` judges the
+#: first-stage model, ``cross_evaluate2_<kind>`` the second-stage one, with the other arm's judge of that kind
+CROSS_STEPS = tuple(f"cross_evaluate{stage}_{kind}" for stage in ("", "2") for kind in JUDGE_KINDS)
 
 
 @dataclass
@@ -67,6 +83,13 @@ class ExperimentConfig:
     train: dict[str, Any] = field(default_factory=dict)  # extra train options (max_steps, max_length, …)
     pairs: dict[str, Any] = field(default_factory=dict)  # extra pairs options (min_score_difference, …)
     n_bootstrap: int = 1000
+    #: judge every finetuned model by every other arm's judge too (None: on when there are two or more arms)
+    cross_evaluation: bool | None = None
+
+    @property
+    def cross(self) -> bool:
+        """Whether the finetuned models are cross-evaluated."""
+        return len(self.arms) >= 2 if self.cross_evaluation is None else bool(self.cross_evaluation)
 
     def validate(self) -> None:
         unknown = sorted(set(self.configurations) - set(CONFIGURATIONS))
@@ -80,6 +103,24 @@ class ExperimentConfig:
         confined_path(".", self.name, "experiment name")
         for arm in self.arms:
             confined_path(".", arm.name, "experiment arm name")
+        if self.cross:
+            self._check_cross_arms()
+
+    def _check_cross_arms(self) -> None:
+        """The analysis tells a match from a cross judgement by the arm name in a model's name (its dataset
+        origin) against the judge's origin token (``pipeline.analysis.stages``): refuse what it could not tell
+        now rather than after the judging."""
+        if len(self.arms) < 2:
+            raise ConfigError("cross_evaluation: expected two arms (each finetuned model judged by the other arm's "
+                              f"judge too), got {len(self.arms)}")
+        for arm in self.arms:
+            origin = evaluator_origin(arm.evaluator)
+            if arm.name != origin or origin not in KNOWN_ORIGINS:
+                raise ConfigError(
+                    f"experiment arm '{arm.name}' (judge {arm.evaluator}): cross evaluation expected arms named "
+                    f"after their judges as the analysis knows them ({' or '.join(KNOWN_ORIGINS)}: q32 for a "
+                    "Qwen…32B judge, gpt5m for gpt-5-mini), so that it can tell match from cross judgements; "
+                    "rename the arm or set cross_evaluation false")
 
 
 @dataclass
@@ -90,9 +131,15 @@ class Plan:
     train_stage2: list[dict[str, Any]] = field(default_factory=list)
     emulate: list[dict[str, Any]] = field(default_factory=list)
     evaluate: list[dict[str, Any]] = field(default_factory=list)
+    #: the finetuned models' evaluations by the other arms' judges (empty without cross evaluation)
+    cross_evaluate: list[dict[str, Any]] = field(default_factory=list)
+    #: ``analyze all`` of the runs: without cross evaluation into analysis/<name>; with it the match setting
+    #: into analysis/<name>/match, and ``analyze_cross`` (else None) the cross setting into analysis/<name>/cross
     analyze: dict[str, Any] = field(default_factory=dict)
+    analyze_cross: dict[str, Any] | None = None
     #: per first-stage model: {"name", "judge", "train", "emulate", "evaluate", "merge", "train2", "emulate2",
-    #: "evaluate2"}; a step the chain does not have is None. ``judge`` is "local" or "api" (the arm's judge).
+    #: "evaluate2", *CROSS_STEPS}; a step the chain does not have is None. ``judge`` is "local" or "api" (the
+    #: arm's judge); ``cross_evaluate[2]_<kind>`` is the evaluation by the other arm's judge when of that kind.
     chains: list[dict[str, Any]] = field(default_factory=list)
     #: the source models' test-split emulations, and their evaluations by every arm's judge (with "judge")
     source_emulate: list[dict[str, Any]] = field(default_factory=list)
@@ -102,8 +149,8 @@ class Plan:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in ("pairs", "train_stage1", "merge", "train_stage2", "emulate",
-                                              "evaluate", "analyze", "chains", "source_emulate",
-                                              "source_evaluate", "models")}
+                                              "evaluate", "cross_evaluate", "analyze", "analyze_cross", "chains",
+                                              "source_emulate", "source_evaluate", "models")}
 
 
 def judge_kind(evaluator: str) -> str:
@@ -172,7 +219,8 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
         if first not in chains:
             chains[first] = {"name": Path(first).name, "judge": judge_kind(arm.evaluator),
                              "train": next(t for t in plan.train_stage1 if t["out"] == first),
-                             **dict.fromkeys(("emulate", "evaluate", "merge", "train2", "emulate2", "evaluate2"))}
+                             **dict.fromkeys(("emulate", "evaluate", "merge", "train2", "emulate2", "evaluate2",
+                                              *CROSS_STEPS))}
             plan.chains.append(chains[first])
         return chains[first]
 
@@ -216,8 +264,27 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
                         link[f"emulate{step}"] = _emulate_spec(cfg, agent, cfg.arms[0].evaluator, runs, cases,
                                                                seed=seed)
                         link[f"evaluate{step}"] = evaluation
-    plan.analyze = {"runs": str(runs), "out": str(home / "analysis" / cfg.name), "n_bootstrap": cfg.n_bootstrap}
+                        if cfg.cross:
+                            _cross_evaluate(cfg, plan, link, step, agent, arm, runs, cases, seed)
+    analyses = analysis_specs(runs, home / "analysis" / cfg.name, list(SETTINGS) if cfg.cross else [],
+                              n_bootstrap=cfg.n_bootstrap)
+    plan.analyze, plan.analyze_cross = analyses[0], (analyses[1] if len(analyses) > 1 else None)
     return plan
+
+
+def _cross_evaluate(cfg: ExperimentConfig, plan: Plan, link: dict[str, Any], step: str, agent: str, arm: Arm,
+                    runs: Path, cases: tuple[int, int], seed: int) -> None:
+    """The chain step ``cross_evaluate{step}_<kind>`` for each other arm: its judge evaluates ``agent``'s
+    trajectory file (the one its own arm's evaluation reads)."""
+    for other in cfg.arms:
+        if other is arm:
+            continue
+        spec = _evaluate_spec(cfg, agent, other, runs, cases, seed=seed, label=None)
+        key = f"cross_evaluate{step}_{judge_kind(other.evaluator)}"
+        if link[key] is not None:  # validate() allows two arms only: one other judge
+            raise ConfigError(f"experiment: two other arms' judges of one kind for {agent}; expected one")
+        link[key] = spec
+        plan.cross_evaluate.append(spec)
 
 
 def _case_range(text: str | None, n_cases: int) -> tuple[int, int]:

@@ -35,8 +35,10 @@ POOL_DESCRIPTIONS = {
     API_POOL: ("judge stages sending requests to the API endpoint at once (deferred Slurm jobs count)", True),
 }
 #: Task priorities inside a model's chain (weight_rule "absolute"): what is further along goes first, so a
-#: model that has trained is emulated and judged before another model's training takes the slot.
-CHAIN_PRIORITY = {"train": 1, "merge": 2, "train2": 3, "emulate": 4, "evaluate": 5, "emulate2": 6, "evaluate2": 7}
+#: model that has trained is emulated and judged before another model's training takes the slot. A cross
+#: evaluation (the other arm's judge) ranks with its stage's own evaluation.
+CHAIN_PRIORITY = {"train": 1, "merge": 2, "train2": 3, "emulate": 4, "evaluate": 5, "cross_evaluate": 5,
+                  "emulate2": 6, "evaluate2": 7, "cross_evaluate2": 7}
 
 
 def gpu_slots() -> int:

@@ -4,7 +4,9 @@ their estimated USD from the price table. Shown by the ``dpo_experiment`` DAG's 
 GPU-hours are an upper bound: each GPU job's GPUs × its time limit under the resource rule
 (``plugins.slurm.resources``), the figure a cluster's accounting charges against. USD counts API judges only,
 at list price, with an assumed prompt/completion size per judgement (the study's judge prompts: a case's
-instructions, toolkits and a trajectory, about 6k tokens in, a rationale and a score out).
+instructions, toolkits and a trajectory, about 6k tokens in, a rationale and a score out). Cross evaluations
+(a finetuned model judged by the other arm's judge, the chains' ``cross_evaluate*`` steps) count as evaluations
+of their judge: calls and USD for an API judge, GPU jobs and GPU-hours for a local one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 #: assumed tokens per judgement (prompt, completion) for the USD estimate
 JUDGE_TOKENS = (6000, 800)
 _CHAIN_STAGES = {"train": "train", "merge": "merge", "train2": "train", "emulate": "emulate",
-                 "evaluate": "evaluate", "emulate2": "emulate", "evaluate2": "evaluate"}
+                 "evaluate": "evaluate", "emulate2": "emulate", "evaluate2": "evaluate",
+                 **{f"cross_evaluate{stage}_{kind}": "evaluate" for stage in ("", "2") for kind in ("local", "api")}}
 
 
 def _jobs(plan: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
@@ -89,9 +92,11 @@ def _emulation_outputs(plan: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """Trajectory file → the emulation spec that writes it (evaluations name their input file only)."""
     out: dict[str, Mapping[str, Any]] = {}
     for chain in plan.get("chains", []):
-        for emu, ev in (("emulate", "evaluate"), ("emulate2", "evaluate2")):
-            if chain.get(emu) and chain.get(ev):
-                out[chain[ev]["trajectories"]] = chain[emu]
+        for key, spec in chain.items():
+            if key in _CHAIN_STAGES and _CHAIN_STAGES[key] == "evaluate" and spec:
+                emulation = chain.get("emulate2" if key.startswith(("evaluate2", "cross_evaluate2")) else "emulate")
+                if emulation:
+                    out[spec["trajectories"]] = emulation
     sources = {str(e["agent"]): e for e in plan.get("source_emulate", [])}
     for spec in plan.get("source_evaluate", []):
         for agent, emu in sources.items():

@@ -76,6 +76,46 @@ def test_dagbag_has_the_three_dags_without_errors(airflow_home):
         assert param(key).resolve(value) == value, key
 
 
+def test_dpo_experiment_cross_evaluation_steps_pools_and_analyses(airflow_home):
+    """Each chain judges its models by the other arm's judge too: a step per stage and judge kind, after the own
+    evaluation (also when that failed: all_done_min_one_success over emulation and own evaluation), from that
+    judge's pool; the analyses per setting come from the plan; the Param is a boolean or null (auto)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from pipeline.experiment import CROSS_STEPS, JUDGE_KINDS
+    from plugins.dag_common import ANALYSIS, CHAIN_PRIORITY, EVALUATIONS, JUDGE_POOLS
+
+    dag = DagBag(dag_folder=str(REPO / "dags")).dags["dpo_experiment"]
+    tasks = dag.task_dict
+    for judge in JUDGE_KINDS:
+        group = f"models_{judge}_judge"
+        assert tasks[f"{group}.evaluate"].pool == JUDGE_POOLS[judge]
+        for stage in ("", "2"):
+            for kind in JUDGE_KINDS:
+                key = f"cross_evaluate{stage}_{kind}"
+                assert key in CROSS_STEPS
+                t = tasks[f"{group}.{key}"]
+                assert (t.stage, t.spec_key, t.pool) == ("evaluate", key, JUDGE_POOLS[kind])
+                assert t.trigger_rule == "all_done_min_one_success"
+                assert t.upstream_task_ids - {f"chains_{judge}_judge"} == {f"{group}.emulate{stage}",
+                                                                          f"{group}.evaluate{stage}"}
+                assert t.downstream_task_ids == {"report"}
+                assert t.priority_weight == CHAIN_PRIORITY[f"cross_evaluate{stage}"] == CHAIN_PRIORITY[
+                    f"evaluate{stage}"] and t.weight_rule == "absolute"
+                assert [o.name for o in t.outlets] == [EVALUATIONS.name]
+    for key in ("analyze", "analyze_cross"):
+        t = tasks[key]
+        assert (t.stage, t.spec_key, t.trigger_rule) == ("analyze all", key, "none_failed")
+        assert [o.name for o in t.outlets] == [ANALYSIS.name]
+        assert t.upstream_task_ids == {"report", "plan"} and t.downstream_task_ids == {"finish_tracking"}
+    param = dag.params.get_param("cross_evaluation")
+    assert [param.resolve(v) for v in (None, True, False)] == [None, True, False]
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        param.resolve("yes")
+
+
 def test_a_dag_run_whose_task_states_cannot_be_read_is_not_marked_successful(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -1,5 +1,6 @@
 """The dpo_experiment plan: test-split emulation of first-stage adapters grouped by base model and seed (one
-run serves them all), backend options reaching emulate and evaluate, and the DAG params' schema for them."""
+run serves them all), backend options reaching emulate and evaluate, and the DAG params' schema for them.
+Cross evaluation: tests/test_experiment_cross.py."""
 
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ def test_emulation_writes_the_files_the_evaluations_read(tmp_path):
     from pipeline.emulation.runner import EmulationConfig, plan as plan_emulation
     from pipeline.data.cases import load_named_case_set
 
+    # arms the analysis cannot tell apart (not named after their judges): no cross evaluation
     cfg = ExperimentConfig(name="x", source_models=["SmolLM2-135M"], arms=[Arm("demo", "pool", "SmolLM2-135M"),
                                                                            Arm("b", "pool", "scripted:judge")],
-                           seeds=[0], configurations=["safe", "help"], case_set="demo")
+                           seeds=[0], configurations=["safe", "help"], case_set="demo", cross_evaluation=False)
     plan = plan_experiment(cfg, tmp_path)
     cs = load_named_case_set("demo")
     written = set()

@@ -54,6 +54,46 @@ def test_the_cross_results_give_the_cross_evaluated_fit(results, tmp_path):
     assert {a: round(arms[a]["r2"], 3) for a in arms} == {"eval-gpt5m": 0.594, "eval-q32": 0.721, "pooled": 0.770}
 
 
+def test_a_folder_mixing_match_and_cross_judgements_is_analysed_per_setting(results, tmp_path):
+    """Both judgements side by side in each model folder (what cross evaluation in dpo_experiment makes): the
+    analysis specs (refresh_analysis, dpo_experiment) analyse each setting apart and find the paper's figures of
+    each; without --setting the folder is refused; an unmixed folder keeps one analysis without --setting."""
+    import filecmp
+
+    from pipeline.analysis.run import analysis_specs, finetuned_settings
+
+    mixed = tmp_path / "mixed"
+    for setting in ("match_eval_results", "cross_eval_results"):
+        for path in (results / setting).rglob("*.jsonl"):
+            link = mixed / path.relative_to(results / setting)
+            if link.exists():  # the source models' files are in both folders
+                assert filecmp.cmp(link, path, shallow=False), link
+                continue
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+    assert finetuned_settings(mixed) == ["match", "cross"]
+    assert finetuned_settings(results / "cross_eval_results") == ["cross"]
+    out = tmp_path / "analysis" / "mixed"
+    specs = analysis_specs(mixed, out, n_bootstrap=0)
+    assert specs == [{"runs": str(mixed), "out": str(out / s), "n_bootstrap": 0, "setting": s}
+                     for s in ("match", "cross")]
+    r = run_agentpipe("analyze", "all", "--runs", str(mixed), "--out", str(tmp_path / "refused"), "--no-track")
+    assert r.returncode != 0 and "expected one setting: pass --setting match or --setting cross" in r.stderr
+    r2 = {}
+    for spec in specs:
+        r = run_agentpipe("analyze", "all", "--runs", spec["runs"], "--out", spec["out"], "--n-bootstrap", "0",
+                          "--setting", spec["setting"], "--no-track")
+        assert r.returncode == 0, r.stderr
+        summary = json.loads((Path(spec["out"]) / "summary.json").read_text())
+        assert summary["setting"] == spec["setting"] and summary["counts"]["finetuned_rows"] == 180
+        r2[spec["setting"]] = {a: round(v["r2"], 3) for a, v in summary["arms"].items()}
+    assert r2 == {"match": {"eval-gpt5m": 0.770, "eval-q32": 0.662, "pooled": 0.765},
+                  "cross": {"eval-gpt5m": 0.594, "eval-q32": 0.721, "pooled": 0.770}}
+    # an unmixed folder: one analysis into the folder itself, no --setting (its only setting is found)
+    assert analysis_specs(results / "match_eval_results", out, n_bootstrap=0) == [
+        {"runs": str(results / "match_eval_results"), "out": str(out), "n_bootstrap": 0}]
+
+
 def test_a_second_fetch_verifies_and_keeps_what_is_there(results, data_dir):
     r = run_agentpipe("data", "fetch", "--from", str(data_dir / "paper" / "results.tar.xz"), "--data-dir",
                       str(results.parent.parent))

@@ -133,11 +133,11 @@ def _track(res) -> str | None:  # noqa: ANN001 - AnalysisResult, imported lazily
 
     if resolve_tracking_uri() is None:
         return None
-    with Tracker.open(res.out / "tracking", experiment="analysis", run_name=res.out.name) as t:
+    with Tracker.open(res.out / "tracking", experiment="analysis", run_name=_run_name(res.out)) as t:
         partial = res.summary.get("partial_models") or []
         t.log_params({"split": res.summary["split"], "setting": res.summary["setting"],
                       "reports": res.summary["counts"]["rows_analysed"], "partial_models": ",".join(partial) or "none"})
-        t.set_tags({"partial_data": "true" if partial else "false"})
+        t.set_tags({"partial_data": "true" if partial else "false", "setting": res.summary["setting"]})
         t.log_metrics(res.metrics())
         t.log_artifact(res.summary_path, "analysis")
         for p in res.plots:
@@ -145,6 +145,15 @@ def _track(res) -> str | None:  # noqa: ANN001 - AnalysisResult, imported lazily
         for p in res.tables:
             t.log_artifact(p, "tables")
         return t.run_id
+
+
+def _run_name(out: Path) -> str:
+    """The analysis folder's name; a per-setting folder (``<name>/match``, ``<name>/cross``, see
+    ``pipeline.analysis.run.setting_outputs``) is ``<name>/match``: the two settings' runs, each with its own
+    figures, plots and tables, are told apart by name and by their ``setting`` tag."""
+    from pipeline.analysis.run import SETTINGS
+
+    return f"{out.parent.name}/{out.name}" if out.name in SETTINGS else out.name
 
 
 def _seed(text: str) -> int:

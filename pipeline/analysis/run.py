@@ -243,6 +243,42 @@ def _select_setting(rows: list, setting: str | None, warn) -> tuple[list, str]:
     return kept, setting
 
 
+#: the evaluation settings of finetuned models (SPEC §7.2): judged by the evaluator that labelled their training
+#: pairs, or by another one
+SETTINGS = ("match", "cross")
+
+
+def finetuned_settings(runs: str | Path) -> list[str]:
+    """The settings (``match``, ``cross``, in that order) of the evaluated finetuned models below ``runs``, from
+    the file names alone (no scores read); a relation the names do not tell (an unknown dataset origin) is none."""
+    from pipeline.analysis.stages import parse_training_config
+    from pipeline.data.naming import is_finetuned
+    from pipeline.data.runfiles import find_run_files
+
+    found = {parse_training_config(rf.model_dir).relation(rf.name.evaluator)
+             for rf in find_run_files(runs) if rf.eval_files and is_finetuned(rf.model_dir)}
+    return [s for s in SETTINGS if s in found]
+
+
+def setting_outputs(out: str | Path, settings: list[str]) -> list[tuple[str | None, Path]]:
+    """Where ``analyze all`` writes for these settings: one analysis per setting, ``<out>/match`` and
+    ``<out>/cross``, when there are both (a folder mixing them must be analysed per setting); else one analysis
+    into ``<out>`` without ``--setting`` (the setting, if any, is the folder's only one)."""
+    out = Path(out)
+    if len(settings) > 1:
+        return [(s, out / s) for s in settings]
+    return [(None, out)]
+
+
+def analysis_specs(runs: str | Path, out: str | Path, settings: list[str] | None = None,
+                   **options: Any) -> list[dict[str, Any]]:
+    """The ``analyze all`` option dicts for ``runs`` (``setting_outputs`` of ``settings``; default: the settings
+    found below ``runs``), each with ``options`` (n_bootstrap, …)."""
+    found = finetuned_settings(runs) if settings is None else settings
+    return [{"runs": str(runs), "out": str(where), **options, **({"setting": setting} if setting else {})}
+            for setting, where in setting_outputs(out, found)]
+
+
 def _persistence_for(stats: dict[str, Any] | None, reason: str | None, evaluator: str | None) -> dict[str, Any]:
     if stats is None:
         return {"available": False, "reason": reason, "by_beta": {}}
