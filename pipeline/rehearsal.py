@@ -18,6 +18,7 @@ report is where the real run would put it, and the analysis at the end reads the
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,3 +211,51 @@ def rehearsal_counts(plan: dict[str, Any]) -> dict[str, int]:
             "emulations_scripted": sum(s["agent"].startswith("scripted:") for s in specs),
             "evaluations_replayed": sum(s["evaluator"].startswith("replay:") for s in evals),
             "evaluations_scripted": sum(s["evaluator"].startswith("scripted:") for s in evals)}
+
+
+# ------------------------------------------------------------------------------------------- the check
+#: fields of an analysis arm that must equal the released analysis's (the fit, persistence and the frontier)
+_ARM_FIGURES = ("n_points", "r2", "slope", "intercept", "persistence")
+_REPORT_META = ("agent", "model_dir", "emulator", "evaluator", "split", "seed", "n_cases")
+
+
+def _report_view(path: Path) -> dict[str, Any]:
+    """A unified report without what names its source files (the rehearsal's are one file per model)."""
+    rep = json.loads(path.read_text())
+    meta = rep.pop("meta", {})
+    return {**rep, "meta": {k: meta.get(k) for k in _REPORT_META}}
+
+
+def compare_analyses(ours: Path, released_runs: Path, ref_out: Path, *, figures: bool = True) -> list[str]:
+    """Differences between the analysis folder ``ours`` and ``analyze all`` of ``released_runs`` (written to
+    ``ref_out`` with the same settings): every per-seed report of ``ours`` (its configurations' points), and with
+    ``figures`` each arm's fit, persistence and frontier members. Empty when they agree."""
+    from pipeline.analysis.run import AnalyzeConfig, analyze
+
+    summary = json.loads((ours / "summary.json").read_text())
+    analyze(AnalyzeConfig(runs=released_runs, out=ref_out, n_bootstrap=summary["n_bootstrap"], no_track=True,
+                          formats=["png"], setting=summary.get("setting")))
+    diffs = []
+    reports = sorted((ours / "reports").rglob("*_unified_report.json"))
+    if not reports:
+        diffs.append(f"{ours}: no reports")
+    for f in reports:
+        rel = f.relative_to(ours)
+        ref = ref_out / rel
+        if not ref.is_file():
+            diffs.append(f"{rel}: not in the released analysis")
+        elif _report_view(f) != _report_view(ref):
+            diffs.append(f"{rel}: scores differ from the released analysis")
+    if figures:
+        theirs = json.loads((ref_out / "summary.json").read_text())
+        for arm, a in summary["arms"].items():
+            b = theirs["arms"].get(arm)
+            if b is None:
+                diffs.append(f"arm {arm}: not in the released analysis")
+                continue
+            diffs += [f"arm {arm}: {k} {a.get(k)!r} != released {b.get(k)!r}" for k in _ARM_FIGURES
+                      if a.get(k) != b.get(k)]
+            if a["frontier"].get("members") != b["frontier"].get("members"):
+                diffs.append(f"arm {arm}: frontier {a['frontier'].get('members')} != released "
+                             f"{b['frontier'].get('members')}")
+    return diffs
