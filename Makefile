@@ -15,7 +15,7 @@ VSTAMP := $(VVENV)/.installed
 # pytest's exit code 5 ("no tests collected") is a broken selection, never a pass
 NOTESTS := rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests selected" >&2; exit 1; fi; exit $$rc
 
-.PHONY: setup setup-vllm test test-main test-vllm test-fast gpu-wheels demo stop clean clean-venv
+.PHONY: setup setup-vllm test test-main test-vllm test-fast gpu-wheels demo rehearsal stop clean clean-venv
 
 setup: $(STAMP) $(VSTAMP)  ## create .venv and .venv-vllm and install everything (idempotent, a no-op when up to date)
 
@@ -64,6 +64,9 @@ gpu-wheels:  ## cp312 wheels that a bare GPU node (Python 3.12, CUDA torch, tran
 
 demo: $(STAMP)  ## the main job on this machine: MLflow + Airflow on 127.0.0.1, the study end to end on the demo cases
 	$(PY) scripts/demo.py run
+
+rehearsal: $(STAMP)  ## the study's full plan through Airflow with stand-in models; checks the paper's figures (benchmark)
+	AGENTPIPE_HOME=$${AGENTPIPE_HOME:-$(CURDIR)/runs/rehearsal} $(PY) benchmarks/rehearsal.py $(REHEARSAL_ARGS)
 
 stop:  ## stop what `make demo` started
 	@test -x $(PY) && $(PY) scripts/demo.py stop || true

@@ -12,8 +12,8 @@ from airflow.sdk import Param, dag, task
 from pipeline.emulation.runner import EmulationConfig
 from pipeline.evaluation.runner import EvaluationConfig
 from plugins.dag_common import (DEFAULT_ARGS, EVALUATIONS, GPU_POOL, JUDGE_POOLS, PARENT_RUN, REPORTS, TRAJECTORIES,
-                                backend_param, common_params, finish_tracking, home, quantization_param, stage_param,
-                                start_tracking)
+                                backend_param, common_params, finish_tracking, home, quantization_param,
+                                rehearsal_param, stage_param, start_tracking)
 from plugins.stage_operator import StageOperator
 
 
@@ -55,6 +55,7 @@ EMULATION_NAME = "{{ task.spec.get('agent_label') or task.spec.agent }}{{ ' shar
         "backend": backend_param(),
         "run_name": Param("pool", type="string", pattern="^[A-Za-z0-9._-]+$",
                           description="trajectories go to $AGENTPIPE_HOME/trajectories/<run_name>/<agent>/"),
+        "rehearsal": rehearsal_param(),
         **common_params(),
     },
 )
@@ -87,6 +88,11 @@ def toolemu_evaluation():
                         spec.update(agent_label=label, agent_temperature=p["agent_temperature"] or 0.7,
                                     agent_seed=k + 1)
                     specs.append(spec)
+        if p["rehearsal"]:  # the study's recorded outputs stand in for every model (pipeline.rehearsal)
+            from pipeline.rehearsal import recordings, rehearse_emulation
+
+            pool = recordings("pool")
+            specs = [rehearse_emulation(s, pool) for s in specs]
         return specs
 
     @task
@@ -98,10 +104,16 @@ def toolemu_evaluation():
         p = context["params"]
         if judge_kind(p["evaluator"]) != kind:
             return []
-        return [{"trajectories": r["outputs"]["trajectories"], "evaluator": p["evaluator"], "metrics": p["metrics"],
-                 "replicates": p["replicates"], "temperature": p["judge_temperature"], "compat": p["compat"],
-                 "quantization": p["quantization"], "scoring": p["scoring"], "no_progress": True,
-                 **p["backend"]} for r in results]
+        specs = [{"trajectories": r["outputs"]["trajectories"], "evaluator": p["evaluator"], "metrics": p["metrics"],
+                  "replicates": p["replicates"], "temperature": p["judge_temperature"], "compat": p["compat"],
+                  "quantization": p["quantization"], "scoring": p["scoring"], "no_progress": True,
+                  **p["backend"]} for r in results]
+        if p["rehearsal"]:
+            from pipeline.rehearsal import recordings, rehearse_evaluation
+
+            pool = recordings("pool")
+            specs = [rehearse_evaluation(s, pool) for s in specs]
+        return specs
 
     emulate = StageOperator.partial(task_id="emulate", stage="emulate", compute="{{ params.compute }}",
                                     mlflow_parent_run_id=PARENT_RUN, outlets=[TRAJECTORIES], pool=GPU_POOL,

@@ -132,6 +132,13 @@ def quantization_param(what: str) -> Param:
                  "bitsandbytes), fp16, bf16; vLLM: fp8 or a pre-quantized checkpoint's method (awq, gptq, …)")
 
 
+def rehearsal_param() -> Param:
+    """The ``rehearsal`` switch both study DAGs share (``pipeline.rehearsal``)."""
+    return Param(False, type="boolean", description="rehearse the plan: the same names, folders, splits and "
+                 "approval, but every model is a stand-in (the study's recorded outputs replayed where it recorded "
+                 "that model, scripted doubles elsewhere; trainings on a tiny stand-in base for a few steps)")
+
+
 def common_params() -> dict[str, Param]:
     return {
         "compute": Param("", type="string", enum=["", "local", "slurm"],

@@ -65,9 +65,10 @@ def airflow_env(root: Path | None = None) -> dict[str, str]:
         "AIRFLOW_HOME": str(af),
         "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__PARALLELISM": "2",
-        # the stages are CPU-bound on a 2-core machine: one task at a time is as fast and keeps memory low
-        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1",
+        "AIRFLOW__CORE__PARALLELISM": os.environ.get("AIRFLOW__CORE__PARALLELISM", "2"),
+        # the stages are CPU-bound on a 2-core machine: one task at a time is as fast and keeps memory low (the
+        # rehearsal, whose stages mostly wait on files and processes, runs two)
+        "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": os.environ.get("AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG", "1"),
         "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
         "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__API__PORT": str(af_port),

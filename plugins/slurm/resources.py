@@ -113,9 +113,10 @@ class Resources:
 
 
 def _is_api(spec: str) -> bool:
-    """API and test-double models cost no GPU (parsed like pipeline.llm.spec: openai:, scripted:, gpt-*, o1/o3/o4)."""
+    """API models, test doubles and replayed recordings cost no GPU (parsed like pipeline.llm.spec: openai:,
+    scripted:, replay:, gpt-*, o1/o3/o4)."""
     s = spec.strip()
-    return s.startswith(("openai:", "scripted:", "gpt-", "o1", "o3", "o4")) or s.lower() in ("none", "")
+    return s.startswith(("openai:", "scripted:", "replay:", "gpt-", "o1", "o3", "o4")) or s.lower() in ("none", "")
 
 
 def _size_from_text(text: str) -> float | None:

@@ -1,0 +1,259 @@
+"""The study end to end through Airflow, rehearsed: every model a stand-in, the paper's figures at the end.
+
+    python benchmarks/rehearsal.py                 # (make rehearsal) the full study: pool, 180 models, analysis
+    python benchmarks/rehearsal.py --slice         # one source model × one arm × one seed × one beta × 5 configs
+
+Starts MLflow and Airflow (LocalExecutor, the pools) as ``make demo`` does, under ``--home`` (default
+``runs/rehearsal``), then triggers with ``rehearsal: true``:
+
+1. ``toolemu_evaluation`` twice — the study's 25-model pool on the 144 cases, judged by Qwen3-32B and by
+   gpt-5-mini — every output replayed from ``<data>/paper/raw_data_by_eval`` (full run only; the slice pairs the
+   released pool directly);
+2. ``dpo_experiment`` with the study's preset (``dags/README.md``): pairs, 180 trainings on the stand-in base,
+   merges, test-split emulations and match + cross evaluations replayed from the results archive, reports, and
+   the analyses.
+
+Then it checks the pair sets against ``agentpipe pairs`` on the released pool, and the analyses against
+``agentpipe analyze all`` on the released results (every per-seed report, fit, persistence and frontier), and
+prints the number of tasks, the wall time, the time per stage kind, the scheduler's per-task overhead, the services'
+peak memory and the figures beside the paper's. Exit status 1 when a figure differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+#: the study's trajectory pool: the 25 agent models of raw_data_by_eval (model specs whose names are its folders)
+POOL_AGENTS = [
+    "Qwen/Qwen2.5-32B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen/Qwen3-14B", "Qwen/Qwen3-14Bnt",
+    "Qwen/Qwen3-30B-A3B-Instruct-2507", "Qwen/Qwen3-30B-A3B-Thinking-2507", "Qwen/Qwen3-32B", "Qwen/Qwen3-32Bnt",
+    "Qwen/Qwen3-8B", "Qwen/Qwen3-8Bnt", "gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4o-mini", "gpt-5",
+    "gpt-5-mini", "gpt-5-nano", "gpt-5.1", "gpt-5.2", "meta-llama/Llama-3.1-70B-Instruct",
+    "meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Llama-3.2-3B-Instruct", "meta-llama/Llama-3.3-70B-Instruct",
+    "microsoft/phi-4", "mistralai/Mixtral-8x7B-Instruct-v0.1"]
+JUDGES = {"q32": "Qwen3-32B", "gpt5m": "openai:gpt-5-mini"}
+#: the study's plan: the cluster preset of dags/README.md (compute and approval aside)
+STUDY = {"name": "study", "source_models": ["Llama3.1-8B", "Phi-4", "Qwen2.5-7B"],
+         "arms": [{"name": "q32", "pool": "study_pool", "evaluator": "Qwen3-32B"},
+                  {"name": "gpt5m", "pool": "study_pool", "evaluator": "openai:gpt-5-mini"}],
+         "seeds": [0, 1, 2], "betas": [0.1, 0.05],
+         "configurations": ["safe", "help", "both", "safe->help", "help->safe"],
+         "emulator": "Qwen3-8B", "case_set": "toolemu"}
+#: what the paper reports (abstract and tables): R² of the trade-off fit per arm, match and cross evaluated
+PAPER = {"match": {"eval-gpt5m": 0.77, "eval-q32": 0.662}, "cross": {"eval-gpt5m": 0.594, "eval-q32": 0.721}}
+
+
+def slice_plan(data_dir: Path) -> dict[str, Any]:
+    """One source model × one arm × one seed × one beta × the five configurations, on the released q32 pool."""
+    return {**STUDY, "name": "study-slice", "source_models": ["Qwen2.5-7B"],
+            "arms": [{"name": "q32", "pool": str(data_dir / "paper" / "raw_data_by_eval" / "q32"),
+                      "evaluator": "Qwen3-32B"}],
+            "seeds": [0], "betas": [0.1]}
+
+
+class MemorySampler(threading.Thread):
+    """Peak resident memory of each service's process group (MLflow, the Airflow components), sampled."""
+
+    def __init__(self, pids: Path, every_s: float = 5.0) -> None:
+        super().__init__(daemon=True)
+        self.pids, self.every_s, self.peak = pids, every_s, defaultdict(int)
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            groups = {}
+            for f in self.pids.glob("*.pid"):
+                try:
+                    groups[int(f.read_text())] = f.stem
+                except ValueError:
+                    continue
+            rss: dict[str, int] = defaultdict(int)
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                try:
+                    pgid = os.getpgid(int(proc.name))
+                    if pgid in groups:
+                        pages = int((proc / "statm").read_text().split()[1])
+                        rss[groups[pgid]] += pages * os.sysconf("SC_PAGE_SIZE")
+                except (OSError, ValueError):
+                    continue  # the process ended between the listing and the read
+            for name, b in rss.items():
+                self.peak[name] = max(self.peak[name], b)
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        return dict(self.peak)
+
+
+def _iso(t: str | None) -> float | None:
+    from datetime import datetime
+
+    return datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp() if t else None
+
+
+def task_profile(af, dag_id: str, run_id: str) -> dict[str, Any]:
+    """Task count, time per stage kind and the scheduler's wait per task (queued → started), from Airflow's task
+    records of one run."""
+    quoted = urllib.request.quote(run_id, safe="")
+    tis, offset = [], 0
+    while True:
+        page = af.call("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100&offset={offset}")
+        tis += page["task_instances"]
+        offset += 100
+        if offset >= page["total_entries"]:
+            break
+    by_kind: dict[str, list[float]] = defaultdict(list)
+    waits = []
+    for ti in tis:
+        if ti["state"] != "success" or ti.get("duration") is None:
+            continue
+        by_kind[ti["task_id"].rsplit(".", 1)[-1]].append(ti["duration"])
+        q, s = _iso(ti.get("queued_when")), _iso(ti.get("start_date"))
+        if q and s:
+            waits.append(s - q)
+    return {"tasks": len(tis), "succeeded": sum(ti["state"] == "success" for ti in tis),
+            "by_kind": {k: {"n": len(v), "total_s": sum(v), "mean_s": sum(v) / len(v)} for k, v in by_kind.items()},
+            "queue_wait_mean_s": sum(waits) / len(waits) if waits else None}
+
+
+def run_dag(af, dag_id: str, conf: dict[str, Any], timeout_s: float) -> tuple[str, dict[str, Any], float]:
+    t0 = time.monotonic()
+    af.wait_for_dag(dag_id)
+    run_id = af.trigger(dag_id, conf)
+    state = af.follow(dag_id, run_id, timeout=timeout_s)
+    return state, task_profile(af, dag_id, run_id), time.monotonic() - t0
+
+
+def check_pairs(home: Path, plan: dict[str, Any]) -> list[str]:
+    """The rehearsal's pair sets against ``agentpipe pairs`` on the released pool: byte-identical or listed."""
+    import subprocess
+
+    from pipeline.data.manifest import file_digest
+    from pipeline.settings import get_settings
+
+    data = get_settings().resolved_data_dir / "paper" / "raw_data_by_eval"
+    ref = home / "rehearsal-check" / "pairs"
+    bad = []
+    for spec in json.loads((home / "experiments" / plan["name"] / "plan.json").read_text())["pairs"]:
+        arm = spec["evaluator"]
+        args = {**spec, "data_dir": [str(data / arm)], "out": str(ref)}
+        args.pop("judge", None)
+        spec_file = ref.parent / "spec.json"
+        spec_file.parent.mkdir(parents=True, exist_ok=True)
+        spec_file.write_text(json.dumps(args))
+        subprocess.run([sys.executable, "-m", "pipeline.cli", "pairs", "--spec", str(spec_file)], check=True,
+                       capture_output=True)
+    for ours in sorted((home / "pairs").glob("*.jsonl")):
+        theirs = ref / ours.name
+        if not theirs.is_file() or file_digest(ours) != file_digest(theirs):
+            bad.append(ours.name)
+    return bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--home", type=Path, default=Path(os.environ.get("AGENTPIPE_HOME", REPO / "runs" / "rehearsal")))
+    ap.add_argument("--slice", action="store_true", help="one source model × one arm × one seed × one beta")
+    ap.add_argument("--compute", choices=["local", "slurm"], default="local")
+    ap.add_argument("--slots", type=int, default=2, help="tasks at once (the gpu pool's slots and the DAG's "
+                    "max active tasks; default 2 = this machine's cores)")
+    ap.add_argument("--timeout-min", type=float, default=240)
+    args = ap.parse_args(argv)
+    home = args.home.resolve()
+    os.environ["AGENTPIPE_HOME"] = str(home)
+    os.environ.setdefault("AGENTPIPE_GPU_SLOTS", str(args.slots))
+    os.environ.setdefault("AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG", str(args.slots))
+    os.environ.setdefault("AIRFLOW__CORE__PARALLELISM", str(max(2, args.slots)))
+    sys.path.insert(0, str(REPO / "scripts"))
+    import demo  # the services and the REST client of `make demo`
+
+    from pipeline.data.results import fetch_results, find_results, writable_data_dir
+    from pipeline.rehearsal import compare_analyses
+    from pipeline.settings import get_settings
+
+    t0 = time.monotonic()
+    data_dir = get_settings().resolved_data_dir
+    if find_results(data_dir) is None:
+        archive = data_dir / "paper" / "results.tar.xz"
+        fetch_results(writable_data_dir(data_dir), archive if archive.is_file() else None)
+    results = find_results(data_dir)
+    urls = demo.up()
+    sampler = MemorySampler(home / "pids")
+    sampler.start()
+    af = demo.Airflow(urls["airflow"], urls["user"], urls["password"])
+    common = {"rehearsal": True, "compute": args.compute}
+    runs: list[tuple[str, str, dict[str, Any], float]] = []
+    plan = slice_plan(data_dir) if args.slice else STUDY
+    if not args.slice:
+        for arm, judge in JUDGES.items():
+            conf = {"agents": POOL_AGENTS, "emulator": "Qwen3-8B", "evaluator": judge, "case_set": "toolemu",
+                    "run_name": "study_pool", **common}
+            runs.append(("toolemu_evaluation", *run_dag(af, "toolemu_evaluation", conf, args.timeout_min * 60)))
+            if runs[-1][1] != "success":
+                break
+    if all(r[1] == "success" for r in runs):
+        runs.append(("dpo_experiment", *run_dag(af, "dpo_experiment", {**plan, **common}, args.timeout_min * 60)))
+    wall = time.monotonic() - t0
+    peaks = sampler.stop()
+    failed = [r[0] for r in runs if r[1] != "success"]
+    tasks = sum(r[2]["tasks"] for r in runs)
+    kinds: dict[str, list[float]] = defaultdict(list)
+    for _, _, prof, _ in runs:
+        for k, v in prof["by_kind"].items():
+            kinds[k] += [v["total_s"], v["n"]]
+    print(f"\n{'stage kind':24s} {'tasks':>6s} {'total s':>9s} {'mean s':>7s}")
+    for k in sorted(kinds, key=lambda k: -sum(kinds[k][0::2])):
+        total, n = sum(kinds[k][0::2]), sum(kinds[k][1::2])
+        print(f"{k:24s} {n:6.0f} {total:9.0f} {total / n:7.1f}")
+    for dag_id, state, prof, secs in runs:
+        print(f"{dag_id}: {state}, {prof['tasks']} tasks in {secs / 60:.1f} min, scheduler queue wait "
+              f"{prof['queue_wait_mean_s'] or 0:.1f} s per task on average")
+    print("services' peak memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(peaks.items())))
+    if failed:
+        print(f"rehearsal: {', '.join(failed)} failed; see {home / 'airflow' / 'logs'}", file=sys.stderr)
+        return 1
+    bad_pairs = [] if args.slice else check_pairs(home, plan)
+    n_pairs = len(list((home / "pairs").glob("*.jsonl")))
+    print(f"pair sets: {n_pairs - len(bad_pairs)} of {n_pairs} byte-identical to `agentpipe pairs` on the released "
+          f"pool" + (f" (differ: {', '.join(bad_pairs)})" if bad_pairs else ""))
+    figures, problems = {}, list(bad_pairs)
+    for setting in ("match", "cross"):
+        ours = home / "analysis" / plan["name"] / setting
+        if not (ours / "summary.json").is_file():
+            continue
+        ref = home / "rehearsal-check" / f"released-{setting}"
+        diffs = compare_analyses(ours, results / f"{setting}_eval_results", ref)
+        problems += diffs
+        s = json.loads((ours / "summary.json").read_text())
+        figures[setting] = {arm: a["r2"] for arm, a in s["arms"].items()}
+        print(f"{setting}: " + ", ".join(f"R² {arm} {r2:.3f} (paper {PAPER[setting].get(arm, float('nan')):.3g})"
+                                         for arm, r2 in figures[setting].items() if arm in PAPER[setting])
+              + f"; {'equal to' if not diffs else f'{len(diffs)} differences from'} `analyze all` on the released "
+              f"{setting} results")
+        for d in diffs[:10]:
+            print(f"  {d}")
+    n_models = len(list((home / "models").glob("*/adapter")))
+    match, cross = figures.get("match", {}), figures.get("cross", {})
+    line = (f"rehearsal: {n_models} models trained, {tasks:,} tasks, {wall / 60:.1f} min; match R² "
+            + ", ".join(f"{a} {match[a]:.3f}" for a in ("eval-gpt5m", "eval-q32") if a in match))
+    if cross:
+        line += "; cross R² " + " / ".join(f"{cross[a]:.3f}" for a in ("eval-gpt5m", "eval-q32") if a in cross)
+    print(line)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Rehearsal: the user's plan, unchanged, with every model a stand-in (``dpo_experiment`` / ``toolemu_evaluation``
+Param ``rehearsal``).
+
+Names, paths, splits, seeds, pools and the cost approval's figures are the plan's own; only what each stage calls
+changes:
+
+* generation and judging: ``replay:`` of the study's recorded outputs wherever the study recorded that model (with
+  that emulator) and that judge on it — the pool from ``<data>/paper/raw_data_by_eval/``, the finetuned and source
+  models of the DPO experiment from the fetched results archive (``<data>/paper/results/``), read in place — and
+  the scripted test doubles where nothing was recorded (a plan with models of one's own rehearses too);
+* training: every planned model really trains, merges and registers, on a tiny stand-in base model (the offline
+  tiny Llama) in a folder named as the source model, on its real pair set, for a few steps.
+
+A replayed model keeps the name it stands in for (``replay:<folder>#<name>``), so every run file, folder and
+report is where the real run would put it, and the analysis at the end reads the study's figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DataError, NamingError
+
+#: optimizer steps of a stand-in training (every planned model trains; the weights are not the study's)
+STAND_IN_STEPS = 2
+#: train options a rehearsal sets: a few steps, no validation pass, on the stand-in (dropping pairs above the
+#: plan's limits is the plan's own rule and stays)
+STAND_IN_TRAIN = {"max_steps": STAND_IN_STEPS, "final_eval": False, "save_steps": STAND_IN_STEPS}
+
+
+@dataclass
+class Recordings:
+    """What the study recorded: (agent name, emulator name) → a folder of its trajectory files, and
+    (agent name, judge name) → a folder holding that judge's eval files of them. The first root to record a
+    model wins (roots are given in order of precedence)."""
+
+    trajectories: dict[tuple[str, str], Path] = field(default_factory=dict)
+    judgements: dict[tuple[str, str], Path] = field(default_factory=dict)
+
+    def agent(self, name: str, emulator: str) -> Path | None:
+        return self.trajectories.get((name, emulator))
+
+    def judge(self, name: str, judge: str) -> Path | None:
+        return self.judgements.get((name, judge))
+
+
+def index_recordings(roots: Iterable[Path]) -> Recordings:
+    """Index the model folders below each root (a folder of model folders, as ``raw_data_by_eval/q32``)."""
+    from pipeline.data.naming import parse_run_filename
+
+    rec = Recordings()
+    for root in roots:
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            for f in sorted(folder.glob("*.jsonl")):
+                try:
+                    name = parse_run_filename(f.name)
+                except NamingError:
+                    continue  # not a run file
+                if not name.is_trajectory_file:
+                    continue
+                rec.trajectories.setdefault((name.agent, name.emulator), folder)
+                if any(f.with_name(f"{f.stem}_eval_agent_{t}.jsonl").is_file()
+                       for t in ("safe", "help_ignore_safety", "help")):
+                    rec.judgements.setdefault((name.agent, name.evaluator), folder)
+    return rec
+
+
+def pool_roots(data_dir: Path) -> list[Path]:
+    """The study's trajectory pool, judged by Qwen3-32B and gpt-5-mini (the same trajectories in both)."""
+    roots = [data_dir / "paper" / "raw_data_by_eval" / arm for arm in ("q32", "gpt5m")]
+    missing = [str(r) for r in roots if not r.is_dir()]
+    if missing:
+        raise DataError(f"rehearsal: the study's recordings are missing ({', '.join(missing)}); run `agentpipe data "
+                        "fetch` first")
+    return roots
+
+
+def results_roots(data_dir: Path) -> list[Path]:
+    """The study's evaluations of its finetuned and source models (fetched from the results archive)."""
+    from pipeline.data.results import find_results
+
+    base = find_results(data_dir)
+    if base is None:
+        raise DataError("rehearsal: the study's results are not fetched; run `agentpipe data fetch --from "
+                        "<data>/paper/results.tar.xz` (or plain `agentpipe data fetch`) first")
+    return [base / "match_eval_results", base / "cross_eval_results"]
+
+
+def recordings(kind: str, data_dir: Path | None = None) -> Recordings:
+    """The recordings a rehearsal replays: ``pool`` (toolemu_evaluation) or ``experiment`` (dpo_experiment: the
+    results archive first, then the pool, so a source model the study only ran in its pool replays too)."""
+    from pipeline.settings import get_settings
+
+    data = data_dir or get_settings().resolved_data_dir
+    if kind == "pool":
+        return index_recordings(pool_roots(data))
+    if kind == "experiment":
+        return index_recordings(results_roots(data) + pool_roots(data))
+    raise ValueError(f"recordings: unknown kind {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------- stage specs
+def _name(spec: str) -> str:
+    from pipeline.llm.spec import parse_model_spec
+
+    return parse_model_spec(spec).name
+
+
+def rehearse_emulation(spec: dict[str, Any], rec: Recordings) -> dict[str, Any]:
+    """An emulate spec whose agent and emulator replay the study's recording of that agent (under the study's
+    engine rules, which made the recording), or are the scripted doubles where there is none; names unchanged."""
+    from pipeline.data.naming import sanitize_model_name
+
+    out = dict(spec)
+    agents = spec["agent"] if isinstance(spec["agent"], list) else [spec["agent"]]
+    if len(agents) != 1:
+        raise ValueError("rehearse_emulation: one agent per emulation (the chains' specs)")
+    agent = agents[0]
+    name = sanitize_model_name(spec["agent_label"]) if spec.get("agent_label") else _name(agent)
+    emulator = _name(spec["emulator"])
+    folder = rec.agent(name, emulator)
+    if folder is not None:
+        out.update(agent=f"replay:{folder}#{name}", emulator=f"replay:{folder}#{emulator}", compat="study")
+    else:
+        out.update(agent=f"scripted:agent#{name}", emulator=f"scripted:emulator#{emulator}")
+    out.pop("agent_label", None)
+    for k in ("quantization",):  # options of real weights; a replay has none
+        out.pop(k, None)
+    return out
+
+
+def rehearse_evaluation(spec: dict[str, Any], rec: Recordings) -> dict[str, Any]:
+    """An evaluate spec whose judge replays the study's recorded judgements of that model by that judge, or is the
+    scripted judge where there are none; the judge's name (and so every eval file's) unchanged."""
+    from pipeline.data.naming import parse_run_filename
+
+    out = dict(spec)
+    judge = _name(spec["evaluator"])
+    model = parse_run_filename(Path(spec["trajectories"]).name).agent
+    folder = rec.judge(model, judge)
+    out["evaluator"] = f"replay:{folder}#{judge}" if folder is not None else f"scripted:judge#{judge}"
+    out["scoring"] = "generate"  # a recorded judgement is a written answer, parsed as a live judge's
+    out.pop("quantization", None)  # an option of real weights; a replay has none
+    return out
+
+
+def stand_in_base(name: str, home: Path) -> Path:
+    """The stand-in base model of source model ``name``: the offline tiny Llama, in a folder named ``name`` so that
+    every trained model takes the name the real run would give it (SPEC §6.4)."""
+    from pipeline.data.naming import confined_path
+    from pipeline.llm.local_models import tiny_llama
+
+    tiny = tiny_llama()
+    folder = confined_path(home / "rehearsal" / "stand-ins", name, "source model")
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in tiny.iterdir():
+        link = folder / f.name
+        if not link.exists():
+            link.symlink_to(f.resolve())
+    return folder
+
+
+def rehearse_training(spec: dict[str, Any], stand_ins: dict[str, Path]) -> dict[str, Any]:
+    """A train spec on the stand-in base (a first stage) or on its stand-in parent (a second stage, unchanged),
+    for a few steps."""
+    out = {**spec, **STAND_IN_TRAIN}
+    if spec["model"] in stand_ins:
+        out["model"] = str(stand_ins[spec["model"]])
+    return out
+
+
+def rehearse_plan(plan: dict[str, Any], source_models: list[str], home: Path,
+                  rec: Recordings) -> dict[str, Any]:
+    """The plan dict (``Plan.as_dict()``) with every stage spec a stand-in's; ``planned`` keeps the real plan (its
+    size is what the cost approval shows)."""
+    stand_ins = {m: stand_in_base(m, home) for m in source_models}
+    out = copy.deepcopy(plan)
+    out["train_stage1"] = [rehearse_training(s, stand_ins) for s in plan["train_stage1"]]
+    out["train_stage2"] = [rehearse_training(s, stand_ins) for s in plan["train_stage2"]]
+    out["source_emulate"] = [rehearse_emulation(s, rec) for s in plan["source_emulate"]]
+    out["source_evaluate"] = [{**rehearse_evaluation(s, rec), "judge": s["judge"]} for s in plan["source_evaluate"]]
+    out["emulate"] = [rehearse_emulation({**s, "agent": a}, rec) for s in plan["emulate"]
+                      for a in (s["agent"] if isinstance(s["agent"], list) else [s["agent"]])]
+    out["evaluate"] = [rehearse_evaluation(s, rec) for s in plan["evaluate"]]
+    for chain in out["chains"]:
+        for key, value in chain.items():
+            if value is None or key in ("name", "judge"):
+                continue
+            if key.startswith("train"):
+                chain[key] = rehearse_training(value, stand_ins)
+            elif key.startswith("emulate"):
+                chain[key] = rehearse_emulation(value, rec)
+            elif "evaluate" in key:
+                chain[key] = ([rehearse_evaluation(v, rec) for v in value] if isinstance(value, list)
+                              else rehearse_evaluation(value, rec))
+    out["planned"] = plan
+    return out
+
+
+def rehearsal_counts(plan: dict[str, Any]) -> dict[str, int]:
+    """How many emulations and evaluations of a rehearsed plan replay recordings, and how many are doubles."""
+    specs = plan["source_emulate"] + [c[k] for c in plan["chains"] for k in ("emulate", "emulate2") if c.get(k)]
+    evals = plan["source_evaluate"] + [c[k] for c in plan["chains"] for k in c
+                                       if "evaluate" in k and c.get(k) and not isinstance(c[k], list)]
+    return {"emulations_replayed": sum(s["agent"].startswith("replay:") for s in specs),
+            "emulations_scripted": sum(s["agent"].startswith("scripted:") for s in specs),
+            "evaluations_replayed": sum(s["evaluator"].startswith("replay:") for s in evals),
+            "evaluations_scripted": sum(s["evaluator"].startswith("scripted:") for s in evals)}
+
+
+# ------------------------------------------------------------------------------------------- the check
+#: fields of an analysis arm that must equal the released analysis's (the fit, persistence and the frontier)
+_ARM_FIGURES = ("n_points", "r2", "slope", "intercept", "persistence")
+_REPORT_META = ("agent", "model_dir", "emulator", "evaluator", "split", "seed", "n_cases")
+
+
+def _report_view(path: Path) -> dict[str, Any]:
+    """A unified report without what names its source files (the rehearsal's are one file per model)."""
+    rep = json.loads(path.read_text())
+    meta = rep.pop("meta", {})
+    return {**rep, "meta": {k: meta.get(k) for k in _REPORT_META}}
+
+
+def compare_analyses(ours: Path, released_runs: Path, ref_out: Path, *, figures: bool = True) -> list[str]:
+    """Differences between the analysis folder ``ours`` and ``analyze all`` of ``released_runs`` (written to
+    ``ref_out`` with the same settings): every per-seed report of ``ours`` (its configurations' points), and with
+    ``figures`` each arm's fit, persistence and frontier members. Empty when they agree."""
+    from pipeline.analysis.run import AnalyzeConfig, analyze
+
+    summary = json.loads((ours / "summary.json").read_text())
+    analyze(AnalyzeConfig(runs=released_runs, out=ref_out, n_bootstrap=summary["n_bootstrap"], no_track=True,
+                          formats=["png"], setting=summary.get("setting")))
+    diffs = []
+    reports = sorted((ours / "reports").rglob("*_unified_report.json"))
+    if not reports:
+        diffs.append(f"{ours}: no reports")
+    for f in reports:
+        rel = f.relative_to(ours)
+        ref = ref_out / rel
+        if not ref.is_file():
+            diffs.append(f"{rel}: not in the released analysis")
+        elif _report_view(f) != _report_view(ref):
+            diffs.append(f"{rel}: scores differ from the released analysis")
+    if figures:
+        theirs = json.loads((ref_out / "summary.json").read_text())
+        for arm, a in summary["arms"].items():
+            b = theirs["arms"].get(arm)
+            if b is None:
+                diffs.append(f"arm {arm}: not in the released analysis")
+                continue
+            diffs += [f"arm {arm}: {k} {a.get(k)!r} != released {b.get(k)!r}" for k in _ARM_FIGURES
+                      if a.get(k) != b.get(k)]
+            if a["frontier"].get("members") != b["frontier"].get("members"):
+                diffs.append(f"arm {arm}: frontier {a['frontier'].get('members')} != released "
+                             f"{b['frontier'].get('members')}")
+    return diffs
