@@ -36,7 +36,7 @@ from pipeline.preference.stage import PairsConfig
 from pipeline.training.config import TrainConfig
 from plugins.dag_common import (ANALYSIS, CHAIN_PRIORITY, DEFAULT_ARGS, EVALUATIONS, GPU_POOL, JUDGE_POOLS,
                                 PARENT_RUN, backend_param, common_params, finish_tracking, home, options_param,
-                                stage_param, start_tracking)
+                                rehearsal_param, stage_param, start_tracking)
 from plugins.stage_operator import StageOperator
 
 #: options the experiment's plan sets itself (pipeline.experiment)
@@ -151,6 +151,7 @@ def _model_chain(judge: str, judge_pool: str):
                                              "metric2"),
                                '{"min_score_difference": 1}'),
         "n_bootstrap": stage_param(AnalyzeConfig, "n_bootstrap"),
+        "rehearsal": rehearsal_param(),
         "cross_evaluation": Param(None, type=["boolean", "null"], description="judge every finetuned model by the "
                                   "other arm's judge too and analyse both settings (match, cross); empty (null): "
                                   "on with two arms, which must then be named after their judges (q32, gpt5m)"),
@@ -184,6 +185,10 @@ def dpo_experiment():
                                train=dict(p["train"]), pairs=dict(p["pairs"]), n_bootstrap=p["n_bootstrap"],
                                cross_evaluation=p.get("cross_evaluation"))
         result = plan_experiment(cfg, root).as_dict()
+        if p.get("rehearsal"):  # the same plan, every model a stand-in (pipeline.rehearsal)
+            from pipeline.rehearsal import recordings, rehearse_plan
+
+            result = rehearse_plan(result, cfg.source_models, root, recordings("experiment"))
         atomic_write_json(root / "experiments" / p["name"] / "plan.json", result)  # beside, not inside, the analysis
         return result
 
@@ -199,7 +204,7 @@ def dpo_experiment():
     def plan_size(plan: dict) -> str:
         from plugins.plan_size import describe, plan_size as size
 
-        text = describe(size(plan))
+        text = describe(size(plan.get("planned", plan)))  # a rehearsal shows the real plan's size
         print(text)
         return text
 

@@ -187,6 +187,7 @@ def rehearse_plan(plan: dict[str, Any], source_models: list[str], home: Path,
     out["emulate"] = [rehearse_emulation({**s, "agent": a}, rec) for s in plan["emulate"]
                       for a in (s["agent"] if isinstance(s["agent"], list) else [s["agent"]])]
     out["evaluate"] = [rehearse_evaluation(s, rec) for s in plan["evaluate"]]
+    out["cross_evaluate"] = [rehearse_evaluation(s, rec) for s in plan.get("cross_evaluate", [])]
     for chain in out["chains"]:
         for key, value in chain.items():
             if value is None or key in ("name", "judge"):
