@@ -35,8 +35,8 @@ from pipeline.evaluation.runner import EvaluationConfig
 from pipeline.preference.stage import PairsConfig
 from pipeline.training.config import TrainConfig
 from plugins.dag_common import (ANALYSIS, CHAIN_PRIORITY, DEFAULT_ARGS, EVALUATIONS, GPU_POOL, JUDGE_POOLS,
-                                PARENT_RUN, backend_param, common_params, finish_tracking, home, options_param,
-                                rehearsal_param, stage_param, start_tracking)
+                                PARENT_RUN, REHEARSAL_SIZING, backend_param, common_params, finish_tracking, home,
+                                options_param, rehearsal_param, stage_param, start_tracking)
 from plugins.stage_operator import StageOperator
 
 #: options the experiment's plan sets itself (pipeline.experiment)
@@ -91,7 +91,7 @@ _ARM = {"type": "object", "required": ["name", "pool", "evaluator"],
 def _stage(task_id: str, name: str, **kwargs) -> dict:
     """StageOperator arguments every stage task of this DAG shares."""
     return {"task_id": task_id, "stage": name, "compute": "{{ params.compute }}", "mlflow_parent_run_id": PARENT_RUN,
-            **kwargs}
+            **REHEARSAL_SIZING, **kwargs}
 
 
 def _model_chain(judge: str, judge_pool: str):

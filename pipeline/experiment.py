@@ -181,8 +181,9 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
                 "metric", "metric2", "mode", "min_score_difference", "min_chosen_score", "consistency")})
             path = pairs_dir / f"{pc.name(arm.name)}.jsonl"
             pair_paths[key] = str(path)
-            plan.pairs.append({"data_dir": [arm.pool], "evaluator": arm.name, "cases": cfg.case_set, "seed": seed,
-                               "split": "train", "out": str(pairs_dir), **opts})
+            # ``judge``: a pool may hold several judges' evaluations of the same trajectories (one pool, two arms)
+            plan.pairs.append({"data_dir": [arm.pool], "evaluator": arm.name, "judge": arm.evaluator,
+                               "cases": cfg.case_set, "seed": seed, "split": "train", "out": str(pairs_dir), **opts})
         return pair_paths[key]
 
     trained: dict[tuple, str] = {}  # (model, arm, seed, beta, datasets…) → model folder

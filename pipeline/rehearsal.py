@@ -35,38 +35,87 @@ STAND_IN_TRAIN = {"max_steps": STAND_IN_STEPS, "final_eval": False, "save_steps"
 
 @dataclass
 class Recordings:
-    """What the study recorded: (agent name, emulator name) → a folder of its trajectory files, and
-    (agent name, judge name) → a folder holding that judge's eval files of them. The first root to record a
-    model wins (roots are given in order of precedence)."""
+    """What the study recorded: (agent name, emulator name) → {quantization tag of the run-file names: that
+    configuration's trajectory files} (the study ran Qwen3-32B and Qwen3-32Bnt twice, int4 and int8, into one
+    folder), and (agent name, judge name) → a folder holding that judge's eval files of them. The first root to
+    record a model wins (roots are given in order of precedence). ``links``: where a configuration that shares
+    its folder with another gets a folder of links to its own files (a replay answers from a whole folder)."""
 
-    trajectories: dict[tuple[str, str], Path] = field(default_factory=dict)
+    trajectories: dict[tuple[str, str], dict[str | None, list[Path]]] = field(default_factory=dict)
     judgements: dict[tuple[str, str], Path] = field(default_factory=dict)
+    links: Path | None = None
 
-    def agent(self, name: str, emulator: str) -> Path | None:
-        return self.trajectories.get((name, emulator))
+    def agent(self, name: str, emulator: str, quantization: str | None = None) -> Path | None:
+        """The folder (or folder of links) to replay agent ``name`` run with ``quantization`` from: the recording
+        of that configuration, else the model's only recorded one (a stand-in of the same model); None when the
+        study did not record the model with that emulator. Several recorded configurations, none of them this
+        one: a ``DataError`` (which of them stands in is the user's choice, by setting the quantization)."""
+        from pipeline.data.naming import file_quantization
+
+        configs = self.trajectories.get((name, emulator))
+        if not configs:
+            return None
+        tag = file_quantization(quantization)
+        if tag not in configs and len(configs) > 1:
+            named = ", ".join(sorted(q or "none" for q in configs))
+            raise DataError(f"rehearsal: agent {name} is recorded in several configurations ({named}), none of "
+                            f"them quantization {quantization or 'none'}; set the quantization of the one to replay")
+        files = configs[tag] if tag in configs else next(iter(configs.values()))
+        return self._folder_of(files)
 
     def judge(self, name: str, judge: str) -> Path | None:
         return self.judgements.get((name, judge))
 
+    def _folder_of(self, files: list[Path]) -> Path:
+        from pipeline.emulation.replay import trajectory_files
 
-def index_recordings(roots: Iterable[Path]) -> Recordings:
-    """Index the model folders below each root (a folder of model folders, as ``raw_data_by_eval/q32``)."""
+        folder = files[0].parent
+        if all(f.parent == folder for f in files) and trajectory_files(folder) == files:
+            return folder
+        if self.links is None:
+            raise DataError(f"rehearsal: {folder} holds several recorded configurations of one model; give the "
+                            "recordings a folder for links (Recordings.links)")
+        import hashlib
+
+        key = hashlib.sha256("\n".join(str(f) for f in files).encode()).hexdigest()[:12]
+        out = self.links / f"{folder.name}-{key}"
+        if not out.is_dir():  # links to the recordings read in place; built aside, then renamed into place
+            tmp = out.with_name(out.name + ".tmp")
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in files:
+                (tmp / f.name).symlink_to(f)
+            try:
+                tmp.rename(out)
+            except OSError:  # another task built it first: the same links
+                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+
+
+def index_recordings(roots: Iterable[Path], links: Path | None = None) -> Recordings:
+    """Index the model folders below each root (a folder of model folders, as ``raw_data_by_eval/q32``; a model
+    folder's sub-folders count as its own)."""
     from pipeline.data.naming import parse_run_filename
 
-    rec = Recordings()
+    rec = Recordings(links=links)
     for root in roots:
+        found: dict[tuple[str, str], dict[str | None, list[Path]]] = {}
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-            for f in sorted(folder.glob("*.jsonl")):
+            for f in sorted(folder.rglob("*.jsonl")):
                 try:
                     name = parse_run_filename(f.name)
                 except NamingError:
                     continue  # not a run file
                 if not name.is_trajectory_file:
                     continue
-                rec.trajectories.setdefault((name.agent, name.emulator), folder)
+                found.setdefault((name.agent, name.emulator), {}).setdefault(name.quantization, []).append(f)
                 if any(f.with_name(f"{f.stem}_eval_agent_{t}.jsonl").is_file()
                        for t in ("safe", "help_ignore_safety", "help")):
                     rec.judgements.setdefault((name.agent, name.evaluator), folder)
+        for key, configs in found.items():
+            rec.trajectories.setdefault(key, configs)
     return rec
 
 
@@ -91,16 +140,19 @@ def results_roots(data_dir: Path) -> list[Path]:
     return [base / "match_eval_results", base / "cross_eval_results"]
 
 
-def recordings(kind: str, data_dir: Path | None = None) -> Recordings:
+def recordings(kind: str, data_dir: Path | None = None, home: Path | None = None) -> Recordings:
     """The recordings a rehearsal replays: ``pool`` (toolemu_evaluation) or ``experiment`` (dpo_experiment: the
-    results archive first, then the pool, so a source model the study only ran in its pool replays too)."""
+    results archive first, then the pool, so a source model the study only ran in its pool replays too).
+    Folders of links, where needed, go under ``<home>/rehearsal/recordings``."""
     from pipeline.settings import get_settings
 
-    data = data_dir or get_settings().resolved_data_dir
+    settings = get_settings()
+    data = data_dir or settings.resolved_data_dir
+    links = (home or settings.home) / "rehearsal" / "recordings"
     if kind == "pool":
-        return index_recordings(pool_roots(data))
+        return index_recordings(pool_roots(data), links)
     if kind == "experiment":
-        return index_recordings(results_roots(data) + pool_roots(data))
+        return index_recordings(results_roots(data) + pool_roots(data), links)
     raise ValueError(f"recordings: unknown kind {kind!r}")
 
 
@@ -123,15 +175,13 @@ def rehearse_emulation(spec: dict[str, Any], rec: Recordings) -> dict[str, Any]:
     agent = agents[0]
     name = sanitize_model_name(spec["agent_label"]) if spec.get("agent_label") else _name(agent)
     emulator = _name(spec["emulator"])
-    folder = rec.agent(name, emulator)
+    folder = rec.agent(name, emulator, spec.get("quantization"))
     if folder is not None:
         out.update(agent=f"replay:{folder}#{name}", emulator=f"replay:{folder}#{emulator}", compat="study")
     else:
         out.update(agent=f"scripted:agent#{name}", emulator=f"scripted:emulator#{emulator}")
     out.pop("agent_label", None)
-    for k in ("quantization",):  # options of real weights; a replay has none
-        out.pop(k, None)
-    return out
+    return out  # the quantization stays: it names the run file (the backends of stand-ins ignore it)
 
 
 def rehearse_evaluation(spec: dict[str, Any], rec: Recordings) -> dict[str, Any]:
@@ -145,7 +195,6 @@ def rehearse_evaluation(spec: dict[str, Any], rec: Recordings) -> dict[str, Any]
     folder = rec.judge(model, judge)
     out["evaluator"] = f"replay:{folder}#{judge}" if folder is not None else f"scripted:judge#{judge}"
     out["scoring"] = "generate"  # a recorded judgement is a written answer, parsed as a live judge's
-    out.pop("quantization", None)  # an option of real weights; a replay has none
     return out
 
 

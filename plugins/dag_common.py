@@ -132,6 +132,13 @@ def quantization_param(what: str) -> Param:
                  "bitsandbytes), fp16, bf16; vLLM: fp8 or a pre-quantized checkpoint's method (awq, gptq, …)")
 
 
+#: A rehearsal's stage jobs are sized as what they load — the tiny stand-in base, on one core — not as the models
+#: they stand in for (a stand-in base named "Qwen2.5-7B" would otherwise be sized as a 7B model and wait for a GPU);
+#: StageOperator arguments ``models`` and ``stage_resources`` (``resources`` is BaseOperator's too in a mapped task's partial arguments), rendered per run.
+REHEARSAL_SIZING = {"models": "{{ ['agentpipe/tiny-llama'] if params.rehearsal else None }}",
+                    "stage_resources": "{{ {'cpus': 1} if params.rehearsal else None }}"}
+
+
 def rehearsal_param() -> Param:
     """The ``rehearsal`` switch both study DAGs share (``pipeline.rehearsal``)."""
     return Param(False, type="boolean", description="rehearse the plan: the same names, folders, splits and "

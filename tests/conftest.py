@@ -34,6 +34,18 @@ def released_runs(data_dir: Path) -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def released_results(data_dir: Path, tmp_path_factory) -> Path:
+    """The study's released results (180 finetuned models, match and cross evaluator), fetched once per session
+    from the archive in the data directory into a temporary data folder, verified file by file."""
+    target = tmp_path_factory.mktemp("data")
+    # a folder with the data directory's layout: its paper/results.tar.xz is what gets unpacked
+    r = run_agentpipe("data", "fetch", "--from", str(data_dir), "--only", "results", "--data-dir", str(target))
+    assert r.returncode == 0, r.stderr
+    assert f"11160 files fetched and verified → {target}/paper/results" in r.stdout
+    return target / "paper" / "results"
+
+
 def run_agentpipe(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real console script in a subprocess (exit codes, stderr and tracebacks as a user sees them)."""
     exe = Path(sys.executable).with_name("agentpipe")

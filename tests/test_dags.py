@@ -45,6 +45,11 @@ def test_dagbag_has_the_three_dags_without_errors(airflow_home):
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     assert set(bag.dags) == {"toolemu_evaluation", "dpo_experiment", "rerun_failed_evaluations", "refresh_analysis"}
+    # what the dag processor stores, the scheduler reads back (a mapped operator's partial arguments included)
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    for dag in bag.dags.values():
+        assert DagSerialization.from_dict(DagSerialization.to_dict(dag)).dag_id == dag.dag_id
     schedule = bag.dags["rerun_failed_evaluations"].schedule  # daily, and when evaluations land
     assert schedule.timetable.expression == "0 3 * * *"
     assert [a.name for a in schedule.asset_condition.objects] == ["agentpipe://evaluations"]

@@ -14,13 +14,9 @@ from tests.conftest import run_agentpipe
 
 
 @pytest.fixture(scope="module")
-def results(data_dir, tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("data")
-    # a folder with the data directory's layout: its paper/results.tar.xz is what gets unpacked
-    r = run_agentpipe("data", "fetch", "--from", str(data_dir), "--only", "results", "--data-dir", str(target))
-    assert r.returncode == 0, r.stderr
-    assert f"11160 files fetched and verified → {target}/paper/results" in r.stdout
-    return target / "paper" / "results"
+def results(released_results) -> Path:
+    """The fetched release (conftest: fetched once per session, the fetch's own output checked there)."""
+    return released_results
 
 
 def _analyze(runs: Path, out: Path) -> tuple[str, dict]:

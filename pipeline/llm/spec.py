@@ -4,7 +4,8 @@
 * ``vllm:<id or path>`` → vLLM offline engine
 * ``openai:<model>`` → any OpenAI-compatible endpoint (base URL from settings); bare ``gpt-*`` names too
 * ``<base>+<adapter_path>`` → a LoRA adapter on top of the base (HF and vLLM)
-* ``scripted:<name>`` → the deterministic test double (tests only, never a default)
+* ``scripted:<script>[#<name>]`` → the deterministic test double (tests and rehearsals only, never a default),
+  named ``<name>`` in run-file and folder names when given (a rehearsal's double of a model the study did not record)
 * ``replay:<run file or folder>[#<name>]`` → the outputs a recording holds, per case and role (the agent and
   emulator: ``pipeline.emulation.replay``; the judge: ``pipeline.evaluation.replay``); ``<name>`` is the name the
   replayed model takes in run-file and folder names (default: the path's)
@@ -33,7 +34,8 @@ class ModelSpec:
     adapter: str | None = None
     #: Qwen3 "nt" ids (``…Bnt``): load the plain id with thinking disabled in the chat template.
     enable_thinking: bool | None = None
-    #: ``replay:<path>#<label>``: the name the replayed model takes in file names (already in file-name form)
+    #: ``replay:<path>#<label>`` / ``scripted:<script>#<label>``: the name the model takes in file names (already in
+    #: file-name form)
     label: str | None = None
 
     @property
@@ -63,15 +65,15 @@ def parse_model_spec(spec: str) -> ModelSpec:
     else:
         if raw.startswith(("gpt-", "o1", "o3", "o4")):
             backend = "openai"
+    label = None
+    if backend in ("replay", "scripted") and "#" in body:  # the optional #label: the name in file names
+        body, _, label = body.rpartition("#")
+        _check_label(raw, label)
     base, plus, adapter = body.partition("+")
+    if backend == "replay":  # a file or folder path (no adapter, no nickname)
+        base, plus, adapter = body, "", ""
     if plus and (not base or not adapter):
         raise ConfigError(f"model spec '{raw}': expected <base>+<adapter_path>")
-    label = None
-    if backend == "replay":  # a file or folder path (no adapter, no nickname), then the optional #label
-        base, plus, adapter = body, "", ""
-        if "#" in body:
-            base, _, label = body.rpartition("#")
-            _check_label(raw, label)
     if plus and backend in ("openai", "scripted"):
         raise ConfigError(f"model spec '{raw}': adapters need a local backend (hf or vllm)")
     if not base:
@@ -89,8 +91,9 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _check_label(raw: str, label: str) -> None:
-    """A replay spec's ``#name`` must already be a run-file name part (it is used verbatim)."""
+    """A replay or scripted spec's ``#name`` must already be a run-file name part (it is used verbatim)."""
     if not _FILE_NAME.fullmatch(label) or sanitize_model_name(label) != label or "_emu-" in label \
             or "_eval-" in label:
-        raise ConfigError(f"model spec '{raw}': expected replay:<path>#<name> with a model name in file-name form "
-                          f"(letters, digits, '.', '_', '-'; e.g. Qwen_Qwen3-8B), got '{label}'")
+        raise ConfigError(f"model spec '{raw}': expected replay:<path>#<name> or scripted:<script>#<name> with a "
+                          "model name in file-name form (letters, digits, '.', '_', '-'; e.g. Qwen_Qwen3-8B), "
+                          f"got '{label}'")

@@ -1,0 +1,173 @@
+"""Rehearsal (issue 24): the user's plan, unchanged, with every model a stand-in — the study's recordings replayed
+where it recorded that model, named scripted doubles where it did not, trainings on the tiny stand-in base sized as
+what they load. The slice of the study's own plan through real Airflow and real Slurm gives per-seed points equal
+to ``analyze all`` on the released results."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pipeline.experiment import Arm, ExperimentConfig, plan_experiment
+from pipeline.llm.spec import parse_model_spec
+from pipeline.rehearsal import (STAND_IN_TRAIN, compare_analyses, index_recordings, pool_roots, rehearsal_counts,
+                                rehearse_plan)
+from tests.conftest import REPO, run_agentpipe
+
+Q32, GPT5M = Arm("q32", "study_pool", "Qwen3-32B"), Arm("gpt5m", "study_pool", "openai:gpt-5-mini")
+STUDY = {"name": "study", "source_models": ["Llama3.1-8B", "Phi-4", "Qwen2.5-7B"], "seeds": [0, 1, 2],
+         "betas": [0.1, 0.05], "configurations": ["safe", "help", "both", "safe->help", "help->safe"],
+         "emulator": "Qwen3-8B", "case_set": "toolemu"}
+
+
+@pytest.fixture(scope="module")
+def experiment_recordings(released_results, data_dir):
+    """What a dpo_experiment rehearsal replays: the results archive, then the pool."""
+    return index_recordings([released_results / "match_eval_results", released_results / "cross_eval_results",
+                             *pool_roots(data_dir)])
+
+
+def test_the_study_plan_rehearsed_replays_every_model_and_keeps_the_real_plan(experiment_recordings, tmp_path):
+    home = tmp_path / "home"
+    planned = plan_experiment(ExperimentConfig(**STUDY, arms=[Q32, GPT5M]), home).as_dict()
+    ours = rehearse_plan(planned, STUDY["source_models"], home, experiment_recordings)
+    assert ours["planned"] == planned  # the approval shows this plan's size
+    # every emulation and judgement the study made is replayed: 3 source + 180 finetuned emulations; 6 source
+    # judgements, 180 match, 180 cross
+    assert rehearsal_counts(ours) == {"emulations_replayed": 183, "emulations_scripted": 0,
+                                      "evaluations_replayed": 366, "evaluations_scripted": 0}
+    for chain, real in zip(ours["chains"], planned["chains"], strict=True):
+        assert chain["name"] == real["name"]
+        for key in ("emulate", "emulate2"):
+            if chain[key] is None:
+                continue
+            # the replayed agent takes the model's own name, from a folder that recorded that very model
+            agent = parse_model_spec(chain[key]["agent"])
+            assert agent.backend == "replay" and chain[key]["compat"] == "study"
+            assert chain[key]["out"] == real[key]["out"]
+            assert any(f.name.startswith(agent.name + "_emu-") for f in Path(agent.model).glob("*.jsonl")), agent
+        for key in ("train", "train2"):
+            if chain[key] is None:
+                continue
+            # names, pair sets and output folders as planned; a few steps on the stand-in
+            assert {k: v for k, v in chain[key].items() if k not in ("model", *STAND_IN_TRAIN)} == \
+                {k: v for k, v in real[key].items() if k not in ("model", *STAND_IN_TRAIN)}
+            assert {k: chain[key][k] for k in STAND_IN_TRAIN} == STAND_IN_TRAIN
+        if chain["train"] is not None:
+            base = Path(chain["train"]["model"])
+            assert base.parent == home / "rehearsal" / "stand-ins" and base.name == real["train"]["model"]
+            assert json.loads((base / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_a_model_the_study_did_not_record_rehearses_with_doubles_named_as_it(experiment_recordings, tmp_path):
+    """A plan with a source model of one's own: its emulation and judgement are the scripted doubles, under the
+    model's and the judge's names, so every file lands where the real run would put it."""
+    home = tmp_path / "home"
+    cfg = ExperimentConfig(name="mine", source_models=["SmolLM2-135M"], arms=[Q32], seeds=[0], betas=[0.1],
+                           configurations=["safe"], emulator="Qwen3-8B", case_set="demo",
+                           emulation={"max_steps": 2})
+    planned = plan_experiment(cfg, home).as_dict()
+    ours = rehearse_plan(planned, cfg.source_models, home, experiment_recordings)
+    assert rehearsal_counts(ours) == {"emulations_replayed": 0, "emulations_scripted": 2,
+                                      "evaluations_replayed": 0, "evaluations_scripted": 2}
+    [emulate] = ours["source_emulate"]
+    assert emulate["agent"] == "scripted:agent#HuggingFaceTB_SmolLM2-135M-Instruct"
+    spec = tmp_path / "emulate.json"
+    spec.write_text(json.dumps({**emulate, "no_progress": True}))
+    r = run_agentpipe("emulate", "--spec", str(spec), env={**os.environ, "AGENTPIPE_HOME": str(home)})
+    assert r.returncode == 0, r.stderr
+    [evaluate] = ours["source_evaluate"]
+    run = Path(evaluate["trajectories"])
+    assert run.is_file() and run.parent.name == "HuggingFaceTB_SmolLM2-135M-Instruct"
+    assert run.name.startswith("HuggingFaceTB_SmolLM2-135M-Instruct_emu-Qwen_Qwen3-8B_eval-Qwen_Qwen3-32B")
+    assert evaluate["evaluator"] == "scripted:judge#Qwen_Qwen3-32B"
+    spec.write_text(json.dumps({k: v for k, v in evaluate.items() if k != "judge"} | {"no_progress": True}))
+    r = run_agentpipe("evaluate", "--spec", str(spec), env={**os.environ, "AGENTPIPE_HOME": str(home)})
+    assert r.returncode == 0, r.stderr
+    evals = sorted(p.name.removeprefix(run.stem) for p in run.parent.glob(f"{run.stem}_eval_agent_*.jsonl"))
+    assert evals == ["_eval_agent_help_ignore_safety.jsonl", "_eval_agent_safe.jsonl"]
+
+
+def test_a_scripted_double_takes_the_name_given_after_the_hash():
+    spec = parse_model_spec("scripted:judge#Qwen_Qwen3-32B")
+    assert (spec.backend, spec.model, spec.name) == ("scripted", "judge", "Qwen_Qwen3-32B")
+    assert parse_model_spec("scripted:judge").name == "judge"
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="file-name form"):
+        parse_model_spec("scripted:judge#Qwen/Qwen3-32B")
+
+
+def test_a_rehearsal_sizes_its_jobs_as_the_stand_in_not_as_the_model_it_stands_in_for(airflow_home, tmp_path):
+    """A stand-in base named "Qwen2.5-7B" is the tiny Llama: a rehearsal's training is a small CPU job on one core
+    (the rule would otherwise ask Slurm for a GPU the rehearsal does not need, and wait for it); the same task of a
+    real run is sized by its model."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from plugins.slurm.resources import models_from_spec, resources_for
+
+    dag = DagBag(dag_folder=str(REPO / "dags")).dags["dpo_experiment"]
+    env = dag.get_template_env()
+    spec = {"model": str(tmp_path / "rehearsal" / "stand-ins" / "Qwen2.5-7B"), "pairs": "p.jsonl"}
+    for task_id in ("models_local_judge.train", "models_api_judge.train2", "models_local_judge.merge",
+                    "emulate_source"):
+        task = dag.task_dict[task_id]
+        # a chain's steps are plain operators in a mapped group; emulate_source is a mapped operator
+        args = task.partial_kwargs if hasattr(task, "partial_kwargs") else vars(task)
+        sized = {}
+        for rehearsal in (True, False):
+            ctx = {"params": {"rehearsal": rehearsal}}
+            models = task.render_template(args["models"], ctx, env)
+            extra = task.render_template(args["stage_resources"], ctx, env)
+            sized[rehearsal] = resources_for(models or models_from_spec(spec), None, "train").override(extra)
+        assert (sized[True].tier, sized[True].gpus, sized[True].cpus) == ("small", 0, 1), task_id
+        assert (sized[False].tier, sized[False].gpus) == ("gpu", 1), task_id
+
+
+def test_one_pool_of_two_judges_gives_each_arm_its_own_judges_pairs(released_runs, tmp_path):
+    """The study preset keeps both judges' evaluations in one pool: each arm's pair set takes its own judge's
+    scores, byte-identical to pairing that judge's released folder alone."""
+    pool = tmp_path / "study_pool"
+    for arm in ("q32", "gpt5m"):
+        for f in (released_runs / arm).rglob("*.jsonl"):
+            link = pool / f.relative_to(released_runs / arm)  # the layout kept: the order of files is the study's
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(f)
+    cfg = ExperimentConfig(**{**STUDY, "seeds": [0], "betas": [0.1], "configurations": ["safe"]},
+                           arms=[Arm("q32", str(pool), "Qwen3-32B"), Arm("gpt5m", str(pool), "openai:gpt-5-mini")])
+    plan = plan_experiment(cfg, tmp_path / "home")
+    assert sorted(p["judge"] for p in plan.pairs) == ["Qwen3-32B", "openai:gpt-5-mini"]
+    for p in plan.pairs:
+        out = {where: tmp_path / where / p["evaluator"] for where in ("pooled", "alone")}
+        for where, data in (("pooled", [str(pool)]), ("alone", [str(released_runs / p["evaluator"])])):
+            spec = tmp_path / "pairs.json"
+            spec.write_text(json.dumps({**p, "data_dir": data, "out": str(out[where])}))
+            r = run_agentpipe("pairs", "--spec", str(spec))
+            assert r.returncode == 0, r.stderr
+        [built] = out["pooled"].glob("*.jsonl")
+        assert built.read_bytes() == (out["alone"] / built.name).read_bytes()
+
+
+def test_a_model_recorded_in_two_configurations_replays_the_one_its_run_names(data_dir, tmp_path):
+    """The study ran Qwen3-32B int4 and int8 into one folder: each configuration replays its own recording (a
+    folder of links to its files, the data read in place); a run naming neither is refused, not guessed."""
+    from pipeline.emulation.replay import recorded_trajectories
+    from pipeline.errors import DataError
+
+    rec = index_recordings(pool_roots(data_dir), tmp_path / "links")
+    int4, int8 = (rec.agent("Qwen_Qwen3-32B", "Qwen_Qwen3-8B", q) for q in ("int4", "int8"))
+    assert int4 != int8 and int4.parent == int8.parent == tmp_path / "links"
+    for folder, tag in ((int4, "_int4_"), (int8, "_int8_")):
+        files = sorted(folder.iterdir())
+        assert len(files) == 10 and all(tag in f.name and f.is_symlink() for f in files)
+        assert len(recorded_trajectories(folder, "replay")) == 144  # one recording per case: no conflict
+    with pytest.raises(DataError, match="several configurations"):
+        rec.agent("Qwen_Qwen3-32B", "Qwen_Qwen3-8B", None)
+    # a model recorded once replays from its own folder, whatever the run's quantization names
+    plain = rec.agent("Qwen_Qwen2.5-7B-Instruct", "Qwen_Qwen3-8B", None)
+    assert plain == data_dir / "paper" / "raw_data_by_eval" / "q32" / "Qwen_Qwen2.5-7B-Instruct"
+    assert rec.agent("Qwen_Qwen2.5-7B-Instruct", "Qwen_Qwen3-8B", "int4") == plain
+    assert rec.agent("no-such-model", "Qwen_Qwen3-8B") is None
