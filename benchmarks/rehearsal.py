@@ -6,9 +6,9 @@
 Starts MLflow and Airflow (LocalExecutor, the pools) as ``make demo`` does, under ``--home`` (default
 ``runs/rehearsal``), then triggers with ``rehearsal: true``:
 
-1. ``toolemu_evaluation`` twice — the study's 25-model pool on the 144 cases, judged by Qwen3-32B and by
-   gpt-5-mini — every output replayed from ``<data>/paper/raw_data_by_eval`` (full run only; the slice pairs the
-   released pool directly);
+1. ``toolemu_evaluation`` six times — the study's pool of 27 agent configurations (25 models, by the quantization
+   each ran with: none, int4, int8) on the 144 cases, judged by Qwen3-32B and by gpt-5-mini — every output
+   replayed from ``<data>/paper/raw_data_by_eval`` (full run only; the slice pairs the released pool directly);
 2. ``dpo_experiment`` with the study's preset (``dags/README.md``): pairs, 180 trainings on the stand-in base,
    merges, test-split emulations and match + cross evaluations replayed from the results archive, reports, and
    the analyses.
@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     figures, problems = {}, list(bad_pairs)
     for setting in ("match", "cross"):
         ours = home / "analysis" / plan["name"] / setting
+        if setting == "match" and not ours.is_dir():  # one arm: no cross setting, the analysis is the folder
+            ours = ours.parent
         if not (ours / "summary.json").is_file():
             continue
         ref = home / "rehearsal-check" / f"released-{setting}"
