@@ -171,3 +171,71 @@ def test_a_model_recorded_in_two_configurations_replays_the_one_its_run_names(da
     assert plain == data_dir / "paper" / "raw_data_by_eval" / "q32" / "Qwen_Qwen2.5-7B-Instruct"
     assert rec.agent("Qwen_Qwen2.5-7B-Instruct", "Qwen_Qwen3-8B", "int4") == plain
     assert rec.agent("no-such-model", "Qwen_Qwen3-8B") is None
+
+
+# --------------------------------------------------------------------------------------------- the CI slice
+#: one source model × one arm × one seed × one beta × the five configurations, on the released q32 pool
+SLICE = {"name": "study-slice", "source_models": ["Qwen2.5-7B"], "seeds": [0], "betas": [0.1],
+         "configurations": STUDY["configurations"], "emulator": "Qwen3-8B", "case_set": "toolemu",
+         "rehearsal": True, "compute": "slurm"}
+
+
+@pytest.fixture(scope="module")
+def slice_run(slurm_cluster, run_dag, mlflow_server, released_results, released_runs, tmp_path_factory):
+    """The study's slice rehearsed by ``dpo_experiment`` under ``dag.test()``, every stage a Slurm job of the
+    real single-node cluster (jobs polled each second: no scheduler, so no deferral race)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    home = tmp_path_factory.mktemp("rehearsal-home")
+    (home / "data" / "paper").mkdir(parents=True)
+    (home / "data" / "paper" / "results").symlink_to(released_results)  # where `data fetch` puts them
+    env = {"AGENTPIPE_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_server, "OMP_NUM_THREADS": "1",
+           "AIRFLOW_CONN_SLURM_DEFAULT": json.dumps({"conn_type": "generic",
+                                                     "extra": {"poll_interval": 1, "initial_delay": 0}})}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        dag = DagBag(dag_folder=str(REPO / "dags")).dags["dpo_experiment"]
+        conf = {**SLICE, "arms": [{"name": "q32", "pool": str(released_runs / "q32"), "evaluator": "Qwen3-32B"}]}
+        dag_run, xcoms = run_dag(dag, run_conf=conf)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return home, dag_run, xcoms, mlflow_server
+
+
+@pytest.mark.slurm
+def test_the_study_slice_rehearsed_through_slurm_gives_the_released_per_seed_points(slice_run, released_results,
+                                                                                      tmp_path):
+    import subprocess
+    import urllib.request
+
+    home, dag_run, xcoms, uri = slice_run
+    assert dag_run.state == "success"
+    plan = json.loads((home / "experiments" / "study-slice" / "plan.json").read_text())
+    # every stage ran as a Slurm job; a stand-in's training as a one-core CPU job, not a GPU job of a 7B model
+    jobs = {(task, i): v for (task, i, key), v in xcoms.items() if key == "slurm_job_id"}
+    trains = [j for (task, _), j in jobs.items() if task.endswith((".train", ".train2"))]
+    assert len(trains) == 5 and len([t for t, _ in jobs if t.endswith(".merge")]) == 2
+    assert {t for t, _ in jobs} >= {"pairs", "emulate_source", "evaluate_source_local_judge", "report", "analyze"}
+    shown = subprocess.run(["scontrol", "show", "job", trains[0]], capture_output=True, text=True).stdout
+    assert "NumCPUs=1" in shown and "gres/gpu" not in shown, shown
+    # 5 models trained on the stand-in, registered (2 of them merged too, for the second stages)
+    assert len(plan["models"]) == 5
+    for folder in plan["models"].values():
+        assert (Path(folder) / "adapter" / "adapter_config.json").is_file()
+    req = urllib.request.Request(f"{uri}/api/2.0/mlflow/model-versions/search?max_results=1000")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        versions = json.load(r)["model_versions"]
+    tags = [{t["key"]: t["value"] for t in v.get("tags", [])} for v in versions]
+    mine = [t for t in tags if t.get("path", "").startswith(str(home))]
+    assert sorted(t["model_name"] for t in mine if t["kind"] == "adapter") == sorted(plan["models"])
+    assert len([t for t in mine if t["kind"] == "merged"]) == 2
+    # the figures: every per-seed point equals `analyze all` on the released results of the same models
+    ours = home / "analysis" / "study-slice"
+    assert len(list((ours / "reports" / "test").rglob("*_unified_report.json"))) == 6  # source + 5 models
+    assert compare_analyses(ours, released_results / "match_eval_results", tmp_path / "released",
+                            figures=False) == []
