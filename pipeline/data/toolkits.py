@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -126,12 +127,15 @@ def parse_tool_input(raw: str, *, study: bool = False) -> dict[str, Any]:
     return value
 
 
-def validate_tool_input(tool: Tool, raw: str, *, study: bool = False) -> dict[str, Any]:
+def validate_tool_input(tool: Tool, raw: str, *, study: bool = False,
+                        name_order: Callable[[list[str]], list[str]] | None = None) -> dict[str, Any]:
     """Parse and check an Action Input against a tool's parameters (SPEC §1.2); raises ``ToolInputError``.
 
     Checks, in the study's order: each declared parameter in turn (type if present, presence if required),
     then unexpected keys. Parameters without a ``required`` flag are not enforced. ``study``: the study's
-    message for JSON that is not an object (``parse_tool_input``).
+    message for JSON that is not an object (``parse_tool_input``). ``name_order``: the order the unexpected
+    names are printed in (default sorted; the study printed a Python set, in its process's hash order, which a
+    replay takes from the recording).
     """
     args = parse_tool_input(raw, study=study)
     for p in tool.parameters:
@@ -145,6 +149,8 @@ def validate_tool_input(tool: Tool, raw: str, *, study: bool = False) -> dict[st
         elif p.required:
             raise ToolInputError(f"Missing required parameter: {p.name}.")
     unexpected = sorted(set(args) - {p.name for p in tool.parameters})
+    if unexpected and name_order is not None:
+        unexpected = name_order(unexpected)
     if unexpected:
         raise ToolInputError("Unexpected parameters: {" + ", ".join(repr(k) for k in unexpected) + "}.")
     return args

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.data.cases import Case
@@ -87,6 +88,8 @@ class Episode:
     compat: Compat
     limits: Limits
     mode: str  # emulator mode: adversarial | standard
+    #: the printed order of unexpected parameter names (None: sorted); a replay's is the recording's
+    name_order: Callable[[list[str]], list[str]] | None = None
     steps: list[list[Any]] = field(default_factory=list)
     scratchpad: str = ""
     agent_tokens: int = 0
@@ -203,7 +206,8 @@ class Episode:
             return
         toolkit, tool = found
         try:
-            validate_tool_input(tool, action.tool_input, study=not self.compat.object_input_message)
+            validate_tool_input(tool, action.tool_input, study=not self.compat.object_input_message,
+                                name_order=self.name_order)
         except ToolInputError as e:
             self._local_observation(action, log, self._error(str(e)))
             return

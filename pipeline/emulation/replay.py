@@ -12,9 +12,11 @@ first difference of each rebuilt trajectory: step count, tool, tool input, obser
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -64,6 +66,8 @@ def _as_returned(outputs: list[str]) -> list[str]:
 
 #: The study's continuation limit (SPEC §2.5): an episode that never parsed made this many calls plus one.
 MAX_CONTINUATIONS = 5
+#: a locally answered "Unexpected parameters: {'a', 'b'}" observation: the names as the recording printed them
+_UNEXPECTED = re.compile(r"Unexpected parameters: \{([^{}]*)\}")
 
 
 def split_lines(log: str, n: int) -> list[str]:
@@ -166,11 +170,43 @@ class ReplayBackend(ChatBackend):
         #: cases whose recorded episode stopped at an out-of-memory call: asked past the record, the backend
         #: runs out of memory there again
         self._oom = {rec["case_idx"] for rec in records if rec.get("output") == OOM_OUTPUT}
+        #: case → the name lists of its recorded "Unexpected parameters: {…}" observations, in printed order
+        self._printed: dict[Any, list[list[str]]] = {}
+        for rec in records:
+            for step in rec.get("intermediate_steps") or []:
+                observation = step[1][0] if len(step) > 1 and step[1] and isinstance(step[1][0], str) else ""
+                for m in _UNEXPECTED.finditer(observation):
+                    try:
+                        names = ast.literal_eval("[" + m.group(1) + "]")
+                    except (ValueError, SyntaxError):
+                        continue  # not a printed list of names: nothing to take the order from
+                    self._printed.setdefault(rec["case_idx"], []).append([str(n) for n in names])
+        #: cases whose unexpected names were printed in the recording's order rather than sorted
+        self.reordered: Counter = Counter()
         for rec in records:
             if "intermediate_steps" not in rec:
                 continue  # a failed episode recorded no outputs
             self._queues[(rec["case_idx"], "agent")] = list(reversed(agent_outputs(rec)))
             self._queues[(rec["case_idx"], "emulator")] = list(reversed(emulator_outputs(rec)))
+
+    def name_order(self, case_idx: Any) -> Callable[[list[str]], list[str]]:
+        """How case ``case_idx`` prints a set of unexpected parameter names: in the order the recording printed
+        that same set, in the recording's sequence (the study printed a Python set, whose order its process's
+        string hash decided: no rule reproduces it), else sorted."""
+
+        def order(names: list[str]) -> list[str]:
+            # the next recorded print of the same names (one set can print in two orders within an episode:
+            # the order also follows the set's insertion history)
+            queue = self._printed.get(case_idx, [])
+            for i, printed in enumerate(queue):
+                if sorted(printed) == sorted(names):
+                    del queue[i]
+                    if printed != sorted(names):
+                        self.reordered[case_idx] += 1
+                    return list(printed)
+            return sorted(names)
+
+        return order
 
     def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
         out = []
@@ -335,6 +371,8 @@ def replay_file(path: Path, compat: str, report: ReplayReport, toolkits: dict[st
         episodes.append(Episode(case_idx=rec["case_idx"], case=case, toolkits=kits, compat=c, limits=limits,
                                 mode=mode))
     backend = ReplayBackend(records=records)
+    for ep in episodes:
+        ep.name_order = backend.name_order(ep.case_idx)
     advance(episodes, {"agent": backend, "emulator": backend})
     for rec, ep in zip(records, episodes):
         rebuilt = ep.record({})

@@ -335,6 +335,7 @@ def run_emulations(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = 
 def _run_locked(cfg: EmulationConfig, case_set: CaseSet, agent_backend: ChatBackend | None,
                 emulator_backend: ChatBackend | None,
                 progress: Callable[[dict[str, Any]], None] | None) -> list[EmulationResult]:
+    from pipeline.emulation.replay import ReplayBackend
     t0 = time.monotonic()
     compat = get_compat(cfg.compat)
     plans = [(agent, *plan(cfg, agent, case_set)) for agent in cfg.agent]
@@ -355,6 +356,9 @@ def _run_locked(cfg: EmulationConfig, case_set: CaseSet, agent_backend: ChatBack
             for c in j.todo:
                 ep = Episode(case_idx=c, case=case_set.cases[c], toolkits=case_set.toolkits_for(case_set.cases[c]),
                              compat=compat, limits=limits, mode=cfg.emulator_mode)
+                agent = route(j, "agent")[0]
+                if isinstance(agent, ReplayBackend):  # a set's print order is the recording's (compat.md)
+                    ep.name_order = agent.name_order(c)
                 owner[id(ep)] = j
                 episodes.append(ep)
         already = sum(j.result.already_done for j in jobs)
