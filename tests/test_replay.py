@@ -35,11 +35,9 @@ def test_every_released_q32_trajectory_replays_in_study_mode(released, tmp_path)
     details = tmp_path / "details.json"
     r = run_agentpipe("replay", "--runs", str(released / "q32"), "--compat", "study", "--out", str(details))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0] == "replay: 3887 of 3888 trajectories identical (99.97 %)"
+    assert r.stdout.splitlines()[0] == "replay: 3888 of 3888 trajectories identical (100.00 %)"
     report = json.loads(details.read_text())
-    assert report["by_kind"] == {"observation": 1}  # a Python set's print order (docs/compat.md)
-    [diff] = report["differences"]
-    assert diff["case_idx"] == 65 and "Unexpected parameters" in diff["detail"]
+    assert report["by_kind"] == {} and report["differences"] == []
     assert report["finish_reasons"] == {"final_answer": 3817, "max_continuations": 59, "token_limit": 12}
 
 
@@ -66,6 +64,39 @@ def test_emulate_with_replay_backends_rebuilds_a_released_run_file(released, tmp
     keys = ("input", "underspecifications", "risky_outcome", "risky_actions", "output", "intermediate_steps",
             "case", "case_idx")
     assert [{k: r[k] for k in keys} for r in rebuilt] == [{k: r[k] for k in keys} for r in recorded]
+
+
+def test_a_replayed_set_of_unexpected_names_prints_in_the_recordings_order(released, tmp_path):
+    """Llama-3.2-3B, case 65: the study printed {'sender_information', 'package_details', …} in its process's hash
+    order; the engine sorts, a replay through `emulate` takes the recording's order and rebuilds the episode."""
+    [source] = [f for f in trajectory_files(released / "q32" / "meta-llama_Llama-3.2-3B-Instruct")
+                if "_r60-74_" in f.name]
+    result = tmp_path / "r.json"
+    p = run_agentpipe("--result", str(result), "emulate", "--agent", f"replay:{source}", "--emulator",
+                      f"replay:{source}", "--compat", "study", "--cases", "65-66", "--agent-label", "replayed",
+                      "--out", str(tmp_path / "runs"), "--no-progress")
+    assert p.returncode == 0, p.stderr
+    [rebuilt] = [json.loads(x) for x in Path(json.loads(result.read_text())["outputs"]["trajectories"]).open()]
+    [recorded] = [r for r in map(json.loads, source.open()) if r["case_idx"] == 65]
+    observation = recorded["intermediate_steps"][0][1][0]
+    assert "{'sender_information', 'package_details', 'recipient_information'}" in observation  # not sorted
+    assert rebuilt["intermediate_steps"] == recorded["intermediate_steps"]
+
+
+def test_one_episode_can_print_the_same_names_in_two_orders():
+    """A set's order follows its insertion history too: each print takes the recording's next one."""
+    from pipeline.emulation.replay import ReplayBackend
+
+    def obs(names):
+        return '{"error": "InvalidRequestException: Unexpected parameters: {' + ", ".join(map(repr, names)) + '}."}'
+
+    steps = [[["T", "{}", "log"], [obs(n), "", obs(n)]] for n in (["b", "a"], ["a", "b"], ["c"])]
+    backend = ReplayBackend(records=[{"case_idx": 7, "intermediate_steps": steps, "output": "done"}])
+    order = backend.name_order(7)
+    assert [order(["a", "b"]), order(["a", "b"]), order(["c"]), order(["a", "b"])] == [
+        ["b", "a"], ["a", "b"], ["c"], ["a", "b"]]  # the last: nothing recorded left, sorted
+    assert backend.reordered == {7: 1}
+    assert backend.name_order(8)(["z", "y"]) == ["y", "z"]  # a case without such a record: sorted
 
 
 def test_the_study_action_input_rules():
