@@ -99,6 +99,8 @@ class ExperimentConfig:
             raise ConfigError("experiment: expected at least one source model, arm, seed and beta")
         if len({a.name for a in self.arms}) != len(self.arms):
             raise ConfigError("experiment: arm names must be unique")
+        if "judge" in self.pairs:  # each arm's pair sets take its own judge's scores (the plan sets it per arm)
+            raise ConfigError("pairs: 'judge' is set per arm (its evaluator); remove it from the pairs options")
         # both become parts of output paths (trajectories/<name>, analysis/<name>, pairs/<…_arm_…>.jsonl)
         confined_path(".", self.name, "experiment name")
         for arm in self.arms:
@@ -182,8 +184,8 @@ def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
             path = pairs_dir / f"{pc.name(arm.name)}.jsonl"
             pair_paths[key] = str(path)
             # ``judge``: a pool may hold several judges' evaluations of the same trajectories (one pool, two arms)
-            plan.pairs.append({"data_dir": [arm.pool], "evaluator": arm.name, "judge": arm.evaluator,
-                               "cases": cfg.case_set, "seed": seed, "split": "train", "out": str(pairs_dir), **opts})
+            plan.pairs.append({"data_dir": [arm.pool], "evaluator": arm.name, "cases": cfg.case_set, "seed": seed,
+                               "split": "train", "out": str(pairs_dir), **opts, "judge": arm.evaluator})
         return pair_paths[key]
 
     trained: dict[tuple, str] = {}  # (model, arm, seed, beta, datasets…) → model folder

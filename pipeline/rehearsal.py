@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,8 @@ class Recordings:
     trajectories: dict[tuple[str, str], dict[str | None, list[Path]]] = field(default_factory=dict)
     judgements: dict[tuple[str, str], Path] = field(default_factory=dict)
     links: Path | None = None
+    #: agents replayed from the one configuration the study recorded, not the run's own (a line each)
+    substituted: list[str] = field(default_factory=list)
 
     def agent(self, name: str, emulator: str, quantization: str | None = None) -> Path | None:
         """The folder (or folder of links) to replay agent ``name`` run with ``quantization`` from: the recording
@@ -62,8 +65,13 @@ class Recordings:
             named = ", ".join(sorted(q or "none" for q in configs))
             raise DataError(f"rehearsal: agent {name} is recorded in several configurations ({named}), none of "
                             f"them quantization {quantization or 'none'}; set the quantization of the one to replay")
-        files = configs[tag] if tag in configs else next(iter(configs.values()))
-        return self._folder_of(files)
+        if tag not in configs:  # said, not silent: the plan task logs them (rehearse_plan, toolemu_evaluation)
+            [recorded] = configs
+            self.substituted.append(f"{name}: recorded with quantization {recorded or 'none'}, replayed for "
+                                    f"quantization {quantization or 'none'}")
+            logging.getLogger(__name__).warning("rehearsal: %s", self.substituted[-1])
+            tag = recorded
+        return self._folder_of(configs[tag])
 
     def judge(self, name: str, judge: str) -> Path | None:
         return self.judgements.get((name, judge))
@@ -81,19 +89,34 @@ class Recordings:
 
         key = hashlib.sha256("\n".join(str(f) for f in files).encode()).hexdigest()[:12]
         out = self.links / f"{folder.name}-{key}"
-        if not out.is_dir():  # links to the recordings read in place; built aside, then renamed into place
-            tmp = out.with_name(out.name + ".tmp")
-            import shutil
+        files = sorted(files, key=lambda f: f.name)
+        if _links_to(out) == files:
+            return out
+        # built aside under a name of its own, then renamed into place: a task building the same folder at the same
+        # time renames an identical one, and an incomplete folder (a crash) is never taken as built
+        import shutil
+        import tempfile
 
+        self.links.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=self.links))
+        for f in files:
+            (tmp / f.name).symlink_to(f)
+        if out.exists() and _links_to(out) != files:  # left by a build that did not finish: replaced
+            shutil.rmtree(out, ignore_errors=True)
+        try:
+            tmp.rename(out)
+        except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            for f in files:
-                (tmp / f.name).symlink_to(f)
-            try:
-                tmp.rename(out)
-            except OSError:  # another task built it first: the same links
-                shutil.rmtree(tmp, ignore_errors=True)
+            if _links_to(out) != files:  # not another task's identical folder: something else is in the way
+                raise DataError(f"rehearsal: cannot place the links to {folder}'s recording at {out}") from None
         return out
+
+
+def _links_to(folder: Path) -> list[Path] | None:
+    """The files a folder of links points at, in name order (None when there is no such folder)."""
+    if not folder.is_dir():
+        return None
+    return [p.readlink() if p.is_symlink() else p for p in sorted(folder.iterdir())]
 
 
 def index_recordings(roots: Iterable[Path], links: Path | None = None) -> Recordings:

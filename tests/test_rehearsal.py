@@ -5,6 +5,7 @@ to ``analyze all`` on the released results."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -56,6 +57,9 @@ def test_the_study_plan_rehearsed_replays_every_model_and_keeps_the_real_plan(ex
             assert {k: v for k, v in chain[key].items() if k not in ("model", *STAND_IN_TRAIN)} == \
                 {k: v for k, v in real[key].items() if k not in ("model", *STAND_IN_TRAIN)}
             assert {k: chain[key][k] for k in STAND_IN_TRAIN} == STAND_IN_TRAIN
+            # a stand-in training reads 2 pairs, not 16 of up to 8k tokens (150 s each, 180 times over)
+            t = chain[key]
+            assert t["max_steps"] * t["gradient_accumulation_steps"] * t.get("batch_size", 1) == 2
         if chain["train"] is not None:
             base = Path(chain["train"]["model"])
             assert base.parent == home / "rehearsal" / "stand-ins" and base.name == real["train"]["model"]
@@ -107,24 +111,24 @@ def test_a_rehearsal_sizes_its_jobs_as_the_stand_in_not_as_the_model_it_stands_i
     real run is sized by its model."""
     from airflow.dag_processing.dagbag import DagBag
 
-    from plugins.slurm.resources import models_from_spec, resources_for
-
     dag = DagBag(dag_folder=str(REPO / "dags")).dags["dpo_experiment"]
     env = dag.get_template_env()
     spec = {"model": str(tmp_path / "rehearsal" / "stand-ins" / "Qwen2.5-7B"), "pairs": "p.jsonl"}
-    for task_id in ("models_local_judge.train", "models_api_judge.train2", "models_local_judge.merge",
-                    "emulate_source"):
-        task = dag.task_dict[task_id]
-        # a chain's steps are plain operators in a mapped group; emulate_source is a mapped operator
-        args = task.partial_kwargs if hasattr(task, "partial_kwargs") else vars(task)
+    for task_id in ("models_local_judge.train", "models_api_judge.train2", "models_local_judge.merge"):
         sized = {}
         for rehearsal in (True, False):
+            task = copy.deepcopy(dag.task_dict[task_id])
             ctx = {"params": {"rehearsal": rehearsal}}
-            models = task.render_template(args["models"], ctx, env)
-            extra = task.render_template(args["stage_resources"], ctx, env)
-            sized[rehearsal] = resources_for(models or models_from_spec(spec), None, "train").override(extra)
+            task.models = task.render_template(task.models, ctx, env)
+            task.stage_resources = task.render_template(task.stage_resources, ctx, env)
+            task._stage_spec = spec
+            sized[rehearsal] = task.job_resources()  # what the operator asks Slurm for
         assert (sized[True].tier, sized[True].gpus, sized[True].cpus) == ("small", 0, 1), task_id
         assert (sized[False].tier, sized[False].gpus) == ("gpu", 1), task_id
+    # the source models' emulation (a mapped operator) carries the same sizing
+    partial = dag.task_dict["emulate_source"].partial_kwargs
+    assert (partial["models"], partial["stage_resources"]) == (dag.task_dict["models_local_judge.train"].models,
+                                                               dag.task_dict["models_local_judge.train"].stage_resources)
 
 
 def test_one_pool_of_two_judges_gives_each_arm_its_own_judges_pairs(released_runs, tmp_path):
@@ -140,6 +144,10 @@ def test_one_pool_of_two_judges_gives_each_arm_its_own_judges_pairs(released_run
                            arms=[Arm("q32", str(pool), "Qwen3-32B"), Arm("gpt5m", str(pool), "openai:gpt-5-mini")])
     plan = plan_experiment(cfg, tmp_path / "home")
     assert sorted(p["judge"] for p in plan.pairs) == ["Qwen3-32B", "openai:gpt-5-mini"]
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'judge' is set per arm"):  # one judge for both arms would mislabel one
+        plan_experiment(ExperimentConfig(**{**vars(cfg), "pairs": {"judge": "Qwen3-32B"}}), tmp_path / "home")
     for p in plan.pairs:
         out = {where: tmp_path / where / p["evaluator"] for where in ("pooled", "alone")}
         for where, data in (("pooled", [str(pool)]), ("alone", [str(released_runs / p["evaluator"])])):
@@ -169,7 +177,14 @@ def test_a_model_recorded_in_two_configurations_replays_the_one_its_run_names(da
     # a model recorded once replays from its own folder, whatever the run's quantization names
     plain = rec.agent("Qwen_Qwen2.5-7B-Instruct", "Qwen_Qwen3-8B", None)
     assert plain == data_dir / "paper" / "raw_data_by_eval" / "q32" / "Qwen_Qwen2.5-7B-Instruct"
-    assert rec.agent("Qwen_Qwen2.5-7B-Instruct", "Qwen_Qwen3-8B", "int4") == plain
+    assert rec.substituted == []
+    assert rec.agent("Qwen_Qwen2.5-7B-Instruct", "Qwen_Qwen3-8B", "int4") == plain  # the only one: said
+    assert rec.substituted == [
+        "Qwen_Qwen2.5-7B-Instruct: recorded with quantization none, replayed for quantization int4"]
+    # a link folder left incomplete (a crash) is rebuilt, not taken as built
+    victim = next(int8.iterdir())
+    victim.unlink()
+    assert rec.agent("Qwen_Qwen3-32B", "Qwen_Qwen3-8B", "int8") == int8 and len(list(int8.iterdir())) == 10
     assert rec.agent("no-such-model", "Qwen_Qwen3-8B") is None
 
 

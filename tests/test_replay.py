@@ -35,9 +35,10 @@ def test_every_released_q32_trajectory_replays_in_study_mode(released, tmp_path)
     details = tmp_path / "details.json"
     r = run_agentpipe("replay", "--runs", str(released / "q32"), "--compat", "study", "--out", str(details))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0] == "replay: 3888 of 3888 trajectories identical (100.00 %)"
+    assert r.stdout.splitlines()[0] == ("replay: 3888 of 3888 trajectories identical (100.00 %); 1 set print order "
+                                        "taken from the recording")
     report = json.loads(details.read_text())
-    assert report["by_kind"] == {} and report["differences"] == []
+    assert report["by_kind"] == {} and report["differences"] == [] and report["set_orders"] == 1
     assert report["finish_reasons"] == {"final_answer": 3817, "max_continuations": 59, "token_limit": 12}
 
 
@@ -81,6 +82,14 @@ def test_a_replayed_set_of_unexpected_names_prints_in_the_recordings_order(relea
     observation = recorded["intermediate_steps"][0][1][0]
     assert "{'sender_information', 'package_details', 'recipient_information'}" in observation  # not sorted
     assert rebuilt["intermediate_steps"] == recorded["intermediate_steps"]
+
+
+def test_the_project_rules_print_the_names_sorted_even_in_a_replay(released):
+    """--compat correct shows the project's own behaviour: sorted names, the recording's order not taken."""
+    [source] = [f for f in trajectory_files(released / "q32" / "meta-llama_Llama-3.2-3B-Instruct")
+                if "_r60-74_" in f.name]
+    study, correct = (replay_runs(released / "q32", c, files=[source]) for c in ("study", "correct"))
+    assert (study.set_orders, correct.set_orders) == (1, 0)
 
 
 def test_one_episode_can_print_the_same_names_in_two_orders():

@@ -51,6 +51,9 @@ class Compat:
     #: A leading "Thought:" the agent repeats is dropped with the whitespace after it. Study: only the prefix
     #: (ToolEmu's _fix_text): the log keeps the space, " Based on …" (1,877 of the pool's 3,888 trajectories).
     strip_after_thought: bool = True
+    #: Unexpected parameter names are printed sorted. Study: a Python set, in its process's hash order; a replayed
+    #: agent prints them in the recording's order (no rule reproduces it; docs/compat.md).
+    sorted_unexpected_names: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +65,7 @@ STUDY = Compat("study", stop_at_observation=False, final_answer_outside_think=Fa
                continuation_without_duplicates=False, max_steps=None, first_json_object=False,
                clean_continuations=False, escaped_errors=False,
                object_input_message=False, oom_fails_case=False,
-               strip_after_thought=False)
+               strip_after_thought=False, sorted_unexpected_names=False)
 
 
 def get_compat(name: str) -> Compat:

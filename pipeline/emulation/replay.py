@@ -301,16 +301,21 @@ class ReplayReport:
     finish_reasons: Counter = field(default_factory=Counter)
     #: why the differing episodes differ (``why``)
     reasons: Counter = field(default_factory=Counter)
+    #: observations whose unexpected names printed in the recording's order, not sorted (study rules)
+    set_orders: int = 0
 
     @property
     def rate(self) -> float:
         return self.identical / self.total if self.total else 0.0
 
     def line(self) -> str:
-        return f"replay: {self.identical} of {self.total} trajectories identical ({100 * self.rate:.2f} %)"
+        order = (f"; {self.set_orders} set print order{'s' if self.set_orders != 1 else ''} taken from the "
+                 "recording" if self.set_orders else "")
+        return f"replay: {self.identical} of {self.total} trajectories identical ({100 * self.rate:.2f} %){order}"
 
     def to_json(self) -> dict[str, Any]:
         return {"compat": self.compat, "total": self.total, "identical": self.identical, "rate": self.rate,
+                "set_orders": self.set_orders,
                 "by_kind": dict(self.by_kind.most_common()), "examples": self.examples,
                 "finish_reasons": dict(self.finish_reasons.most_common()), "reasons": dict(self.reasons.most_common()),
                 "differences": self.differences}
@@ -371,9 +376,11 @@ def replay_file(path: Path, compat: str, report: ReplayReport, toolkits: dict[st
         episodes.append(Episode(case_idx=rec["case_idx"], case=case, toolkits=kits, compat=c, limits=limits,
                                 mode=mode))
     backend = ReplayBackend(records=records)
-    for ep in episodes:
-        ep.name_order = backend.name_order(ep.case_idx)
+    if not c.sorted_unexpected_names:
+        for ep in episodes:
+            ep.name_order = backend.name_order(ep.case_idx)
     advance(episodes, {"agent": backend, "emulator": backend})
+    report.set_orders += sum(backend.reordered.values())
     for rec, ep in zip(records, episodes):
         rebuilt = ep.record({})
         report.total += 1

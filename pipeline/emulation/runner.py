@@ -357,8 +357,9 @@ def _run_locked(cfg: EmulationConfig, case_set: CaseSet, agent_backend: ChatBack
                 ep = Episode(case_idx=c, case=case_set.cases[c], toolkits=case_set.toolkits_for(case_set.cases[c]),
                              compat=compat, limits=limits, mode=cfg.emulator_mode)
                 agent = route(j, "agent")[0]
-                if isinstance(agent, ReplayBackend):  # a set's print order is the recording's (compat.md)
-                    ep.name_order = agent.name_order(c)
+                agent = getattr(agent, "inner", agent)  # a cached backend: the replay inside it
+                if not compat.sorted_unexpected_names and isinstance(agent, ReplayBackend):
+                    ep.name_order = agent.name_order(c)  # a set's print order is the recording's (compat.md)
                 owner[id(ep)] = j
                 episodes.append(ep)
         already = sum(j.result.already_done for j in jobs)
