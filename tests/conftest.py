@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -206,30 +207,35 @@ def load_script(name: str):
     return module
 
 
+@contextlib.contextmanager
+def environ(values: dict[str, str]):
+    """Set environment variables for the block, then restore them (for fixtures wider than a test, where
+    ``monkeypatch`` cannot go)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @pytest.fixture(scope="session")
 def live_services(tmp_path_factory):
     """The demo's services, started once per session: MLflow and Airflow (api-server, scheduler with the local
     executor, dag-processor, triggerer) on free ports, the project's pools created. Yields (demo module, urls,
     home); everything is stopped at the end."""
-    import contextlib
 
     demo = load_script("demo")
     home = tmp_path_factory.mktemp("live-home")
     live = {"AGENTPIPE_HOME": str(home), "AGENTPIPE_AIRFLOW_PORT": str(_free_port()),
             "AGENTPIPE_MLFLOW_PORT": str(_free_port())}
 
-    @contextlib.contextmanager
     def demo_env():  # only while the demo's functions run: later tests must not inherit this home
-        saved = {k: os.environ.get(k) for k in live}
-        os.environ.update(live)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        return environ(live)
 
     try:
         with demo_env():

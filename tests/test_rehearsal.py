@@ -16,7 +16,7 @@ from pipeline.experiment import Arm, ExperimentConfig, plan_experiment
 from pipeline.llm.spec import parse_model_spec
 from pipeline.rehearsal import (STAND_IN_TRAIN, compare_analyses, index_recordings, pool_roots, rehearsal_counts,
                                 rehearse_plan)
-from tests.conftest import REPO, run_agentpipe
+from tests.conftest import REPO, environ, run_agentpipe
 
 Q32, GPT5M = Arm("q32", "study_pool", "Qwen3-32B"), Arm("gpt5m", "study_pool", "openai:gpt-5-mini")
 STUDY = {"name": "study", "source_models": ["Llama3.1-8B", "Phi-4", "Qwen2.5-7B"], "seeds": [0, 1, 2],
@@ -207,18 +207,10 @@ def slice_run(slurm_cluster, run_dag, mlflow_server, released_results, released_
     env = {"AGENTPIPE_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_server, "OMP_NUM_THREADS": "1",
            "AIRFLOW_CONN_SLURM_DEFAULT": json.dumps({"conn_type": "generic",
                                                      "extra": {"poll_interval": 1, "initial_delay": 0}})}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with environ(env):
         dag = DagBag(dag_folder=str(REPO / "dags")).dags["dpo_experiment"]
         conf = {**SLICE, "arms": [{"name": "q32", "pool": str(released_runs / "q32"), "evaluator": "Qwen3-32B"}]}
         dag_run, xcoms = run_dag(dag, run_conf=conf)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return home, dag_run, xcoms, mlflow_server
 
 
