@@ -185,6 +185,10 @@ def check_pairs(home: Path, plan: dict[str, Any]) -> tuple[list[str], int]:
     return bad, same
 
 
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--home", type=Path, default=Path(os.environ.get("AGENTPIPE_HOME", REPO / "runs" / "rehearsal")))
@@ -269,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
                                          for arm, r2 in figures[setting].items() if arm in PAPER[setting])
               + f"; {'equal to' if not diffs else f'{len(diffs)} differences from'} `analyze all` on the released "
               f"{setting} results")
+        for arm in ("eval-gpt5m", "eval-q32"):
+            by_beta = (s["arms"].get(arm) or {}).get("persistence", {}).get("by_beta", {})
+            if by_beta:
+                print(f"  {arm} persistence: " + "; ".join(
+                    f"β {b}: Persist(S) {_num(v['average'].get('persist_s'))}, Persist(H) "
+                    f"{_num(v['average'].get('persist_h'))}" for b, v in sorted(by_beta.items())))
         for d in diffs[:10]:
             print(f"  {d}")
     n_models = len(list((home / "models").glob("*/adapter")))
