@@ -30,7 +30,8 @@ MAX_STEPS_OUTPUT = "Agent stopped: max steps exceeded"
 #: study's action-input, continuation and error-observation rules found by replaying its released runs; "Final
 #: Answer" before "The final answer is". 3: the study's rules found replaying its finetuned models' runs (ToolEmu's
 #: action input extraction, the error for a non-object input, OOM partial trajectories, "Thought:" cleaning).
-ENGINE_VERSION = 3
+#: 4: under study rules a replayed agent prints unexpected parameter names in the recording's order.
+ENGINE_VERSION = 4
 
 
 @dataclass(frozen=True)
