@@ -28,7 +28,6 @@ import os
 import sys
 import threading
 import time
-import urllib.request
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -111,14 +110,7 @@ def _iso(t: str | None) -> float | None:
 def task_profile(af, dag_id: str, run_id: str) -> dict[str, Any]:
     """Task count, time per stage kind and the scheduler's wait per task (queued → started), from Airflow's task
     records of one run."""
-    quoted = urllib.request.quote(run_id, safe="")
-    tis, offset = [], 0
-    while True:
-        page = af.call("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100&offset={offset}")
-        tis += page["task_instances"]
-        offset += 100
-        if offset >= page["total_entries"]:
-            break
+    tis = af.task_instances(dag_id, run_id)
     by_kind: dict[str, list[float]] = defaultdict(list)
     waits = []
     for ti in tis:

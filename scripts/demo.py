@@ -212,13 +212,23 @@ class Airflow:
         self.call("PATCH", f"/dags/{dag_id}", {"is_paused": False})
         return self.call("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
 
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """Every task instance of one run (the API returns at most 100 per page: a run of the study has 1,229)."""
+        quoted = urllib.request.quote(run_id, safe="")
+        tis: list[dict[str, Any]] = []
+        while True:
+            page = self.call("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100&offset={len(tis)}")
+            tis += page["task_instances"]
+            if not page["task_instances"] or len(tis) >= page["total_entries"]:
+                return tis
+
     def follow(self, dag_id: str, run_id: str, timeout: float = 3600) -> str:
         """Poll until the run ends, with a live status line; returns the final state."""
         t0 = time.monotonic()
         quoted = urllib.request.quote(run_id, safe="")
         while True:
             run = self.call("GET", f"/dags/{dag_id}/dagRuns/{quoted}")
-            tis = self.call("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=500")["task_instances"]
+            tis = self.task_instances(dag_id, run_id)
             done = sum(ti["state"] in ("success", "skipped") for ti in tis)
             running = sorted({ti["task_id"] for ti in tis if ti["state"] in ("running", "queued", "deferred")})
             line = (f"\r{dag_id}: {run['state']:8s} {done}/{len(tis)} tasks done"

@@ -234,7 +234,8 @@ class ReplayBackend(ChatBackend):
 
 # ---------------------------------------------------------------------------------------------- comparison
 #: Kinds of difference, in the order they are looked for (the first one found classifies a trajectory).
-KINDS = ("past the record", "engine error", "step count", "tool", "tool input", "observation", "final output", "stop")
+KINDS = ("past the record", "engine error", "step count", "tool", "tool input", "observation", "final output", "stop",
+         "log")
 
 
 def stop_of(output: str | None) -> str:
@@ -286,7 +287,16 @@ def first_difference(recorded: dict[str, Any], rebuilt: dict[str, Any],
         return "final output", f"{str(recorded.get('output'))[:80]!r} → {str(rebuilt.get('output'))[:80]!r}"
     if stop_of(recorded.get("output")) != stop_of(rebuilt.get("output")):
         return "stop", f"{stop_of(recorded.get('output'))} → {stop_of(rebuilt.get('output'))}"
+    if exact:  # the agent's text of each step, which the judge reads too (a replay judge finds it by digest)
+        for i, (x, y) in enumerate(zip(a, b)):
+            x_log, y_log = _log_of(x), _log_of(y)
+            if x_log != y_log:
+                return "log", f"step {i}: …{x_log[-40:]!r} → …{y_log[-40:]!r}"
     return None
+
+
+def _log_of(step: list[Any]) -> str:
+    return step[0].get("log", "") if isinstance(step[0], dict) else step[0][2]
 
 
 @dataclass

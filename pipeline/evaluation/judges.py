@@ -51,10 +51,15 @@ def judge_messages(eval_type: str, record: dict[str, Any], toolkits: list[Toolki
 
 
 def trajectory_digest(record: dict[str, Any]) -> str:
-    """What identifies a judged trajectory whatever file or line it is on: a sha256 of its case index, input,
-    steps and output (the fields a rebuilt trajectory equals its recording in)."""
-    text = json.dumps([record.get("case_idx"), record.get("input"), record.get("intermediate_steps"),
-                       record.get("output")], sort_keys=True, ensure_ascii=False, default=str)
+    """What identifies a judged trajectory whatever file or line it is on: a sha256 of what a judge reads of it
+    (``evaluator_scratchpad`` under either rules) — its case index, input, each action step's tool, input and
+    observation, the whole final step, and the output. An action step's log (the agent's thought) is not shown to
+    the judge, so two episodes that differ only there are the same judged trajectory (a replay rebuilds 4 of the
+    15,840 finetuned episodes with such a difference: docs/compat.md)."""
+    steps = [step[0] if isinstance(step[0], dict) else [step[0][0], step[0][1], step[1][0]]
+             for step in record.get("intermediate_steps") or []]
+    text = json.dumps([record.get("case_idx"), record.get("input"), steps, record.get("output")],
+                      sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
