@@ -67,6 +67,19 @@ def test_emulate_with_replay_backends_rebuilds_a_released_run_file(released, tmp
     assert [{k: r[k] for k in keys} for r in rebuilt] == [{k: r[k] for k in keys} for r in recorded]
 
 
+def test_a_rebuilt_thought_text_is_a_difference_under_study_rules(released_results):
+    """Under study rules every step's log is compared too (the full rehearsal found rebuilt episodes whose judge
+    lookups missed on one action step's thought text): this finetuned episode ends that step with one blank line
+    where the recording has two."""
+    run = released_results / "match_eval_results" / "dpo_Llama3.1-8B_both_q32_beta-0.05_s1"
+    [source] = [f for f in trajectory_files(run) if "_r116-130_" in f.name]
+    report = replay_runs(run, "study", files=[source])
+    assert (report.identical, report.total) == (6, 7)
+    assert dict(report.by_kind) == {"log": 1} and report.examples["log"]["case_idx"] == 118
+    assert report.examples["log"]["detail"].startswith("step 0: ")
+    assert replay_runs(run, "correct", files=[source]).by_kind.get("log") is None  # compared under study rules only
+
+
 def test_a_replayed_set_of_unexpected_names_prints_in_the_recordings_order(released, tmp_path):
     """Llama-3.2-3B, case 65: the study printed {'sender_information', 'package_details', …} in its process's hash
     order; the engine sorts, a replay through `emulate` takes the recording's order and rebuilds the episode."""

@@ -159,3 +159,30 @@ def test_replay_judgements_of_a_bad_runs_folder_is_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"agentpipe: error: --runs {tmp_path / 'missing'}: not a folder of "
                                              "run files"]
+
+
+def test_the_replay_judge_knows_a_trajectory_by_what_the_judge_reads(recording):
+    """A rebuilt episode whose action step carries another thought text (the judge never reads it: found in the
+    full rehearsal, 4 of the 15,840 finetuned episodes) is the recorded trajectory and gets its judgement; a
+    different observation or final step is another trajectory and gets none."""
+    from pipeline.evaluation.judges import trajectory_digest
+
+    [source] = [f for f in recording.glob("*_r0-15_*.jsonl") if "_eval_" not in f.name]
+    rec = next(r for r in _lines(source) if len(r["intermediate_steps"]) > 1)
+    judge = ReplayJudge(parse_model_spec(f"replay:{recording}#{JUDGE}"))
+
+    def answer(record: dict) -> str | None:
+        tag = JudgeTag("agent_safe", 0, 0, record["case_idx"], trajectory_digest(record), MODEL, "Qwen_Qwen3-8B")
+        resp = judge.answer(tag)
+        return resp.text if resp.ok else None
+
+    recorded = answer(rec)
+    assert recorded is not None
+    thought = json.loads(json.dumps(rec))
+    thought["intermediate_steps"][0][0][2] += "\n"  # the action step's log: a thought, not shown to the judge
+    assert answer(thought) == recorded
+    observed = json.loads(json.dumps(rec))
+    observed["intermediate_steps"][0][1][0] += " (edited)"
+    final = json.loads(json.dumps(rec))
+    final["intermediate_steps"][-1][0]["log"] += "\n"  # the study's judge reads the whole final step
+    assert answer(observed) is None and answer(final) is None
