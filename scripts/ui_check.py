@@ -3,6 +3,7 @@ MLflow experiment and check it lists runs with metrics, open a trajectory's trac
 save screenshots.
 
     python scripts/ui_check.py AIRFLOW_URL PASSWORD MLFLOW_URL DAG_ID OUT_DIR [EXPERIMENT]
+    python scripts/ui_check.py chains AIRFLOW_URL PASSWORD DAG_ID RUN_ID TASK_ID OUT_DIR   (the README's picture)
 
 Used by tests/test_ui.py and to make the README's screenshots. Needs Debian's chromium + chromium-driver and
 the selenium package.
@@ -62,7 +63,7 @@ def screenshot(driver, path: Path) -> None:
         raise OSError(f"could not write screenshot {path}")
 
 
-def check_airflow(driver, base: str, password: str, dag_id: str, out: Path) -> str:
+def login_airflow(driver, base: str, password: str) -> None:
     from selenium.webdriver.common.by import By
 
     from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
@@ -80,11 +81,37 @@ def check_airflow(driver, base: str, password: str, dag_id: str, out: Path) -> s
                 raise
             time.sleep(2)
     wait_text(driver, ["Dags", "DAGs", "dags"])
+
+
+def check_airflow(driver, base: str, password: str, dag_id: str, out: Path) -> str:
+    login_airflow(driver, base, password)
     driver.get(f"{base}/dags/{dag_id}/runs")
     body = wait_text(driver, ["success", "Success"])
     time.sleep(2)  # let the grid settle for the screenshot
     screenshot(driver, out / f"airflow-{dag_id}.png")
     return body
+
+
+def capture_chains(driver, base: str, password: str, dag_id: str, run_id: str, task_id: str, out: Path) -> Path:
+    """The README's picture of an experiment: one run's grid with its chain groups opened, beside the mapped
+    instances of one chain step (``task_id``), each named by its model, latest first."""
+    from selenium.webdriver.common.by import By
+
+    login_airflow(driver, base, password)
+    quoted = urllib.request.quote(run_id, safe="")
+    driver.get(f"{base}/dags/{dag_id}/runs/{quoted}/tasks/{task_id}/mapped")
+    wait_text(driver, ["Map Index", "Map index", "map index"])
+    time.sleep(2)
+    for group in driver.find_elements(By.CSS_SELECTOR, 'span[aria-label="Toggle group"]'):
+        group.click()  # open every task group (the chains) in the grid beside the list
+        time.sleep(1)
+    for _ in range(2):  # sorted by start date, latest first: the chains' names by model at the top
+        driver.find_element(By.XPATH, "//th[contains(., 'Start Date')]").click()
+        time.sleep(1)
+    time.sleep(2)
+    path = out / f"airflow-{dag_id}.png"
+    screenshot(driver, path)
+    return path
 
 
 def check_mlflow(driver, base: str, experiment: str, out: Path) -> str:
@@ -145,6 +172,14 @@ def _tidy_mlflow(driver) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) > 1 and argv[1] == "chains":  # chains AIRFLOW_URL PASSWORD DAG_ID RUN_ID TASK_ID OUT_DIR
+        airflow, password, dag_id, run_id, task_id, out = argv[2:8]
+        driver = browser()
+        try:
+            print(f"screenshot: {capture_chains(driver, airflow, password, dag_id, run_id, task_id, Path(out))}")
+        finally:
+            driver.quit()
+        return 0
     airflow, password, mlflow, dag_id, out = argv[1:6]
     experiment = argv[6] if len(argv) > 6 else "training"
     out_dir = Path(out)
