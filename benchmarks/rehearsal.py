@@ -122,7 +122,42 @@ def task_profile(af, dag_id: str, run_id: str) -> dict[str, Any]:
             waits.append(s - q)
     return {"tasks": len(tis), "succeeded": sum(ti["state"] == "success" for ti in tis),
             "by_kind": {k: {"n": len(v), "total_s": sum(v), "mean_s": sum(v) / len(v)} for k, v in by_kind.items()},
-            "queue_wait_mean_s": sum(waits) / len(waits) if waits else None}
+            "queue_wait_mean_s": sum(waits) / len(waits) if waits else None, "busy": busy_slots(tis)}
+
+
+def busy_slots(tis: list[dict[str, Any]]) -> dict[int, float]:
+    """Seconds of the run during which n tasks were running, for each n (0 = none: the scheduler between two
+    tasks, or waiting on a dependency), from the tasks' start and end times (skipped ones included)."""
+    events = []
+    for ti in tis:
+        a, b = _iso(ti.get("start_date")), _iso(ti.get("end_date"))
+        if a is not None and b is not None:
+            events += [(a, 1), (b, -1)]
+    events.sort()
+    out: dict[int, float] = defaultdict(float)
+    running, last = 0, None
+    for t, step in events:
+        if last is not None:
+            out[running] += t - last
+        running, last = running + step, t
+    return dict(out)
+
+
+def registry_versions(mlflow_url: str) -> int:
+    """How many model versions the MLflow registry holds (every trained and merged model registers one)."""
+    import urllib.parse
+    import urllib.request
+
+    n, token = 0, None
+    while True:
+        query = {"max_results": 1000, **({"page_token": token} if token else {})}
+        url = f"{mlflow_url}/api/2.0/mlflow/model-versions/search?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(url, timeout=60) as r:
+            page = json.load(r)
+        n += len(page.get("model_versions", []))
+        token = page.get("next_page_token")
+        if not token:
+            return n
 
 
 def run_dag(af, dag_id: str, conf: dict[str, Any], timeout_s: float) -> tuple[str, dict[str, Any], float]:
@@ -239,6 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     for dag_id, state, prof, secs in runs:
         print(f"{dag_id}: {state}, {prof['tasks']} tasks in {secs / 60:.1f} min, scheduler queue wait "
               f"{prof['queue_wait_mean_s'] or 0:.1f} s per task on average")
+    busy: dict[int, float] = defaultdict(float)
+    for _, _, prof, _ in runs:
+        for n, secs in prof["busy"].items():
+            busy[n] += secs
+    span = sum(busy.values()) or 1.0
+    print("tasks running at once: " + ", ".join(f"{n} for {100 * busy[n] / span:.0f} % of the time"
+                                                for n in sorted(busy, reverse=True)))
     print("services' peak memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(peaks.items())))
     if failed:
         print(f"rehearsal: {', '.join(failed)} failed; see {home / 'airflow' / 'logs'}", file=sys.stderr)
@@ -274,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         for d in diffs[:10]:
             print(f"  {d}")
     n_models = len(list((home / "models").glob("*/adapter")))
+    n_merged = len(list((home / "models").glob("*/merged/config.json")))
+    print(f"models: {n_models} adapters, {n_merged} merged, {registry_versions(urls['mlflow'])} registry versions")
     match, cross = figures.get("match", {}), figures.get("cross", {})
     line = (f"rehearsal: {n_models} models trained, {tasks:,} tasks, {wall / 60:.1f} min; match R² "
             + ", ".join(f"{a} {match[a]:.3f}" for a in ("eval-gpt5m", "eval-q32") if a in match))

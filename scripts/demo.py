@@ -212,12 +212,13 @@ class Airflow:
         self.call("PATCH", f"/dags/{dag_id}", {"is_paused": False})
         return self.call("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})["dag_run_id"]
 
-    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    def task_instances(self, dag_id: str, run_id: str, page_size: int = 100) -> list[dict[str, Any]]:
         """Every task instance of one run (the API returns at most 100 per page: a run of the study has 1,229)."""
         quoted = urllib.request.quote(run_id, safe="")
         tis: list[dict[str, Any]] = []
         while True:
-            page = self.call("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100&offset={len(tis)}")
+            page = self.call("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit={page_size}"
+                                    f"&offset={len(tis)}")
             tis += page["task_instances"]
             if not page["task_instances"] or len(tis) >= page["total_entries"]:
                 return tis
