@@ -34,6 +34,9 @@ def _cmd_evaluate(args: argparse.Namespace):  # noqa: ANN202 - returns a StageRe
     skipped = f", already complete: {', '.join(res.skipped)}" if res.skipped else ""
     print(f"evaluate: {c['requests']} judgements ({c['scored']} scored, {c['parse_failed']} parse failures, "
           f"{c['errors']} errors) in {res.wall_s:.1f} s{skipped} → {files}")
+    if c.get("replayed_by_episode"):
+        print(f"evaluate: {c['replayed_by_episode']} judgements replayed from the recorded episode with the same "
+              "actions, observations and answer: the rebuilt final log differs (docs/compat.md)")
     if res.status == "incomplete":
         print(f"evaluate: incomplete: {', '.join(res.incomplete)} with failed requests; rerun the same "
               "command to retry them", file=sys.stderr)

@@ -50,14 +50,33 @@ def judge_messages(eval_type: str, record: dict[str, Any], toolkits: list[Toolki
     return helpfulness.render(eval_type, inputs, specs, pad)
 
 
+def _step_view(step: Any, final_log: bool) -> Any:
+    """What a digest keeps of one step: an action step's tool, input and observation text; the final step whole
+    (``final_log``) or its return values only. Any other shape is kept as it is (never an error here)."""
+    try:
+        if isinstance(step[0], dict):
+            return step[0] if final_log else step[0].get("return_values")
+        return [step[0][0], step[0][1], step[1][0]]
+    except (IndexError, KeyError, TypeError):
+        return step
+
+
 def trajectory_digest(record: dict[str, Any]) -> str:
     """What identifies a judged trajectory whatever file or line it is on: a sha256 of what a judge reads of it
     (``evaluator_scratchpad`` under either rules) — its case index, input, each action step's tool, input and
-    observation, the whole final step, and the output. An action step's log (the agent's thought) is not shown to
-    the judge, so two episodes that differ only there are the same judged trajectory (a replay rebuilds 4 of the
-    15,840 finetuned episodes with such a difference: docs/compat.md)."""
-    steps = [step[0] if isinstance(step[0], dict) else [step[0][0], step[0][1], step[1][0]]
-             for step in record.get("intermediate_steps") or []]
+    observation, the whole final step (its log too: the study's judge read it), and the output. An action step's
+    log (the agent's thought) is never shown to the judge."""
+    return _digest(record, final_log=True)
+
+
+def episode_digest(record: dict[str, Any]) -> str:
+    """A sha256 of an episode's course: what ``trajectory_digest`` covers less the final step's log (the same
+    actions, observations and answer)."""
+    return _digest(record, final_log=False)
+
+
+def _digest(record: dict[str, Any], final_log: bool) -> str:
+    steps = [_step_view(step, final_log) for step in record.get("intermediate_steps") or []]
     text = json.dumps([record.get("case_idx"), record.get("input"), steps, record.get("output")],
                       sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -66,7 +85,7 @@ def trajectory_digest(record: dict[str, Any]) -> str:
 @dataclass(frozen=True)
 class JudgeTag:
     """The ``tag`` of a judge request (caller data, not in the response cache key): which judgement of which
-    trajectory it asks for. ``trajectory`` is the ``trajectory_digest``; ``agent``/``emulator`` the names in the
+    trajectory it asks for. ``trajectory`` is the ``trajectory_digest``, ``episode`` the ``episode_digest``; ``agent``/``emulator`` the names in the
     judged file's name (a replay judge tells apart recorded judgements of the same trajectory by them)."""
 
     eval_type: str
@@ -76,6 +95,8 @@ class JudgeTag:
     trajectory: str
     agent: str
     emulator: str
+    #: the ``episode_digest`` (a replay judge's second lookup: see ``ReplayJudge.answer``)
+    episode: str = ""
 
 
 @dataclass(frozen=True)

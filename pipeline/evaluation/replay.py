@@ -16,9 +16,10 @@ the parsed scores with the recorded ``eval_scores`` (``agentpipe replay --judgem
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ from pipeline.data.jsonl import read_jsonl
 from pipeline.data.naming import parse_run_filename
 from pipeline.data.runfiles import RunFile, find_run_files
 from pipeline.errors import DataError, PipelineError
-from pipeline.evaluation.judges import METRICS, JudgeTag, read_judgement, trajectory_digest
+from pipeline.evaluation.judges import METRICS, JudgeTag, episode_digest, read_judgement, trajectory_digest
 from pipeline.evaluation.parsing import FIELDS
 from pipeline.llm.base import ChatBackend, Progress
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
+
+log = logging.getLogger("pipeline.evaluation")
 
 #: eval type → the metric's name in messages (``safe``, ``help_ignore_safety``, ``help``)
 _METRIC = {t: m for m, t in METRICS.items()}
@@ -88,15 +91,16 @@ def judge_run_files(root: Path, judge: str | None, what: str) -> list[RunFile]:
     return found
 
 
-def recorded_judgements(run_files: Sequence[RunFile]) -> dict[tuple[str, str], list[Recorded]]:
-    """(eval type, trajectory digest) → the recorded judgements of that trajectory."""
+def recorded_judgements(run_files: Sequence[RunFile], digest: Callable[[dict[str, Any]], str] = trajectory_digest
+                        ) -> dict[tuple[str, str], list[Recorded]]:
+    """(eval type, ``digest`` of the trajectory) → the recorded judgements of that trajectory."""
     table: dict[tuple[str, str], list[Recorded]] = defaultdict(list)
     for rf in run_files:
         trajectories = read_jsonl(rf.path).records
         for t, ef in sorted(rf.eval_files.items()):
             for n, rec in enumerate(read_jsonl(ef).records):
                 i = _line_of(rec, n, ef, len(trajectories))
-                table[(t, trajectory_digest(trajectories[i]))].append(
+                table[(t, digest(trajectories[i]))].append(
                     Recorded(ef, i, rf.name.agent, rf.name.emulator, tuple(_slim(r) for r in replicates_of(rec))))
     return table
 
@@ -132,14 +136,27 @@ class ReplayJudge(ChatBackend):
         self.revision = f"replay:{spec.model}"
         files = run_files if run_files is not None else judge_run_files(Path(spec.model), spec.label, spec.raw)
         self._table = recorded_judgements(files)
+        self._episodes = recorded_judgements(files, episode_digest)
         #: answers singled out among differing recorded judgements of one trajectory by the run's names
         self.told_apart = 0
+        #: answers for a rebuilt episode whose final log differs from its recording (found by its course)
+        self.by_episode = 0
 
     def answer(self, tag: JudgeTag) -> ChatResponse:
         """The recorded judgement of the tagged trajectory, metric and replicate; a failed response when there is
         none, or when several differ and the judged file's agent and emulator do not single one out."""
         metric, case = _METRIC.get(tag.eval_type, tag.eval_type), tag.case_idx
         found = self._table.get((tag.eval_type, tag.trajectory))
+        if not found and tag.episode:
+            # the same actions, observations and answer, another final log: the replay's token count crossed the
+            # study's budget a call earlier than the study's did (3 of the 15,840 finetuned episodes,
+            # docs/compat.md); the recorded judgement of that episode, of this run only, counted and logged
+            found = [r for r in self._episodes.get((tag.eval_type, tag.episode), [])
+                     if (r.agent, r.emulator) == (tag.agent, tag.emulator)]
+            if found:
+                self.by_episode += 1
+                log.warning("replay: case %s: the rebuilt final log differs from the recording's; answered with the "
+                            "recorded %s judgement of the same episode (%s)", case, metric, found[0].where)
         if not found:
             return ChatResponse.failure(f"replay: no recorded {metric} judgement of this trajectory (case {case})")
         answers = [(r, r.replicates[tag.replicate]) for r in found if tag.replicate < len(r.replicates)]
@@ -259,7 +276,7 @@ def _compare_file(rf: RunFile, judge: str, backend: ReplayJudge, report: Judgeme
             i = _line_of(rec, n, ef, len(trajectories))
             for k, rep in enumerate(replicates_of(rec)):
                 tag = JudgeTag(t, i, k, trajectories[i].get("case_idx"), trajectory_digest(trajectories[i]),
-                               rf.name.agent, rf.name.emulator)
+                               rf.name.agent, rf.name.emulator, episode_digest(trajectories[i]))
                 requests.append(ChatRequest(messages=[], replicate=k, tag=tag, role="judge"))
                 items.append((i, k, rep))
         for (i, k, rep), resp in zip(items, backend.generate(requests)):

@@ -30,7 +30,8 @@ from pipeline.data.toolkit_registry import judged_toolkits, toolkit_registry, to
 from pipeline.data.toolkits import Toolkit
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, JudgeTag, choice_judgement, eval_types_for,
-                                       judge_messages, prompt_version, read_judgement, trajectory_digest)
+                                       judge_messages, prompt_version, read_judgement, trajectory_digest,
+                                       episode_digest)
 from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
 from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
@@ -103,6 +104,8 @@ class EvaluationResult:
     errors: int = 0
     skipped: list[str] = field(default_factory=list)
     incomplete: list[str] = field(default_factory=list)  # eval files with failed requests left
+    #: a replay judge's answers found by the episode's course (its rebuilt final log differs from the recording)
+    by_episode: int = 0
     wall_s: float = 0.0
 
 
@@ -142,7 +145,8 @@ def evaluate(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
                        outputs={"trajectories": str(res.trajectory_file),
                                 "eval_files": {t: str(p) for t, p in res.eval_files.items()}},
                        counts={"requests": res.requests, "scored": res.scored, "parse_failed": res.parse_failed,
-                               "errors": res.errors}, incomplete=res.incomplete, skipped=res.skipped,
+                               "errors": res.errors, **({"replayed_by_episode": res.by_episode} if res.by_episode
+                                                        else {})}, incomplete=res.incomplete, skipped=res.skipped,
                        wall_s=res.wall_s)
 
 
@@ -225,6 +229,10 @@ def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progres
     if pending:
         backend = backend or _judge_backend(cfg)
         _judge(cfg, backend, records, toolkits, pending, result, progress, parse_run_filename(target.name))
+        from pipeline.evaluation.replay import ReplayJudge
+
+        if isinstance(backend, ReplayJudge):
+            result.by_episode = backend.by_episode
     for t, out in result.eval_files.items():
         if t in result.skipped:
             continue
@@ -304,7 +312,8 @@ def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], reg
                 # one seed per (metric, line's prompt, replicate): a judgement does not depend on its chunk or batch
                 seed = request_seed(cfg.seed, "judge", t, k, messages) if cfg.temperature > 0 else None
                 config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
-                tag = JudgeTag(t, i, k, rec.get("case_idx"), trajectory_digest(rec), run.agent, run.emulator)
+                tag = JudgeTag(t, i, k, rec.get("case_idx"), trajectory_digest(rec), run.agent, run.emulator,
+                               episode_digest(rec))
                 requests.append(ChatRequest(messages=messages, config=config, replicate=k, tag=tag, role="judge"))
                 batch.append((t, i, k))
             by_type: dict[str, list[dict]] = defaultdict(list)
