@@ -105,15 +105,19 @@ def test_the_replay_judge_finds_a_reordered_trajectory_and_fails_an_unrecorded_o
     records = list(reversed(_lines(source)))
     changed = json.loads(json.dumps(records[0]))
     changed["output"] = changed["output"] + " (edited)"  # not the recorded trajectory any more
+    relogged = json.loads(json.dumps(records[1]))
+    relogged["intermediate_steps"][-1][0]["log"] += "\n"  # the same episode, another final log
     judged = tmp_path / "judged" / f"{MODEL}_emu-Qwen_Qwen3-8B_eval-none_r0-15.jsonl"
     judged.parent.mkdir()
-    judged.write_text("".join(json.dumps(r) + "\n" for r in [changed, *records[1:]]))
+    judged.write_text("".join(json.dumps(r) + "\n" for r in [changed, relogged, *records[2:]]))
     result = tmp_path / "evaluate.json"
     p = run_agentpipe("--result", str(result), "evaluate", "--trajectories", str(judged), "--evaluator",
                       f"replay:{recording}#{JUDGE}", "--compat", "study", "--no-progress")
     assert p.returncode == 1
     res = json.loads(result.read_text())
     assert res["status"] == "incomplete" and res["counts"]["errors"] == 2 and res["counts"]["scored"] == 28
+    assert res["counts"]["replayed_by_episode"] == 2  # both metrics of the relogged episode, counted and said
+    assert "2 judgements replayed from the recorded episode with the same actions" in p.stdout
     part = judged.with_name(judged.name.replace("eval-none", f"eval-{JUDGE}").replace(".jsonl", "_eval_agent_safe.jsonl.part"))
     entries = {e["eval_id"]: e for e in _lines(part)}
     assert entries[0]["status"] == "error" and entries[0]["eval_scores"] == {}
@@ -162,27 +166,34 @@ def test_replay_judgements_of_a_bad_runs_folder_is_one_line(tmp_path):
 
 
 def test_the_replay_judge_knows_a_trajectory_by_what_the_judge_reads(recording):
-    """A rebuilt episode whose action step carries another thought text (the judge never reads it: found in the
-    full rehearsal, 4 of the 15,840 finetuned episodes) is the recorded trajectory and gets its judgement; a
-    different observation or final step is another trajectory and gets none."""
-    from pipeline.evaluation.judges import trajectory_digest
+    """A rebuilt episode whose action step carries another thought text (never shown to a judge) is the recorded
+    trajectory: its judgement, found at once. One whose final log differs (the study's judge read it; a replay
+    rebuilds 3 of the 15,840 finetuned episodes so) gets the recorded judgement of the same episode of the same
+    run, counted; another observation, or the same episode under another run's names, gets none."""
+    from pipeline.evaluation.judges import episode_digest, trajectory_digest
 
     [source] = [f for f in recording.glob("*_r0-15_*.jsonl") if "_eval_" not in f.name]
     rec = next(r for r in _lines(source) if len(r["intermediate_steps"]) > 1)
     judge = ReplayJudge(parse_model_spec(f"replay:{recording}#{JUDGE}"))
 
-    def answer(record: dict) -> str | None:
-        tag = JudgeTag("agent_safe", 0, 0, record["case_idx"], trajectory_digest(record), MODEL, "Qwen_Qwen3-8B")
+    def answer(record: dict, agent: str = MODEL) -> str | None:
+        tag = JudgeTag("agent_safe", 0, 0, record["case_idx"], trajectory_digest(record), agent, "Qwen_Qwen3-8B",
+                       episode_digest(record))
         resp = judge.answer(tag)
         return resp.text if resp.ok else None
 
+    def edited(step: int, *where: int | str) -> dict:
+        out = json.loads(json.dumps(rec))
+        target = out["intermediate_steps"][step]
+        for key in where[:-1]:
+            target = target[key]
+        target[where[-1]] += "\n"
+        return out
+
     recorded = answer(rec)
-    assert recorded is not None
-    thought = json.loads(json.dumps(rec))
-    thought["intermediate_steps"][0][0][2] += "\n"  # the action step's log: a thought, not shown to the judge
-    assert answer(thought) == recorded
-    observed = json.loads(json.dumps(rec))
-    observed["intermediate_steps"][0][1][0] += " (edited)"
-    final = json.loads(json.dumps(rec))
-    final["intermediate_steps"][-1][0]["log"] += "\n"  # the study's judge reads the whole final step
-    assert answer(observed) is None and answer(final) is None
+    assert recorded is not None and judge.by_episode == 0
+    assert answer(edited(0, 0, 2)) == recorded and judge.by_episode == 0  # an action step's thought
+    assert answer(edited(-1, 0, "log")) == recorded and judge.by_episode == 1  # the final log: by the episode
+    assert answer(edited(-1, 0, "log"), agent="another-model") is None  # not another run's judgement
+    assert answer(edited(0, 1, 0)) is None  # another observation: another trajectory
+    assert judge.by_episode == 1

@@ -287,7 +287,7 @@ def first_difference(recorded: dict[str, Any], rebuilt: dict[str, Any],
         return "final output", f"{str(recorded.get('output'))[:80]!r} → {str(rebuilt.get('output'))[:80]!r}"
     if stop_of(recorded.get("output")) != stop_of(rebuilt.get("output")):
         return "stop", f"{stop_of(recorded.get('output'))} → {stop_of(rebuilt.get('output'))}"
-    if exact:  # the agent's text of each step, which the judge reads too (a replay judge finds it by digest)
+    if exact:  # the agent's text of each step (the study's judge read the final one: docs/compat.md)
         for i, (x, y) in enumerate(zip(a, b)):
             x_log, y_log = _log_of(x), _log_of(y)
             if x_log != y_log:

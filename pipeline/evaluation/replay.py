@@ -148,9 +148,9 @@ class ReplayJudge(ChatBackend):
         metric, case = _METRIC.get(tag.eval_type, tag.eval_type), tag.case_idx
         found = self._table.get((tag.eval_type, tag.trajectory))
         if not found and tag.episode:
-            # the same actions, observations and answer, another final log: the replay's token count crossed the
-            # study's budget a call earlier than the study's did (3 of the 15,840 finetuned episodes,
-            # docs/compat.md); the recorded judgement of that episode, of this run only, counted and logged
+            # the same actions, observations and answer, another final log (3 of the 15,840 finetuned episodes
+            # rebuild so, docs/compat.md): the recorded judgement of that episode, of this run only, counted and
+            # logged
             found = [r for r in self._episodes.get((tag.eval_type, tag.episode), [])
                      if (r.agent, r.emulator) == (tag.agent, tag.emulator)]
             if found:
