@@ -102,14 +102,15 @@ def capture_chains(driver, base: str, password: str, dag_id: str, run_id: str, t
     driver.get(f"{base}/dags/{dag_id}/runs/{quoted}/tasks/{task_id}/mapped")
     wait_text(driver, ["Map Index", "Map index", "map index"])
     time.sleep(2)
-    for group in driver.find_elements(By.CSS_SELECTOR, 'span[aria-label="Toggle group"]'):
-        group.click()  # open every task group (the chains) in the grid beside the list
+    toggles = 'span[aria-label="Toggle group"]'
+    for i in range(len(driver.find_elements(By.CSS_SELECTOR, toggles))):  # found anew: each click re-renders
+        driver.find_elements(By.CSS_SELECTOR, toggles)[i].click()  # open each task group (a chain) in the grid
         time.sleep(1)
     for _ in range(2):  # sorted by start date, latest first: the chains' names by model at the top
         driver.find_element(By.XPATH, "//th[contains(., 'Start Date')]").click()
         time.sleep(1)
     time.sleep(2)
-    path = out / f"airflow-{dag_id}.png"
+    path = out / f"airflow-{dag_id}-chains.png"  # beside, not over, check_airflow's airflow-<dag>.png
     screenshot(driver, path)
     return path
 
