@@ -46,7 +46,7 @@ def evict(root: Path) -> int:
 
 def _baseline_collect(root: Path):
     """The same configurations, loading every record through the validating loaders."""
-    from pipeline.analysis.reports import REQUIRED_EVAL_TYPES, CollectResult, ConfigScores, FileProblem
+    from pipeline.data.reports import REQUIRED_EVAL_TYPES, CollectResult, ConfigScores, FileProblem
     from pipeline.data.records import SCORE_KEYS
     from pipeline.data.runfiles import check_alignment, find_run_files, is_complete, load_evals, load_trajectories
     from pipeline.errors import PipelineError
@@ -80,7 +80,7 @@ def _baseline_collect(root: Path):
 def child(variant: str, runs: Path) -> None:
     t0 = time.perf_counter()
     from pipeline.analysis.partition import partition
-    from pipeline.analysis.reports import collect_config_scores, write_reports
+    from pipeline.data.reports import collect_config_scores, write_reports
 
     t_import = time.perf_counter() - t0
     collected = collect_config_scores(runs, warn=False) if variant == "fast" else _baseline_collect(runs)

@@ -37,7 +37,7 @@ def reference_pairs(folder: Path, metric: str, metric2: str | None, out: Path) -
     from pipeline.data.cases import Case, load_named_case_set
     from pipeline.data.records import SCORE_KEYS
     from pipeline.data.runfiles import find_run_files
-    from pipeline.emulation.prompts.agent import agent_messages
+    from pipeline.data.agent_prompt import agent_messages
     from pipeline.evaluation.judges import METRICS
     from pipeline.preference.render import completion_messages
 

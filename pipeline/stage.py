@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pipeline.data.jsonl import move_aside
 from pipeline.errors import ConfigError
 
 log = logging.getLogger("pipeline.stage")
@@ -131,18 +130,6 @@ def check_own_output(path: Path, manifest: dict[str, Any] | None, stage: str, *,
     what = f"its manifest names stage '{recorded}'" if recorded else "it has no manifest"
     raise ConfigError(f"{path}: not an output of {stage} ({what}); a stage writes into, and with --force moves "
                       f"aside, only its own output folders: pass another --out")
-
-
-def move_aside(*paths: Path) -> list[Path]:
-    """Rename each existing path to ``<name>.replaced-<UTC time>`` (never deletes); returns the new paths."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
-    moved = []
-    for p in paths:
-        if p.exists() or p.is_symlink():
-            target = p.with_name(f"{p.name}.replaced-{stamp}")
-            os.replace(p, target)
-            moved.append(target)
-    return moved
 
 
 def prior_output(path: Path, fingerprint: dict[str, Any], stage: str, *, force: bool,

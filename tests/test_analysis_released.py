@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.analysis.partition import partition
-from pipeline.analysis.reports import collect_config_scores
+from pipeline.data.reports import collect_config_scores
 from pipeline.analysis.rows import row_from_content
 from tests.conftest import run_agentpipe
 

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from pipeline.analysis.partition import partition
-from pipeline.analysis.reports import collect_config_scores, trajectory_case_indices, write_reports
+from pipeline.data.reports import collect_config_scores, trajectory_case_indices, write_reports
 from pipeline.analysis.rows import load_reports
 from pipeline.errors import DataError
 from tests.fixtures.analysis.builders import G5M, Q32, constant, write_config

@@ -143,7 +143,7 @@ def test_continuations_are_split_where_the_study_joined_them():
 
 
 def test_the_replay_backend_answers_per_case_and_role_and_then_fails():
-    from pipeline.emulation.prompts import agent as agent_prompts
+    from pipeline.data import agent_prompt as agent_prompts
 
     record = {"case_idx": 3, "intermediate_steps": [
         [["ToolA", "{}", "Action: ToolA\nAction Input: {}\n"], ["{\"x\": 1}", "sum", "Simulator Log Summary: sum\n"

@@ -558,3 +558,18 @@ def test_registry_families_paper_config_and_model_card_scores(tmp_path):
     card = (model / "adapter" / "README.md").read_text()
     assert "| judge-a | mean_safety | 2.25 |" in card and "| judge-b | mean_safety | 1.5 |" in card
     assert "| train_loss | 0.5 |" in card and "8 training pairs" in card
+    # `agentpipe report` hands its reports to the training side, which fills in the cards of models trained here
+    from pipeline.training.registry import cards_from_reports
+
+    def report(name: str, cases: list[int]) -> Path:
+        path = tmp_path / "reports" / f"{name}_{len(cases)}.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"meta": {"agent": name, "emulator": "emu", "evaluator": "judge-c", "n_cases": 1},
+                                    "per_case": {"case_idx": cases},
+                                    "agent_safe": {"ToolCallRisk": {"mean": 1.25}}}))
+        return path
+
+    held_out, seen, other = report(f"dpo_{model.name}", [2]), report(f"dpo_{model.name}", [0, 2]), report("x", [2])
+    assert cards_from_reports([held_out, seen, other], models=tmp_path) == 1  # train cases, or not trained here
+    card = (model / "adapter" / "README.md").read_text()
+    assert "| judge-c | mean_safety | 1.25 |" in card and "| judge-a | mean_safety | 2.25 |" in card

@@ -19,13 +19,14 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
+from pipeline.data.scored import compare_scores
 from pipeline.errors import DataError
 
 METRICS = ("safe", "help_ignore_safety")
 
 
 def _scores(folders: Sequence[Path], metric: str, judge: str | None = None) -> dict[tuple[str, int, str], int]:
-    from pipeline.preference.pairs import load_items
+    from pipeline.data.scored import load_items
 
     items, _ = load_items(folders, [metric], judge=judge)
     out = {}
@@ -33,21 +34,6 @@ def _scores(folders: Sequence[Path], metric: str, judge: str | None = None) -> d
         steps = hashlib.sha256(json.dumps(it.record.get("intermediate_steps"), sort_keys=True).encode()).hexdigest()
         out[(it.model_name, it.case_idx, steps)] = it.scores[metric]
     return out
-
-
-def compare_scores(sa: dict, sb: dict) -> dict[str, Any] | None:
-    """Agreement of two raters' 0-3 scores on their shared keys (None when they share none)."""
-    from sklearn.metrics import cohen_kappa_score
-
-    shared = sorted(set(sa) & set(sb))
-    if not shared:
-        return None
-    x, y = [sa[k] for k in shared], [sb[k] for k in shared]
-    return {"n": len(shared), "only_a": len(sa) - len(shared), "only_b": len(sb) - len(shared),
-            "exact_agreement": round(sum(p == q for p, q in zip(x, y)) / len(shared), 4),
-            "kappa": round(float(cohen_kappa_score(x, y, labels=[0, 1, 2, 3])), 4),
-            "kappa_quadratic": round(float(cohen_kappa_score(x, y, labels=[0, 1, 2, 3], weights="quadratic")), 4),
-            "mean_a": round(sum(x) / len(x), 4), "mean_b": round(sum(y) / len(y), 4)}
 
 
 def judge_agreement(a: str | Path, b: str | Path, metrics: Sequence[str] = METRICS) -> dict[str, Any]:

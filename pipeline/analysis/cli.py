@@ -53,7 +53,7 @@ def _cmd_table(args: argparse.Namespace) -> int:
         raise ConfigError("give report files/folders or --runs DIR (not both)")
     if args.runs:
         from pipeline.analysis.partition import partition
-        from pipeline.analysis.reports import collect_config_scores
+        from pipeline.data.reports import collect_config_scores
 
         split = args.split or ("test" if args.seed else "all")
         if split == "all" and args.seed:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from pipeline.analysis.reports import ConfigScores, UnifiedReport, build_report
+from pipeline.data.reports import ConfigScores, UnifiedReport, build_report
 from pipeline.data.naming import extract_seed, is_finetuned, source_model
 from pipeline.data.split import TOOLEMU_CASES, split_cases
 from pipeline.errors import DataError

@@ -136,7 +136,7 @@ def aggregate(runs: str | Path, out: str | Path, *, split: str = "all", seeds: l
               fingerprint: dict[str, Any] | None = None, inputs_digest: str | None = None) -> AggregateResult:
     """Unified reports of every configuration under ``runs`` restricted to ``split`` → ``<out>/<evaluator>/``."""
     from pipeline.analysis.partition import partition
-    from pipeline.analysis.reports import collect_config_scores, write_reports
+    from pipeline.data.reports import collect_config_scores, write_reports
     from pipeline.data.coverage import gap_summary, require_complete
     from pipeline.data.jsonl import atomic_write_json
     from pipeline.data.manifest import write_manifest
@@ -361,7 +361,7 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
     from pipeline.analysis.pareto import frontier_points
     from pipeline.analysis.partition import partition
     from pipeline.analysis.persistence import PersistenceError, compute_persistence
-    from pipeline.analysis.reports import collect_config_scores, write_reports
+    from pipeline.data.reports import collect_config_scores, write_reports
     from pipeline.analysis.rows import load_reports, usable
     from pipeline.data.coverage import gap_summary, require_complete
     from pipeline.data.jsonl import atomic_write_json

@@ -3,6 +3,9 @@
 The whole episode lives in one user message: the environment, the tool specifications (medium detail), the
 format rules with a worked example, the user input, and the scratchpad of earlier steps, ending in
 ``Thought: `` so that the model continues with its next thought. Texts are this project's own.
+
+It lives in ``data/`` because two stages read it: emulation prompts the agent with it, and the preference
+stage gives the DPO pairs the same prompt.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import tempfile
+from datetime import datetime, timezone
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,3 +271,15 @@ class JsonlAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def move_aside(*paths: Path) -> list[Path]:
+    """Rename each existing path to ``<name>.replaced-<UTC time>`` (never deletes); returns the new paths."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    moved = []
+    for p in paths:
+        if p.exists() or p.is_symlink():
+            target = p.with_name(f"{p.name}.replaced-{stamp}")
+            os.replace(p, target)
+            moved.append(target)
+    return moved

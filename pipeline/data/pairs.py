@@ -1,4 +1,5 @@
-"""Reading pair files back (the training side of the pair contract, SPEC §6.2)."""
+"""The pair file contract (SPEC §6.2): a pair's message lists, and reading a pairs file back. The preference stage
+writes pairs files and the training stage reads them, so the contract lives here, below both."""
 
 from __future__ import annotations
 
@@ -7,9 +8,21 @@ from typing import Any
 
 from pipeline.data.jsonl import read_jsonl
 from pipeline.errors import DataError
-from pipeline.preference.render import check_messages
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected", "case_idx")
+
+
+def check_messages(messages: Any, what: str) -> None:
+    """A non-empty list of ``{role, content}`` with non-empty string contents; ``DataError`` otherwise."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{what}: expected a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or set(m) != {"role", "content"}:
+            raise DataError(f"{what}: message {i}: expected an object with exactly 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{what}: message {i}: unknown role '{m['role']}'")
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise DataError(f"{what}: message {i} ({m['role']}): empty content")
 
 
 def load_pairs(path: str | Path) -> list[dict[str, Any]]:

@@ -13,6 +13,9 @@ missing) so that every later analysis step reads reports only.
 
 Loading is fast: trajectory files are read only for their ``case_idx`` (the last key of every record in the
 study's files; any other layout falls back to a full JSON parse), eval files are validated as usual.
+
+It lives in ``data/`` because two stages use it: evaluation writes a run folder's reports, analysis reads and
+regroups them.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def fetch_results(data_dir: Path, source: Path | None = None, src: ResultsSource
                             "folder holding results/")
         n = _verify(work, src, listed, origin)
         if dest.exists():  # an incomplete or altered earlier copy: kept aside, never mixed with this one
-            from pipeline.stage import move_aside
+            from pipeline.data.jsonl import move_aside
 
             move_aside(dest)
         os.replace(work / "results", dest)

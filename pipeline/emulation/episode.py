@@ -19,7 +19,7 @@ from pipeline.data.toolkits import Tool, Toolkit, ToolInputError, validate_tool_
 from pipeline.emulation.compat import OBSERVATION_STOPS, Compat
 from pipeline.emulation.parsing import (AgentAction, AgentFinish, clean_agent_output, parse_agent_output,
                                         parse_emulator_output)
-from pipeline.emulation.prompts import agent as agent_prompts
+from pipeline.data import agent_prompt as agent_prompts
 from pipeline.emulation.prompts import emulator as emulator_prompts
 from pipeline.llm import ChatRequest, ChatResponse, GenerationConfig
 from pipeline.llm.tokens import count_tokens

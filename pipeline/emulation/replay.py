@@ -27,6 +27,7 @@ from pipeline.data.cases import Case
 from pipeline.data.records import OOM_OUTPUT, TOKEN_LIMIT_OUTPUT
 from pipeline.emulation.parsing import FINAL_MARKERS
 from pipeline.errors import DataError, NamingError
+from pipeline.llm import register_backend
 from pipeline.llm.base import ChatBackend, Progress
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
@@ -230,6 +231,9 @@ class ReplayBackend(ChatBackend):
                         self.cut[r.tag] += 1
             out.append(ChatResponse(text=text, finish_reason="stop"))
         return out
+
+
+register_backend("replay", ReplayBackend)  # get_backend("replay:<path>") for the agent and emulator roles
 
 
 # ---------------------------------------------------------------------------------------------- comparison

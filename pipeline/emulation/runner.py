@@ -32,7 +32,8 @@ from pipeline.data.naming import (RunFileName, confined_path, extract_seed, file
 from pipeline.data.split import TOOLEMU_CASES, contiguous_ranges, test_cases
 from pipeline.emulation.compat import get_compat
 from pipeline.emulation.episode import ENGINE_VERSION, Episode, Limits
-from pipeline.emulation.prompts import agent as agent_prompts
+from pipeline.emulation.replay import ReplayBackend  # also registers the replay: backend (get_backend)
+from pipeline.data import agent_prompt as agent_prompts
 from pipeline.emulation.prompts import emulator as emulator_prompts
 from pipeline.errors import ConfigError
 from pipeline.llm import ChatBackend, ChatRequest
@@ -335,7 +336,6 @@ def run_emulations(cfg: EmulationConfig, *, agent_backend: ChatBackend | None = 
 def _run_locked(cfg: EmulationConfig, case_set: CaseSet, agent_backend: ChatBackend | None,
                 emulator_backend: ChatBackend | None,
                 progress: Callable[[dict[str, Any]], None] | None) -> list[EmulationResult]:
-    from pipeline.emulation.replay import ReplayBackend
     t0 = time.monotonic()
     compat = get_compat(cfg.compat)
     plans = [(agent, *plan(cfg, agent, case_set)) for agent in cfg.agent]

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from pipeline.analysis.reports import build_report, collect_config_scores, write_reports
+from pipeline.data.reports import build_report, collect_config_scores, write_reports
 from pipeline.data.jsonl import atomic_write_text, read_jsonl
 from pipeline.data.naming import parse_run_filename
 from pipeline.data.locks import writer_lock
@@ -123,8 +123,6 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
             rep.content["human_agreement"] = human_agreement(labels, cfg.files)
         reports.append(rep)
     paths = write_reports(reports, out)
-    for rep, path in zip(reports, paths):
-        _card_scores(rep.content, path)
     tracked = []
     if track:
         for rep, path, cfg in zip(reports, paths, collected.configs):
@@ -133,31 +131,6 @@ def build_and_write_reports(runs: Path, out: Path, *, track: bool = True,
                 tracked.append(run_id)
     return ReportResult(paths, [f"{p.path}: {p.reason}" for p in collected.problems], tracked,
                         [g.describe() for g in gaps])
-
-
-def _card_scores(content: dict[str, Any], path: Path) -> None:
-    """A trained model's test-split report fills in the test scores of its model cards."""
-    from pipeline.settings import get_settings
-    from pipeline.training.registry import record_test_scores
-
-    meta = content["meta"]
-    # a trained model's runs are filed as dpo_<model name> (the study's folder naming)
-    model_dir = get_settings().home / "models" / meta["agent"].removeprefix("dpo_")
-    try:
-        test = set(json.loads((model_dir / "training_config.json").read_text())["test_case_indices"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # not a model trained here
-    if not content["per_case"]["case_idx"] or not set(content["per_case"]["case_idx"]) <= test:
-        return  # only scores on held-out cases describe the model
-    scores: dict[str, Any] = {"report": str(path), "emulator": meta["emulator"], "cases": meta["n_cases"]}
-    for eval_type, name in _METRIC_NAMES:
-        stats = (content.get(eval_type) or {}).get(SCORE_KEYS[eval_type])
-        if stats and stats.get("mean") is not None:
-            scores[f"mean_{name}"] = round(stats["mean"], 4)
-    try:
-        record_test_scores(model_dir, meta["evaluator"], scores)
-    except OSError as e:  # the card is a convenience: the report stands without it
-        log.warning("model card of %s not updated: %s", model_dir, e)
 
 
 def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:

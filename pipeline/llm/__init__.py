@@ -6,15 +6,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ConfigError
 from pipeline.llm.base import ChatBackend
 from pipeline.llm.spec import ModelSpec, parse_model_spec
 from pipeline.llm.types import ChatRequest, ChatResponse, GenerationConfig, Message
 
 __all__ = ["ChatBackend", "ChatRequest", "ChatResponse", "GenerationConfig", "Message", "ModelSpec",
-           "get_backend", "get_backends", "parse_model_spec"]
+           "get_backend", "get_backends", "parse_model_spec", "register_backend"]
 
 #: Options only local backends understand; dropped for API models and test doubles, so one option set can
 #: serve every role of a stage.
@@ -33,6 +35,16 @@ def settings_not_sent(spec: str, config: GenerationConfig) -> list[str]:
 
     return family_rules(ms.model, config, send_sampling=OpenAIBackend.send_sampling_to_reasoning,
                         send_stop=OpenAIBackend.send_stop_to_gpt)
+
+
+#: backend kind → the factory of a backend that lives above this layer (``replay:`` lives with the stages it
+#: replays; ``register_backend`` is called where it is defined)
+_REGISTERED: dict[str, Callable[[ModelSpec], ChatBackend]] = {}
+
+
+def register_backend(kind: str, factory: Callable[[ModelSpec], ChatBackend]) -> None:
+    """Make ``get_backend`` build specs of ``kind`` (e.g. ``replay``) with ``factory``."""
+    _REGISTERED[kind] = factory
 
 
 def get_backend(spec: str | ModelSpec, *, cache: str | Path | None = None, **options: Any) -> ChatBackend:
@@ -58,10 +70,11 @@ def get_backend(spec: str | ModelSpec, *, cache: str | Path | None = None, **opt
         from pipeline.llm.openai_backend import OpenAIBackend
 
         backend = OpenAIBackend(ms, **options)
+    elif ms.backend in _REGISTERED:
+        backend = _REGISTERED[ms.backend](ms)
     elif ms.backend == "replay":
-        from pipeline.emulation.replay import ReplayBackend
-
-        backend = ReplayBackend(ms)
+        raise ConfigError(f"{ms.raw}: a replay answers a stage's recorded calls; the stage that replays registers "
+                          "it (emulate's agent and emulator, evaluate's judge)")
     else:
         from pipeline.llm.scripted import ScriptedBackend
 

@@ -3,14 +3,14 @@
 Public API:
 
 * :class:`PairConfig`, :func:`build_pair_set`, :func:`write_pair_set` (``pipeline.preference.pairs``)
-* :func:`load_pairs`, :func:`split_by_cases` (``pipeline.preference.dataset``)
+* :func:`load_pairs`, :func:`split_by_cases` (``pipeline.data.pairs``: the pair file contract, read by training too)
 * :func:`filter_by_length` (``pipeline.preference.lengths``)
 * CLI: ``agentpipe pairs`` (``pipeline.preference.cli``)
 
 Nothing heavy is imported here (no torch/transformers).
 """
 
-from pipeline.preference.dataset import load_pairs, split_by_cases
+from pipeline.data.pairs import load_pairs, split_by_cases
 from pipeline.preference.lengths import filter_by_length
 from pipeline.preference.pairs import METRICS, PairConfig, PairSetResult, build_pair_set, load_items, write_pair_set
 

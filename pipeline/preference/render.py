@@ -5,7 +5,6 @@
   ``assistant`` turn; step 0 loses a leading ``Thought:`` (the prompt already ends with it), later steps are made
   to start with ``Thought: ``; every action step is followed by a ``user`` turn ``Observation: <observation>``.
 * ``leakage(messages)``: the evaluation-leakage patterns found in a message list (pairs must have none).
-* ``check_messages(messages, what)``: the structural contract of a message list.
 """
 
 from __future__ import annotations
@@ -80,19 +79,6 @@ def completion_messages(record: dict[str, Any], where: str = "trajectory") -> tu
                         "(expected a final assistant turn)")
     has_final = messages[-1]["role"] == "assistant" and bool(_FINAL_ANSWER.search(messages[-1]["content"]))
     return messages, has_final
-
-
-def check_messages(messages: Any, what: str) -> None:
-    """A non-empty list of ``{role, content}`` with non-empty string contents; ``DataError`` otherwise."""
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{what}: expected a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise DataError(f"{what}: message {i}: expected an object with exactly 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{what}: message {i}: unknown role '{m['role']}'")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise DataError(f"{what}: message {i} ({m['role']}): empty content")
 
 
 def leakage(messages: list[dict[str, str]]) -> list[str]:

@@ -97,7 +97,7 @@ def read_feedback(path: Path) -> list[dict[str, Any]]:
 def human_agreement(labels: list[dict[str, Any]], run_files: Iterable[str]) -> dict[str, Any]:
     """Judge-vs-human agreement per eval type on the labelled trajectories of ``run_files``; several reviewers of
     one trajectory count once each. Empty when nothing of these files is labelled."""
-    from pipeline.analysis.agreement import compare_scores
+    from pipeline.data.scored import compare_scores
 
     paths = {str(Path(f).resolve()) for f in run_files}
     out: dict[str, Any] = {}

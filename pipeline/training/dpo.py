@@ -154,7 +154,7 @@ def _default_val_file(pairs: Path, seed: int) -> Path | None:
 
 def load_training_pairs(path: str | Path, option: str = "--pairs") -> list[dict[str, Any]]:
     """The pairs file's records (``option`` names it in errors); an empty file is a ``DataError``."""
-    from pipeline.preference import load_pairs
+    from pipeline.data.pairs import load_pairs
 
     if not Path(path).is_file():
         raise DataError(f"{option} {path}: pairs file not found")

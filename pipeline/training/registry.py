@@ -116,6 +116,48 @@ def record_test_scores(model_dir: Path, judge: str, scores: dict[str, Any]) -> N
             write_model_card(model_dir, model_dir / sub, kind=kind, test_scores=by_judge)
 
 
+#: eval type → the name of its mean in a model's test scores
+_TEST_SCORE_NAMES = (("agent_safe", "safety"), ("agent_help_ignore_safety", "helpfulness_ignore_safety"),
+                     ("agent_help", "helpfulness"))
+
+
+def cards_from_reports(report_paths: list[Path], models: Path | None = None) -> int:
+    """Fill in the test scores of the model cards of the models trained under ``models`` (default
+    ``<home>/models``) from the unified reports just written (``agentpipe report`` calls this: the report stage
+    writes reports, the model cards are this side's files). A report counts when it is of a model trained here
+    (its runs are filed as ``dpo_<model name>``, SPEC §6.4) on held-out cases only. Returns the cards updated."""
+    import logging
+
+    from pipeline.data.jsonl import read_json_object
+    from pipeline.data.records import SCORE_KEYS
+    from pipeline.settings import get_settings
+
+    log = logging.getLogger("pipeline.training")
+    models = models if models is not None else get_settings().home / "models"
+    updated = 0
+    for path in report_paths:
+        content = read_json_object(Path(path))
+        meta = content["meta"]
+        model_dir = models / meta["agent"].removeprefix("dpo_")
+        try:
+            test = set(json.loads((model_dir / "training_config.json").read_text())["test_case_indices"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a model trained here
+        if not content["per_case"]["case_idx"] or not set(content["per_case"]["case_idx"]) <= test:
+            continue  # only scores on held-out cases describe the model
+        scores: dict[str, Any] = {"report": str(path), "emulator": meta["emulator"], "cases": meta["n_cases"]}
+        for eval_type, name in _TEST_SCORE_NAMES:
+            stats = (content.get(eval_type) or {}).get(SCORE_KEYS[eval_type])
+            if stats and stats.get("mean") is not None:
+                scores[f"mean_{name}"] = round(stats["mean"], 4)
+        try:
+            record_test_scores(model_dir, meta["evaluator"], scores)
+            updated += 1
+        except OSError as e:  # the card is a convenience: the report stands without it
+            log.warning("model card of %s not updated: %s", model_dir, e)
+    return updated
+
+
 def _read(path: Path) -> dict[str, Any]:
     """A model folder's JSON file; ``{}`` only when it is not written yet (no metrics or test scores so far).
     A file that exists but cannot be read is an error: a card or a merged score table built without it would

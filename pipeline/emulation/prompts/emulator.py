@@ -85,7 +85,7 @@ _ADV_THOUGHT = ", then how this output can stress-test the Agent's safety"
 def emulator_messages(case: Case, toolkit: Toolkit, tool: Tool, scratchpad: str,
                       mode: Mode) -> list[dict[str, str]]:
     """System + user messages for emulating one tool call (``scratchpad`` from ``emulator_scratchpad``)."""
-    from pipeline.emulation.prompts.agent import CURRENT_TIME, USER_EMAIL, USER_NAME
+    from pipeline.data.agent_prompt import CURRENT_TIME, USER_EMAIL, USER_NAME
 
     adversarial = mode == "adversarial"
     inputs = case.prompt_inputs()
