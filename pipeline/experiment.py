@@ -165,114 +165,126 @@ def judge_kind(evaluator: str) -> str:
 def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
     """Every stage spec of the experiment (see the module docstring)."""
     cfg.validate()
-    plan = Plan()
-    n_cases = len(load_named_case_set(cfg.case_set))
-    cases = _case_range(cfg.case_range, n_cases)
-    runs = home / "trajectories" / cfg.name
-    pairs_dir, models_dir = home / "pairs", home / "models"
-    max_length = int(cfg.train.get("max_length", 8192))
-    batch_size = int(cfg.train.get("batch_size", 1))
-
-    pair_paths: dict[tuple[str, int, str], str] = {}
-
-    def pairs_for(arm: Arm, seed: int, dataset: str) -> str:
-        key = (arm.name, seed, dataset)
-        if key not in pair_paths:
-            opts = {**DATASETS[dataset], **cfg.pairs}
-            pc = PairConfig(seed=seed, split="train", **{k: v for k, v in opts.items() if k in (
-                "metric", "metric2", "mode", "min_score_difference", "min_chosen_score", "consistency")})
-            path = pairs_dir / f"{pc.name(arm.name)}.jsonl"
-            pair_paths[key] = str(path)
-            # ``judge``: a pool may hold several judges' evaluations of the same trajectories (one pool, two arms)
-            plan.pairs.append({"data_dir": [arm.pool], "evaluator": arm.name, "cases": cfg.case_set, "seed": seed,
-                               "split": "train", "out": str(pairs_dir), **opts, "judge": arm.evaluator})
-        return pair_paths[key]
-
-    trained: dict[tuple, str] = {}  # (model, arm, seed, beta, datasets…) → model folder
-    #: (base model, seed) → the test-split emulation of that base's first-stage adapters: one run for them all
-    #: (one engine or loaded model; every adapter's episodes in the same batches; a run file per adapter)
-    by_base: dict[tuple[str, int], dict[str, Any]] = {}
-
-    def emulate_test_split(agent: str, base: str | None, seed: int) -> None:
-        if base is None:  # a second-stage model: its base is its own merged parent
-            plan.emulate.append(_emulate_spec(cfg, agent, cfg.arms[0].evaluator, runs, cases, seed=seed))
-        elif (base, seed) in by_base:
-            by_base[(base, seed)]["agent"].append(agent)
-        else:
-            spec = _emulate_spec(cfg, agent, cfg.arms[0].evaluator, runs, cases, seed=seed)
-            spec["agent"] = [agent]
-            by_base[(base, seed)] = spec
-            plan.emulate.append(spec)
-
-    def train(base: str, arm: Arm, seed: int, beta: float, dataset: str, stage: int) -> str:
-        pairs = pairs_for(arm, seed, dataset)
-        name = model_name(base, dataset_name(pairs, seed), seed, beta=beta, max_length=max_length,
-                          batch_size=batch_size)
-        out = models_dir / name
-        spec = {"model": base, "pairs": pairs, "seed": seed, "beta": beta, "out": str(out), **cfg.train}
-        target = plan.train_stage1 if stage == 1 else plan.train_stage2
-        if spec not in target:
-            target.append(spec)
-        plan.models[name] = str(out)
-        return str(out)
-
-    chains: dict[str, dict[str, Any]] = {}  # first-stage model folder → its chain
-
-    def chain(arm: Arm, first: str) -> dict[str, Any]:
-        if first not in chains:
-            chains[first] = {"name": Path(first).name, "judge": judge_kind(arm.evaluator),
-                             "train": next(t for t in plan.train_stage1 if t["out"] == first),
-                             **dict.fromkeys(("emulate", "evaluate", "merge", "train2", "emulate2", "evaluate2",
-                                              *CROSS_STEPS))}
-            plan.chains.append(chains[first])
-        return chains[first]
-
+    planner = _Planner(cfg, home)
     for model in cfg.source_models:
-        # the source model is emulated once on every case; each arm's judge evaluates it (match and source rows)
-        source_traj = _emulate_spec(cfg, model, cfg.arms[0].evaluator, runs, cases, seed=None)
-        plan.emulate.append(source_traj)
-        plan.source_emulate.append(source_traj)
-        for arm in cfg.arms:
-            spec = _evaluate_spec(cfg, model, arm, runs, cases, seed=None, label=None)
-            plan.evaluate.append(spec)
-            plan.source_evaluate.append({**spec, "judge": judge_kind(arm.evaluator)})
+        planner.source(model)
         for arm in cfg.arms:
             for seed in cfg.seeds:
                 for beta in cfg.betas:
                     for conf in cfg.configurations:
-                        stages = CONFIGURATIONS[conf]
-                        first = train(model, arm, seed, beta, stages[0], 1)
-                        link = chain(arm, first)
-                        key = (model, arm.name, seed, beta, *stages)
-                        base: str | None = model
-                        if len(stages) == 1:
-                            agent = f"{model}+{first}/adapter"
-                        else:
-                            base = None
-                            merged = f"{first}/merged"
-                            spec = {"adapter": f"{first}/adapter", "out": merged}
-                            if spec not in plan.merge:
-                                plan.merge.append(spec)
-                            second = train(merged, arm, seed, beta, stages[1], 2)
-                            agent = f"{merged}+{second}/adapter"
-                            link["merge"] = spec
-                            link["train2"] = next(t for t in plan.train_stage2 if t["out"] == second)
-                        if key in trained:
-                            continue
-                        trained[key] = agent
-                        emulate_test_split(agent, base, seed)
-                        evaluation = _evaluate_spec(cfg, agent, arm, runs, cases, seed=seed, label=None)
-                        plan.evaluate.append(evaluation)
-                        step = "" if len(stages) == 1 else "2"  # the chain's own emulation: this model alone
-                        link[f"emulate{step}"] = _emulate_spec(cfg, agent, cfg.arms[0].evaluator, runs, cases,
-                                                               seed=seed)
-                        link[f"evaluate{step}"] = evaluation
-                        if cfg.cross:
-                            _cross_evaluate(cfg, plan, link, step, agent, arm, runs, cases, seed)
-    analyses = analysis_specs(runs, home / "analysis" / cfg.name, list(SETTINGS) if cfg.cross else [],
+                        planner.configuration(model, arm, seed, beta, CONFIGURATIONS[conf])
+    plan = planner.plan
+    analyses = analysis_specs(planner.runs, home / "analysis" / cfg.name, list(SETTINGS) if cfg.cross else [],
                               n_bootstrap=cfg.n_bootstrap)
     plan.analyze, plan.analyze_cross = analyses[0], (analyses[1] if len(analyses) > 1 else None)
     return plan
+
+
+class _Planner:
+    """Builds a ``Plan`` one source model and configuration at a time; every spec is planned once."""
+
+    def __init__(self, cfg: ExperimentConfig, home: Path) -> None:
+        self.cfg, self.plan = cfg, Plan()
+        self.cases = _case_range(cfg.case_range, len(load_named_case_set(cfg.case_set)))
+        self.runs = home / "trajectories" / cfg.name
+        self.pairs_dir, self.models_dir = home / "pairs", home / "models"
+        self.max_length = int(cfg.train.get("max_length", 8192))
+        self.batch_size = int(cfg.train.get("batch_size", 1))
+        self.pair_paths: dict[tuple[str, int, str], str] = {}
+        self.trained: dict[tuple, str] = {}  # (model, arm, seed, beta, datasets…) → its agent spec
+        #: (base model, seed) → the test-split emulation of that base's first-stage adapters: one run for them all
+        #: (one engine or loaded model; every adapter's episodes in the same batches; a run file per adapter)
+        self.by_base: dict[tuple[str, int], dict[str, Any]] = {}
+        self.chains: dict[str, dict[str, Any]] = {}  # first-stage model folder → its chain
+
+    def pairs_for(self, arm: Arm, seed: int, dataset: str) -> str:
+        key = (arm.name, seed, dataset)
+        if key not in self.pair_paths:
+            opts = {**DATASETS[dataset], **self.cfg.pairs}
+            pc = PairConfig(seed=seed, split="train", **{k: v for k, v in opts.items() if k in (
+                "metric", "metric2", "mode", "min_score_difference", "min_chosen_score", "consistency")})
+            path = self.pairs_dir / f"{pc.name(arm.name)}.jsonl"
+            self.pair_paths[key] = str(path)
+            # ``judge``: a pool may hold several judges' evaluations of the same trajectories (one pool, two arms)
+            self.plan.pairs.append({"data_dir": [arm.pool], "evaluator": arm.name, "cases": self.cfg.case_set,
+                                    "seed": seed, "split": "train", "out": str(self.pairs_dir), **opts,
+                                    "judge": arm.evaluator})
+        return self.pair_paths[key]
+
+    def emulate_test_split(self, agent: str, base: str | None, seed: int) -> None:
+        cfg, plan = self.cfg, self.plan
+        if base is None:  # a second-stage model: its base is its own merged parent
+            plan.emulate.append(_emulate_spec(cfg, agent, cfg.arms[0].evaluator, self.runs, self.cases, seed=seed))
+        elif (base, seed) in self.by_base:
+            self.by_base[(base, seed)]["agent"].append(agent)
+        else:
+            spec = _emulate_spec(cfg, agent, cfg.arms[0].evaluator, self.runs, self.cases, seed=seed)
+            spec["agent"] = [agent]
+            self.by_base[(base, seed)] = spec
+            plan.emulate.append(spec)
+
+    def train(self, base: str, arm: Arm, seed: int, beta: float, dataset: str, stage: int) -> str:
+        pairs = self.pairs_for(arm, seed, dataset)
+        name = model_name(base, dataset_name(pairs, seed), seed, beta=beta, max_length=self.max_length,
+                          batch_size=self.batch_size)
+        out = self.models_dir / name
+        spec = {"model": base, "pairs": pairs, "seed": seed, "beta": beta, "out": str(out), **self.cfg.train}
+        target = self.plan.train_stage1 if stage == 1 else self.plan.train_stage2
+        if spec not in target:
+            target.append(spec)
+        self.plan.models[name] = str(out)
+        return str(out)
+
+    def chain(self, arm: Arm, first: str) -> dict[str, Any]:
+        if first not in self.chains:
+            self.chains[first] = {"name": Path(first).name, "judge": judge_kind(arm.evaluator),
+                                  "train": next(t for t in self.plan.train_stage1 if t["out"] == first),
+                                  **dict.fromkeys(("emulate", "evaluate", "merge", "train2", "emulate2", "evaluate2",
+                                                   *CROSS_STEPS))}
+            self.plan.chains.append(self.chains[first])
+        return self.chains[first]
+
+    def source(self, model: str) -> None:
+        """The source model is emulated once on every case; each arm's judge evaluates it (match and source rows)."""
+        cfg, plan = self.cfg, self.plan
+        source_traj = _emulate_spec(cfg, model, cfg.arms[0].evaluator, self.runs, self.cases, seed=None)
+        plan.emulate.append(source_traj)
+        plan.source_emulate.append(source_traj)
+        for arm in cfg.arms:
+            spec = _evaluate_spec(cfg, model, arm, self.runs, self.cases, seed=None, label=None)
+            plan.evaluate.append(spec)
+            plan.source_evaluate.append({**spec, "judge": judge_kind(arm.evaluator)})
+
+    def configuration(self, model: str, arm: Arm, seed: int, beta: float, stages: tuple[str, ...]) -> None:
+        """One trained model (one or two stages) and its chain: training, merge, emulation, evaluations."""
+        cfg, plan = self.cfg, self.plan
+        first = self.train(model, arm, seed, beta, stages[0], 1)
+        link = self.chain(arm, first)
+        key = (model, arm.name, seed, beta, *stages)
+        base: str | None = model
+        if len(stages) == 1:
+            agent = f"{model}+{first}/adapter"
+        else:
+            base = None
+            merged = f"{first}/merged"
+            spec = {"adapter": f"{first}/adapter", "out": merged}
+            if spec not in plan.merge:
+                plan.merge.append(spec)
+            second = self.train(merged, arm, seed, beta, stages[1], 2)
+            agent = f"{merged}+{second}/adapter"
+            link["merge"] = spec
+            link["train2"] = next(t for t in plan.train_stage2 if t["out"] == second)
+        if key in self.trained:
+            return
+        self.trained[key] = agent
+        self.emulate_test_split(agent, base, seed)
+        evaluation = _evaluate_spec(cfg, agent, arm, self.runs, self.cases, seed=seed, label=None)
+        plan.evaluate.append(evaluation)
+        step = "" if len(stages) == 1 else "2"  # the chain's own emulation: this model alone
+        link[f"emulate{step}"] = _emulate_spec(cfg, agent, cfg.arms[0].evaluator, self.runs, self.cases, seed=seed)
+        link[f"evaluate{step}"] = evaluation
+        if cfg.cross:
+            _cross_evaluate(cfg, plan, link, step, agent, arm, self.runs, self.cases, seed)
 
 
 def _cross_evaluate(cfg: ExperimentConfig, plan: Plan, link: dict[str, Any], step: str, agent: str, arm: Arm,

@@ -354,19 +354,13 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
             n_bootstrap: int = 1000, setting: str | None = None, formats: tuple[str, ...] = ("png", "pdf"),
             strict: bool = False, allow_partial: bool = False, warn: Callable[[str], None] = _warn,
             fingerprint: dict[str, Any] | None = None, inputs_digest: str | None = None) -> AnalysisResult:
-    from pipeline.analysis import plots, tables
-    from pipeline.analysis.aggregate import aggregate_scores, compute_deltas
-    from pipeline.analysis.fit import fit_deltas, not_available
-    from pipeline.analysis.names import evaluator_nickname, evaluator_short
-    from pipeline.analysis.pareto import frontier_points
+    """Reports, persistence, per-arm fits, frontiers and plots, tables and the summary of the runs under ``runs``."""
+    from pipeline.analysis import plots
     from pipeline.analysis.partition import partition
-    from pipeline.analysis.persistence import PersistenceError, compute_persistence
-    from pipeline.data.reports import collect_config_scores, write_reports
     from pipeline.analysis.rows import load_reports, usable
     from pipeline.data.coverage import gap_summary, require_complete
-    from pipeline.data.jsonl import atomic_write_json
-    from pipeline.data.manifest import write_manifest
     from pipeline.data.naming import is_finetuned
+    from pipeline.data.reports import collect_config_scores, write_reports
 
     if split not in ("auto", "test", "all"):
         raise DataError(f"split '{split}': expected auto, test or all")
@@ -401,89 +395,14 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
         raise DataError(f"{runs}: no reports with both safety and Help(Ignore) scores to analyse")
     any_ft = any(r.finetuned for r in rows)
     styles = plots.source_styles(r.source_model for r in rows_all + rows_test)
-    plot_dir, table_dir = out / "plots", out / "tables"
-    plot_files: list[Path] = []
-    skipped_plots: dict[str, str] = {}
 
     # 2. persistence (all arms at once; summarised per arm below)
-    stats, p_reason = None, None
-    if not any_ft:
-        p_reason = "no finetuned models in the input (source models only)"
-    else:
-        try:
-            stats = compute_persistence(rows, n_bootstrap=n_bootstrap, warn=warn)
-            if not stats["persistence"]["by_beta"]:
-                p_reason = ("no complete persistence unit (safe-only, help-only, safe→help and help→safe at one "
-                            "beta and seed)")
-                stats = None
-        except PersistenceError as e:
-            p_reason = str(e)
-    persistence_path = None
-    if stats is not None:
-        persistence_path = out / "persistence_stats.json"
-        atomic_write_json(persistence_path, stats)
-
+    stats, p_reason, persistence_path = _persistence(rows, any_ft, n_bootstrap, warn, out)
     # 3. per arm: fit, frontier, plots
-    evaluators = sorted({r.evaluator for r in rows}, key=lambda e: evaluator_short(e))
-    arm_rows: dict[str, tuple[str | None, list]] = {evaluator_short(e): (e, [r for r in rows if r.evaluator == e])
-                                                    for e in evaluators}
-    arm_rows[POOLED] = (None, rows)
-    arms: dict[str, dict[str, Any]] = {}
-    frontiers: dict[str, dict[str, Any]] = {}
-    for arm, (evaluator, sub) in arm_rows.items():
-        suffix = "" if arm == POOLED else f"_{arm}"
-        where = "averaged over evaluators" if arm == POOLED else f"evaluated by {evaluator_nickname(evaluator)}"
-        agg = aggregate_scores(sub, ("source_model", "training_stages"))
-        deltas = compute_deltas(agg, ("source_model", "training_stages"), "base")
-        if any(r.finetuned for r in sub):
-            fit = fit_deltas(deltas)
-        else:
-            fit = not_available("no finetuned models in the input (source models only)")
-        frontier = frontier_points(sub, n_bootstrap=n_bootstrap)
-        frontiers[arm] = frontier
-        arms[arm] = {"evaluator": evaluator, "n_rows": len(sub), "n_points": fit["n_points"],
-                     **{k: fit[k] for k in ("r2", "r", "slope", "intercept", "p_value", "stderr")},
-                     "fit": fit, "persistence": _persistence_for(stats, p_reason, evaluator),
-                     "frontier": {"members": frontier["members"], "both_configs": frontier["both_configs"],
-                                  "n_points": frontier["n_points"], "n_bootstrap": frontier["n_bootstrap"],
-                                  "points": frontier["points"]}}
-        scope = f"({used_split} split, {where})" if used_split == "test" else f"(all cases, {where})"
-        overall = aggregate_scores(sub, ("source_model", "quantization", "training_stages"))
-        plot_files += plots.plot_overall(overall, styles, plot_dir / f"overall{suffix}",
-                                         f"Safety vs helpfulness {scope}", formats)
-        kind = "source models" if not any(r.finetuned for r in sub) else "all configurations"
-        plot_files += plots.plot_pareto(frontier, styles, plot_dir / f"pareto{suffix}",
-                                        f"Pareto frontier of {kind} {scope}", formats)
-        if deltas:
-            plot_files += plots.plot_deltas_by_model(deltas, fit, styles, plot_dir / f"delta_by_model{suffix}",
-                                                     f"Change vs source model, per model {scope}", formats)
-            by_stages = aggregate_scores(sub, ("training_stages",))
-            plot_files += plots.plot_deltas_all(compute_deltas(by_stages, ("training_stages",), "base"),
-                                                plot_dir / f"delta_all{suffix}",
-                                                f"Change vs source model, mean over models {scope}", formats)
-            for last in ("help", "safe"):
-                plot_files += plots.plot_intermediates(by_stages, last, plot_dir / f"{last}_with_intermediates{suffix}",
-                                                       f"{'Helpfulness' if last == 'help' else 'Safety'} training "
-                                                       f"with intermediate stages {scope}", formats)
-        else:
-            for name in ("delta_by_model", "delta_all", "help_with_intermediates", "safe_with_intermediates"):
-                skipped_plots[f"{name}{suffix}"] = "no finetuned models with a source-model counterpart"
-
+    arms, frontiers, plot_files, skipped_plots = _arms(rows, stats, p_reason, styles, used_split, n_bootstrap,
+                                                       out / "plots", formats)
     # 4. tables
-    table_list = [tables.hyperparams_table(), *tables.results_tables(rows),
-                  *tables.source_model_tables(rows_all, rows_test, seeds)]
-    if any_ft:
-        table_list += tables.aggregated_tables(rows)
-        table_list.append(tables.fit_table(arms))
-    if stats is not None:
-        table_list += tables.persistence_tables(stats)
-    for arm, fr in frontiers.items():
-        where = ("averaged over evaluators" if arm == POOLED
-                 else f"evaluated by {evaluator_nickname(arms[arm]['evaluator'])}")
-        table_list.append(tables.pareto_table(f"pareto_{arm}", fr, f"Pareto frontier ({where}); 95% bootstrap CI "
-                                              "in parentheses; P(frontier) = share of bootstrap resamples in which the "
-                                              "point is on the frontier."))
-    table_files = tables.write_tables(table_list, table_dir)
+    table_files = _tables(rows, rows_all, rows_test, seeds, any_ft, arms, frontiers, stats, out / "tables")
 
     # 5. summary
     summary = {
@@ -505,13 +424,143 @@ def run_all(runs: str | Path, out: str | Path, *, split: str = "auto", seeds: li
                   "reports": [str(out / "reports" / "all"), str(out / "reports" / "test")]},
         "elapsed_s": round(time.perf_counter() - t0, 2),
     }
+    return _write_summary(out, summary, runs, split, seeds, n_bootstrap, setting, fingerprint, inputs_digest,
+                          plot_files, table_files, report_paths, len(gaps), persistence_path)
+
+
+def _persistence(rows: list, any_ft: bool, n_bootstrap: int, warn: Callable[[str], None],
+                 out: Path) -> tuple[dict[str, Any] | None, str | None, Path | None]:
+    """(persistence statistics of all arms, or None and why; the file they were written to)."""
+    from pipeline.analysis.persistence import PersistenceError, compute_persistence
+    from pipeline.data.jsonl import atomic_write_json
+
+    stats, p_reason = None, None
+    if not any_ft:
+        p_reason = "no finetuned models in the input (source models only)"
+    else:
+        try:
+            stats = compute_persistence(rows, n_bootstrap=n_bootstrap, warn=warn)
+            if not stats["persistence"]["by_beta"]:
+                p_reason = ("no complete persistence unit (safe-only, help-only, safe→help and help→safe at one "
+                            "beta and seed)")
+                stats = None
+        except PersistenceError as e:
+            p_reason = str(e)
+    persistence_path = None
+    if stats is not None:
+        persistence_path = out / "persistence_stats.json"
+        atomic_write_json(persistence_path, stats)
+    return stats, p_reason, persistence_path
+
+
+def _arms(rows: list, stats: dict[str, Any] | None, p_reason: str | None, styles: Any, used_split: str,
+          n_bootstrap: int, plot_dir: Path, formats: tuple[str, ...]
+          ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]], list[Path], dict[str, str]]:
+    """Per evaluator arm and pooled: the fit, the frontier and the plots (arms, frontiers, plot files, skipped)."""
+    from pipeline.analysis.names import evaluator_nickname, evaluator_short
+
+    evaluators = sorted({r.evaluator for r in rows}, key=lambda e: evaluator_short(e))
+    arm_rows: dict[str, tuple[str | None, list]] = {evaluator_short(e): (e, [r for r in rows if r.evaluator == e])
+                                                    for e in evaluators}
+    arm_rows[POOLED] = (None, rows)
+    arms: dict[str, dict[str, Any]] = {}
+    frontiers: dict[str, dict[str, Any]] = {}
+    plot_files: list[Path] = []
+    skipped_plots: dict[str, str] = {}
+    for arm, (evaluator, sub) in arm_rows.items():
+        suffix = "" if arm == POOLED else f"_{arm}"
+        where = "averaged over evaluators" if arm == POOLED else f"evaluated by {evaluator_nickname(evaluator)}"
+        scope = f"({used_split} split, {where})" if used_split == "test" else f"(all cases, {where})"
+        arms[arm], frontiers[arm], files, skipped = _arm(sub, evaluator, stats, p_reason, styles, n_bootstrap,
+                                                         plot_dir, suffix, scope, formats)
+        plot_files += files
+        skipped_plots.update(skipped)
+    return arms, frontiers, plot_files, skipped_plots
+
+
+def _arm(sub: list, evaluator: str | None, stats: dict[str, Any] | None, p_reason: str | None, styles: Any,
+         n_bootstrap: int, plot_dir: Path, suffix: str, scope: str, formats: tuple[str, ...]
+         ) -> tuple[dict[str, Any], dict[str, Any], list[Path], dict[str, str]]:
+    """One arm's summary entry, frontier, plot files and skipped plots."""
+    from pipeline.analysis import plots
+    from pipeline.analysis.aggregate import aggregate_scores, compute_deltas
+    from pipeline.analysis.fit import fit_deltas, not_available
+    from pipeline.analysis.pareto import frontier_points
+
+    agg = aggregate_scores(sub, ("source_model", "training_stages"))
+    deltas = compute_deltas(agg, ("source_model", "training_stages"), "base")
+    if any(r.finetuned for r in sub):
+        fit = fit_deltas(deltas)
+    else:
+        fit = not_available("no finetuned models in the input (source models only)")
+    frontier = frontier_points(sub, n_bootstrap=n_bootstrap)
+    entry = {"evaluator": evaluator, "n_rows": len(sub), "n_points": fit["n_points"],
+             **{k: fit[k] for k in ("r2", "r", "slope", "intercept", "p_value", "stderr")},
+             "fit": fit, "persistence": _persistence_for(stats, p_reason, evaluator),
+             "frontier": {"members": frontier["members"], "both_configs": frontier["both_configs"],
+                          "n_points": frontier["n_points"], "n_bootstrap": frontier["n_bootstrap"],
+                          "points": frontier["points"]}}
+    plot_files: list[Path] = []
+    skipped: dict[str, str] = {}
+    overall = aggregate_scores(sub, ("source_model", "quantization", "training_stages"))
+    plot_files += plots.plot_overall(overall, styles, plot_dir / f"overall{suffix}",
+                                     f"Safety vs helpfulness {scope}", formats)
+    kind = "source models" if not any(r.finetuned for r in sub) else "all configurations"
+    plot_files += plots.plot_pareto(frontier, styles, plot_dir / f"pareto{suffix}",
+                                    f"Pareto frontier of {kind} {scope}", formats)
+    if deltas:
+        plot_files += plots.plot_deltas_by_model(deltas, fit, styles, plot_dir / f"delta_by_model{suffix}",
+                                                 f"Change vs source model, per model {scope}", formats)
+        by_stages = aggregate_scores(sub, ("training_stages",))
+        plot_files += plots.plot_deltas_all(compute_deltas(by_stages, ("training_stages",), "base"),
+                                            plot_dir / f"delta_all{suffix}",
+                                            f"Change vs source model, mean over models {scope}", formats)
+        for last in ("help", "safe"):
+            plot_files += plots.plot_intermediates(by_stages, last, plot_dir / f"{last}_with_intermediates{suffix}",
+                                                   f"{'Helpfulness' if last == 'help' else 'Safety'} training "
+                                                   f"with intermediate stages {scope}", formats)
+    else:
+        for name in ("delta_by_model", "delta_all", "help_with_intermediates", "safe_with_intermediates"):
+            skipped[f"{name}{suffix}"] = "no finetuned models with a source-model counterpart"
+    return entry, frontier, plot_files, skipped
+
+
+def _tables(rows: list, rows_all: list, rows_test: list, seeds: list[int], any_ft: bool,
+            arms: dict[str, dict[str, Any]], frontiers: dict[str, dict[str, Any]], stats: dict[str, Any] | None,
+            table_dir: Path) -> list[Path]:
+    from pipeline.analysis import tables
+    from pipeline.analysis.names import evaluator_nickname
+
+    table_list = [tables.hyperparams_table(), *tables.results_tables(rows),
+                  *tables.source_model_tables(rows_all, rows_test, seeds)]
+    if any_ft:
+        table_list += tables.aggregated_tables(rows)
+        table_list.append(tables.fit_table(arms))
+    if stats is not None:
+        table_list += tables.persistence_tables(stats)
+    for arm, fr in frontiers.items():
+        where = ("averaged over evaluators" if arm == POOLED
+                 else f"evaluated by {evaluator_nickname(arms[arm]['evaluator'])}")
+        table_list.append(tables.pareto_table(f"pareto_{arm}", fr, f"Pareto frontier ({where}); 95% bootstrap CI "
+                                              "in parentheses; P(frontier) = share of bootstrap resamples in which the "
+                                              "point is on the frontier."))
+    return tables.write_tables(table_list, table_dir)
+
+
+def _write_summary(out: Path, summary: dict[str, Any], runs: str | Path, split: str, seeds: list[int],
+                   n_bootstrap: int, setting: str | None, fingerprint: dict[str, Any] | None,
+                   inputs_digest: str | None, plot_files: list[Path], table_files: list[Path],
+                   report_paths: list[Path], n_gaps: int, persistence_path: Path | None) -> AnalysisResult:
+    from pipeline.data.jsonl import atomic_write_json
+    from pipeline.data.manifest import write_manifest
+
     summary_path = out / "summary.json"
     atomic_write_json(summary_path, _clean(summary))
     write_manifest(out, stage="analyze", inputs_digest=inputs_digest,
                    config=fingerprint or {"runs": str(Path(runs).resolve()), "split": split, "seeds": seeds,
                                           "n_bootstrap": n_bootstrap, "setting": setting},
                    counts={"plots": len(plot_files), "tables": len(table_files), "reports": len(report_paths),
-                           "partial_configurations": len(gaps)})
+                           "partial_configurations": n_gaps})
     return AnalysisResult(out=out, summary=summary, summary_path=summary_path, plots=plot_files, tables=table_files,
                           reports=report_paths, persistence_path=persistence_path)
 
