@@ -21,13 +21,13 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("pipeline/llm/vllm_backend.py", "_run"): "a failing vLLM job fails only its own requests (recorded as errors)",
     ("pipeline/llm/scripted.py", "generate"): "the test double turns its responder's error into a failure response, "
     "as a real backend does",
-    ("pipeline/tracking/journal.py", "_send_one"): "an operation the tracking server refuses is retried by the next "
+    ("pipeline/tracking/sender.py", "_send_one"): "an operation the tracking server refuses is retried by the next "
     "syncs, then recorded as rejected and counted; it never blocks the operations after it",
-    ("pipeline/tracking/journal.py", "_experiment_id"): "a failed create is accepted only when the experiment "
+    ("pipeline/tracking/sender.py", "_experiment_id"): "a failed create is accepted only when the experiment "
     "exists after all (created concurrently by another process); otherwise the error is raised",
-    ("pipeline/tracking/journal.py", "send"): "a failed operation is classified: refused credentials raise, an "
+    ("pipeline/tracking/sender.py", "send"): "a failed operation is classified: refused credentials raise, an "
     "unreachable server keeps the journal for the next sync, a bad operation is retried then recorded rejected",
-    ("pipeline/tracking/journal.py", "flush"): "tracking must never fail a stage: the operations stay in the journal "
+    ("pipeline/tracking/tracker.py", "flush"): "tracking must never fail a stage: the operations stay in the journal "
     "(files are the source of truth) and are sent by the next sync",
     ("plugins/dag_common.py", "_stage_totals"): "the totals are a convenience logged with a warning; the stage's own "
     "outcome is already decided",

@@ -188,7 +188,7 @@ def test_a_journal_cut_by_a_crash_is_repaired(tmp_path):
 @pytest.mark.parametrize("name", ["max_new_tokens", "max_tokens_per_call", "tokenizer", "prompt_tokens",
                                   "sort_key", "key_order", "monkey", "authors"])
 def test_ordinary_parameters_whose_names_contain_token_or_key_are_logged(name):
-    from pipeline.tracking.journal import clean_params
+    from pipeline.tracking.secrets import clean_params
 
     assert clean_params({name: 5}) == {name: "5"}
 
@@ -197,7 +197,7 @@ def test_ordinary_parameters_whose_names_contain_token_or_key_are_logged(name):
                                   "access_token", "password", "db_passwd", "client_secret", "Authorization",
                                   "aws_access_key", "credentials"])
 def test_secret_parameter_names_are_dropped(name):
-    from pipeline.tracking.journal import clean_params
+    from pipeline.tracking.secrets import clean_params
 
     assert clean_params({name: "x"}) == {}
 

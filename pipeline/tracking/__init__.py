@@ -1,6 +1,7 @@
 """MLflow tracking that never loses data (DESIGN §7): a durable journal per run, replayable into MLflow.
 
-Public API (``pipeline.tracking.journal``):
+Public API (``journal``: the journal folder; ``tracker``: ``Tracker``; ``sender``: the replay into MLflow;
+``secrets``: what is never logged):
 
 * :class:`Tracker` -- ``Tracker.open(folder, experiment=..., run_name=..., parent=..., tags=...)``; then
   ``log_params``, ``log_metrics(step=)``, ``set_tags``, ``log_artifact``, ``register_model``, ``finish`` (or use it
@@ -20,8 +21,9 @@ The tracking URI comes from the argument, else ``MLFLOW_TRACKING_URI`` (settings
 only. mlflow is imported only when something is sent.
 """
 
-from pipeline.tracking.journal import (EXPERIMENTS, SyncReport, Tracker, find_journals, metric_key,
-                                       reachable, resolve_tracking_uri, run_id_for, sync, sync_tree)
+from pipeline.tracking.journal import EXPERIMENTS, metric_key, resolve_tracking_uri, run_id_for
+from pipeline.tracking.sender import SyncReport, find_journals, reachable, sync, sync_tree
+from pipeline.tracking.tracker import Tracker
 
 __all__ = ["EXPERIMENTS", "SyncReport", "Tracker", "find_journals", "metric_key", "reachable", "resolve_tracking_uri",
            "run_id_for", "sync", "sync_tree"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _cmd_sync(args: argparse.Namespace) -> int:
     from pipeline.errors import DataError
-    from pipeline.tracking.journal import find_journals, resolve_tracking_uri, sync
+    from pipeline.tracking import find_journals, resolve_tracking_uri, sync
 
     folders = find_journals(args.dir)
     if not folders:
@@ -45,7 +45,7 @@ def _report_run(client, experiment_id: str, path: Path) -> str | None:  # noqa: 
 
 def _cmd_traces(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError, DataError
-    from pipeline.tracking.journal import reachable, resolve_tracking_uri
+    from pipeline.tracking import reachable, resolve_tracking_uri
     from pipeline.tracking.traces import judged_files, log_file_traces
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -80,7 +80,7 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError
     from pipeline.settings import get_settings
     from pipeline.tracking.feedback import pull_feedback, write_feedback
-    from pipeline.tracking.journal import reachable, resolve_tracking_uri
+    from pipeline.tracking import reachable, resolve_tracking_uri
 
     out = args.out or confined_path(get_settings().home / "feedback", f"{args.experiment}.jsonl", "--experiment")
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -104,7 +104,8 @@ def _cmd_feedback(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from pipeline.tracking.journal import find_journals, read_journal, read_state, resolve_tracking_uri
+    from pipeline.tracking import find_journals, resolve_tracking_uri
+    from pipeline.tracking.journal import read_journal, read_state
 
     uri = resolve_tracking_uri(args.tracking_uri)
     for folder in find_journals(args.dir):

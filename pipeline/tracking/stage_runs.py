@@ -91,7 +91,7 @@ def log_stage_run(stage: str, output: str | Path, *, experiment: str, params: Ma
     output's part of it when one invocation made several outputs together; ``gpus``: the GPUs the stage used
     (default: the job's or the visible ones; 0 for stages that run on CPU or call an API)."""
     from pipeline.settings import get_settings
-    from pipeline.tracking.journal import Tracker
+    from pipeline.tracking.tracker import Tracker
 
     name = Path(output).name.removesuffix(".jsonl")
     # the output's absolute path picks the journal: two outputs of one name in other folders are other runs

@@ -414,26 +414,9 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
                   epochs: float, pairs_sha: str, fp: dict[str, Any], cuda: bool,
                   callbacks: Sequence[Any], home: Path | None = None) -> TrainResult:
     t0 = time.monotonic()
-    # Already trained with this exact configuration: nothing to do; another configuration's model: refuse.
-    existing = out / TRAINING_CONFIG
-    for written in (existing, out / "manifest.json", out / ADAPTER):  # a killed writer's leftovers are nobody's
-        remove_dead_temps(written)
-    prev = json.loads(existing.read_text()) if existing.is_file() else None
-    recorded = (read_manifest(out) or {}).get("config") if (out / "manifest.json").is_file() else (
-        prev.get("fingerprint") if prev else None)
-    if out.is_dir() and any(out.iterdir()) and recorded != json.loads(json.dumps(fp, default=str)):
-        if not cfg.force:
-            check_fingerprint(out, recorded, json.loads(json.dumps(fp, default=str)), "train")
-        check_own_output(out, read_manifest(out), "train", marker=TRAINING_CONFIG)  # never a folder of other things
-        for moved in move_aside(out):
-            log.warning("kept aside: %s", moved)
-        prev = None
-    elif manifest_complete(out, fp) and (out / ADAPTER / "adapter_config.json").is_file():
-        m = read_manifest(out) or {}
-        log.info("%s: already trained (manifest complete)", out)
-        return TrainResult(name=name, out=out, adapter=out / ADAPTER, global_step=m.get("counts", {}).get(
-            "global_step", 0), metrics=m.get("counts", {}), skipped=True)
-
+    prev, done = _prior_model(cfg, name, out, fp)
+    if done is not None:
+        return done
     tok = load_tokenizer(base_path)
     data = prepare_data(cfg, tok, pairs, model_path=base_path, pairs_sha=pairs_sha, home=home)
     context = check_context(cfg, data, base_path)
@@ -449,6 +432,7 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
                               f"({TRAINING_CONFIG}); use the same pairs and --seed, or --force to start over")
         resume_from = last_checkpoint(out / CHECKPOINTS)
     out.mkdir(parents=True, exist_ok=True)
+    existing = out / TRAINING_CONFIG
     if not existing.is_file():
         atomic_write_json(existing, {
             "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -468,42 +452,13 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
                            tags={"agentpipe.stage": "train", "model_name": name, **lin})
     try:
         if not tracker.resumed:  # a fresh run: log its parameters once
-            params = {**cfg.model_dump(exclude={"tracking_uri"}), "effective_epochs": epochs, "dataset": dataset,
-                      "model_path": base_path, "pairs_sha256": pairs_sha, "device": "cuda" if cuda else "cpu",
-                      **{f"data.{k}": v for k, v in data.stats.items()}}
-            tracker.log_params(params)
-            stats_file = Path(cfg.pairs).with_name(Path(cfg.pairs).stem + ".stats.json")
-            if stats_file.is_file():
-                tracker.log_artifact(stats_file, "dataset")
-            # lineage: the pair set as the run's dataset input (its digest is the file's sha256)
-            tracker.log_input(dataset, cfg.pairs, pairs_sha, profile={k: v for k, v in data.stats.items()
-                                                                      if isinstance(v, (int, float))})
+            _log_inputs(tracker, cfg, dataset, epochs, base_path, pairs_sha, data, cuda)
         if resume_from is not None:
             tracker.set_tags({"resumed_from_checkpoint": resume_from.name})
             log.info("resuming from %s", resume_from)
         result = _run_training(cfg, name, out, base_path, tok, data, epochs, cuda, tracker, resume_from,
                                list(callbacks), precompute)
-        adapter = out / ADAPTER
-        from pipeline.tracking.stage_runs import elapsed_s, gpu_count
-
-        # time and GPU-hours, summed over the invocations that trained this model (a resumed run adds to them)
-        wall = elapsed_s(time.monotonic() - t0)
-        gpus = gpu_count() or (1 if cuda else 0)
-        tracker.log_metrics({"wall_s": (tracker.logged("wall_s") or [0.0])[-1] + wall,
-                             "gpu_hours": (tracker.logged("gpu_hours") or [0.0])[-1] + wall * gpus / 3600})
-        metrics_doc = {**result.metrics, "mlflow_run_id": tracker.run_id, "resumed_from": result.resumed_from}
-        atomic_write_json(out / TRAINING_METRICS, metrics_doc)
-        write_model_card(out, adapter, kind="adapter")
-        tracker.log_artifact(adapter, "adapter")
-        tracker.log_artifact(existing, "config")
-        if cfg.register_model:
-            tracker.register_model(registry_family(name), "adapter",
-                                   tags={**lin, "kind": "adapter", "model_name": name, "path": str(adapter)},
-                                   aliases=aliases("adapter", is_paper_config(cfg.model_dump(mode="json"))),
-                                   description=f"LoRA adapter {name} (DPO on {dataset}, split seed {cfg.seed})")
-        write_manifest(out, stage="train", config=fp, inputs={"pairs": cfg.pairs},
-                       counts={"global_step": result.global_step, **data.stats,
-                               "train_loss": result.metrics.get("train_loss")})
+        _record_model(tracker, cfg, name, out, dataset, lin, fp, data, result, cuda, time.monotonic() - t0)
     except Preempted:
         tracker.finish("KILLED")
         raise
@@ -513,6 +468,73 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
     tracker.finish("FINISHED")
     result.mlflow_run_id = tracker.run_id
     return result
+
+
+def _prior_model(cfg: TrainConfig, name: str, out: Path,
+                 fp: dict[str, Any]) -> tuple[dict[str, Any] | None, TrainResult | None]:
+    """What the model folder holds: (the interrupted run's training config to resume, None), or (None, the
+    finished result) when this configuration trained it already; another configuration's model is refused (or,
+    with ``force``, moved aside)."""
+    existing = out / TRAINING_CONFIG
+    for written in (existing, out / "manifest.json", out / ADAPTER):  # a killed writer's leftovers are nobody's
+        remove_dead_temps(written)
+    prev = json.loads(existing.read_text()) if existing.is_file() else None
+    recorded = (read_manifest(out) or {}).get("config") if (out / "manifest.json").is_file() else (
+        prev.get("fingerprint") if prev else None)
+    if out.is_dir() and any(out.iterdir()) and recorded != json.loads(json.dumps(fp, default=str)):
+        if not cfg.force:
+            check_fingerprint(out, recorded, json.loads(json.dumps(fp, default=str)), "train")
+        check_own_output(out, read_manifest(out), "train", marker=TRAINING_CONFIG)  # never a folder of other things
+        for moved in move_aside(out):
+            log.warning("kept aside: %s", moved)
+        return None, None
+    if manifest_complete(out, fp) and (out / ADAPTER / "adapter_config.json").is_file():
+        m = read_manifest(out) or {}
+        log.info("%s: already trained (manifest complete)", out)
+        return None, TrainResult(name=name, out=out, adapter=out / ADAPTER, global_step=m.get("counts", {}).get(
+            "global_step", 0), metrics=m.get("counts", {}), skipped=True)
+    return prev, None
+
+
+def _log_inputs(tracker: Any, cfg: TrainConfig, dataset: str, epochs: float, base_path: str, pairs_sha: str,
+                data: _Data, cuda: bool) -> None:
+    """A fresh run's parameters, the pair set's statistics and the pair set as its dataset input (lineage)."""
+    params = {**cfg.model_dump(exclude={"tracking_uri"}), "effective_epochs": epochs, "dataset": dataset,
+              "model_path": base_path, "pairs_sha256": pairs_sha, "device": "cuda" if cuda else "cpu",
+              **{f"data.{k}": v for k, v in data.stats.items()}}
+    tracker.log_params(params)
+    stats_file = Path(cfg.pairs).with_name(Path(cfg.pairs).stem + ".stats.json")
+    if stats_file.is_file():
+        tracker.log_artifact(stats_file, "dataset")
+    # the pair set's digest is the file's sha256
+    tracker.log_input(dataset, cfg.pairs, pairs_sha, profile={k: v for k, v in data.stats.items()
+                                                              if isinstance(v, (int, float))})
+
+
+def _record_model(tracker: Any, cfg: TrainConfig, name: str, out: Path, dataset: str, lin: dict[str, Any],
+                  fp: dict[str, Any], data: _Data, result: TrainResult, cuda: bool, elapsed: float) -> None:
+    """A trained model's time and GPU-hours, metrics file, model card, artifacts, registry version, manifest."""
+    from pipeline.tracking.stage_runs import elapsed_s, gpu_count
+
+    adapter = out / ADAPTER
+    # time and GPU-hours, summed over the invocations that trained this model (a resumed run adds to them)
+    wall = elapsed_s(elapsed)
+    gpus = gpu_count() or (1 if cuda else 0)
+    tracker.log_metrics({"wall_s": (tracker.logged("wall_s") or [0.0])[-1] + wall,
+                         "gpu_hours": (tracker.logged("gpu_hours") or [0.0])[-1] + wall * gpus / 3600})
+    metrics_doc = {**result.metrics, "mlflow_run_id": tracker.run_id, "resumed_from": result.resumed_from}
+    atomic_write_json(out / TRAINING_METRICS, metrics_doc)
+    write_model_card(out, adapter, kind="adapter")
+    tracker.log_artifact(adapter, "adapter")
+    tracker.log_artifact(out / TRAINING_CONFIG, "config")
+    if cfg.register_model:
+        tracker.register_model(registry_family(name), "adapter",
+                               tags={**lin, "kind": "adapter", "model_name": name, "path": str(adapter)},
+                               aliases=aliases("adapter", is_paper_config(cfg.model_dump(mode="json"))),
+                               description=f"LoRA adapter {name} (DPO on {dataset}, split seed {cfg.seed})")
+    write_manifest(out, stage="train", config=fp, inputs={"pairs": cfg.pairs},
+                   counts={"global_step": result.global_step, **data.stats,
+                           "train_loss": result.metrics.get("train_loss")})
 
 
 def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: Any, data: _Data, epochs: float,
