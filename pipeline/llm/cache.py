@@ -25,7 +25,7 @@ def cache_key(backend: ChatBackend, request: ChatRequest) -> str:
         "replicate": request.replicate if request.config.temperature > 0 else 0,
     }
     if request.adapter:  # the weights that answer: path and contents of the request's adapter
-        from pipeline.llm.hf import folder_revision
+        from pipeline.llm.local_common import folder_revision
 
         payload["request_adapter"] = [request.adapter, folder_revision(request.adapter)]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

@@ -8,7 +8,6 @@ request draws from its own seeded stream (``_RowSampler``), so its answer does n
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -17,14 +16,13 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.llm.base import ChatBackend, Progress
+from pipeline.llm.local_common import DEFAULT_MAX_NEW_TOKENS, folder_revision, render_prompt, single_token_choices
 from pipeline.llm.options import HF_QUANTIZATIONS, normalize_dtype
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
 
 log = logging.getLogger("pipeline.llm.hf")
 
-#: The study caps every HF call at 2048 new tokens (SPEC §2.4); used when a request sets no cap.
-DEFAULT_MAX_NEW_TOKENS = 2048
 #: peft's name for "no adapter" in a mixed-adapter batch
 BASE_ADAPTER = "__base__"
 
@@ -35,17 +33,6 @@ _LOADED_ADAPTERS: dict[tuple, set[tuple[str, str]]] = {}
 _PREFIX_CACHES: dict[tuple, Any] = {}
 #: adapter (resolved path, folder revision) → its peft adapter name in this process
 _ADAPTER_NAMES: dict[tuple[str, str], str] = {}
-
-
-def folder_revision(path: str | Path) -> str:
-    """A short digest identifying a local model/adapter folder (config + weight file names, sizes, mtimes)."""
-    p = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p.iterdir()) if p.is_dir() else []:
-        if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".jinja", ".model")):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
 
 
 def _adapter_id(adapter: str) -> tuple[str, str]:
@@ -144,26 +131,6 @@ def _attach_adapter(model: Any, spec: ModelSpec, adapter_path: str | None = None
     except (RuntimeError, ValueError, KeyError) as e:
         raise ConfigError(f"adapter '{adapter}' does not fit base model '{spec.model}': "
                           f"{str(e).splitlines()[0][:200]}") from None
-
-
-def single_token_choices(encode: Any, head: str, choices: Sequence[str]) -> list[int] | None:
-    """The token id of each choice when every choice is exactly one distinct token after ``head`` (``encode``:
-    text → token ids), else None. Shared by the HF and vLLM backends' choice scoring."""
-    head_ids = encode(head)
-    ids = []
-    for choice in choices:
-        full = encode(head + choice)
-        if len(full) != len(head_ids) + 1 or full[:-1] != head_ids:
-            return None
-        ids.append(full[-1])
-    return ids if len(set(ids)) == len(ids) else None
-
-
-def render_prompt(tok: Any, spec: ModelSpec, messages: list[dict[str, str]]) -> str:
-    """The prompt text a model sees: its chat template with the generation prompt (Qwen3 ``…Bnt`` ids with
-    thinking disabled). Shared by the HF and vLLM backends, so both feed the model the same tokens."""
-    kwargs = {"enable_thinking": False} if spec.enable_thinking is False else {}
-    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
 
 
 class _RowStopper:

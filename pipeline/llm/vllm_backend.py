@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.llm.base import ChatBackend, Progress
-from pipeline.llm.hf import DEFAULT_MAX_NEW_TOKENS, folder_revision, render_prompt, single_token_choices
+from pipeline.llm.local_common import DEFAULT_MAX_NEW_TOKENS, folder_revision, render_prompt, single_token_choices
 from pipeline.llm.options import normalize_dtype
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
