@@ -122,7 +122,8 @@ def task_profile(af, dag_id: str, run_id: str) -> dict[str, Any]:
             waits.append(s - q)
     return {"tasks": len(tis), "succeeded": sum(ti["state"] == "success" for ti in tis),
             "by_kind": {k: {"n": len(v), "total_s": sum(v), "mean_s": sum(v) / len(v)} for k, v in by_kind.items()},
-            "queue_wait_mean_s": sum(waits) / len(waits) if waits else None, "busy": busy_slots(tis)}
+            "queue_wait_mean_s": sum(waits) / len(waits) if waits else None, "busy": busy_slots(tis),
+            "active_s": active_s(tis)}
 
 
 def busy_slots(tis: list[dict[str, Any]]) -> dict[int, float]:
@@ -158,6 +159,40 @@ def registry_versions(mlflow_url: str) -> int:
         token = page.get("next_page_token")
         if not token:
             return n
+
+
+def active_s(tis: list[dict[str, Any]], pause_s: float = 300) -> float:
+    """Seconds of a run's span during which it was going on: with tasks running, or between two tasks for less
+    than ``pause_s`` (the scheduler's latency); a longer pause (the machine stopped, then ``--resume``) is left out."""
+    busy = busy_slots(tis)
+    events = sorted((_iso(t["start_date"]), _iso(t["end_date"])) for t in tis if t.get("start_date") and t.get("end_date"))
+    idle_long, last_end = 0.0, None
+    for start, end in events:
+        if last_end is not None and start - last_end > pause_s:
+            idle_long += start - last_end
+        last_end = end if last_end is None else max(last_end, end)
+    return sum(busy.values()) - idle_long
+
+
+def resume_runs(af, timeout_s: float) -> list[tuple[str, str, dict[str, Any], float]]:
+    """The rehearsal's runs already under this home, in the order they ran. An unfinished one (the machine stopped
+    under it) is followed to its end: its task instances left running or queued by the stopped services, and the
+    failed ones with what depends on them, are cleared first, so they run again (every stage resumes its output)."""
+    out = []
+    for dag_id in ("toolemu_evaluation", "dpo_experiment"):
+        for r in af.call("GET", f"/dags/{dag_id}/dagRuns?order_by=start_date&limit=100")["dag_runs"]:
+            state, run_id = r["state"], r["dag_run_id"]
+            if state != "success":
+                for only in ("only_running", "only_failed"):
+                    af.call("POST", f"/dags/{dag_id}/clearTaskInstances",
+                            {"dry_run": False, "dag_run_id": run_id, only: True, "include_downstream": True,
+                             "reset_dag_runs": True, **({"only_failed": False} if only == "only_running" else {})})
+                state = af.follow(dag_id, run_id, timeout=timeout_s)
+            prof = task_profile(af, dag_id, run_id)
+            out.append((dag_id, state, prof, prof["active_s"]))
+            if state != "success":
+                return out
+    return out
 
 
 def run_dag(af, dag_id: str, conf: dict[str, Any], timeout_s: float) -> tuple[str, dict[str, Any], float]:
@@ -224,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slots", type=int, default=2, help="tasks at once (the gpu pool's slots and the DAG's "
                     "max active tasks; default 2 = this machine's cores)")
     ap.add_argument("--timeout-min", type=float, default=240)
+    ap.add_argument("--resume", action="store_true", help="follow the rehearsal already under --home to its end "
+                    "(after its services or the machine stopped) instead of starting one; its wall time is then "
+                    "the runs' active time")
     args = ap.parse_args(argv)
     home = args.home.resolve()
     os.environ["AGENTPIPE_HOME"] = str(home)
@@ -250,16 +288,18 @@ def main(argv: list[str] | None = None) -> int:
     common = {"rehearsal": True, "compute": args.compute}
     runs: list[tuple[str, str, dict[str, Any], float]] = []
     plan = slice_plan(data_dir) if args.slice else STUDY
-    if not args.slice:
+    if args.resume:
+        runs = resume_runs(af, args.timeout_min * 60)
+    elif not args.slice:
         for (arm, judge), (quant, agents) in itertools.product(JUDGES.items(), POOL_AGENTS.items()):
             conf = {"agents": agents, "emulator": "Qwen3-8B", "evaluator": judge, "case_set": "toolemu",
                     "quantization": quant, "run_name": "study_pool", **common}
             runs.append(("toolemu_evaluation", *run_dag(af, "toolemu_evaluation", conf, args.timeout_min * 60)))
             if runs[-1][1] != "success":
                 break
-    if all(r[1] == "success" for r in runs):
+    if not args.resume and all(r[1] == "success" for r in runs):
         runs.append(("dpo_experiment", *run_dag(af, "dpo_experiment", {**plan, **common}, args.timeout_min * 60)))
-    wall = time.monotonic() - t0
+    wall = sum(r[3] for r in runs) if args.resume else time.monotonic() - t0
     peaks = sampler.stop()
     failed = [r[0] for r in runs if r[1] != "success"]
     tasks = sum(r[2]["tasks"] for r in runs)
@@ -323,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         versions = f"n/a ({e})"
     print(f"models: {n_models} adapters, {n_merged} merged, {versions} registry versions")
     match, cross = figures.get("match", {}), figures.get("cross", {})
-    line = (f"rehearsal: {n_models} models trained, {tasks:,} tasks, {wall / 60:.1f} min; match R² "
+    active = " active" if args.resume else ""
+    line = (f"rehearsal: {n_models} models trained, {tasks:,} tasks, {wall / 60:.1f} min{active}; match R² "
             + ", ".join(f"{a} {match[a]:.3f}" for a in ("eval-gpt5m", "eval-q32") if a in match))
     if cross:
         line += "; cross R² " + " / ".join(f"{cross[a]:.3f}" for a in ("eval-gpt5m", "eval-q32") if a in cross)
