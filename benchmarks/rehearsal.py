@@ -165,7 +165,8 @@ def active_s(tis: list[dict[str, Any]], pause_s: float = 300) -> float:
     """Seconds of a run's span during which it was going on: with tasks running, or between two tasks for less
     than ``pause_s`` (the scheduler's latency); a longer pause (the machine stopped, then ``--resume``) is left out."""
     busy = busy_slots(tis)
-    events = sorted((_iso(t["start_date"]), _iso(t["end_date"])) for t in tis if t.get("start_date") and t.get("end_date"))
+    events = sorted((_iso(t["start_date"]), _iso(t["end_date"])) for t in tis
+                    if t.get("start_date") and t.get("end_date"))
     idle_long, last_end = 0.0, None
     for start, end in events:
         if last_end is not None and start - last_end > pause_s:
