@@ -1,6 +1,6 @@
 """HF transformers backend: true batched generation on CPU or GPU, LoRA adapters, quantization.
 
-Models load once per process (cached by weights + adapter + dtype + quantization). Requests are grouped by
+Models load once per process (``hf_loading``: cached by weights + adapter + dtype + quantization). Requests are grouped by
 sampling settings, sorted by prompt length and generated in batches with left padding; each row stops on
 its own EOS, stop sequences or token cap. On CUDA out-of-memory the batch is halved and retried. A sampled
 request draws from its own seeded stream (``_RowSampler``), so its answer does not depend on its batch.
@@ -16,121 +16,17 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.llm.base import ChatBackend, Progress
+from pipeline.llm.hf_loading import (ADAPTER_NAMES, BASE_ADAPTER, LOADED, LOADED_ADAPTERS, adapter_id, attach_adapter,
+                                     is_peft, load_model, model_key, resolve_model_id)
 from pipeline.llm.local_common import DEFAULT_MAX_NEW_TOKENS, folder_revision, render_prompt, single_token_choices
-from pipeline.llm.options import HF_QUANTIZATIONS, normalize_dtype
+from pipeline.llm.options import normalize_dtype
 from pipeline.llm.spec import ModelSpec
 from pipeline.llm.types import ChatRequest, ChatResponse
 
 log = logging.getLogger("pipeline.llm.hf")
 
-#: peft's name for "no adapter" in a mixed-adapter batch
-BASE_ADAPTER = "__base__"
-
-_LOADED: dict[tuple, tuple[Any, Any]] = {}
-#: model key → adapters (``_adapter_id``) loaded into that model for requests
-_LOADED_ADAPTERS: dict[tuple, set[tuple[str, str]]] = {}
 #: loaded model key → its prompt-prefix KV cache (shared by every backend on those weights: agent and emulator)
 _PREFIX_CACHES: dict[tuple, Any] = {}
-#: adapter (resolved path, folder revision) → its peft adapter name in this process
-_ADAPTER_NAMES: dict[tuple[str, str], str] = {}
-
-
-def _adapter_id(adapter: str) -> tuple[str, str]:
-    return str(Path(adapter).resolve()), folder_revision(adapter)
-
-
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "base_model")
-
-
-def _model_key(spec: ModelSpec, dtype: str, quantization: str | None, device: str | None) -> tuple:
-    import torch
-
-    quantization = None if quantization in (None, "none") else quantization
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return (spec.load_id, spec.adapter, dtype, quantization, device)
-
-
-def _resolve(model_id: str) -> str:
-    from pipeline.llm.local_models import resolve_local_model
-
-    return resolve_local_model(model_id)
-
-
-def load_model(spec: ModelSpec, *, dtype: str = "auto", quantization: str | None = None,
-               device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) for a spec, loaded once per process. Raises ``ConfigError`` with a clear message."""
-    import torch
-
-    quantization = None if quantization in (None, "none") else quantization
-    if quantization is not None and quantization not in HF_QUANTIZATIONS:
-        raise ConfigError(f"--quantization {quantization}: the HF backend takes one of {', '.join(HF_QUANTIZATIONS)} "
-                          f"(fp8, awq and gptq are served by vLLM: a vllm: spec)")
-    dtype = normalize_dtype(dtype)
-    key = _model_key(spec, dtype, quantization, device)
-    device = key[-1]
-    if key in _LOADED:
-        return _LOADED[key]
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = _resolve(spec.load_id)
-    from pipeline.llm.local_models import check_hub_model
-
-    check_hub_model(path)
-    kwargs: dict[str, Any] = {}
-    if quantization in ("int4", "int8"):
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"--quantization {quantization} needs bitsandbytes (pip install bitsandbytes)") from None
-        from transformers import BitsAndBytesConfig
-
-        compute = torch.bfloat16 if device == "cuda" else torch.float32
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute)
-            if quantization == "int4" else BitsAndBytesConfig(load_in_8bit=True))
-        kwargs["device_map"] = device
-    elif quantization == "fp16" or dtype == "float16":
-        kwargs["dtype"] = torch.float16
-    elif quantization == "bf16" or (dtype == "auto" and device == "cuda") or dtype == "bfloat16":
-        kwargs["dtype"] = torch.bfloat16
-    else:
-        kwargs["dtype"] = torch.float32
-    try:
-        tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise ConfigError(f"model '{spec.raw}': cannot load '{path}' ({str(e).splitlines()[0]})") from None
-    if "device_map" not in kwargs:
-        model.to(device)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
-        raise ConfigError(f"model '{spec.raw}': the tokenizer has no chat template")
-    if spec.adapter:
-        model = _attach_adapter(model, spec)
-    model.eval()
-    _LOADED[key] = (model, tok)
-    return model, tok
-
-
-def _attach_adapter(model: Any, spec: ModelSpec, adapter_path: str | None = None, name: str = "default") -> Any:
-    """``model`` with the adapter loaded under ``name`` (wrapped in a PeftModel the first time)."""
-    from peft import PeftModel
-
-    adapter = Path(adapter_path or spec.adapter)  # type: ignore[arg-type]
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"adapter '{adapter}': not found (expected a folder with adapter_config.json)")
-    try:
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(adapter), adapter_name=name)
-            return model
-        return PeftModel.from_pretrained(model, str(adapter), adapter_name=name)
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"adapter '{adapter}' does not fit base model '{spec.model}': "
-                          f"{str(e).splitlines()[0][:200]}") from None
 
 
 class _RowStopper:
@@ -244,7 +140,7 @@ class HFBackend(ChatBackend):
             raise ConfigError(f"prefill '{prefill}': expected one of {', '.join(PREFILL_MODES)}")
         self.spec = spec
         self.batch_size = max(1, batch_size or 16)
-        self._key = _model_key(spec, normalize_dtype(dtype), quantization, device)
+        self._key = model_key(spec, normalize_dtype(dtype), quantization, device)
         load_model(spec, dtype=dtype, quantization=quantization, device=device)
         self.prefill_per_request = (prefill == "per_request"
                                     or (prefill == "auto" and self.model.device.type == "cpu"))
@@ -255,7 +151,7 @@ class HFBackend(ChatBackend):
             budget = (default_budget_bytes(self.model.device.type) if prefix_cache_gb is None
                       else int(prefix_cache_gb * 2**30))
             self.prefix = _PREFIX_CACHES.setdefault(self._key, PrefixCache(budget))
-        path = _resolve(spec.load_id)
+        path = resolve_model_id(spec.load_id)
         self.revision = folder_revision(path) if Path(path).is_dir() else spec.load_id
         if spec.adapter:
             self.revision += "+" + folder_revision(spec.adapter)
@@ -265,32 +161,32 @@ class HFBackend(ChatBackend):
     def model(self) -> Any:
         """The loaded model, looked up each time: loading a request's adapter may wrap it in a PeftModel, and
         every backend sharing these weights must then see (and name adapters for) the wrapped one."""
-        return _LOADED[self._key][0]
+        return LOADED[self._key][0]
 
     @property
     def tok(self) -> Any:
-        return _LOADED[self._key][1]
+        return LOADED[self._key][1]
 
     def _adapter_names(self, reqs: Sequence[ChatRequest]) -> list[str] | None:
         """peft adapter names per row (loading request adapters on first use), or None for a plain model."""
         for r in reqs:
             if r.adapter:
                 self._load_request_adapter(r.adapter)
-        if not _is_peft(self.model):
+        if not is_peft(self.model):
             return None
         own = "default" if self.spec.adapter else BASE_ADAPTER
-        return [_ADAPTER_NAMES[_adapter_id(r.adapter)] if r.adapter else own for r in reqs]
+        return [ADAPTER_NAMES[adapter_id(r.adapter)] if r.adapter else own for r in reqs]
 
     def _load_request_adapter(self, adapter: str) -> None:
-        aid = _adapter_id(adapter)
-        loaded = _LOADED_ADAPTERS.setdefault(self._key, set())
+        aid = adapter_id(adapter)
+        loaded = LOADED_ADAPTERS.setdefault(self._key, set())
         if aid in loaded:
             return
-        name = _ADAPTER_NAMES.setdefault(aid, f"adapter_{len(_ADAPTER_NAMES) + 1}")
-        model, tok = _LOADED[self._key]
-        model = _attach_adapter(model, self.spec, adapter, name)
+        name = ADAPTER_NAMES.setdefault(aid, f"adapter_{len(ADAPTER_NAMES) + 1}")
+        model, tok = LOADED[self._key]
+        model = attach_adapter(model, self.spec, adapter, name)
         model.eval()
-        _LOADED[self._key] = (model, tok)
+        LOADED[self._key] = (model, tok)
         loaded.add(aid)
 
     def max_model_length(self) -> int:
