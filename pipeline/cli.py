@@ -291,10 +291,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         _check_result_path(args.result)
         out = args.func(args)
-        if isinstance(out, StageResult) and out.stage == "report" and out.status != "skipped":
+        if isinstance(out, StageResult) and out.stage == "report":
             from pipeline.training.registry import cards_from_reports
 
-            cards_from_reports(out.outputs.get("reports", []))  # trained models' cards take their test scores
+            # trained models' cards take their test scores; also when the reports were up to date (idempotent), so
+            # a rerun after a crash between the reports and the cards fills them in
+            cards_from_reports(out.outputs.get("reports", []))
         # a stage returns its StageResult (status, outputs, counts); other commands an exit code
         code, data = (out.exit_code, out.to_json()) if isinstance(out, StageResult) else (int(out or 0), {})
         if args.result is not None:

@@ -1,4 +1,4 @@
-"""The declared layers (pyproject ``[tool.importlinter]``, DESIGN.md "Layout"), checked by import-linter with the
+"""The declared layers (pyproject ``[tool.importlinter]``, README "Layout"), checked by import-linter with the
 imports inside functions counted: errors/settings/progress → data → llm → tracking → the stage framework → the
 stages (independent of each other) → experiment/cli; the library never imports Airflow or the plugins."""
 

@@ -234,6 +234,10 @@ def test_the_study_slice_rehearsed_through_slurm_gives_the_released_per_seed_poi
     assert len(plan["models"]) == 5
     for folder in plan["models"].values():
         assert (Path(folder) / "adapter" / "adapter_config.json").is_file()
+        # `agentpipe report` handed its reports to the training side: each card has its test-split scores
+        [scores] = json.loads((Path(folder) / "test_scores.json").read_text()).values()
+        assert scores["cases"] == 72 and "mean_safety" in scores
+        assert "mean_safety" in (Path(folder) / "adapter" / "README.md").read_text()
     req = urllib.request.Request(f"{uri}/api/2.0/mlflow/model-versions/search?max_results=1000")
     with urllib.request.urlopen(req, timeout=30) as r:
         versions = json.load(r)["model_versions"]

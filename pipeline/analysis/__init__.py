@@ -1,11 +1,10 @@
 """Analysis stage (SPEC §7): run folders → unified reports → deltas, trade-off fit, Pareto frontier,
 persistence, plots and tables.
 
-Modules, one job each:
+Modules, one job each (the unified reports they read are ``pipeline.data.reports``):
 
 * ``names``       evaluator short names, model sort order, colours per source model
 * ``stages``      training configuration (stages, metric, beta, dataset origin, seed) parsed from a model name
-* ``reports``     unified reports from run folders (per-case scores, replicate median, counts, consistency)
 * ``partition``   restrict reports to a seed's train or test cases
 * ``rows``        reading unified reports back into analysis rows
 * ``aggregate``   aggregation over rows and deltas vs base / parent

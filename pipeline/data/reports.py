@@ -44,6 +44,10 @@ EVAL_TYPES = ("agent_safe", "agent_help", "agent_help_ignore_safety")
 BINARY_THRESHOLD = 2
 
 
+#: eval type → the name of its mean among a report's metrics (MLflow) and a trained model's test scores
+METRIC_NAMES = (("agent_safe", "safety"), ("agent_help_ignore_safety", "helpfulness_ignore_safety"),
+                ("agent_help", "helpfulness"))
+
 class _Case(NamedTuple):
     """What the alignment/completeness checks need of a trajectory record."""
 

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
-from pipeline.data.reports import build_report, collect_config_scores, write_reports
+from pipeline.data.reports import METRIC_NAMES, build_report, collect_config_scores, write_reports
 from pipeline.data.jsonl import atomic_write_text, read_jsonl
 from pipeline.data.naming import parse_run_filename
 from pipeline.data.locks import writer_lock
@@ -33,8 +33,6 @@ from pipeline.stage import StageConfig, StageResult, begin_output, check_out_not
 
 log = logging.getLogger(__name__)
 #: metric names in MLflow and model cards, per eval type
-_METRIC_NAMES = (("agent_safe", "safety"), ("agent_help_ignore_safety", "helpfulness_ignore_safety"),
-                 ("agent_help", "helpfulness"))
 
 
 @dataclass
@@ -143,7 +141,7 @@ def _track(content: dict[str, Any], path: Path, files: list[str]) -> str | None:
     meta = content["meta"]
     folder = path.with_name(path.name.removesuffix(".json") + ".tracking")
     metrics: dict[str, float] = {}
-    for eval_type, name in _METRIC_NAMES:
+    for eval_type, name in METRIC_NAMES:
         stats = (content.get(eval_type) or {}).get(SCORE_KEYS[eval_type])
         if stats and stats.get("mean") is not None:
             metrics[f"mean_{name}"] = stats["mean"]
@@ -290,7 +288,7 @@ def _score_summary(path: Path) -> list[str]:
     """Per metric of a written report: its mean, over how many valid scores, and how many judgements failed."""
     content = json.loads(path.read_text())
     lines = []
-    for eval_type, name in _METRIC_NAMES:
+    for eval_type, name in METRIC_NAMES:
         stats = (content.get(eval_type) or {}).get(SCORE_KEYS[eval_type])
         if not stats:
             continue

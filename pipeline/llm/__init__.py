@@ -73,8 +73,9 @@ def get_backend(spec: str | ModelSpec, *, cache: str | Path | None = None, **opt
     elif ms.backend in _REGISTERED:
         backend = _REGISTERED[ms.backend](ms)
     elif ms.backend == "replay":
-        raise ConfigError(f"{ms.raw}: a replay answers a stage's recorded calls; the stage that replays registers "
-                          "it (emulate's agent and emulator, evaluate's judge)")
+        raise ConfigError(f"{ms.raw}: the replay backend is registered by pipeline.emulation.replay (emulate's agent "
+                          "and emulator; a judge replays through pipeline.evaluation.replay.ReplayJudge): import it "
+                          "first")
     else:
         from pipeline.llm.scripted import ScriptedBackend
 

@@ -1,7 +1,7 @@
 """HF transformers backend: true batched generation on CPU or GPU, LoRA adapters, quantization.
 
-Models load once per process (``hf_loading``: cached by weights + adapter + dtype + quantization). Requests are grouped by
-sampling settings, sorted by prompt length and generated in batches with left padding; each row stops on
+Models load once per process (``hf_loading``: cached by weights + adapter + dtype + quantization). Requests are
+grouped by sampling settings, sorted by prompt length and generated in batches with left padding; each row stops on
 its own EOS, stop sequences or token cap. On CUDA out-of-memory the batch is halved and retried. A sampled
 request draws from its own seeded stream (``_RowSampler``), so its answer does not depend on its batch.
 """

@@ -116,10 +116,6 @@ def record_test_scores(model_dir: Path, judge: str, scores: dict[str, Any]) -> N
             write_model_card(model_dir, model_dir / sub, kind=kind, test_scores=by_judge)
 
 
-#: eval type → the name of its mean in a model's test scores
-_TEST_SCORE_NAMES = (("agent_safe", "safety"), ("agent_help_ignore_safety", "helpfulness_ignore_safety"),
-                     ("agent_help", "helpfulness"))
-
 
 def cards_from_reports(report_paths: list[Path], models: Path | None = None) -> int:
     """Fill in the test scores of the model cards of the models trained under ``models`` (default
@@ -130,6 +126,7 @@ def cards_from_reports(report_paths: list[Path], models: Path | None = None) -> 
 
     from pipeline.data.jsonl import read_json_object
     from pipeline.data.records import SCORE_KEYS
+    from pipeline.data.reports import METRIC_NAMES
     from pipeline.settings import get_settings
 
     log = logging.getLogger("pipeline.training")
@@ -146,7 +143,7 @@ def cards_from_reports(report_paths: list[Path], models: Path | None = None) -> 
         if not content["per_case"]["case_idx"] or not set(content["per_case"]["case_idx"]) <= test:
             continue  # only scores on held-out cases describe the model
         scores: dict[str, Any] = {"report": str(path), "emulator": meta["emulator"], "cases": meta["n_cases"]}
-        for eval_type, name in _TEST_SCORE_NAMES:
+        for eval_type, name in METRIC_NAMES:
             stats = (content.get(eval_type) or {}).get(SCORE_KEYS[eval_type])
             if stats and stats.get("mean") is not None:
                 scores[f"mean_{name}"] = round(stats["mean"], 4)
