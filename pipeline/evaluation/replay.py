@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,18 +91,22 @@ def judge_run_files(root: Path, judge: str | None, what: str) -> list[RunFile]:
     return found
 
 
-def recorded_judgements(run_files: Sequence[RunFile], digest: Callable[[dict[str, Any]], str] = trajectory_digest
-                        ) -> dict[tuple[str, str], list[Recorded]]:
-    """(eval type, ``digest`` of the trajectory) → the recorded judgements of that trajectory."""
-    table: dict[tuple[str, str], list[Recorded]] = defaultdict(list)
+def recorded_judgements(run_files: Sequence[RunFile]
+                        ) -> tuple[dict[tuple[str, str], list[Recorded]], dict[tuple[str, str], list[Recorded]]]:
+    """(eval type, trajectory digest) → the recorded judgements of that trajectory, and the same keyed by the
+    episode digest; one pass over the files."""
+    by_trajectory: dict[tuple[str, str], list[Recorded]] = defaultdict(list)
+    by_episode: dict[tuple[str, str], list[Recorded]] = defaultdict(list)
     for rf in run_files:
         trajectories = read_jsonl(rf.path).records
+        digests = [(trajectory_digest(t), episode_digest(t)) for t in trajectories]
         for t, ef in sorted(rf.eval_files.items()):
             for n, rec in enumerate(read_jsonl(ef).records):
                 i = _line_of(rec, n, ef, len(trajectories))
-                table[(t, digest(trajectories[i]))].append(
-                    Recorded(ef, i, rf.name.agent, rf.name.emulator, tuple(_slim(r) for r in replicates_of(rec))))
-    return table
+                recorded = Recorded(ef, i, rf.name.agent, rf.name.emulator, tuple(_slim(r) for r in replicates_of(rec)))
+                by_trajectory[(t, digests[i][0])].append(recorded)
+                by_episode[(t, digests[i][1])].append(recorded)
+    return by_trajectory, by_episode
 
 
 def _line_of(rec: dict[str, Any], n: int, path: Path, lines: int) -> int:
@@ -135,8 +139,7 @@ class ReplayJudge(ChatBackend):
         self.spec = spec
         self.revision = f"replay:{spec.model}"
         files = run_files if run_files is not None else judge_run_files(Path(spec.model), spec.label, spec.raw)
-        self._table = recorded_judgements(files)
-        self._episodes = recorded_judgements(files, episode_digest)
+        self._table, self._episodes = recorded_judgements(files)
         #: answers singled out among differing recorded judgements of one trajectory by the run's names
         self.told_apart = 0
         #: answers for a rebuilt episode whose final log differs from its recording (found by its course)
