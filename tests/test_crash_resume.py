@@ -346,3 +346,24 @@ def test_dead_temp_cleanup_claims_only_this_hosts_files(tmp_path, monkeypatch):
     mine_dead.write_text("a killed writer's leftover")
     assert remove_dead_temps(target) == [mine_dead]
     assert other_host.is_file() and not mine_dead.exists()
+
+
+def test_a_file_whose_name_nears_the_limit_is_written_atomically_and_its_dead_temps_are_found(tmp_path, monkeypatch):
+    """A 240-byte run-file name leaves no room for '.<name>.tmp-<host>-<pid>-…': the temporary name is cut and
+    given a digest (CI's longer data path once made a replay's manifest unwritable); cleanup finds it still."""
+    import os
+    import socket
+
+    from pipeline.data.jsonl import atomic_write_json, remove_dead_temps, temp_prefix
+
+    target = tmp_path / ("m" * 226 + ".manifest.json")
+    atomic_write_json(target, {"ok": 1})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    monkeypatch.setattr(socket, "gethostname", lambda: "node")
+    monkeypatch.setattr(os, "getpid", lambda: 2**22 + 12345)  # a dead writer: above any pid in use here
+    leftover = tmp_path / f"{temp_prefix(target)}abcd1234.tmp"
+    leftover.write_text("a killed writer's leftover")
+    other = tmp_path / f"{temp_prefix(tmp_path / ('m' * 226 + '.part.json'))}abcd1234.tmp"
+    other.write_text("another file's leftover")
+    assert remove_dead_temps(target) == [leftover] and other.exists()

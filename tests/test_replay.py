@@ -57,7 +57,8 @@ def test_emulate_with_replay_backends_rebuilds_a_released_run_file(released, tmp
     [source] = [f for f in trajectory_files(released / "q32" / "Qwen_Qwen3-8B") if "_r0-15_" in f.name]
     result = tmp_path / "r.json"
     p = run_agentpipe("--result", str(result), "emulate", "--agent", f"replay:{source}", "--emulator",
-                      f"replay:{source}", "--compat", "study", "--cases", "0-15", "--agent-label", "replayed",
+                      f"replay:{source}#Qwen_Qwen3-8B", "--compat", "study", "--cases", "0-15",
+                      "--agent-label", "replayed",
                       "--out", str(tmp_path / "runs"), "--no-progress")
     assert p.returncode == 0, p.stderr
     rebuilt = [json.loads(x) for x in Path(json.loads(result.read_text())["outputs"]["trajectories"]).open()]
@@ -87,7 +88,8 @@ def test_a_replayed_set_of_unexpected_names_prints_in_the_recordings_order(relea
                 if "_r60-74_" in f.name]
     result = tmp_path / "r.json"
     p = run_agentpipe("--result", str(result), "emulate", "--agent", f"replay:{source}", "--emulator",
-                      f"replay:{source}", "--compat", "study", "--cases", "65-66", "--agent-label", "replayed",
+                      f"replay:{source}#Qwen_Qwen3-8B", "--compat", "study", "--cases", "65-66",
+                      "--agent-label", "replayed",
                       "--out", str(tmp_path / "runs"), "--no-progress")
     assert p.returncode == 0, p.stderr
     [rebuilt] = [json.loads(x) for x in Path(json.loads(result.read_text())["outputs"]["trajectories"]).open()]

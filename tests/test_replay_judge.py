@@ -197,3 +197,14 @@ def test_the_replay_judge_knows_a_trajectory_by_what_the_judge_reads(recording):
     assert answer(edited(-1, 0, "log"), agent="another-model") is None  # not another run's judgement
     assert answer(edited(0, 1, 0)) is None  # another observation: another trajectory
     assert judge.by_episode == 1
+
+
+def test_a_replay_of_a_run_file_without_a_name_asks_for_one():
+    """A run file's path flattens to a name holding its own '_emu-…_eval-…' (misparsed in this run's file name)
+    and, under a long data path, past the 255-byte limit: the spec asks for #<name> in one line."""
+    spec = parse_model_spec("replay:/d/q32/m/m_emu-Qwen_Qwen3-8B_eval-Qwen_Qwen3-32B_r0-15.jsonl")
+    with pytest.raises(ConfigError, match=r"replay:<path>#<name>"):
+        spec.name
+    assert parse_model_spec(f"replay:/{'d' * 100}/Qwen_Qwen3-8B#Qwen_Qwen3-8B").name == "Qwen_Qwen3-8B"
+    with pytest.raises(ConfigError, match=r"#<name>"):
+        parse_model_spec(f"replay:/{'d' * 100}/Qwen_Qwen3-8B").name

@@ -34,7 +34,18 @@ def dumps(record: Any) -> str:
 def temp_prefix(path: Path) -> str:
     """The name prefix of this process's temporary siblings of ``path``: ``.<name>.tmp-<host>-<pid>-``. The host
     and pid say whose a temporary file is, so a later run can tell a dead writer's leftover from a live one's."""
-    return f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-"
+    return f"{_temp_stem(path)}{socket.gethostname()}-{os.getpid()}-"
+
+
+def _temp_stem(path: Path) -> str:
+    """``.<name>.tmp-``; a long name is cut and given a digest of the whole, so that the temporary sibling of a
+    file whose name nears the 255-byte limit can still be created (and still belongs to that one file)."""
+    name = path.name
+    if len(name.encode()) > 150:
+        import hashlib
+
+        name = name.encode()[:120].decode(errors="ignore") + "~" + hashlib.sha1(path.name.encode()).hexdigest()[:12]
+    return f".{name}.tmp-"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -52,7 +63,7 @@ def remove_dead_temps(path: str | Path) -> list[Path]:
     process on this host that no longer runs (killed mid-write); returns them. Another host's temporary files, and
     a live process's, are never touched (a pid reused by a live process keeps its file: the safe side)."""
     path = Path(path)
-    prefix, host = f".{path.name}.tmp-", socket.gethostname()
+    prefix, host = _temp_stem(path), socket.gethostname()
     removed = []
     for p in path.parent.glob(glob.escape(prefix + host) + "-*"):
         # <host>-<pid>-<suffix>: the host may hold '-' (node-45123), the suffix never does, so read from the right

@@ -8,7 +8,8 @@
   named ``<name>`` in run-file and folder names when given (a rehearsal's double of a model the study did not record)
 * ``replay:<run file or folder>[#<name>]`` → the outputs a recording holds, per case and role (the agent and
   emulator: ``pipeline.emulation.replay``; the judge: ``pipeline.evaluation.replay``); ``<name>`` is the name the
-  replayed model takes in run-file and folder names (default: the path's)
+  replayed model takes in run-file and folder names (default: the path's, when short and not itself a run
+  file's name)
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ class ModelSpec:
         """The sanitised name used in run-file and folder names (a replay spec's ``#label`` verbatim)."""
         if self.label is not None:
             return self.label
-        return sanitize_model_name(self.model + (f"+{self.adapter}" if self.adapter else ""))
+        name = sanitize_model_name(self.model + (f"+{self.adapter}" if self.adapter else ""))
+        if self.backend == "replay" and (len(name) > _MAX_DEFAULT_NAME or "_emu-" in name or "_eval-" in name):
+            # a path's flattened form can hold another run's '_emu-…_eval-' (a run file), which would misparse
+            # as this run's parts, and a long path would pass the file system's 255-byte name limit
+            raise ConfigError(f"model spec '{self.raw}': name the replayed model with replay:<path>#<name> "
+                              f"(e.g. #Qwen_Qwen3-8B); the path's own name '{name[:60]}…' cannot name a run file")
+        return name
 
 
 def parse_model_spec(spec: str) -> ModelSpec:
@@ -85,6 +92,9 @@ def parse_model_spec(spec: str) -> ModelSpec:
     return ModelSpec(raw=raw, backend=backend, model=model, adapter=adapter or None, enable_thinking=enable_thinking,
                      label=label)
 
+
+#: The longest path-derived replay name (a run file's name holds two model names and must stay under 255 bytes).
+_MAX_DEFAULT_NAME = 80
 
 #: A model name in file-name form: what ``sanitize_model_name`` leaves as it is.
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
