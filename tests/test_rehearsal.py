@@ -14,8 +14,8 @@ import pytest
 
 from pipeline.experiment import Arm, ExperimentConfig, plan_experiment
 from pipeline.llm.spec import parse_model_spec
-from pipeline.rehearsal import (STAND_IN_TRAIN, compare_analyses, index_recordings, pool_roots, rehearsal_counts,
-                                rehearse_plan)
+from pipeline.rehearsal import (STAND_IN_TRAIN, compare_analyses, in_setting, index_recordings, pool_roots,
+                                rehearsal_counts, rehearse_plan)
 from tests.conftest import REPO, environ, run_agentpipe
 
 Q32, GPT5M = Arm("q32", "study_pool", "Qwen3-32B"), Arm("gpt5m", "study_pool", "openai:gpt-5-mini")
@@ -93,6 +93,19 @@ def test_a_model_the_study_did_not_record_rehearses_with_doubles_named_as_it(exp
     assert r.returncode == 0, r.stderr
     evals = sorted(p.name.removeprefix(run.stem) for p in run.parent.glob(f"{run.stem}_eval_agent_*.jsonl"))
     assert evals == ["_eval_agent_help_ignore_safety.jsonl", "_eval_agent_safe.jsonl"]
+
+
+def test_a_settings_points_are_its_own_reports():
+    """An experiment with two arms writes both settings' reports into each analysis folder (one runs folder): the
+    full rehearsal compared the cross-judged reports with the released match analysis and found 180 'differences'."""
+    judged = "_emu-Qwen_Qwen3-8B_eval-{}_unified_report.json"
+    gpt5m_arm, q32_arm = "dpo_Llama3.1-8B_both_gpt5m_s0", "dpo_Llama3.1-8B_help_q32_s1_safe_q32_s1"
+    assert in_setting(gpt5m_arm + judged.format("gpt-5-mini"), "match")
+    assert not in_setting(gpt5m_arm + judged.format("Qwen_Qwen3-32B"), "match")
+    assert in_setting(gpt5m_arm + judged.format("Qwen_Qwen3-32B"), "cross")
+    assert in_setting(q32_arm + judged.format("Qwen_Qwen3-32B"), "match")
+    assert not in_setting(q32_arm + judged.format("gpt-5-mini"), "match")
+    assert in_setting("meta-llama_Llama-3.1-8B-Instruct_s0" + judged.format("gpt-5-mini"), "cross")  # a source
 
 
 def test_a_scripted_double_takes_the_name_given_after_the_hash():
