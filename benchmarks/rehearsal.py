@@ -126,19 +126,20 @@ def task_profile(af, dag_id: str, run_id: str) -> dict[str, Any]:
             "active_s": active_s(tis)}
 
 
-def busy_slots(tis: list[dict[str, Any]]) -> dict[int, float]:
+def busy_slots(tis: list[dict[str, Any]], pause_s: float = 300) -> dict[int, float]:
     """Seconds of the run during which n tasks were running, for each n (0 = none: the scheduler between two
-    tasks, or waiting on a dependency), from the tasks' start and end times (skipped ones included)."""
+    tasks, or waiting on a dependency), from the tasks' start and end times (skipped ones included). A pause with
+    nothing running longer than ``pause_s`` (the machine stopped, then ``--resume``) is left out."""
     events = []
     for ti in tis:
         a, b = _iso(ti.get("start_date")), _iso(ti.get("end_date"))
-        if a is not None and b is not None:
+        if a is not None and b is not None and b >= a:  # a task cleared and not yet rerun keeps an older end
             events += [(a, 1), (b, -1)]
-    events.sort()
+    events.sort(key=lambda e: (e[0], -e[1]))  # a start before an end at the same time: a skipped task takes 0 s
     out: dict[int, float] = defaultdict(float)
     running, last = 0, None
     for t, step in events:
-        if last is not None:
+        if last is not None and not (running == 0 and t - last > pause_s):
             out[running] += t - last
         running, last = running + step, t
     return dict(out)
@@ -164,15 +165,7 @@ def registry_versions(mlflow_url: str) -> int:
 def active_s(tis: list[dict[str, Any]], pause_s: float = 300) -> float:
     """Seconds of a run's span during which it was going on: with tasks running, or between two tasks for less
     than ``pause_s`` (the scheduler's latency); a longer pause (the machine stopped, then ``--resume``) is left out."""
-    busy = busy_slots(tis)
-    events = sorted((_iso(t["start_date"]), _iso(t["end_date"])) for t in tis
-                    if t.get("start_date") and t.get("end_date"))
-    idle_long, last_end = 0.0, None
-    for start, end in events:
-        if last_end is not None and start - last_end > pause_s:
-            idle_long += start - last_end
-        last_end = end if last_end is None else max(last_end, end)
-    return sum(busy.values()) - idle_long
+    return sum(busy_slots(tis, pause_s).values())
 
 
 def resume_runs(af, timeout_s: float) -> list[tuple[str, str, dict[str, Any], float]]:
