@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -239,11 +239,14 @@ def check_pairs(home: Path, plan: dict[str, Any]) -> tuple[list[str], list[str],
         elif ours.read_bytes() == theirs.read_bytes():
             same += 1
         elif (a := _pair_view(ours)) != (b := _pair_view(theirs)):
-            if sorted(a) == sorted(b):
+            # only the gpt5m pool has a reason to load in another order (its nested int8 folder, docs/compat.md)
+            if sorted(a) == sorted(b) and "_gpt5m_" in ours.name:
                 reordered.append(ours.name)
             else:
-                differ = sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
-                bad.append(f"{ours.name} ({differ} of {len(b)} pairs)")
+                ca, cb = Counter(a), Counter(b)
+                differ = max(sum((cb - ca).values()), sum((ca - cb).values()))
+                bad.append(f"{ours.name} ({differ} of {len(b)} pairs differ" + ("; the same pairs in another order)"
+                                                                               if not differ else ")"))
     return bad, reordered, same
 
 
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (ours / "summary.json").is_file():
             continue
         ref = home / "rehearsal-check" / f"released-{setting}"
-        diffs = compare_analyses(ours, results / f"{setting}_eval_results", ref)
+        diffs = compare_analyses(ours, results / f"{setting}_eval_results", ref, figures=not args.slice)
         problems += diffs
         s = json.loads((ours / "summary.json").read_text())
         figures[setting] = {arm: a["r2"] for arm, a in s["arms"].items()}

@@ -304,30 +304,32 @@ def _report_view(path: Path) -> dict[str, Any]:
 
 def in_setting(report_name: str, setting: str | None) -> bool:
     """Whether a unified report belongs to an analysis of ``setting`` (``match``/``cross``): a source model's
-    always, a finetuned model's when its judge is (match) or is not (cross) the one that labelled its pairs."""
+    always, a finetuned model's when its judge is (match) or is not (cross) the one that labelled its pairs, or
+    when its names do not tell (an unknown pair origin: compared whichever setting, never left unchecked)."""
     from pipeline.analysis.stages import parse_training_config
     from pipeline.data.naming import is_finetuned, parse_run_filename
 
     name = parse_run_filename(report_name)
     if setting not in ("match", "cross") or not is_finetuned(name.agent):
         return True
-    return parse_training_config(name.agent).relation(name.evaluator) == setting
+    return parse_training_config(name.agent).relation(name.evaluator) in (setting, None)
 
 
 def compare_analyses(ours: Path, released_runs: Path, ref_out: Path, *, figures: bool = True) -> list[str]:
     """Differences between the analysis folder ``ours`` and ``analyze all`` of ``released_runs`` (written to
     ``ref_out`` with the same settings): every per-seed (test-split) report of ``ours`` (its configurations'
-    points), and with ``figures`` each arm's fit, persistence and frontier members. Empty when they agree."""
+    points); with ``figures`` (the plan is the whole study) also every released point's counterpart here, and each
+    arm's fit, persistence and frontier members. Empty when they agree."""
     from pipeline.analysis.run import AnalyzeConfig, analyze
 
     summary = json.loads((ours / "summary.json").read_text())
+    setting = summary.get("setting") if summary.get("setting") in ("match", "cross") else None
     analyze(AnalyzeConfig(runs=released_runs, out=ref_out, n_bootstrap=summary["n_bootstrap"], no_track=True,
-                          formats=["png"], setting=summary.get("setting")))
+                          formats=["png"], setting=setting))
     diffs = []
     # the per-seed points are the test-split reports; the "all" view is left out: the study emulated its first-stage
     # models on all 144 cases, the plan (as SPEC's experiment) on the test split only. A runs folder with both
     # settings has reports of both in each analysis folder; a setting's points are its own reports
-    setting = summary.get("setting")
     reports = sorted(f for f in (ours / "reports" / "test").rglob("*_unified_report.json")
                      if in_setting(f.name, setting))
     if not reports:
@@ -339,11 +341,11 @@ def compare_analyses(ours: Path, released_runs: Path, ref_out: Path, *, figures:
             diffs.append(f"{rel}: not in the released analysis")
         elif _report_view(f) != _report_view(ref):
             diffs.append(f"{rel}: scores differ from the released analysis")
-    ours_rel = {f.relative_to(ours) for f in reports}
-    diffs += [f"{rel}: in the released analysis, not in this one" for rel in sorted(
-        f.relative_to(ref_out) for f in (ref_out / "reports" / "test").rglob("*_unified_report.json")
-        if in_setting(f.name, setting)) if rel not in ours_rel]
-    if figures:
+    if figures:  # the whole study: every released point has its counterpart here, and the figures are equal
+        ours_rel = {f.relative_to(ours) for f in reports}
+        diffs += [f"{rel}: in the released analysis, not in this one" for rel in sorted(
+            f.relative_to(ref_out) for f in (ref_out / "reports" / "test").rglob("*_unified_report.json")
+            if in_setting(f.name, setting)) if rel not in ours_rel]
         theirs = json.loads((ref_out / "summary.json").read_text())
         for arm, a in summary["arms"].items():
             b = theirs["arms"].get(arm)

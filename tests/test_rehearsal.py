@@ -106,6 +106,8 @@ def test_a_settings_points_are_its_own_reports():
     assert in_setting(q32_arm + judged.format("Qwen_Qwen3-32B"), "match")
     assert not in_setting(q32_arm + judged.format("gpt-5-mini"), "match")
     assert in_setting("meta-llama_Llama-3.1-8B-Instruct_s0" + judged.format("gpt-5-mini"), "cross")  # a source
+    # pairs of an origin the names do not tell: compared in either setting rather than left unchecked
+    assert in_setting("dpo_Llama3.1-8B_safe_mydata_s0" + judged.format("gpt-5-mini"), "cross")
 
 
 def test_a_scripted_double_takes_the_name_given_after_the_hash():

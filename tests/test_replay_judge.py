@@ -206,5 +206,10 @@ def test_a_replay_of_a_run_file_without_a_name_asks_for_one():
     with pytest.raises(ConfigError, match=r"replay:<path>#<name>"):
         spec.name
     assert parse_model_spec(f"replay:/{'d' * 100}/Qwen_Qwen3-8B#Qwen_Qwen3-8B").name == "Qwen_Qwen3-8B"
-    with pytest.raises(ConfigError, match=r"#<name>"):
+    with pytest.raises(ConfigError, match=r"#<name>.*over 60 characters"):
         parse_model_spec(f"replay:/{'d' * 100}/Qwen_Qwen3-8B").name
+    # the released folders' own '_eval_' would end the evaluator part of a judged file's name: refused too
+    with pytest.raises(ConfigError, match=r"#<name>.*parts of a run file's name"):
+        parse_model_spec("replay:/data/paper/raw_data_by_eval/q32/Qwen_Qwen3-8B").name
+    with pytest.raises(ConfigError, match="file-name form"):
+        parse_model_spec("replay:/d/q32#my_eval_x")

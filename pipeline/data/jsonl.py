@@ -40,11 +40,11 @@ def temp_prefix(path: Path) -> str:
 def _temp_stem(path: Path) -> str:
     """``.<name>.tmp-``; a long name is cut and given a digest of the whole, so that the temporary sibling of a
     file whose name nears the 255-byte limit can still be created (and still belongs to that one file)."""
-    name = path.name
-    if len(name.encode()) > 150:
+    name, raw = path.name, os.fsencode(path.name)  # fsencode: a name that is not UTF-8 round-trips as bytes
+    if len(raw) > 150:
         import hashlib
 
-        name = name.encode()[:120].decode(errors="ignore") + "~" + hashlib.sha1(path.name.encode()).hexdigest()[:12]
+        name = os.fsdecode(raw[:120]) + "~" + hashlib.sha1(raw).hexdigest()[:12]
     return f".{name}.tmp-"
 
 

@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.data.naming import expand_model_name, sanitize_model_name
-from pipeline.errors import ConfigError
+from pipeline.data.naming import RunFileName, expand_model_name, parse_run_filename, sanitize_model_name
+from pipeline.errors import ConfigError, NamingError
 
 Backend = Literal["hf", "vllm", "openai", "scripted", "replay"]
 _PREFIXES: dict[str, Backend] = {"vllm:": "vllm", "openai:": "openai", "scripted:": "scripted", "hf:": "hf",
@@ -50,11 +50,14 @@ class ModelSpec:
         if self.label is not None:
             return self.label
         name = sanitize_model_name(self.model + (f"+{self.adapter}" if self.adapter else ""))
-        if self.backend == "replay" and (len(name) > _MAX_DEFAULT_NAME or "_emu-" in name or "_eval-" in name):
-            # a path's flattened form can hold another run's '_emu-…_eval-' (a run file), which would misparse
-            # as this run's parts, and a long path would pass the file system's 255-byte name limit
+        if self.backend == "replay" and (len(name) > _MAX_DEFAULT_NAME or not names_run_files(name)):
+            # a path's flattened form can hold a run file's own parts ('_emu-', '_eval_', '_r0-15', …), which
+            # would misparse as this run's, and a long path would pass the file system's 255-byte name limit
+            why = f"over {_MAX_DEFAULT_NAME} characters" if len(name) > _MAX_DEFAULT_NAME else \
+                "it holds parts of a run file's name"
+            shown = name if len(name) <= 60 else name[:60] + "…"
             raise ConfigError(f"model spec '{self.raw}': name the replayed model with replay:<path>#<name> "
-                              f"(e.g. #Qwen_Qwen3-8B); the path's own name '{name[:60]}…' cannot name a run file")
+                              f"(e.g. #Qwen_Qwen3-8B); the path's own name '{shown}' cannot name a run file ({why})")
         return name
 
 
@@ -93,8 +96,23 @@ def parse_model_spec(spec: str) -> ModelSpec:
                      label=label)
 
 
-#: The longest path-derived replay name (a run file's name holds two model names and must stay under 255 bytes).
-_MAX_DEFAULT_NAME = 80
+#: The longest path-derived replay name (a run file's name holds three model names and must stay under 255 bytes).
+_MAX_DEFAULT_NAME = 60
+
+
+def names_run_files(name: str) -> bool:
+    """Whether ``name`` can be any of the three model parts of a run file's name (agent, emulator, evaluator):
+    each such name, and its eval file's, parses back to the same parts."""
+    for rf in (RunFileName(name, "e", "j", quantization="int4", case_range=(0, 15)),
+               RunFileName("a", name, "j", case_range=(0, 15)),
+               RunFileName("a", "e", name, quantization="int4", case_range=(0, 15))):
+        for f in (rf, rf.eval_file("agent_safe")):
+            try:
+                if parse_run_filename(f.filename()) != f:
+                    return False
+            except NamingError:
+                return False
+    return True
 
 #: A model name in file-name form: what ``sanitize_model_name`` leaves as it is.
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -102,8 +120,7 @@ _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 def _check_label(raw: str, label: str) -> None:
     """A replay or scripted spec's ``#name`` must already be a run-file name part (it is used verbatim)."""
-    if not _FILE_NAME.fullmatch(label) or sanitize_model_name(label) != label or "_emu-" in label \
-            or "_eval-" in label:
+    if not _FILE_NAME.fullmatch(label) or sanitize_model_name(label) != label or not names_run_files(label):
         raise ConfigError(f"model spec '{raw}': expected replay:<path>#<name> or scripted:<script>#<name> with a "
                           "model name in file-name form (letters, digits, '.', '_', '-'; e.g. Qwen_Qwen3-8B), "
                           f"got '{label}'")
