@@ -323,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             busy[n] += secs
     span = sum(busy.values()) or 1.0
     print("tasks running at once: " + ", ".join(f"{n} for {100 * busy[n] / span:.0f} % of the time"
-                                                for n in sorted(busy, reverse=True)))
-    print("services' peak memory: " + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(peaks.items())))
+                                                for n in sorted(busy, reverse=True)
+                                                if busy[n] / span >= 0.005))  # not a resume's brief overlap
+    print("services' peak memory: " + (", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in sorted(peaks.items()))
+                                       or "not sampled (the runs ended before the first sample)"))
     if failed:
         print(f"rehearsal: {', '.join(failed)} failed; see {home / 'airflow' / 'logs'}", file=sys.stderr)
         return 1
