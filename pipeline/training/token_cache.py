@@ -130,8 +130,12 @@ def _load_verified(entry: Path, n_pairs: int) -> Any:
         log.warning("%s: damaged tokenised pairs (%s): rebuilding", entry,
                     f"files differ from {MANIFEST}: {', '.join(bad)}" if bad else f"{rows} rows for {n_pairs} pairs")
         return None
-    from datasets import load_from_disk
+    from datasets import disable_caching, load_from_disk
 
+    # A dataset read from disk caches its .map results beside it, keyed by the map's fingerprint, which does not
+    # tell models apart: trl's reference log-probs of one model (fp32) were read back for another (int4) on the
+    # same pairs. Maps over cached tokens are always computed afresh (in temporary files) in this process.
+    disable_caching()
     return load_from_disk(str(entry / "data"))
 
 
