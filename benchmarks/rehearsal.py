@@ -239,14 +239,15 @@ def check_pairs(home: Path, plan: dict[str, Any]) -> tuple[list[str], list[str],
         elif ours.read_bytes() == theirs.read_bytes():
             same += 1
         elif (a := _pair_view(ours)) != (b := _pair_view(theirs)):
-            # only the gpt5m pool has a reason to load in another order (its nested int8 folder, docs/compat.md)
-            if sorted(a) == sorted(b) and "_gpt5m_" in ours.name:
+            ca, cb = Counter(a), Counter(b)
+            differ = max(sum((cb - ca).values()), sum((ca - cb).values()))
+            # only the gpt5m pool has a reason to load in another order: its nested int8 folder sorts first
+            # (load order = sorted paths, SPEC §4.2; docs/compat.md)
+            if not differ and "_gpt5m_" in ours.name:
                 reordered.append(ours.name)
             else:
-                ca, cb = Counter(a), Counter(b)
-                differ = max(sum((cb - ca).values()), sum((ca - cb).values()))
-                bad.append(f"{ours.name} ({differ} of {len(b)} pairs differ" + ("; the same pairs in another order)"
-                                                                               if not differ else ")"))
+                bad.append(f"{ours.name} ({differ} of {len(b)} pairs differ"
+                           + ("; the same pairs in another order)" if not differ else ")"))
     return bad, reordered, same
 
 
@@ -333,9 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     bad_pairs, reordered, same = ([], [], 0) if args.slice else check_pairs(home, plan)
     n_pairs = len(list((home / "pairs").glob("*.jsonl")))
     if not args.slice:
-        # the released gpt5m folder keeps Qwen3-32Bnt's int8 runs in a nested sub-folder, which sorts (load order =
-        # sorted paths, SPEC §4.2) before the folder's own int4 files; a pool the pipeline writes keeps both side
-        # by side, so those pairs come in another order
         print(f"pair sets: {n_pairs - len(bad_pairs) - len(reordered)} of {n_pairs} identical to `agentpipe pairs` "
               f"on the released pool ({same} byte for byte; the others in all but the trajectories' file names and "
               "lines)" + (f"; {len(reordered)} hold the same pairs in another order: "

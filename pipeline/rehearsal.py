@@ -323,7 +323,8 @@ def compare_analyses(ours: Path, released_runs: Path, ref_out: Path, *, figures:
     from pipeline.analysis.run import AnalyzeConfig, analyze
 
     summary = json.loads((ours / "summary.json").read_text())
-    setting = summary.get("setting") if summary.get("setting") in ("match", "cross") else None
+    setting = summary.get("setting")
+    setting = setting if setting in ("match", "cross") else None  # "sources-only", "unknown": no setting
     analyze(AnalyzeConfig(runs=released_runs, out=ref_out, n_bootstrap=summary["n_bootstrap"], no_track=True,
                           formats=["png"], setting=setting))
     diffs = []

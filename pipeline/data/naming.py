@@ -246,6 +246,21 @@ def parse_run_filename(name: str) -> RunFileName:
     )
 
 
+def names_run_files(name: str) -> bool:
+    """Whether ``name`` can be any of the three model parts of a run file's name (agent, emulator, evaluator):
+    each such name, and its eval file's, parses back to the same parts."""
+    for rf in (RunFileName(name, "e", "j", quantization="int4", case_range=(0, 15)),
+               RunFileName("a", name, "j", case_range=(0, 15)),
+               RunFileName("a", "e", name, quantization="int4", case_range=(0, 15))):
+        for f in (rf, rf.eval_file("agent_safe")):
+            try:
+                if parse_run_filename(f.filename()) != f:
+                    return False
+            except NamingError:
+                return False
+    return True
+
+
 def confined_path(folder: str | Path, name: str, option: str) -> Path:
     """``folder / name`` for a ``name`` made from a user's option (``option``, e.g. ``--evaluator``): it must be
     one plain file or folder name (no separator, not ``.`` or ``..``), so that the path stays inside ``folder``

@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pipeline.data.naming import RunFileName, expand_model_name, parse_run_filename, sanitize_model_name
-from pipeline.errors import ConfigError, NamingError
+from pipeline.data.naming import expand_model_name, names_run_files, sanitize_model_name
+from pipeline.errors import ConfigError
 
 Backend = Literal["hf", "vllm", "openai", "scripted", "replay"]
 _PREFIXES: dict[str, Backend] = {"vllm:": "vllm", "openai:": "openai", "scripted:": "scripted", "hf:": "hf",
@@ -55,7 +55,7 @@ class ModelSpec:
             # would misparse as this run's, and a long path would pass the file system's 255-byte name limit
             why = f"over {_MAX_DEFAULT_NAME} characters" if len(name) > _MAX_DEFAULT_NAME else \
                 "it holds parts of a run file's name"
-            shown = name if len(name) <= 60 else name[:60] + "…"
+            shown = name if len(name) <= _MAX_DEFAULT_NAME else name[:_MAX_DEFAULT_NAME] + "…"
             raise ConfigError(f"model spec '{self.raw}': name the replayed model with replay:<path>#<name> "
                               f"(e.g. #Qwen_Qwen3-8B); the path's own name '{shown}' cannot name a run file ({why})")
         return name
@@ -98,21 +98,6 @@ def parse_model_spec(spec: str) -> ModelSpec:
 
 #: The longest path-derived replay name (a run file's name holds three model names and must stay under 255 bytes).
 _MAX_DEFAULT_NAME = 60
-
-
-def names_run_files(name: str) -> bool:
-    """Whether ``name`` can be any of the three model parts of a run file's name (agent, emulator, evaluator):
-    each such name, and its eval file's, parses back to the same parts."""
-    for rf in (RunFileName(name, "e", "j", quantization="int4", case_range=(0, 15)),
-               RunFileName("a", name, "j", case_range=(0, 15)),
-               RunFileName("a", "e", name, quantization="int4", case_range=(0, 15))):
-        for f in (rf, rf.eval_file("agent_safe")):
-            try:
-                if parse_run_filename(f.filename()) != f:
-                    return False
-            except NamingError:
-                return False
-    return True
 
 #: A model name in file-name form: what ``sanitize_model_name`` leaves as it is.
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -132,9 +132,9 @@ def _load_verified(entry: Path, n_pairs: int) -> Any:
         return None
     from datasets import disable_caching, load_from_disk
 
-    # A dataset read from disk caches its .map results beside it, keyed by the map's fingerprint, which does not
-    # tell models apart: trl's reference log-probs of one model (fp32) were read back for another (int4) on the
-    # same pairs. Maps over cached tokens are always computed afresh (in temporary files) in this process.
+    # A dataset read from disk caches its .map results beside it, keyed by the map's fingerprint; trl computes the
+    # reference log-probs in such a map, and a warm cache gave a run reference log-probs that were not its model's.
+    # Maps over cached tokens are always computed afresh (in temporary files) in this process.
     disable_caching()
     return load_from_disk(str(entry / "data"))
 
