@@ -133,7 +133,7 @@ def check_own_output(path: Path, manifest: dict[str, Any] | None, stage: str, *,
 
 
 def prior_output(path: Path, fingerprint: dict[str, Any], stage: str, *, force: bool,
-                 inputs: str | None = None, derived: bool = False) -> bool:
+                 inputs: str | None = None, derived: bool = False, marker: str | None = None) -> bool:
     """What a stage finds at its output ``path`` (a file, or a folder with ``manifest.json`` inside):
 
     * True: this configuration's complete output, made from the same ``inputs`` (a digest): skip;
@@ -141,6 +141,9 @@ def prior_output(path: Path, fingerprint: dict[str, Any], stage: str, *, force: 
     * another configuration's output (or one without a manifest): ``FingerprintMismatch``, or with ``force``
       it is moved aside first (then False). ``derived`` views (reports, analyses: cheap to rebuild, nothing of
       value in a failed attempt) also move another configuration's *unfinished* output aside without asking.
+
+    ``marker``: a file that only this stage writes into its folders (``training_config.json``), so that with
+    ``force`` a folder it wrote before manifests were recorded is moved aside too (``check_own_output``).
     """
     from pipeline.data.jsonl import remove_dead_temps
     from pipeline.data.manifest import manifest_path, read_manifest
@@ -152,7 +155,7 @@ def prior_output(path: Path, fingerprint: dict[str, Any], stage: str, *, force: 
     m = read_manifest(path)
     if m is None or m.get("config") != fingerprint:
         failed_attempt = derived and m is not None and m.get("status") != "complete"
-        check_own_output(path, m, stage)  # a folder that is not this stage's is refused even with force
+        check_own_output(path, m, stage, marker=marker)  # a folder not this stage's is refused even with force
         if not force and not failed_attempt:
             check_fingerprint(path, m.get("config") if m else None, fingerprint, stage)
         move_aside(path, *([] if path.is_dir() else [manifest_path(path)]))
@@ -196,6 +199,18 @@ def journaled_output(final: Path, fingerprint: dict[str, Any], stage: str, *, fo
         part.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
     return complete
+
+
+def claim_output(folder: Path, fingerprint: dict[str, Any], stage: str, *, force: bool,
+                 marker: str | None = None) -> bool:
+    """The lifecycle of a stage that writes into its output folder over a long time (train): True when the folder
+    holds this configuration's complete output (skip); else the folder is claimed for this configuration
+    (``begin_output``) and False is returned: its unfinished work, if any, is this configuration's to resume.
+    Another configuration's folder is refused, or with ``force`` moved aside first (``prior_output``)."""
+    if prior_output(folder, fingerprint, stage, force=force, marker=marker):
+        return True
+    begin_output(folder, stage, json.loads(json.dumps(fingerprint, default=str)))
+    return False
 
 
 def begin_output(folder: Path, stage: str, fingerprint: dict[str, Any]) -> None:

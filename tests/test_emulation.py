@@ -1,7 +1,6 @@
 """Emulation engine: the scripted test doubles on all 144 real cases, resume after SIGKILL, real model."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -180,10 +179,10 @@ def test_resume_after_sigkill_gives_the_same_records(tmp_path, full_run):
     """A real subprocess, killed part-way with SIGKILL, then restarted."""
     _, reference = full_run
     exe = str(Path(sys.executable).with_name("agentpipe"))
-    args = [exe, "emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--no-progress",
+    slow = {"agent": "scripted:agent?delay=0.2", "emulator": "scripted:emulator?delay=0.2"}  # the kill lands part-way
+    args = [exe, "emulate", "--agent", slow["agent"], "--emulator", slow["emulator"], "--no-progress",
             "--out", str(tmp_path)]
-    env = {**os.environ, "AGENTPIPE_SCRIPTED_DELAY": "0.4"}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     part = tmp_path / "agent" / "agent_emu-emulator_eval-none_r0-144.jsonl.part"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -201,7 +200,10 @@ def test_resume_after_sigkill_gives_the_same_records(tmp_path, full_run):
     final = part.with_name("agent_emu-emulator_eval-none_r0-144.jsonl")
     raw = final.read_text().splitlines()
     assert len(raw) == 144 and all(json.loads(line) for line in raw)  # no truncated line, no duplicate
-    assert _stable(json.loads(line) for line in raw) == _stable(reference)
+    records = [json.loads(line) for line in raw]
+    assert {(r["agent_model"], r["emulator_model"]) for r in records} == {(slow["agent"], slow["emulator"])}
+    plain = [{**r, "agent_model": "scripted:agent", "emulator_model": "scripted:emulator"} for r in records]
+    assert _stable(plain) == _stable(reference)
     assert not part.exists()
 
 
@@ -391,9 +393,9 @@ def test_a_stage_in_a_log_prints_progress_lines_every_few_seconds(tmp_path):
     """No terminal (a task log, a Slurm job log): no tqdm bar, a progress line every AGENTPIPE_PROGRESS_EVERY s."""
     from tests.conftest import run_agentpipe
 
-    r = run_agentpipe("emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--case-set", "demo",
-                      "--cases", "0-4", "--out", str(tmp_path),
-                      env={"AGENTPIPE_PROGRESS_EVERY": "0.2", "AGENTPIPE_SCRIPTED_DELAY": "0.2"})
+    r = run_agentpipe("emulate", "--agent", "scripted:agent?delay=0.2", "--emulator", "scripted:emulator?delay=0.2",
+                      "--case-set", "demo", "--cases", "0-4", "--out", str(tmp_path),
+                      env={"AGENTPIPE_PROGRESS_EVERY": "0.2"})
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stderr.splitlines() if line.startswith("emulate: ") and "/4 cases" in line]
     assert len(lines) >= 2 and lines[-1].startswith("emulate: 4/4 cases (0 failed, 0 active")

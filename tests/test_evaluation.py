@@ -122,10 +122,9 @@ def test_resume_after_sigkill(trajectories, tmp_path):
                                           replicates=2, temperature=0.5))
     traj = _copy(trajectories, run_dir)
     args = [str(Path(sys.executable).with_name("agentpipe")), "evaluate", "--trajectories", str(traj),
-            "--evaluator", "scripted:judge", "--replicates", "2", "--temperature", "0.5", "--chunk-size", "24",
-            "--no-progress"]
-    proc = subprocess.Popen(args, env={**os.environ, "AGENTPIPE_SCRIPTED_DELAY": "0.2"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            "--evaluator", "scripted:judge?delay=0.2", "--replicates", "2", "--temperature", "0.5", "--chunk-size",
+            "24", "--no-progress"]  # slowed down, so that the kill lands part-way
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     part = run_dir / (ref.eval_files["agent_safe"].name + ".part")
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (part.exists() and part.read_bytes().count(b"\n") >= 24):
@@ -138,9 +137,11 @@ def test_resume_after_sigkill(trajectories, tmp_path):
     assert done.returncode == 0, done.stderr
     for t, path in ref.eval_files.items():
         mine = run_dir / path.name
-        strip = lambda recs: [{**r, "replicates": [{k: v for k, v in x.items() if k != "usage"} for x in r["replicates"]]}
-                              for r in recs]
-        assert strip(read_jsonl(mine, allow_truncated_tail=False).records) == strip(read_jsonl(path).records)
+        ours = read_jsonl(mine, allow_truncated_tail=False).records
+        assert {x["evaluator_model"] for r in ours for x in r["replicates"]} == {"scripted:judge?delay=0.2"}
+        strip = lambda recs: [{**r, "replicates": [{k: v for k, v in x.items() if k not in ("usage", "evaluator_model")}
+                                                   for x in r["replicates"]]} for r in recs]
+        assert strip(ours) == strip(read_jsonl(path).records)
         assert not (run_dir / (path.name + ".part")).exists()
 
 

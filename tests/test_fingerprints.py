@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -185,10 +184,9 @@ def test_a_killed_evaluation_rerun_with_another_seed_is_refused(tmp_path):
     assert p.returncode == 0, p.stderr
     traj = Path(res["outputs"]["trajectories"])
     args = [str(Path(sys.executable).with_name("agentpipe")), "evaluate", "--trajectories", str(traj), "--evaluator",
-            "scripted:judge", "--replicates", "2", "--temperature", "0.5", "--seed", "42", "--chunk-size", "2",
-            "--no-progress"]
-    proc = subprocess.Popen(args, env={**os.environ, "AGENTPIPE_SCRIPTED_DELAY": "0.3"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            "scripted:judge?delay=0.3", "--replicates", "2", "--temperature", "0.5", "--seed", "42", "--chunk-size",
+            "2", "--no-progress"]  # slowed down, so that the kill lands part-way
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     parts = []
     while time.monotonic() < deadline and not parts:
@@ -220,14 +218,17 @@ def test_emulate_rerun_with_another_compat_or_agent_seed_is_refused(tmp_path, tr
 
 
 def test_an_evaluation_whose_every_request_failed_is_incomplete_and_the_rerun_retries_it(tmp_path, trajectory):
-    args = ["evaluate", "--trajectories", str(trajectory), "--evaluator", "scripted:judge", "--metrics", "safe",
-            "--no-progress"]
-    p, res = agentpipe(tmp_path, *args, env={"AGENTPIPE_SCRIPTED_DOWN": "1"})
+    outage = tmp_path / "outage"
+    outage.touch()  # every request of the test double fails while it exists
+    args = ["evaluate", "--trajectories", str(trajectory), "--evaluator", f"scripted:judge?fail_while={outage}",
+            "--metrics", "safe", "--no-progress"]
+    p, res = agentpipe(tmp_path, *args)
     assert p.returncode == 1, p.stdout + p.stderr
     assert res["status"] == "incomplete" and res["counts"]["errors"] == 3 and res["counts"]["scored"] == 0
     assert "evaluate: incomplete: agent_safe with failed requests" in p.stderr and "Traceback" not in p.stderr
     [eval_file] = res["outputs"]["eval_files"].values()
     assert read_manifest(eval_file)["status"] == "incomplete"
+    outage.unlink()
     p, res = agentpipe(tmp_path, *args)  # the outage is over: the same command retries exactly the 3 failed
     assert p.returncode == 0 and res["status"] == "complete", p.stderr
     assert res["counts"]["requests"] == 3 and res["counts"]["errors"] == 0

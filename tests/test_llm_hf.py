@@ -1,6 +1,7 @@
 """The HF transformers backend on the tiny offline model (and SmolLM2-135M, marked slow)."""
 
 import dataclasses
+import re
 import sys
 
 import pytest
@@ -177,6 +178,29 @@ def test_sampling_refuses_a_generation_config_warper_it_does_not_apply(tiny_mode
         assert backend.generate([_req(PROMPTS[0])])[0].ok  # greedy decoding does not sample: unaffected
     finally:
         backend.model.generation_config.min_p = None
+
+
+def test_the_scripted_double_is_slowed_down_or_taken_down_by_its_spec_options(tmp_path):
+    import time
+
+    outage = tmp_path / "outage"
+    spec = parse_model_spec(f"scripted:echo?delay=0.3&fail_while={outage}#Echo_1")
+    assert (spec.model, spec.name, spec.options) == ("echo", "Echo_1", (("delay", "0.3"), ("fail_while", str(outage))))
+    double = get_backend(spec)
+    t0 = time.monotonic()
+    [ok] = double.generate([_req("hello there")])
+    assert ok.text == "hello there" and time.monotonic() - t0 >= 0.3
+    outage.touch()  # the outage begins: every request fails, as a real backend's would
+    [down] = double.generate([_req("hello there")])
+    assert down.error and "scripted outage" in down.error
+    outage.unlink()
+    assert double.generate([_req("again")])[0].text == "again"
+    for bad, said in [("scripted:echo?delay=soon", "delay=soon: expected seconds"),
+                      ("scripted:echo?delay=-1", "delay=-1: expected seconds"),
+                      ("scripted:echo?slow=1", "unknown or empty test-double option 'slow'"),
+                      ("scripted:echo?delay", "expected ?<option>=<value>")]:
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            get_backend(bad)
 
 
 def test_cache_second_identical_run_makes_zero_backend_calls(tmp_path):

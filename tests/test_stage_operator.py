@@ -66,9 +66,9 @@ def test_a_failed_variable_lookup_is_an_error_not_a_silent_local_run(monkeypatch
 
 def test_environment_for_the_stage(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    op = StageOperator(task_id="t", stage="emulate", spec=DEMO, env={"AGENTPIPE_SCRIPTED_DELAY": "1"})
+    op = StageOperator(task_id="t", stage="emulate", spec=DEMO, env={"AGENTPIPE_PROGRESS_EVERY": "1"})
     env = op._stage_env(_context(params={"mlflow_parent_run_id": "parent123"}), tmp_path)
-    assert env["AGENTPIPE_HOME"] == str(tmp_path) and env["AGENTPIPE_SCRIPTED_DELAY"] == "1"
+    assert env["AGENTPIPE_HOME"] == str(tmp_path) and env["AGENTPIPE_PROGRESS_EVERY"] == "1"
     assert env["AGENTPIPE_MLFLOW_PARENT_RUN_ID"] == "parent123"
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     assert env["AIRFLOW_CTX_DAG_ID"] == "d" and env["AIRFLOW_CTX_TASK_ID"] == "t"
@@ -91,8 +91,8 @@ def test_resources_rule_and_override_without_clobbering_airflow_resources():
 
 
 def test_on_kill_local_kills_the_process_group(tmp_path, monkeypatch):
-    monkeypatch.setenv("AGENTPIPE_SCRIPTED_DELAY", "5")  # every batched call of the test double sleeps 5 s
-    op = StageOperator(task_id="k", stage="emulate", spec={**DEMO, "cases": "0-2"}, compute="local",
+    slow = {"agent": "scripted:agent?delay=5", "emulator": "scripted:emulator?delay=5"}  # each batched call: 5 s
+    op = StageOperator(task_id="k", stage="emulate", spec={**DEMO, **slow, "cases": "0-2"}, compute="local",
                        home=str(tmp_path), kill_grace=5)
     spec = tmp_path / "k.json"
     op._write_spec(spec)
@@ -134,13 +134,16 @@ def test_a_stage_refused_for_its_configuration_fails_without_retry(tmp_path):
     op._write_spec(spec)
     with pytest.raises(AirflowFailException, match="(?s)failed with exit code 2.*unknown option 'emulatr'"):
         op._execute_local({}, spec, tmp_path / "bad.result.json", {"AGENTPIPE_HOME": str(tmp_path)}, tmp_path)
-    down = StageOperator(task_id="down", stage="emulate", spec={**DEMO, "cases": "0-2", "max_attempts": 1},
+    outage = tmp_path / "outage"
+    outage.touch()  # every request of the test double fails while it exists
+    down = StageOperator(task_id="down", stage="emulate", spec={**DEMO, "agent": f"scripted:agent?fail_while={outage}",
+                                                                "cases": "0-2", "max_attempts": 1},
                          compute="local", home=str(tmp_path))
     spec = tmp_path / "down.json"
     down._write_spec(spec)
     with pytest.raises(AirflowException) as info:
         down._execute_local({}, spec, tmp_path / "down.result.json",
-                            {"AGENTPIPE_HOME": str(tmp_path), "AGENTPIPE_SCRIPTED_DOWN": "1"}, tmp_path)
+                            {"AGENTPIPE_HOME": str(tmp_path)}, tmp_path)
     assert not isinstance(info.value, AirflowFailException)  # an outage: retried
     assert "is incomplete (exit code 1; counts {'cases': 2, 'failed': 2" in str(info.value)
 

@@ -22,6 +22,11 @@ DEMO = {"agent": "scripted:agent", "emulator": "scripted:emulator", "case_set": 
         "no_progress": True}
 
 
+def _slow(seconds: float) -> dict[str, str]:
+    """The demo's test doubles, each batched call of either waiting ``seconds`` first."""
+    return {"agent": f"scripted:agent?delay={seconds}", "emulator": f"scripted:emulator?delay={seconds}"}
+
+
 def _cancel_when_running(name_part: str, stop: threading.Event, seen: dict) -> None:
     """scancel the job whose name contains name_part once it has run for a moment."""
     while not stop.is_set():
@@ -68,10 +73,10 @@ def slurm_dag_run(slurm_cluster, run_dag, tmp_path_factory):
              default_args={"on_failure_callback": on_failure}) as dag:
         StageOperator(task_id="emulate", stage="emulate", spec=DEMO, **common)
         StageOperator(task_id="invalid", stage="emulate", spec={**DEMO, "case_set": "no-such-set"}, **common)
-        StageOperator(task_id="cancelled", stage="emulate", spec={**DEMO, "cases": "2-4"},
-                      env={"AGENTPIPE_SCRIPTED_DELAY": "3"}, **common)  # keeps the job running long enough
-        StageOperator(task_id="preempted", stage="emulate", spec={**DEMO, "cases": "4-8"},
-                      env={"AGENTPIPE_SCRIPTED_DELAY": "1.5"}, **common)  # cases end in rounds 2, 2, 3, 4
+        StageOperator(task_id="cancelled", stage="emulate", spec={**DEMO, **_slow(3), "cases": "2-4"},
+                      **common)  # keeps the job running long enough
+        StageOperator(task_id="preempted", stage="emulate", spec={**DEMO, **_slow(1.5), "cases": "4-8"},
+                      **common)  # cases end in rounds 2, 2, 3, 4
     stop, seen, requeued = threading.Event(), {}, {}
     canceller = threading.Thread(target=_cancel_when_running, args=(f"{DAG_ID}.cancelled.", stop, seen),
                                  daemon=True)

@@ -198,14 +198,19 @@ def test_dpo_tiny_learns_saves_loads_and_merges(tiny_model, toy_pairs, tmp_path)
     again = merge(adapter, tracking_uri=DOWN)
     assert again.skipped and again.out == m.out and again.max_abs_logit_diff == m.max_abs_logit_diff
     assert (m.out / "config.json").stat().st_mtime_ns == stamp
-    cfg_path = m.out / "merge_config.json"  # a merge recorded before adapter fingerprints: judged by timestamps
-    legacy = {k: v for k, v in json.loads(cfg_path.read_text()).items() if k != "adapter_sha256"}
-    cfg_path.write_text(json.dumps(legacy))
-    assert merge(adapter, tracking_uri=DOWN).skipped
-    future = time.time() + 3600  # ... and an adapter retrained after it is not that merge
-    os.utime(adapter / "adapter_model.safetensors", (future, future))
-    with pytest.raises(ConfigError, match="not this merge"):
+    weights = adapter / "adapter_model.safetensors"  # an adapter retrained in place is not that merge
+    trained = weights.read_bytes()
+    weights.write_bytes(trained + b" ")
+    with pytest.raises(ConfigError, match=r"made by a different merge configuration \(adapter_sha256 \"[0-9a-f]+\" → "):
         merge(adapter, tracking_uri=DOWN)
+    weights.write_bytes(trained)
+    (m.out / "manifest.json").unlink()  # a merged folder that records no merge fingerprint: refused, not guessed
+    with pytest.raises(ConfigError, match="records no merge configuration.*--force"):
+        merge(adapter, tracking_uri=DOWN)
+    assert (m.out / "config.json").stat().st_mtime_ns == stamp
+    redone = merge(adapter, tracking_uri=DOWN, force=True)  # with --force: kept aside, merged again
+    assert not redone.skipped and len(list(m.out.parent.glob("merged.replaced-*"))) == 1
+    assert (m.out / "manifest.json").is_file()
     other = shutil.copytree(adapter, tmp_path / "other" / "adapter")
     with pytest.raises(ConfigError, match=r"made by a different merge configuration \(adapter \".*/adapter\" → "
                        r"\".*/other/adapter\"\); .*--force"):

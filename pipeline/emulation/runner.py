@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+import pipeline.emulation.doubles  # noqa: F401 - registers the test doubles scripted:agent and scripted:emulator
 from pipeline.data.cases import CaseSet, load_named_case_set
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.locks import writer_lock

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
+import pipeline.evaluation.doubles  # noqa: F401 - registers the test double scripted:judge
 from pipeline.data.jsonl import atomic_write_json, atomic_write_text, dumps, read_jsonl
 from pipeline.data.manifest import manifest_path, read_manifest
 from pipeline.data.naming import parse_run_filename

@@ -20,6 +20,7 @@ from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
+import pipeline.evaluation.doubles  # noqa: F401 - registers the test double scripted:judge
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import file_digest, write_manifest

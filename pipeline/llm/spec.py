@@ -4,8 +4,10 @@
 * ``vllm:<id or path>`` → vLLM offline engine
 * ``openai:<model>`` → any OpenAI-compatible endpoint (base URL from settings); bare ``gpt-*`` names too
 * ``<base>+<adapter_path>`` → a LoRA adapter on top of the base (HF and vLLM)
-* ``scripted:<script>[#<name>]`` → the deterministic test double (tests and rehearsals only, never a default),
-  named ``<name>`` in run-file and folder names when given (a rehearsal's double of a model the study did not record)
+* ``scripted:<script>[?<option>=<value>&…][#<name>]`` → the deterministic test double (tests and rehearsals only,
+  never a default), named ``<name>`` in run-file and folder names when given (a rehearsal's double of a model the
+  study did not record); its options (``pipeline.llm.scripted``) slow it down or make it fail, for tests of
+  interruptions and outages
 * ``replay:<run file or folder>[#<name>]`` → the outputs a recording holds, per case and role (the agent and
   emulator: ``pipeline.emulation.replay``; the judge: ``pipeline.evaluation.replay``); ``<name>`` is the name the
   replayed model takes in run-file and folder names (default: the path's, when short and not itself a run
@@ -38,6 +40,8 @@ class ModelSpec:
     #: ``replay:<path>#<label>`` / ``scripted:<script>#<label>``: the name the model takes in file names (already in
     #: file-name form)
     label: str | None = None
+    #: ``scripted:<script>?<option>=<value>&…``: the test double's options, as given (not part of ``name``)
+    options: tuple[tuple[str, str], ...] = ()
 
     @property
     def load_id(self) -> str:
@@ -79,6 +83,10 @@ def parse_model_spec(spec: str) -> ModelSpec:
     if backend in ("replay", "scripted") and "#" in body:  # the optional #label: the name in file names
         body, _, label = body.rpartition("#")
         _check_label(raw, label)
+    options: tuple[tuple[str, str], ...] = ()
+    if backend == "scripted" and "?" in body:
+        body, _, query = body.partition("?")
+        options = _options(raw, query)
     base, plus, adapter = body.partition("+")
     if backend == "replay":  # a file or folder path (no adapter, no nickname)
         base, plus, adapter = body, "", ""
@@ -93,7 +101,18 @@ def parse_model_spec(spec: str) -> ModelSpec:
     if backend in ("hf", "vllm") and "Bnt" in model:
         enable_thinking = False
     return ModelSpec(raw=raw, backend=backend, model=model, adapter=adapter or None, enable_thinking=enable_thinking,
-                     label=label)
+                     label=label, options=options)
+
+
+def _options(raw: str, query: str) -> tuple[tuple[str, str], ...]:
+    """``a=1&b=2`` → ``(("a", "1"), ("b", "2"))``; which names a backend accepts is the backend's to check."""
+    out = []
+    for item in query.split("&"):
+        key, eq, value = item.partition("=")
+        if not key or not eq:
+            raise ConfigError(f"model spec '{raw}': expected ?<option>=<value>&… after the script name, got '{item}'")
+        out.append((key, value))
+    return tuple(out)
 
 
 #: The longest path-derived replay name (a run file's name holds three model names and must stay under 255 bytes).

@@ -39,12 +39,11 @@ from typing import Any
 
 from pipeline.data.jsonl import atomic_write_json, remove_dead_temps, temp_prefix
 from pipeline.data.manifest import file_digest, read_manifest, write_manifest
-from pipeline.data.manifest import is_complete as manifest_complete
 from pipeline.data.split import test_cases as split_test_cases
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.training.config import TrainConfig
 from pipeline.data.locks import writer_lock
-from pipeline.stage import StageResult, check_fingerprint, check_out_not_inputs, check_own_output, move_aside
+from pipeline.stage import StageResult, begin_output, check_out_not_inputs, claim_output
 from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
 from pipeline.training.naming import (base_nickname, dataset_name, default_model_dir, is_both_dataset, model_name,
                                       parent_model_dir, read_training_config)
@@ -431,7 +430,6 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
             raise ConfigError(f"{out}: cannot resume: the train/test split differs from the interrupted run's "
                               f"({TRAINING_CONFIG}); use the same pairs and --seed, or --force to start over")
         resume_from = last_checkpoint(out / CHECKPOINTS)
-    out.mkdir(parents=True, exist_ok=True)
     existing = out / TRAINING_CONFIG
     if not existing.is_file():
         atomic_write_json(existing, {
@@ -443,7 +441,6 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
             "pairs_sha256": pairs_sha, "data_stats": data.stats, "lineage": lin, "model_context": context,
             "precompute_ref_log_probs_used": precompute, "precompute_ref_log_probs_rule": why,
             "tracking_journal": str(TRACKING_TRAIN), "config": cfg.model_dump(mode="json"),
-            "fingerprint": json.loads(json.dumps(fp, default=str)),
         })
 
     from pipeline.tracking import Tracker
@@ -472,28 +469,23 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
 
 def _prior_model(cfg: TrainConfig, name: str, out: Path,
                  fp: dict[str, Any]) -> tuple[dict[str, Any] | None, TrainResult | None]:
-    """What the model folder holds: (the interrupted run's training config to resume, None), or (None, the
-    finished result) when this configuration trained it already; another configuration's model is refused (or,
-    with ``force``, moved aside)."""
-    existing = out / TRAINING_CONFIG
-    for written in (existing, out / "manifest.json", out / ADAPTER):  # a killed writer's leftovers are nobody's
+    """What the model folder holds, by the stage lifecycle (``claim_output``): (None, the finished result) when
+    this configuration trained it already; else (the interrupted run's training config to resume, or None) with
+    the folder claimed for this configuration. Another configuration's model is refused (or, with ``force``, moved
+    aside); a folder of other things is never moved."""
+    for written in (out / TRAINING_CONFIG, out / ADAPTER):  # a killed writer's leftovers are nobody's
         remove_dead_temps(written)
-    prev = json.loads(existing.read_text()) if existing.is_file() else None
-    recorded = (read_manifest(out) or {}).get("config") if (out / "manifest.json").is_file() else (
-        prev.get("fingerprint") if prev else None)
-    if out.is_dir() and any(out.iterdir()) and recorded != json.loads(json.dumps(fp, default=str)):
-        if not cfg.force:
-            check_fingerprint(out, recorded, json.loads(json.dumps(fp, default=str)), "train")
-        check_own_output(out, read_manifest(out), "train", marker=TRAINING_CONFIG)  # never a folder of other things
-        for moved in move_aside(out):
-            log.warning("kept aside: %s", moved)
-        return None, None
-    if manifest_complete(out, fp) and (out / ADAPTER / "adapter_config.json").is_file():
+    done = claim_output(out, fp, "train", force=cfg.force, marker=TRAINING_CONFIG)
+    if done and (out / ADAPTER / "adapter_config.json").is_file():
         m = read_manifest(out) or {}
         log.info("%s: already trained (manifest complete)", out)
         return None, TrainResult(name=name, out=out, adapter=out / ADAPTER, global_step=m.get("counts", {}).get(
             "global_step", 0), metrics=m.get("counts", {}), skipped=True)
-    return prev, None
+    if done:  # complete, but its adapter is gone: trained again (from its last checkpoint, if any)
+        log.warning("%s: the manifest says complete but %s/ is missing: training again", out, ADAPTER)
+        begin_output(out, "train", json.loads(json.dumps(fp, default=str)))
+    existing = out / TRAINING_CONFIG
+    return (json.loads(existing.read_text()) if existing.is_file() else None), None
 
 
 def _log_inputs(tracker: Any, cfg: TrainConfig, dataset: str, epochs: float, base_path: str, pairs_sha: str,

@@ -11,8 +11,10 @@ adapter in and the merged model must reproduce those logits within ``atol`` (def
 the base's dtype unless ``dtype`` says otherwise) with the adapter's tokenizer and ``merge_config.json`` (source
 model, adapter, timestamp, adapter config, the measured max logit differences), reloaded from disk in the same
 precision and checked again (the saved weights must pass too when saved in float32). An existing model in the
-output folder is never overwritten: rerunning the same merge (same adapter weights, base and dtype, as recorded in
-``merge_config.json``) returns it as done (``skipped``); any other model there is an error. The merged folder is
+output folder is never overwritten: the folder's manifest records the merge's fingerprint (adapter path and weights'
+sha256, base and dtype), and the stage lifecycle (``pipeline.stage.prior_output``) returns the same merge as done
+(``skipped``), refuses another (naming what differs; ``force`` moves it aside) and refuses a folder of anything
+else, with or without ``force``. The merged folder is
 a standalone model: the base for a second training stage (sequential finetuning) or an agent for evaluation.
 """
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
@@ -34,14 +35,12 @@ from pydantic import Field
 
 from pipeline.data.jsonl import atomic_write_json, remove_dead_temps, temp_prefix
 from pipeline.data.locks import writer_lock
-from pipeline.data.manifest import read_manifest, write_manifest
+from pipeline.data.manifest import write_manifest
 from pipeline.errors import ConfigError, DataError
-from pipeline.stage import (FingerprintMismatch, StageConfig, StageResult, check_fingerprint, check_out_not_inputs,
-                            check_own_output, move_aside)
+from pipeline.stage import StageConfig, StageResult, check_out_not_inputs, prior_output
 from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
 from pipeline.training.naming import read_training_config
 
-log = logging.getLogger("pipeline.training")
 
 MERGE_CONFIG = "merge_config.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -61,15 +60,6 @@ class MergeResult:
     verify_dtype: str = "float32"
     mlflow_run_id: str | None = None
     skipped: bool = False  # this merge was already done: nothing was recomputed
-
-
-def _existing_model_files(out: Path) -> list[str]:
-    if not out.is_dir():
-        return []
-    names = []
-    for pattern in ("config.json", MERGE_CONFIG, "tokenizer_config.json", "model*.safetensors", "pytorch_model*.bin"):
-        names += [p.name for p in out.glob(pattern)]
-    return sorted(names)
 
 
 def resolve_adapter(adapter: str | Path) -> Path:
@@ -184,29 +174,20 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
         raise ConfigError(f"--adapter {adapter}: not in a trained model folder (<model>/adapter); pass --out")
     check_out_not_inputs(out_dir, [adapter_dir, *([Path(base_ref)] if Path(base_ref).exists() else [])], "merge")
     adapter_sha256 = _adapter_fingerprint(adapter_dir)
+    from pipeline.training.dpo import resolve_model_path
+
+    base_path = resolve_model_path(base_ref)
+    save_dtype = dtype if dtype != "auto" else _config_dtype(base_path)
+    fp = _fingerprint(adapter_dir, adapter_sha256, base_ref, save_dtype)
     with writer_lock(out_dir, wait=wait, what="merged model folder"):
-        existing = _existing_model_files(out_dir)
-        if existing:
-            done = _same_merge(out_dir, adapter_dir, adapter_sha256, base_ref, dtype)
-            if done is not None:
-                if not _tracked(done):  # a crash after the folder was in place, before its run was journaled
-                    done.mlflow_run_id = _track(done, _lineage(adapter_dir), tracking_uri, register_model,
-                                                time.perf_counter() - t0)
-                return done
-            if not force:
-                recorded = (read_manifest(out_dir) or {}).get("config")
-                if recorded is not None:  # name what differs when the folder says what made it
-                    same_dtype = recorded.get("dtype") if dtype == "auto" else dtype  # auto: what it resolved to
-                    check_fingerprint(out_dir, recorded,
-                                      _fingerprint(adapter_dir, adapter_sha256, base_ref, same_dtype), "merge")
-                raise FingerprintMismatch(f"{out_dir}: already holds a model ({', '.join(existing[:3])}) that is "
-                                          f"not this merge of {adapter_dir}; pass another --out, or --force to "
-                                          "keep it aside")
-            check_own_output(out_dir, read_manifest(out_dir), "merge", marker=MERGE_CONFIG)  # never another model
-            for moved in move_aside(out_dir):
-                log.warning("kept aside: %s", moved)
-        return _merge_locked(adapter_dir, adapter_cfg, lineage, adapter_sha256, base_ref, out_dir, dtype, atol,
-                             tracking_uri, register_model, t0)
+        remove_dead_temps(out_dir)  # a killed merge's half-saved model (gigabytes)
+        if prior_output(out_dir, fp, "merge", force=force, marker=MERGE_CONFIG):
+            done = _recorded_merge(out_dir, adapter_dir, base_ref)
+            if not _tracked(done):  # a crash after the folder was in place, before its run was journaled
+                done.mlflow_run_id = _track(done, lineage, tracking_uri, register_model, time.perf_counter() - t0)
+            return done
+        return _merge_locked(adapter_dir, adapter_cfg, lineage, adapter_sha256, base_ref, base_path, out_dir,
+                             save_dtype, atol, tracking_uri, register_model, t0)
 
 
 def _fingerprint(adapter_dir: Path, adapter_sha256: str, base: str, dtype: str) -> dict[str, Any]:
@@ -214,21 +195,15 @@ def _fingerprint(adapter_dir: Path, adapter_sha256: str, base: str, dtype: str) 
 
 
 def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], lineage: dict[str, Any], adapter_sha256: str,
-                  base_ref: str, out_dir: Path, dtype: str, atol: float, tracking_uri: str | None,
+                  base_ref: str, base_path: str, out_dir: Path, save_dtype: str, atol: float, tracking_uri: str | None,
                   register_model: bool, t0: float) -> MergeResult:
-
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.training.dpo import resolve_model_path
-
-    base_path = resolve_model_path(base_ref)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_path)
     tok = AutoTokenizer.from_pretrained(str(tok_src))
-    save_dtype = dtype if dtype != "auto" else _config_dtype(base_path)
     model, compute = _load_base(base_path, device)
     try:
         peft_model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
@@ -245,7 +220,6 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], lineage: dict[
                         f"(> {atol:g}); not saved")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temps(out_dir)  # a killed merge's half-saved model (gigabytes)
     tmp = out_dir.with_name(f"{temp_prefix(out_dir)}merge")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -300,26 +274,9 @@ def _adapter_fingerprint(adapter_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _same_merge(out_dir: Path, adapter_dir: Path, adapter_sha256: str, base_ref: str,
-                dtype: str) -> MergeResult | None:
-    """The recorded result when ``out_dir`` holds exactly this merge, else None."""
-    try:
-        cfg = json.loads((out_dir / MERGE_CONFIG).read_text())
-    except (OSError, ValueError):
-        return None
-    recorded = cfg.get("adapter_sha256")
-    if recorded is None:  # merged before fingerprints were recorded: the adapter must not be newer than the merge
-        try:
-            merged_at = datetime.fromisoformat(cfg["merge_timestamp"]).timestamp()
-        except (KeyError, TypeError, ValueError):
-            return None
-        unchanged = all(f.stat().st_mtime <= merged_at + 1 for f in adapter_dir.glob("adapter_model*"))
-    else:
-        unchanged = recorded == adapter_sha256
-    same = (unchanged and cfg.get("adapter_path") == str(adapter_dir) and cfg.get("source_model") == base_ref
-            and dtype in ("auto", cfg.get("dtype")))
-    if not same:
-        return None
+def _recorded_merge(out_dir: Path, adapter_dir: Path, base_ref: str) -> MergeResult:
+    """The result a complete merge recorded in its folder (``merge_config.json``)."""
+    cfg = json.loads((out_dir / MERGE_CONFIG).read_text())
     return MergeResult(out=out_dir, adapter=adapter_dir, base=base_ref, max_abs_logit_diff=cfg["max_abs_logit_diff"],
                        max_abs_logit_diff_saved=cfg["max_abs_logit_diff_saved"], dtype=cfg["dtype"],
                        verify_dtype=cfg.get("verify_dtype", "float32"), skipped=True)
