@@ -60,7 +60,7 @@ def main() -> None:
           f"{args.judge} ({args.dtype}), metrics {args.metrics}, {args.replicates} replicates, "
           f"<= {args.max_new_tokens} new tokens")
     _run(src, "warm-up (not counted)", **{**common, "replicates": 1, "temperature": 0.0, "max_new_tokens": 1})
-    from pipeline.llm.hf import _PREFIX_CACHES
+    from pipeline.llm.hf.prefix import PREFIX_CACHES as _PREFIX_CACHES
 
     for cache in _PREFIX_CACHES.values():
         cache.clear()

@@ -13,7 +13,7 @@ BROAD = {"Exception", "BaseException"}
 
 #: (file, function) → why a broad handler there may end without raising
 ALLOWED: dict[tuple[str, str], str] = {
-    ("pipeline/llm/hf.py", "generate"): "a request whose chat template fails, or a batch whose generation fails, "
+    ("pipeline/llm/hf/backend.py", "generate"): "a request whose chat template fails, or a batch whose generation fails, "
     "becomes failure responses for those requests (recorded, counted, retried by a rerun); OOM halves the batch",
     ("pipeline/llm/openai_backend.py", "_complete"): "every API failure is classified: retried, or a failure "
     "response recorded with its error",

@@ -74,7 +74,7 @@ def test_smollm2_greedy_outputs_are_identical_and_most_prompt_tokens_are_reused(
 
 
 def test_the_cache_keeps_one_entry_per_episode_and_stays_within_its_budget(tiny_model):
-    from pipeline.llm.prefix_cache import PrefixCache
+    from pipeline.llm.hf.prefix import PrefixCache
 
     _, reuse = _backends(str(tiny_model))
     for batch in _rounds(GenerationConfig(max_new_tokens=4)):

@@ -10,6 +10,10 @@ byte budget; a lookup returns the entry with the longest common token prefix. An
 (the same episode one step later: the common prefix covers most of it) is replaced by the new one, so an
 episode holds one entry however long it runs and a round of N episodes fits in N entries; otherwise the least
 recently used entries go first.
+
+``forward_reusing`` runs one unpadded prompt from its longest cached prefix (and caches its own keys and values in
+turn); ``prefill_alone`` builds a batch's cache from such passes, one prompt at a time. ``PREFIX_CACHES`` holds one
+``PrefixCache`` per loaded model, shared by every backend on those weights (an agent and its emulator).
 """
 
 from __future__ import annotations
@@ -130,3 +134,80 @@ def default_budget_bytes(device_type: str) -> int:
     except (ValueError, OSError, AttributeError):
         total = 16 * 2**30
     return int(min(4 * 2**30, total // 4))
+
+
+#: loaded model key → its prompt-prefix KV cache (shared by every backend on those weights: agent and emulator)
+PREFIX_CACHES: dict[tuple, PrefixCache] = {}
+
+
+def forward_reusing(model: Any, prefix: PrefixCache | None, ids: Any, name: str | None, adapter: dict[str, Any],
+                    keep: int = 1) -> tuple[Any, Any]:
+    """One unpadded prompt's forward pass (logits of its last ``keep`` tokens) and its plain DynamicCache, starting
+    from the longest cached prefix when ``prefix`` has one; the result is cached in turn. The cache is None for
+    models whose cache is not a plain DynamicCache (nothing is reused or kept: the caller stops reusing)."""
+    from transformers import DynamicCache
+
+    row = ids[0].cpu()
+    n, key, layers = prefix.lookup(row, name) if prefix is not None else (0, None, [])
+    n = min(n, int(row.numel()) - keep)  # the last ``keep`` tokens run: their logits are wanted
+    if n > 0:
+        past = DynamicCache(ddp_cache_data=[(k[:, :, :n], v[:, :, :n]) for k, v in layers], config=model.config)
+        out = model(input_ids=ids[:, n:], use_cache=True, logits_to_keep=keep, **{cache_keyword(): past}, **adapter)
+    else:
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=keep, **adapter)
+    _, cache = output_cache(out)
+    if cache is None or type(cache) is not DynamicCache or any(
+            type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        return out, None  # this model's cache cannot be cropped and padded
+    if prefix is not None:
+        prefix.store(row, name, [(layer.keys, layer.values) for layer in cache.layers], (n, key))
+    return out, cache
+
+
+def prefill_alone(forward: Any, model: Any, enc: Any, names: list[str] | None = None) -> tuple[str, Any] | None:
+    """The batch's KV cache over all but each prompt's last token, computed one unpadded prompt at a time
+    (identical prompts, e.g. an evaluation's replicates, once; ``forward(ids, name, adapter)`` is the backend's
+    ``forward_reusing``) and left-padded into one cache, with the keyword ``generate`` takes it by; None (use the
+    batched prefill) when the model's cache is not a plain one."""
+    import torch
+    from transformers import DynamicCache
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    width = ids.shape[1] - 1
+    rows, done = [], {}
+    for row in range(ids.shape[0]):
+        n = int(mask[row].sum())
+        if n < 2:
+            return None
+        head = ids[row:row + 1, ids.shape[1] - n:-1]
+        name = names[row] if names is not None else None
+        key = (tuple(head[0].tolist()), name)
+        if key not in done:
+            _, cache = forward(head, name, {"adapter_names": [name]} if names is not None else {})
+            if cache is None:
+                return None  # sliding-window or hybrid caches: not padded here
+            done[key] = cache
+        rows.append(done[key])
+    layers = []
+    for i in range(len(rows[0].layers)):
+        keys = [torch.nn.functional.pad(c.layers[i].keys, (0, 0, width - c.layers[i].keys.shape[-2], 0))
+                for c in rows]
+        values = [torch.nn.functional.pad(c.layers[i].values, (0, 0, width - c.layers[i].values.shape[-2], 0))
+                  for c in rows]
+        layers.append((torch.cat(keys), torch.cat(values)))
+    return cache_keyword(), DynamicCache(ddp_cache_data=layers, config=model.config)
+
+
+def output_cache(out: Any) -> tuple[str, Any]:
+    """(keyword, cache) of a forward pass's KV cache: transformers 5.2x calls it ``cache``, earlier 5.x lines
+    (the one vLLM pins) ``past_key_values``; ``generate`` takes it by the same name."""
+    fields = getattr(out, "__dataclass_fields__", {})
+    name = "cache" if "cache" in fields else "past_key_values"
+    return name, getattr(out, name, None)
+
+
+def cache_keyword() -> str:
+    """The keyword a forward pass takes its KV cache by (the name of the output field, see ``output_cache``)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
