@@ -15,7 +15,8 @@ from pipeline.data import split
 from pipeline.errors import ConfigError
 from pipeline.training import TrainConfig, merge, train
 from pipeline.training import token_cache
-from pipeline.training.dpo import load_tokenizer, prepare_data, ref_log_probs_plan
+from pipeline.training.data import prepare_data, ref_log_probs_plan
+from pipeline.training.models import load_tokenizer
 from tests.test_train import DOWN, tiny_cfg, toy_pair, write_pairs
 
 

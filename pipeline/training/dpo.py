@@ -1,4 +1,6 @@
 """DPO + LoRA training (SPEC §6): trl ``DPOTrainer`` with a peft adapter, checkpoints and resume, MLflow tracking.
+The pairs a run uses are prepared in ``pipeline.training.data``, the base model and tokenizer loaded in
+``pipeline.training.models``; this module is the stage: its lifecycle, the trainer run and what it records.
 
     from pipeline.training import TrainConfig, train
     result = train(TrainConfig(model="Qwen2.5-7B", pairs="runs/pairs/safe_q32_s0.jsonl", seed=0))
@@ -38,23 +40,19 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.data.jsonl import atomic_write_json, remove_dead_temps, temp_prefix
-from pipeline.data.manifest import file_digest, read_manifest, write_manifest
-from pipeline.data.split import test_cases as split_test_cases
-from pipeline.errors import ConfigError, DataError, PipelineError
-from pipeline.training.config import TrainConfig
 from pipeline.data.locks import writer_lock
+from pipeline.data.manifest import file_digest, read_manifest, write_manifest
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.stage import StageResult, begin_output, check_out_not_inputs, claim_output
-from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
-from pipeline.training.naming import (base_nickname, dataset_name, default_model_dir, is_both_dataset, model_name,
+from pipeline.training.config import TrainConfig
+from pipeline.training.data import TrainingData, check_context, load_training_pairs, prepare_data, ref_log_probs_plan
+from pipeline.training.models import load_model, load_tokenizer, resolve_model_path
+from pipeline.training.naming import (ADAPTER, CHECKPOINTS, TRACKING_TRAIN, TRAINING_CONFIG, TRAINING_METRICS,
+                                      base_nickname, dataset_name, default_model_dir, is_both_dataset, model_name,
                                       parent_model_dir, read_training_config)
+from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
 
 log = logging.getLogger("pipeline.training")
-
-CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
-TRAINING_CONFIG = "training_config.json"
-TRAINING_METRICS = "training_metrics.json"
-TRACKING_TRAIN = Path("tracking") / "train"
 
 
 class Preempted(PipelineError):
@@ -73,30 +71,6 @@ class TrainResult:
     resumed_from: str | None = None
     skipped: bool = False
     mlflow_run_id: str | None = None
-
-
-# ------------------------------------------------------------------------------------------------ model paths
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists()
-
-
-def resolve_model_path(model: str) -> str:
-    """What ``from_pretrained`` loads for a base spec: a local folder (a trained model folder means its
-    ``merged/``), an offline model built on demand, or a Hub id."""
-    from pipeline.data.naming import expand_model_name
-    from pipeline.llm.local_models import check_hub_model, resolve_local_model
-
-    if _looks_like_path(model):
-        p = Path(model).expanduser()
-        if (p / "config.json").is_file():
-            return str(p.resolve())
-        if (p / "merged" / "config.json").is_file():
-            return str((p / "merged").resolve())
-        raise ConfigError(f"--model {model}: not a model folder (no config.json"
-                          f"{'; merge the adapter first with `agentpipe merge`' if (p / ADAPTER).is_dir() else ''})")
-    path = resolve_local_model(expand_model_name(model))
-    check_hub_model(path)
-    return path
 
 
 def lineage(model: str, dataset: str, seed: int, beta: float) -> dict[str, str]:
@@ -129,225 +103,6 @@ def last_checkpoint(folder: Path) -> Path | None:
         if state.get("global_step") == step and (best is None or step > best[0]):
             best = (step, p)
     return best[1] if best else None
-
-
-# ------------------------------------------------------------------------------------------------------ data
-@dataclass
-class _Data:
-    """The training and validation pairs, tokenised (``datasets.Dataset`` rows of ``token_cache.COLUMNS``)."""
-
-    train: Any
-    val: Any
-    stats: dict[str, Any]
-    train_cases: list[int]
-    test_cases: list[int]
-
-
-def _default_val_file(pairs: Path, seed: int) -> Path | None:
-    stem = pairs.name[: -len(".jsonl")] if pairs.name.endswith(".jsonl") else pairs.stem
-    if stem.endswith(f"_s{seed}"):
-        candidate = pairs.with_name(f"{stem}_test.jsonl")
-        return candidate if candidate.is_file() else None
-    return None
-
-
-def load_training_pairs(path: str | Path, option: str = "--pairs") -> list[dict[str, Any]]:
-    """The pairs file's records (``option`` names it in errors); an empty file is a ``DataError``."""
-    from pipeline.data.pairs import load_pairs
-
-    if not Path(path).is_file():
-        raise DataError(f"{option} {path}: pairs file not found")
-    pairs = load_pairs(path)
-    if not pairs:
-        raise DataError(f"{path}: empty pair set; expected at least one preference pair")
-    return pairs
-
-
-def _fits(tokens: Any, idx: list[int], cfg: TrainConfig) -> tuple[list[int], int]:
-    """(indices of the pairs within ``max_length`` / ``max_prompt_length``, number dropped): SPEC §6.2, pairs
-    above the limits are dropped, never truncated."""
-    import pyarrow.compute as pc
-
-    lengths = tokens.select_columns(["prompt_length", "chosen_length", "rejected_length"]).to_dict()
-    # trl also drops a pair whose prompt part alone fills max_length (no completion token would be left)
-    shared_prompt = pc.list_value_length(tokens.data.column("prompt_ids")).to_numpy()
-    kept = [i for i in idx if lengths["prompt_length"][i] <= cfg.max_prompt_length
-            and max(lengths["chosen_length"][i], lengths["rejected_length"][i]) <= cfg.max_length
-            and shared_prompt[i] < cfg.max_length]
-    return kept, len(idx) - len(kept)
-
-
-def _longest(tokens: Any, idx: list[int]) -> int:
-    """The longest prompt + completion (tokens) among the rows ``idx``."""
-    if not idx:
-        return 0
-    lengths = tokens.select_columns(["chosen_length", "rejected_length"]).to_dict()
-    return max(max(lengths["chosen_length"][i], lengths["rejected_length"][i]) for i in idx)
-
-
-def prepare_data(cfg: TrainConfig, tokenizer: Any, pairs: list[dict[str, Any]] | None = None, *,
-                 model_path: str | None = None, pairs_sha: str | None = None, home: Path | None = None) -> _Data:
-    """Load (unless given), split (SPEC §5/§6.2), tokenise (cached: ``token_cache``) and length-filter the pairs.
-    ``model_path``: where the tokenizer's files are (default ``cfg.model`` resolved)."""
-    from datasets import concatenate_datasets
-
-    from pipeline.data.hashcache import cached_file_digest
-    from pipeline.training.token_cache import tokenized_pairs
-
-    pairs_path = Path(cfg.pairs)
-    if pairs is None:
-        pairs = load_training_pairs(pairs_path)
-    model_path = model_path or resolve_model_path(cfg.model)
-    tokens = tokenized_pairs(pairs, pairs_sha or cached_file_digest(pairs_path), tokenizer, model_path, home=home)
-    test = split_test_cases(cfg.seed)
-    test_set = set(test)
-    train_idx = [i for i, p in enumerate(pairs) if p["case_idx"] not in test_set]
-    val_idx = [i for i, p in enumerate(pairs) if p["case_idx"] in test_set]
-    n_train_raw = len(train_idx)
-    train_idx, dropped_train = _fits(tokens, train_idx, cfg)
-    val_parts = []
-    n_val_raw = len(val_idx)
-    val_idx, dropped_val = _fits(tokens, val_idx, cfg)
-    val_cases = {pairs[i]["case_idx"] for i in val_idx}
-    if val_idx:
-        val_parts.append(tokens.select(val_idx))
-    val_file = Path(cfg.val_pairs) if cfg.val_pairs else _default_val_file(pairs_path, cfg.seed)
-    if val_file is not None:
-        extra = load_training_pairs(val_file, "--val-pairs")
-        leaked = sorted({p["case_idx"] for p in extra} - test_set)
-        if leaked:
-            raise DataError(f"{val_file}: validation pairs of train cases of seed {cfg.seed} (e.g. case "
-                            f"{leaked[0]}); expected only the seed's test cases")
-        extra_tokens = tokenized_pairs(extra, cached_file_digest(val_file), tokenizer, model_path, home=home)
-        extra_idx, extra_dropped = _fits(extra_tokens, list(range(len(extra))), cfg)
-        n_val_raw += len(extra)
-        dropped_val += extra_dropped
-        val_cases |= {extra[i]["case_idx"] for i in extra_idx}
-        if extra_idx:
-            val_parts.append(extra_tokens.select(extra_idx))
-    if not train_idx:
-        raise DataError(f"{pairs_path}: no training pairs for seed {cfg.seed} ({len(pairs)} pairs, "
-                        f"{len(pairs) - n_train_raw} of them in test cases, {dropped_train} too long); expected a "
-                        "non-empty training set")
-    train_cases = sorted({pairs[i]["case_idx"] for i in train_idx})
-    val = concatenate_datasets(val_parts) if len(val_parts) > 1 else (val_parts[0] if val_parts else None)
-    n_val = len(val) if val is not None else 0
-    stats = {"pairs_total": len(pairs), "train_pairs": len(train_idx), "val_pairs": n_val,
-             "train_pairs_before_length_filter": n_train_raw, "val_pairs_before_length_filter": n_val_raw,
-             "dropped_too_long_train": dropped_train, "dropped_too_long_val": dropped_val,
-             "train_cases": len(train_cases), "val_cases": len(val_cases),
-             "longest_train_pair_tokens": _longest(tokens, train_idx),
-             "longest_val_pair_tokens": max((_longest(part, list(range(len(part)))) for part in val_parts),
-                                            default=0),
-             "val_source": str(val_file) if val_file else "pairs file (test cases)"}
-    return _Data(tokens.select(train_idx), val, stats, train_cases, test)
-
-
-def model_context(model_path: str) -> int | None:
-    """The model's context length (``max_position_embeddings`` or its older names), None when it declares none."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(text, attr, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def check_context(cfg: TrainConfig, data: _Data, model_path: str) -> int | None:
-    """Refuse (one line) when kept pairs are longer than the model's context: they would be trained past the
-    positions the model was built for. The limits keep their study meaning (pairs above them are dropped); a
-    shorter model needs a lower ``--max-length``, chosen by the researcher, never silently."""
-    context = model_context(model_path)
-    longest = max(data.stats["longest_train_pair_tokens"], data.stats.get("longest_val_pair_tokens", 0))
-    if context is not None and longest > context:
-        raise ConfigError(f"--max-length {cfg.max_length}: kept pairs are up to {longest} tokens but {model_path} "
-                          f"has a {context}-token context (max_position_embeddings); rerun with --max-length "
-                          f"{context} (or lower) to drop the longer pairs, counted in data_stats")
-    return context
-
-
-def ref_log_probs_plan(cfg: TrainConfig, n_train: int, epochs: float) -> tuple[bool, str]:
-    """(precompute the reference log-probs?, why). ``precompute_ref_log_probs`` None (auto): precompute once over
-    the training set when the run sees all of it (no ``max_steps``, or ``max_steps`` × batch × gradient
-    accumulation × processes ≥ the training pairs), else compute them on the fly for the pairs drawn (a short
-    run would otherwise score every pair to use a few). Either way each step's loss uses the same reference."""
-    if cfg.precompute_ref_log_probs is not None:
-        return cfg.precompute_ref_log_probs, "set explicitly"
-    if cfg.max_steps == -1:
-        return True, f"auto: {epochs:g} epoch(s) see all {n_train} training pairs; precomputed once"
-    seen = cfg.max_steps * cfg.batch_size * cfg.gradient_accumulation_steps * int(os.environ.get("WORLD_SIZE", "1"))
-    if seen >= n_train:
-        return True, f"auto: {cfg.max_steps} steps see {seen} pairs >= {n_train} training pairs; precomputed once"
-    return False, (f"auto: {cfg.max_steps} steps see {seen} of {n_train} training pairs; computed on the fly for "
-                   "those")
-
-
-# ----------------------------------------------------------------------------------------------------- model
-def _load_model(path: str, cfg: TrainConfig, cuda: bool) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {}
-    if cfg.quantization in ("int4", "int8"):
-        try:
-            from transformers import BitsAndBytesConfig
-
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"--quantization {cfg.quantization} needs bitsandbytes (pip install bitsandbytes)") from None
-        # QLoRA as the study trains: NF4 (double-quantized) or 8-bit base weights, bf16 compute on a GPU; bitsandbytes
-        # also runs on CPU, where compute stays float32
-        compute = torch.bfloat16 if cuda else torch.float32
-        skip = ["embed_tokens", "lm_head"]
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
-                               llm_int8_skip_modules=skip)
-            if cfg.quantization == "int4" else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip))
-        kwargs["dtype"] = compute
-        if not cuda:
-            kwargs["device_map"] = {"": "cpu"}
-    elif cfg.quantization == "fp16":
-        kwargs["dtype"] = torch.float16
-    elif cuda or cfg.quantization == "bf16":
-        kwargs["dtype"] = torch.bfloat16
-    else:
-        kwargs["dtype"] = torch.float32
-    if cuda:
-        kwargs["device_map"] = "auto"
-        try:
-            import flash_attn  # noqa: F401
-
-            kwargs["attn_implementation"] = "flash_attention_2"
-        except ImportError:
-            kwargs["attn_implementation"] = "sdpa"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as e:
-        raise ConfigError(f"--model: cannot load '{path}' ({str(e).splitlines()[0]})") from None
-    model.config.use_cache = False
-    if cfg.quantization in ("int4", "int8"):
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
-    return model
-
-
-def load_tokenizer(path: str) -> Any:
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        raise ConfigError(f"--model: cannot load the tokenizer of '{path}' ({str(e).splitlines()[0]})") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
-        raise ConfigError(f"--model {path}: the tokenizer has no chat template; DPO on conversations needs one")
-    return tok
 
 
 # ----------------------------------------------------------------------------------------------------- train
@@ -489,7 +244,7 @@ def _prior_model(cfg: TrainConfig, name: str, out: Path,
 
 
 def _log_inputs(tracker: Any, cfg: TrainConfig, dataset: str, epochs: float, base_path: str, pairs_sha: str,
-                data: _Data, cuda: bool) -> None:
+                data: TrainingData, cuda: bool) -> None:
     """A fresh run's parameters, the pair set's statistics and the pair set as its dataset input (lineage)."""
     params = {**cfg.model_dump(exclude={"tracking_uri"}), "effective_epochs": epochs, "dataset": dataset,
               "model_path": base_path, "pairs_sha256": pairs_sha, "device": "cuda" if cuda else "cpu",
@@ -504,7 +259,7 @@ def _log_inputs(tracker: Any, cfg: TrainConfig, dataset: str, epochs: float, bas
 
 
 def _record_model(tracker: Any, cfg: TrainConfig, name: str, out: Path, dataset: str, lin: dict[str, Any],
-                  fp: dict[str, Any], data: _Data, result: TrainResult, cuda: bool, elapsed: float) -> None:
+                  fp: dict[str, Any], data: TrainingData, result: TrainResult, cuda: bool, elapsed: float) -> None:
     """A trained model's time and GPU-hours, metrics file, model card, artifacts, registry version, manifest."""
     from pipeline.tracking.stage_runs import elapsed_s, gpu_count
 
@@ -529,7 +284,7 @@ def _record_model(tracker: Any, cfg: TrainConfig, name: str, out: Path, dataset:
                            "train_loss": result.metrics.get("train_loss")})
 
 
-def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: Any, data: _Data, epochs: float,
+def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: Any, data: TrainingData, epochs: float,
                   cuda: bool, tracker: Any, resume_from: Path | None, extra_callbacks: list[Any],
                   precompute: bool) -> TrainResult:
     import torch
@@ -540,7 +295,7 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
                                              TrackingCallback, make_trainer_class)
 
     t0 = time.perf_counter()
-    model = _load_model(base_path, cfg, cuda)
+    model = load_model(base_path, cfg, cuda)
     bf16 = cuda and cfg.quantization in ("none", "bf16", "int4", "int8")
     args = DPOConfig(
         output_dir=str(out / CHECKPOINTS), per_device_train_batch_size=cfg.batch_size,

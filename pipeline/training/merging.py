@@ -174,7 +174,7 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
         raise ConfigError(f"--adapter {adapter}: not in a trained model folder (<model>/adapter); pass --out")
     check_out_not_inputs(out_dir, [adapter_dir, *([Path(base_ref)] if Path(base_ref).exists() else [])], "merge")
     adapter_sha256 = _adapter_fingerprint(adapter_dir)
-    from pipeline.training.dpo import resolve_model_path
+    from pipeline.training.models import resolve_model_path
 
     base_path = resolve_model_path(base_ref)
     save_dtype = dtype if dtype != "auto" else _config_dtype(base_path)

@@ -19,6 +19,10 @@ from pipeline.data.naming import NICKNAME_TO_ID, expand_model_name, extract_seed
 from pipeline.errors import ConfigError
 
 TRAINING_CONFIG = "training_config.json"
+TRAINING_METRICS = "training_metrics.json"
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+TRACKING_TRAIN = Path("tracking") / "train"
 _SEED_SUFFIX = re.compile(r"_s(\d+)$")
 _PROJECT_MERGED = re.compile(r"(?:^|/)models/([^/]+)/merged$")
 _STUDY_MERGED = re.compile(r"(?:^|/)(?:dpo_merged|dpo_trained|sft_merged)/([^/]+)$")
