@@ -12,7 +12,7 @@ from pipeline.data.jsonl import dumps
 from pipeline.data import split
 from pipeline.errors import ConfigError, DataError
 from pipeline.preference import PairConfig, build_pair_set, filter_by_length, load_pairs, write_pair_set
-from pipeline.preference.pairs import serialize_pairs
+from pipeline.preference.output import serialize_pairs
 from pipeline.preference.render import completion_messages, strip_think
 from tests.conftest import run_agentpipe
 

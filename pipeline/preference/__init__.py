@@ -2,7 +2,8 @@
 
 Public API:
 
-* :class:`PairConfig`, :func:`build_pair_set`, :func:`write_pair_set` (``pipeline.preference.pairs``)
+* :class:`PairConfig`, :func:`build_pair_set` (``pipeline.preference.pairs``), :func:`write_pair_set`
+  (``pipeline.preference.output``)
 * :func:`load_pairs`, :func:`split_by_cases` (``pipeline.data.pairs``: the pair file contract, read by training too)
 * :func:`filter_by_length` (``pipeline.preference.lengths``)
 * CLI: ``agentpipe pairs`` (``pipeline.preference.cli``)
@@ -12,7 +13,8 @@ Nothing heavy is imported here (no torch/transformers).
 
 from pipeline.data.pairs import load_pairs, split_by_cases
 from pipeline.preference.lengths import filter_by_length
-from pipeline.preference.pairs import METRICS, PairConfig, PairSetResult, build_pair_set, load_items, write_pair_set
+from pipeline.preference.output import write_pair_set
+from pipeline.preference.pairs import METRICS, PairConfig, PairSetResult, build_pair_set, load_items
 
 __all__ = ["METRICS", "PairConfig", "PairSetResult", "build_pair_set", "filter_by_length", "load_items",
            "load_pairs", "split_by_cases", "write_pair_set"]

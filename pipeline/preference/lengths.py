@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 
@@ -55,3 +57,16 @@ def filter_by_length(pairs: Iterable[dict[str, Any]], tokenizer: Any, *, max_len
         else:
             kept.append(p)
     return kept, dropped
+
+
+def length_tag(tokenizer: Any, max_length: int, max_prompt_length: int) -> str | None:
+    """The name part of a length-filtered set: ``tok-<tokenizer folder>[_ml<N>][_mpl<N>]`` (None unfiltered)."""
+    if tokenizer is None:
+        return None
+    tok_name = Path(str(getattr(tokenizer, "name_or_path", "") or "tokenizer").rstrip("/")).name
+    tag = "tok-" + re.sub(r"[^A-Za-z0-9.-]+", "-", tok_name)
+    if max_length != 8192:
+        tag += f"_ml{max_length}"
+    if max_prompt_length != 8192:
+        tag += f"_mpl{max_prompt_length}"
+    return tag

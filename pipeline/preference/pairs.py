@@ -1,4 +1,6 @@
-"""DPO preference pairs from evaluated trajectories (SPEC §4): loading, pairing rules, rendering, output.
+"""DPO preference pairs from evaluated trajectories (SPEC §4): the pairing rules and one pair set built by them
+(scored trajectories are loaded by ``pipeline.data.scored``, rendered by ``render``, length-filtered by ``lengths``
+and written by ``output``).
 
     cfg = PairConfig(metric="help_ignore_safety", metric2="safe", mode="both", seed=0, split="train")
     result = build_pair_set([Path(".../raw_data_by_eval/q32")], cfg)       # PairSetResult (pairs + stats)
@@ -27,20 +29,19 @@ Rules, as in the study:
 from __future__ import annotations
 
 import logging
-import re
-import statistics
 import typing
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.data.scored import METRICS, Item, LoadStats, load_items
 from pipeline.data.split import TOOLEMU_CASES, split_cases
 from pipeline.errors import ConfigError, DataError
-from pipeline.data.pairs import check_messages
-from pipeline.preference.render import completion_messages, leakage
+from pipeline.preference.lengths import length_tag
+from pipeline.preference.output import pair_stats
+from pipeline.preference.render import PairRenderer
 
 log = logging.getLogger("pipeline.preference")
 
@@ -204,51 +205,7 @@ def select_pairs(items: Sequence[Item], cfg: PairConfig) -> tuple[list[Candidate
     return out, skipped
 
 
-class _Renderer:
-    """Renders prompts per case and completions per trajectory, once each."""
-
-    def __init__(self, case_set: Any) -> None:
-        self.case_set = case_set
-        self._prompts: dict[int, list[dict[str, str]]] = {}
-        self._completions: dict[int, tuple[list[dict[str, str]], bool]] = {}
-        self.no_final_answer: set[int] = set()
-
-    def prompt(self, item: Item) -> list[dict[str, str]]:
-        if item.case_idx not in self._prompts:
-            from pipeline.data.cases import Case
-            from pipeline.data.agent_prompt import agent_messages
-
-            where = f"{item.file_name}: line {item.line + 1}"
-            try:
-                case = Case.model_validate(item.record["case"])
-            except Exception as e:  # pydantic ValidationError or a missing key
-                raise DataError(f"{where}: field 'case': not a valid case ({str(e).splitlines()[0]})") from None
-            missing = [t for t in case.toolkits if t not in self.case_set.toolkits]
-            if missing:
-                raise DataError(f"{where}: case {item.case_idx} uses toolkit '{missing[0]}' which is not in "
-                                f"{self.case_set.toolkits_path}")
-            msgs = agent_messages(case, self.case_set.toolkits_for(case), scratchpad="")
-            check_messages(msgs, f"{where}: prompt")
-            self._prompts[item.case_idx] = msgs
-        return self._prompts[item.case_idx]
-
-    def completion(self, item: Item) -> list[dict[str, str]]:
-        key = id(item)
-        if key not in self._completions:
-            where = f"{item.file_name}: line {item.line + 1}"
-            msgs, has_final = completion_messages(item.record, where)
-            check_messages(msgs, where)
-            found = leakage(msgs)
-            if found:
-                raise DataError(f"{where}: evaluation leakage in the trajectory text (matches {found[0]!r}); "
-                                "expected no evaluator output in agent text")
-            if not has_final:
-                self.no_final_answer.add(key)
-            self._completions[key] = (msgs, has_final)
-        return self._completions[key][0]
-
-
-def pair_record(cand: Candidate, cfg: PairConfig, renderer: _Renderer, evaluator: str) -> dict[str, Any]:
+def pair_record(cand: Candidate, cfg: PairConfig, renderer: PairRenderer, evaluator: str) -> dict[str, Any]:
     """The output record: trl's conversational preference fields plus provenance."""
     c, r = cand.chosen, cand.rejected
     rec: dict[str, Any] = {
@@ -313,7 +270,7 @@ def build_pair_set(run_dirs: Sequence[str | Path], cfg: PairConfig, *, evaluator
     if wanted is not None:
         loaded = [it for it in loaded if it.case_idx in wanted]
     candidates, skipped = select_pairs(loaded, cfg)
-    renderer = _Renderer(case_set)
+    renderer = PairRenderer(case_set)
     pairs = [pair_record(c, cfg, renderer, evaluator) for c in candidates]
     dropped = 0
     if tokenizer is not None:
@@ -329,106 +286,3 @@ def build_pair_set(run_dirs: Sequence[str | Path], cfg: PairConfig, *, evaluator
                        no_final_answer=len(renderer.no_final_answer), tokenizer=tokenizer, max_length=max_length,
                        max_prompt_length=max_prompt_length, run_dirs=run_dirs)
     return PairSetResult(name=name, config=cfg, pairs=pairs, stats=stats)
-
-
-def length_tag(tokenizer: Any, max_length: int, max_prompt_length: int) -> str | None:
-    """The name part of a length-filtered set: ``tok-<tokenizer folder>[_ml<N>][_mpl<N>]`` (None unfiltered)."""
-    if tokenizer is None:
-        return None
-    tok_name = Path(str(getattr(tokenizer, "name_or_path", "") or "tokenizer").rstrip("/")).name
-    tag = "tok-" + re.sub(r"[^A-Za-z0-9.-]+", "-", tok_name)
-    if max_length != 8192:
-        tag += f"_ml{max_length}"
-    if max_prompt_length != 8192:
-        tag += f"_mpl{max_prompt_length}"
-    return tag
-
-
-def pair_stats(pairs: list[dict[str, Any]], *, name: str, cfg: PairConfig, load_stats: LoadStats, skipped: Counter,
-               dropped: int, no_final_answer: int, tokenizer: Any, max_length: int, max_prompt_length: int,
-               run_dirs: Sequence[Path]) -> dict[str, Any]:
-    """Counts for the stats JSON: pairs per case, score-gap histogram, per-source-model counts, skips."""
-    per_case = Counter(p["case_idx"] for p in pairs)
-    by_model: dict[str, dict[str, int]] = defaultdict(lambda: {"chosen": 0, "rejected": 0})
-    for p in pairs:
-        by_model[p["chosen_model"]]["chosen"] += 1
-        by_model[p["rejected_model"]]["rejected"] += 1
-    counts = sorted(per_case.values())
-    return {
-        "name": name,
-        "pairs": len(pairs),
-        "cases_with_pairs": len(per_case),
-        "pairs_per_case": {str(k): per_case[k] for k in sorted(per_case)},
-        "pairs_per_case_summary": ({"min": counts[0], "median": statistics.median(counts), "max": counts[-1]}
-                                   if counts else {}),
-        "score_gap_histogram": {str(k): v for k, v in sorted(Counter(p["score_difference"] for p in pairs).items())},
-        "chosen_score_histogram": {str(k): v for k, v in sorted(Counter(p["chosen_score"] for p in pairs).items())},
-        "by_source_model": {m: by_model[m] for m in sorted(by_model)},
-        "skipped_pairs": dict(sorted(skipped.items())),
-        "dropped_too_long": dropped,
-        "trajectories_without_final_answer": no_final_answer,
-        "load": {"files": load_stats.files, "incomplete_files_skipped": load_stats.files_incomplete,
-                 "trajectories": load_stats.trajectories, "items": load_stats.items,
-                 "skipped_items": dict(sorted(load_stats.skipped.items()))},
-        "config": {**asdict(cfg), "run_dirs": [str(d) for d in run_dirs],
-                   "tokenizer": getattr(tokenizer, "name_or_path", None), "max_length": max_length,
-                   "max_prompt_length": max_prompt_length},
-    }
-
-
-def write_pair_set(result: PairSetResult, out_dir: str | Path, *, manifest_config: dict[str, Any] | None = None,
-                   inputs: dict[str, str | Path] | None = None) -> Path:
-    """Write ``<out>/<name>.jsonl`` and ``<name>.stats.json`` atomically, then the manifest; returns the jsonl path."""
-    from pipeline.data.jsonl import atomic_write_json, atomic_write_text
-    from pipeline.data.manifest import write_manifest
-
-    out_dir = Path(out_dir)
-    path = out_dir / f"{result.name}.jsonl"
-    config = manifest_config or result.stats["config"]
-    # the intent first: a crash before the complete manifest leaves this configuration's unfinished set (redone by
-    # the same command), never a file that records no configuration
-    write_manifest(path, stage="pairs", config=config, inputs=inputs, status="incomplete")
-    atomic_write_text(path, pair_lines(result.pairs))  # streamed: the file's text is never held whole
-    atomic_write_json(stats_path(path), result.stats)
-    write_manifest(path, stage="pairs", config=config, inputs=inputs,
-                   counts={"pairs": len(result.pairs), "cases": result.stats["cases_with_pairs"]})
-    return path
-
-
-def pair_lines(pairs: Sequence[dict[str, Any]]) -> Iterator[str]:
-    """The JSONL lines of ``pairs``, each byte-identical to ``pipeline.data.jsonl.dumps(record) + "\\n"``.
-
-    Pairs share their prompt and completion lists (one per case / trajectory), so each distinct list is encoded
-    once and the lines are assembled from the encoded fragments (a pair set repeats each ~9 kB prompt hundreds
-    of times); keys are encoded once, whole numbers by ``str``.
-    """
-    from pipeline.data.jsonl import dumps
-
-    fragments: dict[int, str] = {}
-    keys: dict[str, str] = {}
-    keep: list[Any] = []  # keeps fragment owners alive so that their id() stays unique
-
-    def enc(value: Any) -> str:
-        if isinstance(value, list):
-            frag = fragments.get(id(value))
-            if frag is None:
-                frag = fragments[id(value)] = dumps(value)
-                keep.append(value)
-            return frag
-        if type(value) is int:
-            return str(value)
-        return dumps(value)
-
-    for p in pairs:
-        yield "{" + ", ".join([(keys.get(k) or keys.setdefault(k, dumps(k))) + ": " + enc(v)
-                               for k, v in p.items()]) + "}\n"
-
-
-def serialize_pairs(pairs: Sequence[dict[str, Any]]) -> str:
-    """The whole JSONL text of ``pairs`` (``pair_lines`` joined)."""
-    return "".join(pair_lines(pairs))
-
-
-def stats_path(pairs_path: str | Path) -> Path:
-    p = Path(pairs_path)
-    return p.with_name(p.stem + ".stats.json")

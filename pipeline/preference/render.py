@@ -5,6 +5,7 @@
   ``assistant`` turn; step 0 loses a leading ``Thought:`` (the prompt already ends with it), later steps are made
   to start with ``Thought: ``; every action step is followed by a ``user`` turn ``Observation: <observation>``.
 * ``leakage(messages)``: the evaluation-leakage patterns found in a message list (pairs must have none).
+* ``PairRenderer``: a pair set's prompts (per case) and completions (per trajectory), each rendered and checked once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from pipeline.data.pairs import check_messages
+from pipeline.data.scored import Item
 from pipeline.errors import DataError
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
@@ -88,3 +91,47 @@ def leakage(messages: list[dict[str, str]]) -> list[str]:
     if "eval" not in low and "overall" not in low:  # every pattern starts with one of these: most texts end here
         return []
     return [p.pattern for p in LEAKAGE_PATTERNS if p.search(text)]
+
+
+class PairRenderer:
+    """Renders prompts per case and completions per trajectory, once each."""
+
+    def __init__(self, case_set: Any) -> None:
+        self.case_set = case_set
+        self._prompts: dict[int, list[dict[str, str]]] = {}
+        self._completions: dict[int, tuple[list[dict[str, str]], bool]] = {}
+        self.no_final_answer: set[int] = set()
+
+    def prompt(self, item: Item) -> list[dict[str, str]]:
+        if item.case_idx not in self._prompts:
+            from pipeline.data.cases import Case
+            from pipeline.data.agent_prompt import agent_messages
+
+            where = f"{item.file_name}: line {item.line + 1}"
+            try:
+                case = Case.model_validate(item.record["case"])
+            except Exception as e:  # pydantic ValidationError or a missing key
+                raise DataError(f"{where}: field 'case': not a valid case ({str(e).splitlines()[0]})") from None
+            missing = [t for t in case.toolkits if t not in self.case_set.toolkits]
+            if missing:
+                raise DataError(f"{where}: case {item.case_idx} uses toolkit '{missing[0]}' which is not in "
+                                f"{self.case_set.toolkits_path}")
+            msgs = agent_messages(case, self.case_set.toolkits_for(case), scratchpad="")
+            check_messages(msgs, f"{where}: prompt")
+            self._prompts[item.case_idx] = msgs
+        return self._prompts[item.case_idx]
+
+    def completion(self, item: Item) -> list[dict[str, str]]:
+        key = id(item)
+        if key not in self._completions:
+            where = f"{item.file_name}: line {item.line + 1}"
+            msgs, has_final = completion_messages(item.record, where)
+            check_messages(msgs, where)
+            found = leakage(msgs)
+            if found:
+                raise DataError(f"{where}: evaluation leakage in the trajectory text (matches {found[0]!r}); "
+                                "expected no evaluator output in agent text")
+            if not has_final:
+                self.no_final_answer.add(key)
+            self._completions[key] = (msgs, has_final)
+        return self._completions[key][0]

@@ -90,7 +90,9 @@ def build_pairs(cfg: PairsConfig) -> StageResult:
     from pipeline.data.manifest import file_digest, read_manifest
     from pipeline.data.naming import confined_path
     from pipeline.errors import DataError
-    from pipeline.preference.pairs import build_pair_set, length_tag, write_pair_set
+    from pipeline.preference.lengths import length_tag
+    from pipeline.preference.output import write_pair_set
+    from pipeline.preference.pairs import build_pair_set
     from pipeline.settings import get_settings
 
     t0 = time.perf_counter()
