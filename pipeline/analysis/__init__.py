@@ -13,6 +13,7 @@ Modules, one job each (the unified reports they read are ``pipeline.data.reports
 * ``persistence`` Persist(S), Persist(H) exactly as the study (SPEC §7.5)
 * ``plots``       matplotlib figures (PNG and PDF)
 * ``tables``      LaTeX and Markdown tables, the terminal results table (SPEC §7.8)
+* ``aggregate_stage`` ``analyze aggregate``: unified reports of a folder of runs
 * ``run``         ``analyze all``: everything in one call, returning the summary and the written files
 * ``cli``         the ``agentpipe analyze`` command
 """

@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError
 
 
 def _cmd_aggregate(args: argparse.Namespace):  # noqa: ANN202 - returns a StageResult
-    from pipeline.analysis.run import AggregateConfig, aggregate_stage
+    from pipeline.analysis.aggregate_stage import AggregateConfig, aggregate_stage
     from pipeline.cli_args import config_from_args
 
     cfg = config_from_args(AggregateConfig, args)
@@ -167,7 +167,8 @@ def _seed(text: str) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.analysis.run import AggregateConfig, AnalyzeConfig
+    from pipeline.analysis.aggregate_stage import AggregateConfig
+    from pipeline.analysis.run import AnalyzeConfig
     from pipeline.cli_args import add_config_arguments
 
     p = subparsers.add_parser("analyze", help="unified reports, trade-off fit, Pareto frontier, persistence, plots, "
