@@ -18,6 +18,12 @@ pytestmark = pytest.mark.quantized
 QUANTIZED_LAYER = {"int4": "Linear4bit", "int8": "Linear8bitLt"}
 
 
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    """Each test its own run home: nothing (e.g. the token cache) is shared with another test or session."""
+    monkeypatch.setenv("AGENTPIPE_HOME", str(tmp_path / "home"))
+
+
 def _quantized_kinds(model) -> set[str]:
     """The bitsandbytes layer classes in ``model`` (either setting's)."""
     return {type(m).__name__ for m in model.modules()} & set(QUANTIZED_LAYER.values())

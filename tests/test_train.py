@@ -28,6 +28,12 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # tiny models: th
 
 
 @pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    """Each test its own run home: nothing (e.g. the token cache) is shared with another test or session."""
+    monkeypatch.setenv("AGENTPIPE_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(autouse=True)
 def _one_torch_thread(request):
     import torch
 
