@@ -149,6 +149,8 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 # ------------------------------------------------------------------------------------------------- llm
 def _cmd_llm_chat(args: argparse.Namespace) -> int:
+    import pipeline.emulation.doubles  # noqa: F401 - registers scripted:agent and scripted:emulator
+    import pipeline.evaluation.doubles  # noqa: F401 - registers scripted:judge
     from pipeline.llm import ChatRequest, GenerationConfig, get_backend
 
     from pipeline.cli_args import validate_config

@@ -122,6 +122,8 @@ def check_own_output(path: Path, manifest: dict[str, Any] | None, stage: str, *,
     another stage, or without a manifest (nor the stage's own ``marker`` file). ``--force`` replaces only what
     the stage itself wrote; a folder of anything else (inputs, a user's files) is never moved."""
     if not path.is_dir():
+        if marker:  # the stage writes folders (a model): a file there is somebody else's
+            raise ConfigError(f"{path}: a file, not an output folder of {stage}; pass another --out")
         return  # a file at the exact name the stage writes is its output, whatever wrote it
     family = stage.split()[0]  # "analyze all" and "analyze aggregate" share their folders' manifests' stage names
     recorded = (manifest or {}).get("stage")
@@ -142,8 +144,10 @@ def prior_output(path: Path, fingerprint: dict[str, Any], stage: str, *, force: 
       it is moved aside first (then False). ``derived`` views (reports, analyses: cheap to rebuild, nothing of
       value in a failed attempt) also move another configuration's *unfinished* output aside without asking.
 
-    ``marker``: a file that only this stage writes into its folders (``training_config.json``), so that with
-    ``force`` a folder it wrote before manifests were recorded is moved aside too (``check_own_output``).
+    ``marker``: for a stage whose output is a folder (a model), a file only this stage writes into it
+    (``training_config.json``): with ``force`` a folder holding it but no manifest (written before manifests were
+    recorded) is moved aside too, and a plain file at ``path`` is refused (``check_own_output``). A stage that
+    writes into its folder over a long time claims it (``begin_output``) once its inputs have been checked.
     """
     from pipeline.data.jsonl import remove_dead_temps
     from pipeline.data.manifest import manifest_path, read_manifest
@@ -158,7 +162,8 @@ def prior_output(path: Path, fingerprint: dict[str, Any], stage: str, *, force: 
         check_own_output(path, m, stage, marker=marker)  # a folder not this stage's is refused even with force
         if not force and not failed_attempt:
             check_fingerprint(path, m.get("config") if m else None, fingerprint, stage)
-        move_aside(path, *([] if path.is_dir() else [manifest_path(path)]))
+        for moved in move_aside(path, *([] if path.is_dir() else [manifest_path(path)])):
+            log.info("kept aside: %s", moved)
         return False
     return m.get("status") == "complete" and (inputs is None or m.get("inputs_digest") == inputs)
 
@@ -199,18 +204,6 @@ def journaled_output(final: Path, fingerprint: dict[str, Any], stage: str, *, fo
         part.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
     return complete
-
-
-def claim_output(folder: Path, fingerprint: dict[str, Any], stage: str, *, force: bool,
-                 marker: str | None = None) -> bool:
-    """The lifecycle of a stage that writes into its output folder over a long time (train): True when the folder
-    holds this configuration's complete output (skip); else the folder is claimed for this configuration
-    (``begin_output``) and False is returned: its unfinished work, if any, is this configuration's to resume.
-    Another configuration's folder is refused, or with ``force`` moved aside first (``prior_output``)."""
-    if prior_output(folder, fingerprint, stage, force=force, marker=marker):
-        return True
-    begin_output(folder, stage, json.loads(json.dumps(fingerprint, default=str)))
-    return False
 
 
 def begin_output(folder: Path, stage: str, fingerprint: dict[str, Any]) -> None:

@@ -197,6 +197,8 @@ def test_the_scripted_double_is_slowed_down_or_taken_down_by_its_spec_options(tm
     assert double.generate([_req("again")])[0].text == "again"
     for bad, said in [("scripted:echo?delay=soon", "delay=soon: expected seconds"),
                       ("scripted:echo?delay=-1", "delay=-1: expected seconds"),
+                      ("scripted:echo?delay=inf", "delay=inf: expected seconds"),
+                      ("scripted:echo?delay=1&delay=2", "each test-double option once"),
                       ("scripted:echo?slow=1", "unknown or empty test-double option 'slow'"),
                       ("scripted:echo?delay", "expected ?<option>=<value>")]:
         with pytest.raises(ConfigError, match=re.escape(said)):

@@ -17,6 +17,7 @@ import pytest
 from pipeline.data import split
 from pipeline.data.jsonl import dumps
 from pipeline.errors import ConfigError, DataError, NamingError
+from pipeline.data.manifest import read_manifest
 from pipeline.training import TrainConfig, dataset_name, merge, model_name, train
 from pipeline.cli import build_parser
 from pipeline.cli_args import config_from_args
@@ -252,6 +253,17 @@ def test_sequential_names_read_back_from_a_project_model_folder(tiny_model, toy_
     assert json.loads(merge_journal[0])["parent_folder"] == "../train"
 
 
+def test_a_finished_model_is_skipped_and_one_whose_adapter_is_gone_is_trained_again(tiny_model, toy_pairs, tmp_path):
+    cfg = tiny_cfg(tiny_model, toy_pairs, tmp_path / "m", max_steps=1, final_eval=False, register_model=False)
+    first = train(cfg)
+    assert not first.skipped and read_manifest(first.out)["status"] == "complete"
+    assert train(cfg).skipped
+    shutil.rmtree(first.adapter)  # the manifest says complete, but the model is not there: not taken as done
+    again = train(cfg)
+    assert not again.skipped and (again.adapter / "adapter_config.json").is_file()
+    assert read_manifest(first.out)["status"] == "complete"
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_are_one_line_errors(tiny_model, tiny_adapter, toy_pairs, tmp_path):
     empty = write_pairs(tmp_path / "empty.jsonl", [])
@@ -275,9 +287,17 @@ def test_bad_inputs_are_one_line_errors(tiny_model, tiny_adapter, toy_pairs, tmp
     only_test = write_pairs(tmp_path / "safe_t.jsonl", [toy_pair(c) for c in split.test_cases(0)[:2]])
     with pytest.raises(DataError, match="no training pairs for seed 0"):
         train(tiny_cfg(tiny_model, only_test, tmp_path / "o2"))
+    assert not (tmp_path / "o2").exists()  # input checks come before the folder is claimed
     leaky_val = write_pairs(tmp_path / "val.jsonl", [toy_pair(split.train_cases(0)[0])])
     with pytest.raises(DataError, match="validation pairs of train cases"):
         train(tiny_cfg(tiny_model, toy_pairs, tmp_path / "o4", val_pairs=str(leaky_val)))
+    assert not (tmp_path / "o4").exists()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for force in (False, True):  # a file where the model folder would go is refused, and never moved aside
+        with pytest.raises(ConfigError, match="a file, not an output folder of train"):
+            train(tiny_cfg(tiny_model, toy_pairs, a_file, force=force))
+    assert a_file.read_text() == "mine" and not list(tmp_path.glob("notes.txt.replaced-*"))
     with pytest.raises(ConfigError, match="not a model folder"):
         train(tiny_cfg(tmp_path / "missing-model", toy_pairs, tmp_path / "o5"))
 

@@ -273,12 +273,9 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
                  progress: Callable[[str], None] | None = None) -> RerunReport:
     """Re-judge every item still without a score (after repair) until none is left or ``cfg.max_retries``
     rounds. An eval file re-judged earlier by another rerun configuration is refused (``check_amendment``)."""
-    from pipeline.data.runfiles import load_trajectories
-    from pipeline.evaluation.judges import eval_types_for
     from pipeline.data.toolkit_registry import toolkit_registry
+    from pipeline.evaluation.judges import eval_types_for
 
-    evaluator, temperature, seed, compat = cfg.evaluator, cfg.temperature, cfg.seed, cfg.compat
-    max_new_tokens = cfg.max_new_tokens
     registry = toolkit_registry()
     report = RerunReport()
     files = _files(cfg.data_dir, eval_types_for(cfg.eval_types))
@@ -291,55 +288,13 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
         check_amendment(rf.eval_files[t], cfg.stage, fingerprint, force=cfg.force)
         repair_file(rf.eval_files[t], t)
     for round_no in range(1, cfg.max_retries + 1):
-        work = []  # (eval path, eval type, line, replicate index, trajectory record, evaluator, trajectory path)
-        for rf, t in files:
-            key = SCORE_KEYS[t]
-            records = read_jsonl(rf.eval_files[t]).records
-            trajectories = None
-            for i, rec in enumerate(records):
-                for k, rep in enumerate(_replicates(rec)):
-                    if isinstance(rep, dict) and not _has_score(rep, key) and rep.get("status") != "skipped":
-                        trajectories = trajectories or [x.model_dump(exclude_unset=True) for x in load_trajectories(rf.path)]
-                        if "error" in trajectories[i]:
-                            continue
-                        judge = evaluator or rep.get("evaluator_model") or rec.get("evaluator_model")
-                        if not judge:
-                            raise ConfigError(f"{rf.eval_files[t]}: line {i + 1} does not name its evaluator; "
-                                              "pass --evaluator")
-                        work.append((rf.eval_files[t], t, i, k, trajectories[i], judge, rf.path))
+        work = _failed_items(files, cfg.evaluator)
         if not work:
             break
         report.rounds = round_no
-        by_judge: dict[str, list] = {}
-        for item in work:
-            by_judge.setdefault(item[5], []).append(item)
-        fixes: dict[Path, dict[tuple[int, int], dict]] = {}
-        for judge, items in by_judge.items():
-            b = backend or get_backend(judge)
-            reqs = [ChatRequest(messages=judge_messages(t, traj, [kits[tp][n] for n in traj["case"]["Toolkits"]],
-                                                        study_final_step=compat == "study"),
-                                config=GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                                        seed=seed + 1000 * round_no + k), replicate=1000 * round_no + k,
-                                role="judge")
-                    for _, t, _, k, traj, _, tp in items]
-            for (path, t, i, k, _, _, _), resp in zip(items, b.generate(reqs)):
-                j = read_judgement(t, resp, judge)
-                if j.score is not None:
-                    fixes.setdefault(path, {})[(i, k)] = {**j.fields, "status": "rerun", "rerun_round": round_no}
+        fixes = _rejudge(work, cfg, round_no, kits, backend)
         for path, changes in fixes.items():
-            records = read_jsonl(path).records
-            for (i, k), fields in changes.items():
-                rec = records[i]
-                if isinstance(rec.get("replicates"), list):
-                    rec["replicates"][k] = {**fields, "replicate": k}
-                    key = SCORE_KEYS[parse_run_filename(path.name).eval_type]  # type: ignore[index]
-                    rec["consistency"] = replicate_consistency(
-                        [(r.get("eval_scores") or {}).get(key) for r in rec["replicates"]])
-                    rec.pop("error", None)
-                else:
-                    records[i] = {**fields, "eval_id": i}
-                report.fixed += 1
-            amend_file(path, records, cfg.stage, fingerprint, len(changes))
+            report.fixed += _apply_fixes(path, changes, cfg.stage, fingerprint)
         if progress:
             progress(f"round {round_no}: {len(work)} failed items re-judged, {sum(len(c) for c in fixes.values())} fixed")
     for rf, t in files:
@@ -349,3 +304,69 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
                    for r in _replicates(rec)):
                 report.remaining.append((rf.eval_files[t], i))
     return report
+
+
+#: one replicate to re-judge: (eval path, eval type, line, replicate index, trajectory record, evaluator,
+#: trajectory path)
+_Work = tuple[Path, str, int, int, dict[str, Any], str, Path]
+
+
+def _failed_items(files: list[tuple[RunFile, str]], evaluator: str | None) -> list[_Work]:
+    """Every replicate without a score (and not skipped) whose trajectory itself did not fail."""
+    from pipeline.data.runfiles import load_trajectories
+
+    work: list[_Work] = []
+    for rf, t in files:
+        key = SCORE_KEYS[t]
+        records = read_jsonl(rf.eval_files[t]).records
+        trajectories = None
+        for i, rec in enumerate(records):
+            for k, rep in enumerate(_replicates(rec)):
+                if isinstance(rep, dict) and not _has_score(rep, key) and rep.get("status") != "skipped":
+                    trajectories = trajectories or [x.model_dump(exclude_unset=True) for x in load_trajectories(rf.path)]
+                    if "error" in trajectories[i]:
+                        continue
+                    judge = evaluator or rep.get("evaluator_model") or rec.get("evaluator_model")
+                    if not judge:
+                        raise ConfigError(f"{rf.eval_files[t]}: line {i + 1} does not name its evaluator; "
+                                          "pass --evaluator")
+                    work.append((rf.eval_files[t], t, i, k, trajectories[i], judge, rf.path))
+    return work
+
+
+def _rejudge(work: list[_Work], cfg: RerunFailedConfig, round_no: int, kits: dict[Path, Any],
+             backend: ChatBackend | None) -> dict[Path, dict[tuple[int, int], dict]]:
+    """One round: each judge's items asked again (seeds of this round); the new scored answers per eval file."""
+    by_judge: dict[str, list[_Work]] = {}
+    for item in work:
+        by_judge.setdefault(item[5], []).append(item)
+    fixes: dict[Path, dict[tuple[int, int], dict]] = {}
+    for judge, items in by_judge.items():
+        b = backend or get_backend(judge)
+        reqs = [ChatRequest(messages=judge_messages(t, traj, [kits[tp][n] for n in traj["case"]["Toolkits"]],
+                                                    study_final_step=cfg.compat == "study"),
+                            config=GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                                    seed=cfg.seed + 1000 * round_no + k),
+                            replicate=1000 * round_no + k, role="judge")
+                for _, t, _, k, traj, _, tp in items]
+        for (path, t, i, k, _, _, _), resp in zip(items, b.generate(reqs)):
+            j = read_judgement(t, resp, judge)
+            if j.score is not None:
+                fixes.setdefault(path, {})[(i, k)] = {**j.fields, "status": "rerun", "rerun_round": round_no}
+    return fixes
+
+
+def _apply_fixes(path: Path, changes: dict[tuple[int, int], dict], stage: str, fingerprint: dict[str, Any]) -> int:
+    """Write a round's new answers into one eval file (an amendment recorded in its manifest); how many."""
+    records = read_jsonl(path).records
+    for (i, k), fields in changes.items():
+        rec = records[i]
+        if isinstance(rec.get("replicates"), list):
+            rec["replicates"][k] = {**fields, "replicate": k}
+            key = SCORE_KEYS[parse_run_filename(path.name).eval_type]  # type: ignore[index]
+            rec["consistency"] = replicate_consistency([(r.get("eval_scores") or {}).get(key) for r in rec["replicates"]])
+            rec.pop("error", None)
+        else:
+            records[i] = {**fields, "eval_id": i}
+    amend_file(path, records, stage, fingerprint, len(changes))
+    return len(changes)

@@ -15,6 +15,7 @@ slow or down, in any process the spec reaches (a CLI run, an Airflow task, a Slu
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -86,13 +87,16 @@ class ScriptedBackend(ChatBackend):
 def _read_options(spec: ModelSpec) -> tuple[float, Path | None]:
     """``delay`` (seconds, ≥ 0) and ``fail_while`` (a path) from the spec's options; anything else is refused."""
     delay, fail_while = 0.0, None
+    keys = [key for key, _ in spec.options]
+    if len(set(keys)) < len(keys):
+        raise ConfigError(f"model spec '{spec.raw}': each test-double option once, got {', '.join(keys)}")
     for key, value in spec.options:
         if key == "delay":
             try:
                 delay = float(value)
             except ValueError:
                 delay = -1.0
-            if not delay >= 0:
+            if not 0 <= delay < math.inf:
                 raise ConfigError(f"model spec '{spec.raw}': delay={value}: expected seconds (a number ≥ 0)")
         elif key == "fail_while" and value:
             fail_while = Path(value)

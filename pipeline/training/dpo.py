@@ -43,7 +43,7 @@ from pipeline.data.jsonl import atomic_write_json, remove_dead_temps, temp_prefi
 from pipeline.data.locks import writer_lock
 from pipeline.data.manifest import file_digest, read_manifest, write_manifest
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.stage import StageResult, begin_output, check_out_not_inputs, claim_output
+from pipeline.stage import StageResult, begin_output, check_out_not_inputs, prior_output
 from pipeline.training.config import TrainConfig
 from pipeline.training.data import TrainingData, check_context, load_training_pairs, prepare_data, ref_log_probs_plan
 from pipeline.training.models import load_model, load_tokenizer, resolve_model_path
@@ -185,6 +185,8 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
             raise ConfigError(f"{out}: cannot resume: the train/test split differs from the interrupted run's "
                               f"({TRAINING_CONFIG}); use the same pairs and --seed, or --force to start over")
         resume_from = last_checkpoint(out / CHECKPOINTS)
+    # the inputs are checked: the folder is claimed for this configuration before anything is written into it
+    begin_output(out, "train", json.loads(json.dumps(fp, default=str)))
     existing = out / TRAINING_CONFIG
     if not existing.is_file():
         atomic_write_json(existing, {
@@ -224,13 +226,13 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
 
 def _prior_model(cfg: TrainConfig, name: str, out: Path,
                  fp: dict[str, Any]) -> tuple[dict[str, Any] | None, TrainResult | None]:
-    """What the model folder holds, by the stage lifecycle (``claim_output``): (None, the finished result) when
-    this configuration trained it already; else (the interrupted run's training config to resume, or None) with
-    the folder claimed for this configuration. Another configuration's model is refused (or, with ``force``, moved
-    aside); a folder of other things is never moved."""
+    """What the model folder holds, by the stage lifecycle (``prior_output``): (None, the finished result) when
+    this configuration trained it already; else (the interrupted run's training config to resume, or None).
+    Another configuration's model is refused (or, with ``force``, moved aside); a folder of other things, or a
+    file, is never moved."""
     for written in (out / TRAINING_CONFIG, out / ADAPTER):  # a killed writer's leftovers are nobody's
         remove_dead_temps(written)
-    done = claim_output(out, fp, "train", force=cfg.force, marker=TRAINING_CONFIG)
+    done = prior_output(out, fp, "train", force=cfg.force, marker=TRAINING_CONFIG)
     if done and (out / ADAPTER / "adapter_config.json").is_file():
         m = read_manifest(out) or {}
         log.info("%s: already trained (manifest complete)", out)
@@ -238,7 +240,6 @@ def _prior_model(cfg: TrainConfig, name: str, out: Path,
             "global_step", 0), metrics=m.get("counts", {}), skipped=True)
     if done:  # complete, but its adapter is gone: trained again (from its last checkpoint, if any)
         log.warning("%s: the manifest says complete but %s/ is missing: training again", out, ADAPTER)
-        begin_output(out, "train", json.loads(json.dumps(fp, default=str)))
     existing = out / TRAINING_CONFIG
     return (json.loads(existing.read_text()) if existing.is_file() else None), None
 

@@ -35,11 +35,11 @@ from pydantic import Field
 
 from pipeline.data.jsonl import atomic_write_json, remove_dead_temps, temp_prefix
 from pipeline.data.locks import writer_lock
-from pipeline.data.manifest import write_manifest
+from pipeline.data.manifest import read_manifest, write_manifest
 from pipeline.errors import ConfigError, DataError
 from pipeline.stage import StageConfig, StageResult, check_out_not_inputs, prior_output
 from pipeline.training.registry import aliases, is_paper_config, registry_family, write_model_card
-from pipeline.training.naming import read_training_config
+from pipeline.training.naming import ADAPTER, CHECKPOINTS, TRAINING_CONFIG, read_training_config
 
 
 MERGE_CONFIG = "merge_config.json"
@@ -85,7 +85,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
 
 def default_merge_dir(adapter: Path) -> Path | None:
     """``<model dir>/merged`` for an adapter in the project layout (``<model dir>/adapter``), else None."""
-    if adapter.name == "adapter" and (adapter.parent / "training_config.json").is_file():
+    if adapter.name == ADAPTER and (adapter.parent / TRAINING_CONFIG).is_file():
         return adapter.parent / "merged"
     return None
 
@@ -174,18 +174,21 @@ def merge(adapter: str | Path, out: str | Path | None = None, *, base: str | Non
         raise ConfigError(f"--adapter {adapter}: not in a trained model folder (<model>/adapter); pass --out")
     check_out_not_inputs(out_dir, [adapter_dir, *([Path(base_ref)] if Path(base_ref).exists() else [])], "merge")
     adapter_sha256 = _adapter_fingerprint(adapter_dir)
-    from pipeline.training.models import resolve_model_path
-
-    base_path = resolve_model_path(base_ref)
-    save_dtype = dtype if dtype != "auto" else _config_dtype(base_path)
-    fp = _fingerprint(adapter_dir, adapter_sha256, base_ref, save_dtype)
     with writer_lock(out_dir, wait=wait, what="merged model folder"):
         remove_dead_temps(out_dir)  # a killed merge's half-saved model (gigabytes)
+        # "auto" is the base's dtype: the folder's own merge resolved it, so a finished merge is recognised
+        # without loading (or even finding) the base again
+        recorded = ((read_manifest(out_dir) or {}).get("config") or {}).get("dtype") if dtype == "auto" else None
+        fp = _fingerprint(adapter_dir, adapter_sha256, base_ref, dtype if dtype != "auto" else recorded or "auto")
         if prior_output(out_dir, fp, "merge", force=force, marker=MERGE_CONFIG):
             done = _recorded_merge(out_dir, adapter_dir, base_ref)
             if not _tracked(done):  # a crash after the folder was in place, before its run was journaled
                 done.mlflow_run_id = _track(done, lineage, tracking_uri, register_model, time.perf_counter() - t0)
             return done
+        from pipeline.training.models import resolve_model_path
+
+        base_path = resolve_model_path(base_ref)
+        save_dtype = dtype if dtype != "auto" else _config_dtype(base_path)
         return _merge_locked(adapter_dir, adapter_cfg, lineage, adapter_sha256, base_ref, base_path, out_dir,
                              save_dtype, atol, tracking_uri, register_model, t0)
 
@@ -276,7 +279,11 @@ def _adapter_fingerprint(adapter_dir: Path) -> str:
 
 def _recorded_merge(out_dir: Path, adapter_dir: Path, base_ref: str) -> MergeResult:
     """The result a complete merge recorded in its folder (``merge_config.json``)."""
-    cfg = json.loads((out_dir / MERGE_CONFIG).read_text())
+    try:
+        cfg = json.loads((out_dir / MERGE_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{out_dir / MERGE_CONFIG}: unreadable ({type(e).__name__}) in a merged folder whose "
+                        "manifest says complete; rerun with --force to merge again") from None
     return MergeResult(out=out_dir, adapter=adapter_dir, base=base_ref, max_abs_logit_diff=cfg["max_abs_logit_diff"],
                        max_abs_logit_diff_saved=cfg["max_abs_logit_diff_saved"], dtype=cfg["dtype"],
                        verify_dtype=cfg.get("verify_dtype", "float32"), skipped=True)
@@ -297,9 +304,9 @@ def _lineage(adapter_dir: Path) -> dict[str, Any]:
     ``checkpoints/`` or a ``manifest.json``) needs its ``training_config.json``; an adapter from elsewhere has
     no recorded lineage (``{}``), which is what it is, not a guess."""
     model_dir = adapter_dir.parent
-    trained = adapter_dir.name == "adapter" and ((model_dir / "checkpoints").is_dir()
-                                                 or (model_dir / "manifest.json").is_file()
-                                                 or (model_dir / "training_config.json").exists())
+    trained = adapter_dir.name == ADAPTER and ((model_dir / CHECKPOINTS).is_dir()
+                                               or (model_dir / "manifest.json").is_file()
+                                               or (model_dir / TRAINING_CONFIG).exists())
     if not trained:
         return {}
     cfg = read_training_config(model_dir)
