@@ -168,22 +168,12 @@ def dpo_experiment():
 
     @task
     def plan(**context) -> dict:
-        from pathlib import Path
-
         from pipeline.data.jsonl import atomic_write_json
-        from pipeline.experiment import Arm, ExperimentConfig, plan_experiment
+        from pipeline.experiment import experiment_from_params, plan_experiment
 
         p = context["params"]
         root = home()
-        arms = [Arm(a["name"], str(Path(a["pool"]) if Path(a["pool"]).is_absolute() else root / "trajectories" / a["pool"]),
-                    a["evaluator"]) for a in p["arms"]]
-        cfg = ExperimentConfig(name=p["name"], source_models=list(p["source_models"]), arms=arms,
-                               seeds=list(p["seeds"]), betas=[float(b) for b in p["betas"]],
-                               configurations=list(p["configurations"]), emulator=p["emulator"],
-                               case_set=p["case_set"], case_range=p["cases"] or None, emulation=dict(p["emulation"]),
-                               evaluation=dict(p["evaluation"]), backend=dict(p["backend"]),
-                               train=dict(p["train"]), pairs=dict(p["pairs"]), n_bootstrap=p["n_bootstrap"],
-                               cross_evaluation=p.get("cross_evaluation"))
+        cfg = experiment_from_params(p, root)
         result = plan_experiment(cfg, root).as_dict()
         if p.get("rehearsal"):  # the same plan, every model a stand-in (pipeline.rehearsal)
             from pipeline.rehearsal import recordings, rehearse_plan

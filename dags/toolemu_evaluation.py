@@ -46,6 +46,8 @@ EMULATION_NAME = "{{ task.spec.get('agent_label') or task.spec.agent }}{{ ' shar
         "replicates": stage_param(EvaluationConfig, "replicates", maximum=16),
         "judge_temperature": stage_param(EvaluationConfig, "temperature"),
         "scoring": stage_param(EvaluationConfig, "scoring"),
+        "batch": stage_param(EvaluationConfig, "batch"),
+        "batch_poll_s": stage_param(EvaluationConfig, "batch_poll_s"),
         "metrics": stage_param(EvaluationConfig, "metrics"),
         "compat": stage_param(EmulationConfig, "compat"),
         "quantization": quantization_param("agent and judge weights"),
@@ -102,12 +104,13 @@ def toolemu_evaluation():
         from pipeline.experiment import judge_kind
 
         p = context["params"]
-        if judge_kind(p["evaluator"]) != kind:
+        if judge_kind(p["evaluator"], p["batch"]) != kind:
             return []
+        batch = {"batch": True, "batch_poll_s": p["batch_poll_s"]} if kind == "batch" else {}
         specs = [{"trajectories": r["outputs"]["trajectories"], "evaluator": p["evaluator"], "metrics": p["metrics"],
                   "replicates": p["replicates"], "temperature": p["judge_temperature"], "compat": p["compat"],
                   "quantization": p["quantization"], "scoring": p["scoring"], "no_progress": True,
-                  **p["backend"]} for r in results]
+                  **p["backend"], **batch} for r in results]
         if p["rehearsal"]:
             from pipeline.rehearsal import recordings, rehearse_evaluation
 
@@ -119,7 +122,7 @@ def toolemu_evaluation():
                                     mlflow_parent_run_id=PARENT_RUN, outlets=[TRAJECTORIES], pool=GPU_POOL,
                                     map_index_template=EMULATION_NAME).expand(spec=plan_emulation())
     # one mapped task per judge kind (a task's pool is fixed): the other one has no instances and is skipped
-    evaluate = [StageOperator.partial(task_id="evaluate" if kind == "local" else "evaluate_api_judge",
+    evaluate = [StageOperator.partial(task_id="evaluate" if kind == "local" else f"evaluate_{kind}_judge",
                                       stage="evaluate", compute="{{ params.compute }}", pool=pool,
                                       mlflow_parent_run_id=PARENT_RUN,
                                       map_index_template="{{ task.spec.trajectories.split('/')[-2] }}"

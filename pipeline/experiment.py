@@ -50,7 +50,7 @@ DATASETS: dict[str, dict[str, Any]] = {
     "both": {"metric": "help_ignore_safety", "metric2": "safe", "mode": "both"},
 }
 #: judge kinds (``judge_kind``): the DAG takes an evaluation's slot from the pool of its judge's kind
-JUDGE_KINDS = ("local", "api")
+JUDGE_KINDS = ("local", "api", "batch")
 #: a chain's cross-evaluation steps, one per judge kind and stage: ``cross_evaluate_<kind>`` judges the
 #: first-stage model, ``cross_evaluate2_<kind>`` the second-stage one, with the other arm's judge of that kind
 CROSS_STEPS = tuple(f"cross_evaluate{stage}_{kind}" for stage in ("", "2") for kind in JUDGE_KINDS)
@@ -155,11 +155,32 @@ class Plan:
                                               "source_emulate", "source_evaluate", "models")}
 
 
-def judge_kind(evaluator: str) -> str:
-    """``api`` for a judge behind an API endpoint (its DAG pool bounds concurrent requests), else ``local``."""
+def experiment_from_params(p: dict[str, Any], home: Path) -> ExperimentConfig:
+    """The experiment of ``dpo_experiment``'s params (a pool named by a relative path is under
+    ``<home>/trajectories``); a param left out takes ``ExperimentConfig``'s default."""
+    arms = [Arm(a["name"], str(Path(a["pool"]) if Path(a["pool"]).is_absolute() else home / "trajectories" / a["pool"]),
+                a["evaluator"]) for a in p["arms"]]
+    defaults = ExperimentConfig(name="", source_models=[], arms=[])
+    return ExperimentConfig(name=p["name"], source_models=list(p["source_models"]), arms=arms,
+                            seeds=list(p.get("seeds", defaults.seeds)),
+                            betas=[float(b) for b in p.get("betas", defaults.betas)],
+                            configurations=list(p.get("configurations", defaults.configurations)),
+                            emulator=p.get("emulator", defaults.emulator), case_set=p.get("case_set", defaults.case_set),
+                            case_range=p.get("cases") or None, emulation=dict(p.get("emulation") or {}),
+                            evaluation=dict(p.get("evaluation") or {}), backend=dict(p.get("backend") or {}),
+                            train=dict(p.get("train") or {}), pairs=dict(p.get("pairs") or {}),
+                            n_bootstrap=p.get("n_bootstrap", defaults.n_bootstrap),
+                            cross_evaluation=p.get("cross_evaluation"))
+
+
+def judge_kind(evaluator: str, batch: bool = False) -> str:
+    """``api`` for a judge behind an API endpoint (its DAG pool bounds concurrent requests), ``batch`` for one
+    that answers through the Batch API (its task waits deferred, holding no slot), else ``local``."""
     from pipeline.llm.spec import parse_model_spec
 
-    return "api" if parse_model_spec(evaluator).backend == "openai" else "local"
+    if parse_model_spec(evaluator).backend != "openai":
+        return "local"
+    return "batch" if batch else "api"
 
 
 def plan_experiment(cfg: ExperimentConfig, home: Path) -> Plan:
@@ -235,9 +256,13 @@ class _Planner:
         self.plan.models[name] = str(out)
         return str(out)
 
+    def kind(self, arm: Arm) -> str:
+        """The judge kind of the arm's evaluations (``batch``: an API judge with the evaluation option set)."""
+        return judge_kind(arm.evaluator, bool(self.cfg.evaluation.get("batch")))
+
     def chain(self, arm: Arm, first: str) -> dict[str, Any]:
         if first not in self.chains:
-            self.chains[first] = {"name": Path(first).name, "judge": judge_kind(arm.evaluator),
+            self.chains[first] = {"name": Path(first).name, "judge": self.kind(arm),
                                   "train": next(t for t in self.plan.train_stage1 if t["out"] == first),
                                   **dict.fromkeys(("emulate", "evaluate", "merge", "train2", "emulate2", "evaluate2",
                                                    *CROSS_STEPS))}
@@ -253,7 +278,7 @@ class _Planner:
         for arm in cfg.arms:
             spec = _evaluate_spec(cfg, model, arm, self.runs, self.cases, seed=None, label=None)
             plan.evaluate.append(spec)
-            plan.source_evaluate.append({**spec, "judge": judge_kind(arm.evaluator)})
+            plan.source_evaluate.append({**spec, "judge": self.kind(arm)})
 
     def configuration(self, model: str, arm: Arm, seed: int, beta: float, stages: tuple[str, ...]) -> None:
         """One trained model (one or two stages) and its chain: training, merge, emulation, evaluations."""
@@ -295,7 +320,7 @@ def _cross_evaluate(cfg: ExperimentConfig, plan: Plan, link: dict[str, Any], ste
         if other is arm:
             continue
         spec = _evaluate_spec(cfg, agent, other, runs, cases, seed=seed, label=None)
-        key = f"cross_evaluate{step}_{judge_kind(other.evaluator)}"
+        key = f"cross_evaluate{step}_{judge_kind(other.evaluator, bool(cfg.evaluation.get('batch')))}"
         if link[key] is not None:  # validate() allows two arms only: one other judge
             raise ConfigError(f"experiment: two other arms' judges of one kind for {agent}; expected one")
         link[key] = spec
@@ -334,5 +359,8 @@ def _evaluate_spec(cfg: ExperimentConfig, agent: str, arm: Arm, runs: Path, case
     traj = RunFileName(name, parse_model_spec(cfg.emulator).name, parse_model_spec(cfg.arms[0].evaluator).name,
                        quantization=file_quantization(cfg.emulation.get("quantization")),
                        case_range=cases)
+    evaluation = dict(cfg.evaluation)
+    if judge_kind(arm.evaluator) != "api":
+        evaluation.pop("batch", None)  # the Batch API is for API judges: a local one batches by itself
     return {"trajectories": str(runs / name / traj.filename()), "evaluator": arm.evaluator, "no_progress": True,
-            **cfg.backend, **cfg.evaluation}
+            **cfg.backend, **evaluation}

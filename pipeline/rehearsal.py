@@ -221,6 +221,8 @@ def rehearse_evaluation(spec: dict[str, Any], rec: Recordings) -> dict[str, Any]
     folder = rec.judge(model, judge)
     out["evaluator"] = f"replay:{folder}#{judge}" if folder is not None else f"scripted:judge#{judge}"
     out["scoring"] = "generate"  # a recorded judgement is a written answer, parsed as a live judge's
+    for key in ("batch", "batch_wait", "batch_poll_s"):  # the stand-in answers at once: no Batch API
+        out.pop(key, None)
     return out
 
 

@@ -232,6 +232,10 @@ def content_digest(roots: list[Path], suffixes: tuple[str, ...] = (".jsonl",)) -
     return h.hexdigest()[:16]
 
 
+#: The exit code of a stage that is waiting for a service (EX_TEMPFAIL: try again later).
+WAITING_EXIT = 75
+
+
 class StageResult(BaseModel):
     """What a stage made: ``--result`` writes it as JSON (the Airflow operator's XCom value)."""
 
@@ -239,14 +243,15 @@ class StageResult(BaseModel):
 
     stage: str
     #: complete: every item done; incomplete: failed requests or errors left (a rerun retries exactly those);
-    #: skipped: the same configuration had already completed
-    status: Literal["complete", "incomplete", "skipped"] = "complete"
+    #: skipped: the same configuration had already completed; waiting: work handed to a service that answers
+    #: later (a Batch API batch): the same command collects it
+    status: Literal["complete", "incomplete", "skipped", "waiting"] = "complete"
     outputs: dict[str, Any] = Field(default_factory=dict)
     counts: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.status == "incomplete" else 0
+        return 1 if self.status == "incomplete" else WAITING_EXIT if self.status == "waiting" else 0
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

@@ -28,11 +28,16 @@ ANALYSIS = Asset("agentpipe://analysis")
 #: multiply the backend's own concurrency against one rate limit.
 GPU_POOL = "gpu"
 API_POOL = "judge_api"
+#: ``judge_batch`` bounds the judge stages submitting or collecting a Batch API batch at once; while the batch
+#: runs the task waits deferred and holds no slot (the batch sends no requests from here)
+BATCH_POOL = "judge_batch"
 #: judge kind (``pipeline.experiment.judge_kind``) → the pool its evaluation tasks take a slot from
-JUDGE_POOLS = {"local": GPU_POOL, "api": API_POOL}
+JUDGE_POOLS = {"local": GPU_POOL, "api": API_POOL, "batch": BATCH_POOL}
 POOL_DESCRIPTIONS = {
     GPU_POOL: ("model stages (emulate, local judges, train, merge) running on this machine's GPUs at once", False),
     API_POOL: ("judge stages sending requests to the API endpoint at once (deferred Slurm jobs count)", True),
+    BATCH_POOL: ("judge stages submitting or collecting a Batch API batch at once (a task waiting for its batch "
+                 "holds no slot)", False),
 }
 #: Task priorities inside a model's chain (weight_rule "absolute"): what is further along goes first, so a
 #: model that has trained is emulated and judged before another model's training takes the slot. A cross
@@ -62,7 +67,7 @@ def pools(api_slots: int | None = None) -> dict[str, dict]:
     """The project's pools in ``airflow pools import`` form ($AGENTPIPE_API_SLOTS: the judge endpoint's share,
     default 4)."""
     api = api_slots if api_slots is not None else int(os.environ.get("AGENTPIPE_API_SLOTS", "4") or 4)
-    slots = {GPU_POOL: gpu_slots(), API_POOL: api}
+    slots = {GPU_POOL: gpu_slots(), API_POOL: api, BATCH_POOL: api}
     return {name: {"slots": slots[name], "description": text, "include_deferred": deferred}
             for name, (text, deferred) in POOL_DESCRIPTIONS.items()}
 

@@ -6,7 +6,9 @@ GPU-hours are an upper bound: each GPU job's GPUs × its time limit under the re
 at list price, with an assumed prompt/completion size per judgement (the study's judge prompts: a case's
 instructions, toolkits and a trajectory, about 6k tokens in, a rationale and a score out). Cross evaluations
 (a finetuned model judged by the other arm's judge, the chains' ``cross_evaluate*`` steps) count as evaluations
-of their judge: calls and USD for an API judge, GPU jobs and GPU-hours for a local one.
+of their judge: calls and USD for an API judge, GPU jobs and GPU-hours for a local one. The USD is given as
+planned (the evaluations with ``batch`` at the Batch API's rate) and for either mode throughout, so the approval
+step shows what batch mode saves.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any
 JUDGE_TOKENS = (6000, 800)
 _CHAIN_STAGES = {"train": "train", "merge": "merge", "train2": "train", "emulate": "emulate",
                  "evaluate": "evaluate", "emulate2": "emulate", "evaluate2": "evaluate",
-                 **{f"cross_evaluate{stage}_{kind}": "evaluate" for stage in ("", "2") for kind in ("local", "api")}}
+                 **{f"cross_evaluate{stage}_{kind}": "evaluate" for stage in ("", "2")
+                    for kind in ("local", "api", "batch")}}
 
 
 def _jobs(plan: Mapping[str, Any]) -> Iterable[tuple[str, dict[str, Any]]]:
@@ -58,7 +61,8 @@ def plan_size(plan: Mapping[str, Any]) -> dict[str, Any]:
 
     emulations = _emulation_outputs(plan)
     jobs: dict[str, int] = {}
-    gpu_jobs, gpu_hours, calls, api_calls, usd, unpriced_calls = 0, 0.0, 0, 0, 0.0, 0
+    gpu_jobs, gpu_hours, calls, api_calls, unpriced_calls = 0, 0.0, 0, 0, 0
+    usd = {"planned": 0.0, "sync": 0.0, "batch": 0.0}
     unpriced: set[str] = set()
     for stage, spec in _jobs(plan):
         jobs[stage] = jobs.get(stage, 0) + 1
@@ -80,11 +84,18 @@ def plan_size(plan: Mapping[str, Any]) -> dict[str, Any]:
                     unpriced.add(judge.model)
                     unpriced_calls += n
                 else:
-                    usd += n * one
+                    in_batch = n * cost_usd(judge.model, *JUDGE_TOKENS, batch=True)  # type: ignore[operator]
+                    usd["sync"] += n * one
+                    usd["batch"] += in_batch
+                    usd["planned"] += in_batch if spec.get("batch") else n * one
+    unknown = bool(api_calls) and unpriced_calls == api_calls  # every API call unpriced: no estimate at all
     return {"jobs": jobs, "total_jobs": sum(jobs.values()), "gpu_jobs": gpu_jobs, "gpu_hours": round(gpu_hours, 1),
             "judge_calls": calls, "api_judge_calls": api_calls,
-            # unknown (None) when every API call is unpriced; else the priced calls' estimate
-            "usd": None if api_calls and unpriced_calls == api_calls else round(usd, 2),
+            # unknown (None) when every API call is unpriced; else the priced calls' estimate: as planned, and
+            # with every API judgement synchronous or through the Batch API
+            "usd": None if unknown else round(usd["planned"], 2),
+            "usd_sync": None if unknown else round(usd["sync"], 2),
+            "usd_batch": None if unknown else round(usd["batch"], 2),
             "unpriced": sorted(unpriced), "unpriced_calls": unpriced_calls}
 
 
@@ -119,12 +130,52 @@ def describe(size: Mapping[str, Any]) -> str:
         usd = "**cost unknown**"
     else:
         usd = f"about **${size['usd']:,.2f}**" + (" for the priced calls" if unpriced_calls else "")
+    modes = ""
+    if size["usd"] is not None and size.get("usd_batch") is not None and size["api_judge_calls"]:
+        as_planned = "through the Batch API" if size["usd"] == size["usd_batch"] else \
+            "synchronously" if size["usd"] == size["usd_sync"] else "partly through the Batch API"
+        modes = (f" Planned {as_planned}; all synchronous: ${size['usd_sync']:,.2f}, all through the Batch API "
+                 f"(evaluation option batch): ${size['usd_batch']:,.2f}.")
     lines = [f"**{size['total_jobs']} stage jobs** ({per}).",
              f"**{size['gpu_jobs']} GPU jobs, at most {size['gpu_hours']:g} GPU-hours** (GPUs × time limit of the "
              "resource rule).",
              f"**{size['judge_calls']:,} judge calls**, {size['api_judge_calls']:,} of them to the API: {usd} at "
-             f"list price ({JUDGE_TOKENS[0]:,} prompt + {JUDGE_TOKENS[1]:,} completion tokens per call assumed)."]
+             f"list price ({JUDGE_TOKENS[0]:,} prompt + {JUDGE_TOKENS[1]:,} completion tokens per call assumed)."
+             + modes]
     if size["unpriced"]:
         lines.append(f"**{unpriced_calls:,} calls unpriced** (not in the price table, cost unknown): "
                      f"{', '.join(size['unpriced'])}.")
     return "\n\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m plugins.plan_size [PRESET.json]``: the size of ``dpo_experiment``'s plan for a configuration
+    (default: the cluster preset of ``dags/README.md``), as the approval step shows it."""
+    import argparse
+    import json
+    import re
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.experiment import experiment_from_params, plan_experiment
+
+    parser = argparse.ArgumentParser(prog="python -m plugins.plan_size", description=main.__doc__)
+    parser.add_argument("preset", nargs="?", help="a JSON file of the DAG's params (default: dags/README.md's)")
+    args = parser.parse_args(argv)
+    if args.preset:
+        params = json.loads(Path(args.preset).read_text())
+    else:
+        readme = (Path(__file__).resolve().parents[1] / "dags" / "README.md").read_text()
+        params = json.loads(re.search(r"```json\n(.*?)```", readme, re.S).group(1))  # type: ignore[union-attr]
+    from pipeline.errors import PipelineError
+
+    try:
+        with tempfile.TemporaryDirectory() as home:
+            plan = plan_experiment(experiment_from_params(params, Path(home)), Path(home)).as_dict()
+    except PipelineError as e:
+        raise SystemExit(f"plan_size: error: {e}") from None
+    print(describe(plan_size(plan)))
+
+
+if __name__ == "__main__":
+    main()

@@ -69,6 +69,8 @@ def stage_words(stage: str | Sequence[str]) -> list[str]:
 
 #: The exit code of a stage refused for bad configuration or input (``pipeline.errors.PipelineError``)
 CONFIG_ERROR_EXIT = 2
+#: a stage waiting for a service (``pipeline.stage.WAITING_EXIT``: its result names what it waits for)
+WAITING_EXIT = 75
 
 
 def _failure(rc: int, result_path: Path) -> str:
@@ -143,6 +145,10 @@ class StageOperator(BaseOperator):
         10 s, none).
     :param tail_lines: log lines in a failure message.
     :param kill_grace: seconds between SIGTERM and SIGKILL when a local stage is killed.
+    :param batch_poll_interval: seconds between polls of a Batch API batch the stage waits for, unless the stage
+        says (``evaluate`` with ``batch``: the task defers on ``OpenAIBatchTrigger``, holding no worker slot, and
+        runs the stage again to collect when the batch ends).
+    :param batch_timeout: give up waiting for a batch after this many seconds (None: as long as it runs).
     """
 
     template_fields: Sequence[str] = ("stage", "spec", "compute", "stage_resources", "models", "quantization", "env",
@@ -157,7 +163,8 @@ class StageOperator(BaseOperator):
                  mlflow_parent_run_id: str | None = None, mlflow_tracking_uri: str | None = None,
                  slurm_conn_id: str = "slurm_default", poll_interval: float | None = None,
                  initial_delay: float | None = None, job_timeout: float | None = None, tail_lines: int = 40,
-                 kill_grace: float = 10.0, **kwargs: Any) -> None:
+                 kill_grace: float = 10.0, batch_poll_interval: float = 60.0, batch_timeout: float | None = None,
+                 **kwargs: Any) -> None:
         # `resources` is a BaseOperator argument too (executor resources); ours are Slurm's, kept apart.
         super().__init__(**kwargs)
         self.stage = stage
@@ -178,6 +185,8 @@ class StageOperator(BaseOperator):
         self.job_timeout = job_timeout
         self.tail_lines = tail_lines
         self.kill_grace = kill_grace
+        self.batch_poll_interval = batch_poll_interval
+        self.batch_timeout = batch_timeout
         self._proc: subprocess.Popen | None = None
         self._killed = False
         self._job_id: str | None = None
@@ -204,9 +213,12 @@ class StageOperator(BaseOperator):
         spec = self._stage_spec
         if not isinstance(spec, Mapping):
             raise AirflowException(f"spec: expected a mapping of option names to values, got {type(spec).__name__}")
+        spec = dict(spec)
+        if stage_words(self.stage) == ["evaluate"] and spec.get("batch"):
+            spec["batch_wait"] = False  # never block a worker on a batch: the task defers while it runs
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(dict(spec), indent=2, default=str) + "\n")
+        tmp.write_text(json.dumps(spec, indent=2, default=str) + "\n")
         os.replace(tmp, path)
 
     def _stage_env(self, context: Mapping[str, Any], home: Path) -> dict[str, str]:
@@ -274,7 +286,13 @@ class StageOperator(BaseOperator):
         self._stage_spec = spec
 
     def execute(self, context: Mapping[str, Any], event: Mapping[str, Any] | None = None) -> Any:
-        """Run the stage (``event``: set when resumed after waiting for a free Slurm job slot)."""
+        """Run the stage (``event``: set when resumed after waiting for a free Slurm job slot, or for a batch: the
+        stage then collects its answers)."""
+        if event and event.get("batch_id"):
+            self.log.info("batch %s ended %s after %ss", event["batch_id"], event.get("status"), event.get("elapsed_s"))
+            if event.get("status") == "WAIT_TIMEOUT":
+                raise AirflowException(f"batch {event['batch_id']}: still running after the wait's limit "
+                                       f"({self.batch_timeout} s); a retry of the task waits for it again")
         self._select_spec()
         compute = resolve_compute(self.compute)
         home = self._home()
@@ -315,6 +333,8 @@ class StageOperator(BaseOperator):
             self.log.info("%s", line)
         rc = self._proc.wait()
         self._proc = None
+        if rc == WAITING_EXIT and not self._killed:
+            return self._wait_for_batch(read_result(result_path))
         if rc != 0:
             why = "was killed" if self._killed else _failure(rc, result_path)
             message = f"stage {' '.join(stage_words(self.stage))} {why}; last lines:\n" + "\n".join(tail)
@@ -398,6 +418,9 @@ class StageOperator(BaseOperator):
             self.log.info("---- end of job log ----")
         ok, described = job_outcome(state, str(event.get("exit_code") or ""))
         self.log.info("Slurm job %s ended %s after %ss", job_id, described, event.get("elapsed_s"))
+        if not ok and str(event.get("exit_code") or "").split(":")[0] == str(WAITING_EXIT):
+            self._select_spec()
+            return self._wait_for_batch(read_result(Path(result_path)))
         if not ok:
             tail = event.get("log_tail") or tail_file(log_path, self.tail_lines)
             exit_code = str(event.get("exit_code") or "")
@@ -420,6 +443,20 @@ class StageOperator(BaseOperator):
             raise AirflowException(message)
         self._select_spec()
         return self._announce(context, read_result(Path(result_path)))
+
+    def _wait_for_batch(self, result: Mapping[str, Any]) -> None:
+        """The stage handed its work to a batch: defer until it ends (no worker slot), then run it again."""
+        from plugins.openai_batch_trigger import OpenAIBatchTrigger
+
+        batch = result.get("batch") if isinstance(result.get("batch"), Mapping) else {}
+        if result.get("status") != "waiting" or not batch.get("batch_id"):
+            raise AirflowException(f"stage exited {WAITING_EXIT} (waiting) but its result names no batch: {result}")
+        self.log.info("waiting for batch %s (%s, %s requests) without a worker slot", batch["batch_id"],
+                      batch.get("status"), batch.get("requests"))
+        poll = float(batch.get("poll_s") or self.batch_poll_interval)  # the stage's own setting, when it has one
+        self.defer(trigger=OpenAIBatchTrigger(batch_id=str(batch["batch_id"]), base_url=batch.get("base_url"),
+                                              poll_interval=poll, timeout=self.batch_timeout),
+                   method_name="execute")
 
     # ------------------------------------------------------------------------------------------------ kill
     def on_kill(self) -> None:

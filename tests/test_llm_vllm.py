@@ -219,3 +219,30 @@ def test_emulate_and_evaluate_two_demo_cases_end_to_end(tmp_path, smollm2_model)
         assert len(evals) == 2
         assert all(r["status"] == "ok" and r["scoring"] == "choice" for r in evals), evals
         assert all([type(v) for v in r["eval_scores"].values()] == [int] for r in evals), evals
+
+
+def test_structured_answers_of_the_smollm2_judge_always_parse(tmp_path, smollm2_model):
+    """``evaluate --structured``: SmolLM2-135M cannot follow the answer format in free text; constrained to it
+    while decoding (vLLM structured outputs, the prompt unchanged), every answer parses, with a rubric label."""
+    from pipeline.data.jsonl import read_jsonl
+    from pipeline.emulation.runner import EmulationConfig, run_emulation
+    from pipeline.evaluation.judges import ANSWER_LABELS
+    from tests.conftest import run_agentpipe
+
+    traj = run_emulation(EmulationConfig(agent="scripted:agent", emulator="scripted:emulator", case_set="demo",
+                                         cases="0-4", out=tmp_path / "pool", no_progress=True)).path
+    e = run_agentpipe("--result", str(tmp_path / "eval.json"), "evaluate", "--trajectories", str(traj), "--evaluator",
+                      "vllm:SmolLM2-135M", "--structured", "--max-new-tokens", "256", "--max-model-len", "4096",
+                      "--gpu-memory-utilization", "0.25", "--no-progress", env={"AGENTPIPE_HOME": str(tmp_path)})
+    assert e.returncode == 0, e.stderr[-3000:]
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["counts"]["requests"] == 8 and res["counts"]["parse_failed"] == 0 and res["counts"]["scored"] == 8
+    for t, path in res["outputs"]["eval_files"].items():
+        labels = ANSWER_LABELS["agent_safe" if t == "agent_safe" else "help"]
+        for r in read_jsonl(path).records:
+            assert r["status"] == "ok" and r["Overall Qualitative Label"] in labels, r
+            assert r["Overall Quantitative Score"] in ("0", "1", "2", "3") and r["finish_reason"] == "stop", r
+    # a backend that cannot constrain decoding is refused in one line, never answered unconstrained
+    p = run_agentpipe("evaluate", "--trajectories", str(traj), "--evaluator", "SmolLM2-135M", "--structured",
+                      env={"AGENTPIPE_HOME": str(tmp_path)})
+    assert p.returncode == 2 and "constrained answers need the vLLM engine" in p.stderr

@@ -128,7 +128,8 @@ def test_usage_totals_per_role_add_tokens_and_usd():
               {"prompt_tokens": 2000, "completion_tokens": 150, "cost_usd": 0.025}, None):
         add_usage(totals, "judge", u)
     assert usage_metrics(totals) == {"tokens_judge": 3200.0, "prompt_tokens_judge": 3000.0,
-                                     "cost_usd_judge": 0.0375}
+                                     "cost_usd_judge": 0.0375, "cost_usd_judge_if_sync": 0.0375,
+                                     "cost_usd_judge_if_batch": 0.01875}  # both modes: synchronous calls here
 
 
 @pytest.mark.parametrize("env,gpus", [({"SLURM_GPUS_ON_NODE": "4"}, 4), ({"SLURM_JOB_GPUS": "0,1,2"}, 3),

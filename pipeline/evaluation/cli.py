@@ -30,6 +30,11 @@ def _cmd_evaluate(args: argparse.Namespace):  # noqa: ANN202 - returns a StageRe
         for bar in bars:
             bar.close()
     c = res.counts
+    if res.status == "waiting":
+        b = res.batch  # type: ignore[attr-defined]
+        print(f"evaluate: waiting for batch {b['batch_id']} ({b['status']}, {b['requests']} requests); rerun the "
+              "same command to collect its answers", file=sys.stderr)
+        return res
     files = ", ".join(p.rsplit("/", 1)[-1] for p in res.outputs["eval_files"].values())
     skipped = f", already complete: {', '.join(res.skipped)}" if res.skipped else ""
     print(f"evaluate: {c['requests']} judgements ({c['scored']} scored, {c['parse_failed']} parse failures, "

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 import pipeline.evaluation.doubles  # noqa: F401 - registers the test double scripted:judge
 from pipeline.data.jsonl import JsonlAppender, atomic_write_json, atomic_write_jsonl, read_jsonl
@@ -30,9 +30,9 @@ from pipeline.data.runfiles import load_trajectories
 from pipeline.data.toolkit_registry import judged_toolkits, toolkit_registry, toolkits_digest
 from pipeline.data.toolkits import Toolkit
 from pipeline.errors import ConfigError, DataError, PipelineError
-from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, JudgeTag, choice_judgement, eval_types_for,
-                                       judge_messages, prompt_version, read_judgement, trajectory_digest,
-                                       episode_digest)
+from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, JudgeTag, answer_pattern, choice_judgement,
+                                       episode_digest, eval_types_for, judge_messages, prompt_version, read_judgement,
+                                       trajectory_digest)
 from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
 from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
@@ -47,7 +47,8 @@ class EvaluationConfig(StageConfig, BackendOptions):
 
     stage: ClassVar[str] = "evaluate"
     not_in_fingerprint: ClassVar[frozenset[str]] = NOT_IN_FINGERPRINT | {
-        "trajectories", "metrics", "cache", "chunk_size", "force", "wait", "no_progress"}
+        "trajectories", "metrics", "cache", "chunk_size", "force", "wait", "no_progress", "batch", "batch_wait",
+        "batch_poll_s"}
 
     trajectories: Path = Field(description="trajectory .jsonl file")
     evaluator: str = Field(description="evaluator model spec")
@@ -65,7 +66,19 @@ class EvaluationConfig(StageConfig, BackendOptions):
     scoring: Literal["generate", "choice"] = Field(default="generate", description="generate: the judge reasons and "
                                                    "answers in the four fields; choice: the score 0-3 with the highest "
                                                    "log-probability (small local judges that cannot follow the format)")
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = Field(
+        default=None, description="how much an API reasoning judge (gpt-5*, o-series) reasons before answering "
+        "(default: the model's own); refused for other judges")
+    structured: bool = Field(default=False, description="constrain the judge's answer to the answer format "
+                             "(the four fields in order, a rubric label, a score 0-3) while it is decoded, so that "
+                             "every answer parses; the prompt is unchanged (the vLLM engine: vllm:<model>)")
     cache: bool = Field(default=False, description="cache judge responses on disk")
+    batch: bool = Field(default=False, description="an API judge answers through the OpenAI Batch API (half price, "
+                        "within 24 h): the same requests and records, journaled beside the trajectory file so that "
+                        "a killed run reattaches to its batch")
+    batch_wait: bool = Field(default=True, description="with --batch: poll until the batch ends (--no-batch-wait: "
+                             "return at once, status waiting (exit 75); the same command collects later)")
+    batch_poll_s: float = Field(default=30.0, gt=0, description="with --batch: seconds between polls")
     chunk_size: int = Field(default=256, ge=1, description="requests per batched call (progress is saved after each)")
     force: bool = Field(default=False, description="eval files of a different configuration (or not written by "
                         "agentpipe) are moved aside as <name>.replaced-<time> and judged again (default: refuse)")
@@ -78,6 +91,48 @@ class EvaluationConfig(StageConfig, BackendOptions):
     def _metrics(cls, v: str) -> str:
         eval_types_for(v)  # raises on an unknown metric
         return v
+
+    @model_validator(mode="after")
+    def _reasoning(self) -> EvaluationConfig:
+        if self.reasoning_effort is not None:
+            if parse_model_spec(self.evaluator).backend != "openai":
+                raise ValueError(f"reasoning_effort: evaluator {self.evaluator} is not an API judge; a local model "
+                                 "takes no reasoning_effort")
+            from pipeline.llm import settings_not_sent
+
+            settings_not_sent(self.evaluator, GenerationConfig(temperature=self.temperature,
+                                                               reasoning_effort=self.reasoning_effort))
+        return self
+
+    @model_validator(mode="after")
+    def _structured(self) -> EvaluationConfig:
+        if self.structured:
+            if parse_model_spec(self.evaluator).backend != "vllm":
+                raise ValueError(f"structured: evaluator {self.evaluator}: constrained answers need the vLLM engine "
+                                 "(vllm:<model>)")
+            if self.scoring == "choice":
+                raise ValueError("structured: choice scoring has no written answer to constrain; drop --structured")
+        return self
+
+    @model_validator(mode="after")
+    def _batch(self) -> EvaluationConfig:
+        if self.batch:
+            if parse_model_spec(self.evaluator).backend != "openai":
+                raise ValueError(f"batch: evaluator {self.evaluator} is not an OpenAI-compatible API judge "
+                                 "(openai:<model> or gpt-*); a local judge batches by itself")
+            if self.scoring == "choice":
+                raise ValueError("batch: choice scoring reads a local model's log-probabilities; drop --batch")
+            if self.cache:
+                raise ValueError("batch: the response cache answers request by request; drop --cache")
+        return self
+
+    def fingerprint(self) -> dict[str, Any]:
+        data = super().fingerprint()
+        if not self.structured:  # free text, as every eval file written before the option existed records
+            data.pop("structured", None)
+        if self.reasoning_effort is None:  # the model's default, likewise
+            data.pop("reasoning_effort", None)
+        return data
 
     def versions(self) -> dict[str, Any]:
         # generated judgements sampled with per-request seeds (SAMPLING_VERSION); greedy ones and choice scoring
@@ -108,6 +163,9 @@ class EvaluationResult:
     #: a replay judge's answers found by the episode's course (its rebuilt final log differs from the recording)
     by_episode: int = 0
     wall_s: float = 0.0
+    #: with ``batch``: the batch's id, status and journal; ``waiting`` while it runs (nothing assembled yet)
+    batch: dict[str, Any] | None = None
+    waiting: bool = False
 
 
 def _target_trajectory(path: Path, evaluator_name: str, force: bool) -> Path:
@@ -138,9 +196,9 @@ def evaluate(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
     """The ``evaluate`` stage: ``run_evaluation`` as a ``StageResult``; incomplete while a request failed (an
     evaluation whose every request failed is never complete)."""
     res = run_evaluation(cfg, backend=backend, progress=progress)
-    if len(res.skipped) < len(res.eval_files):
+    if len(res.skipped) < len(res.eval_files) and not res.waiting:
         _track_run(cfg, res)
-    status = ("incomplete" if res.incomplete else
+    status = ("waiting" if res.waiting else "incomplete" if res.incomplete else
               "skipped" if len(res.skipped) == len(res.eval_files) else "complete")
     return StageResult(stage="evaluate", status=status,
                        outputs={"trajectories": str(res.trajectory_file),
@@ -148,7 +206,7 @@ def evaluate(cfg: EvaluationConfig, *, backend: ChatBackend | None = None,
                        counts={"requests": res.requests, "scored": res.scored, "parse_failed": res.parse_failed,
                                "errors": res.errors, **({"replayed_by_episode": res.by_episode} if res.by_episode
                                                         else {})}, incomplete=res.incomplete, skipped=res.skipped,
-                       wall_s=res.wall_s)
+                       wall_s=res.wall_s, **({"batch": res.batch} if res.batch else {}))
 
 
 def _track_run(cfg: EvaluationConfig, res: EvaluationResult) -> None:
@@ -164,7 +222,8 @@ def _track_run(cfg: EvaluationConfig, res: EvaluationResult) -> None:
             for rep in rec["replicates"] if isinstance(rec.get("replicates"), list) else [rec]:
                 status[rep.get("status") or "ok"] += 1
                 add_usage(usage, "judge", rep.get("usage"))
-    log_stage_run("evaluate", res.trajectory_file, experiment="evaluation", params=cfg.fingerprint(),
+    log_stage_run("evaluate", res.trajectory_file, experiment="evaluation",
+                  params={**cfg.fingerprint(), **({"batch": True} if cfg.batch else {})},
                   counts={"judgements": sum(status.values()), **{f"judgements_{k}": v for k, v in status.items()}},
                   usage=usage, wall_s=res.wall_s,
                   gpus=None if parse_model_spec(cfg.evaluator).backend in LOCAL_BACKENDS else 0)
@@ -229,7 +288,13 @@ def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progres
     pending = [(t, i, k) for t, items in todo.items() for i, k in items]
     if pending:
         backend = backend or _judge_backend(cfg)
-        _judge(cfg, backend, records, toolkits, pending, result, progress, parse_run_filename(target.name))
+        run = parse_run_filename(target.name)
+        if cfg.batch:
+            _judge_batch(cfg, backend, records, toolkits, pending, result, progress, run)
+            if result.waiting:  # the batch runs: nothing to assemble yet; the same command collects
+                return
+        else:
+            _judge(cfg, backend, records, toolkits, pending, result, progress, run)
         from pipeline.evaluation.replay import ReplayJudge
 
         if isinstance(backend, ReplayJudge):
@@ -253,6 +318,10 @@ def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progres
         else:
             _part(out).unlink(missing_ok=True)
             _meta(out).unlink(missing_ok=True)
+    if cfg.batch:
+        from pipeline.evaluation.batch import batch_done
+
+        batch_done(target)  # every answer is in the eval files (or their journals): the batch is collected
 
 
 def _judge_backend(cfg: EvaluationConfig) -> ChatBackend:
@@ -294,6 +363,65 @@ def choice_seed(seed: int, eval_type: str, messages: list[dict[str, str]]) -> in
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
+#: what a judgement of a trajectory whose emulation failed records (nothing to judge)
+_NO_EPISODE = {"eval_scores": {}, "status": "skipped", "error": "trajectory has no episode (its emulation failed)"}
+
+
+def _request(cfg: EvaluationConfig, t: str, i: int, k: int, rec: dict, registry: dict[str, Toolkit],
+             run: RunFileName) -> ChatRequest:
+    """The judge's request for line ``i``'s metric ``t``, replicate ``k`` (the same in every mode)."""
+    toolkits = [registry[n] for n in rec["case"]["Toolkits"]]  # every one checked by judged_toolkits
+    messages = judge_messages(t, rec, toolkits, study_final_step=cfg.compat == "study")
+    # one seed per (metric, line's prompt, replicate): a judgement does not depend on its chunk or batch
+    seed = request_seed(cfg.seed, "judge", t, k, messages) if cfg.temperature > 0 else None
+    config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
+                              regex=answer_pattern(t, cfg.max_new_tokens) if cfg.structured else None,
+                              reasoning_effort=cfg.reasoning_effort)
+    tag = JudgeTag(t, i, k, rec.get("case_idx"), trajectory_digest(rec), run.agent, run.emulator, episode_digest(rec))
+    return ChatRequest(messages=messages, config=config, replicate=k, tag=tag, role="judge")
+
+
+def _count(result: EvaluationResult, fields: dict[str, Any]) -> None:
+    result.requests += 1
+    status = fields["status"]
+    result.scored += status == "ok"
+    result.parse_failed += status == "parse_failed"
+    result.errors += status == "error"
+
+
+def _judge_batch(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], registry: dict[str, Toolkit],
+                 pending: list[tuple[str, int, int]], result: EvaluationResult,
+                 progress: Callable[[int, int], None] | None, run: RunFileName) -> None:
+    """Every pending judgement in one batch (``pipeline.evaluation.batch``); its answers saved as a synchronous
+    run saves them, once the batch has ended."""
+    from pipeline.evaluation.batch import judge_in_batch
+
+    if cfg.scoring == "choice":
+        raise ConfigError("--batch: choice scoring reads a local model's log-probabilities; drop --batch")
+    items = [((t, i, k), _request(cfg, t, i, k, records[i], registry, run)) for t, i, k in pending
+             if "error" not in records[i]]
+    no_episode = [(t, i, k) for t, i, k in pending if "error" in records[i]]
+    responses, info = (judge_in_batch(backend, cfg.evaluator, result.trajectory_file, items, wait=cfg.batch_wait,
+                                      poll_s=cfg.batch_poll_s, progress=None if cfg.no_progress else print)
+                       if items else ({}, None))
+    result.batch = info
+    if responses is None:
+        result.waiting = True
+        return
+    by_type: dict[str, list[dict]] = defaultdict(list)
+    for t, i, k in no_episode:
+        by_type[t].append({"eval_id": i, "replicate": k, **_NO_EPISODE})
+    for (t, i, k), _ in items:
+        j = read_judgement(t, responses[(t, i, k)], cfg.evaluator)
+        by_type[t].append({"eval_id": i, "replicate": k, **j.fields})
+        _count(result, j.fields)
+    for t, entries in by_type.items():
+        with JsonlAppender(_part(result.eval_files[t])) as appender:
+            appender.append(*entries)
+    if progress:
+        progress(len(pending), len(pending))
+
+
 def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], registry: dict[str, Toolkit],
            pending: list[tuple[str, int, int]], result: EvaluationResult,
            progress: Callable[[int, int], None] | None, run: RunFileName) -> None:
@@ -305,17 +433,9 @@ def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], reg
             for t, i, k in chunk:
                 rec = records[i]
                 if "error" in rec:  # the emulation of this case failed: nothing to judge
-                    appenders[t].append({"eval_id": i, "replicate": k, "eval_scores": {}, "status": "skipped",
-                                         "error": "trajectory has no episode (its emulation failed)"})
+                    appenders[t].append({"eval_id": i, "replicate": k, **_NO_EPISODE})
                     continue
-                toolkits = [registry[n] for n in rec["case"]["Toolkits"]]  # every one checked by judged_toolkits
-                messages = judge_messages(t, rec, toolkits, study_final_step=cfg.compat == "study")
-                # one seed per (metric, line's prompt, replicate): a judgement does not depend on its chunk or batch
-                seed = request_seed(cfg.seed, "judge", t, k, messages) if cfg.temperature > 0 else None
-                config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed)
-                tag = JudgeTag(t, i, k, rec.get("case_idx"), trajectory_digest(rec), run.agent, run.emulator,
-                               episode_digest(rec))
-                requests.append(ChatRequest(messages=messages, config=config, replicate=k, tag=tag, role="judge"))
+                requests.append(_request(cfg, t, i, k, rec, registry, run))
                 batch.append((t, i, k))
             by_type: dict[str, list[dict]] = defaultdict(list)
             if cfg.scoring == "choice":
@@ -328,11 +448,7 @@ def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], reg
                 judged = [read_judgement(t, resp, cfg.evaluator) for (t, _, _), resp in zip(batch, responses)]
             for (t, i, k), j in zip(batch, judged):
                 by_type[t].append({"eval_id": i, "replicate": k, **j.fields})
-                result.requests += 1
-                status = j.fields["status"]
-                result.scored += status == "ok"
-                result.parse_failed += status == "parse_failed"
-                result.errors += status == "error"
+                _count(result, j.fields)
             for t, entries in by_type.items():
                 appenders[t].append(*entries)
             if progress:

@@ -65,6 +65,12 @@ def settings_not_sent(model: str, config: GenerationConfig, *, send_sampling: bo
     Raises ``ConfigError`` when one of them is not a default the model applies anyway (a temperature other than
     0 or 1, top_p below 1): leaving it out would change what was asked."""
     name = model.rsplit("/", 1)[-1].lower()
+    if config.regex:
+        raise ConfigError(f"model '{model}': an API model is not constrained by a regular expression here; "
+                          "structured answers need the vLLM engine (vllm:<model>)")
+    if config.reasoning_effort and _is_openai_model(name) and not _is_reasoning_model(name):
+        raise ConfigError(f"model '{model}' is not a reasoning model: it takes no reasoning_effort "
+                          f"({config.reasoning_effort}); leave it unset")
     out = []
     if _is_reasoning_model(name) and not send_sampling:
         if config.temperature not in _DEFAULT_TEMPERATURES or config.top_p != 1.0:
@@ -143,6 +149,16 @@ class OpenAIBackend(ChatBackend):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(model={self.spec.model!r}, base_url={_public_url(self.base_url)!r})"
 
+    @property
+    def public_url(self) -> str:
+        """The base URL, without credentials (safe to record)."""
+        return _public_url(self.base_url)
+
+    def sync_client(self) -> openai.OpenAI:
+        """A synchronous client with this backend's key, base URL and timeout (the Batch API's calls)."""
+        return openai.OpenAI(api_key=self._api_key.get_secret_value(), base_url=self.base_url,
+                             max_retries=self.max_retries, timeout=self.timeout_s)
+
     # ---- public API -------------------------------------------------------------------------------------
 
     def not_sent(self, config: GenerationConfig) -> list[str]:
@@ -207,6 +223,8 @@ class OpenAIBackend(ChatBackend):
             kwargs["seed"] = cfg.seed
         if cfg.stop and (self.send_stop_to_gpt or not _is_openai_model(self._name)):
             kwargs["stop"] = list(cfg.stop)
+        if cfg.reasoning_effort:  # a non-reasoning OpenAI model was refused (settings_not_sent)
+            kwargs["reasoning_effort"] = cfg.reasoning_effort
         return kwargs
 
     async def _complete(self, client: openai.AsyncOpenAI, request: ChatRequest) -> ChatResponse:
@@ -225,17 +243,17 @@ class OpenAIBackend(ChatBackend):
             except Exception as exc:  # noqa: BLE001 - every failure becomes a failure response
                 outcome = self._classify(exc)
             else:
-                response = self._parse(body, latency_s=time.monotonic() - start)
+                response = self.parse_body(body, latency_s=time.monotonic() - start)
                 response.not_sent = not_sent
                 return response
             if not outcome.retryable or attempt == attempts:
                 tries = f" after {attempt} attempts" if attempt > 1 else ""
-                error = self._scrub(f"{outcome.description}{tries}")
+                error = self.scrub(f"{outcome.description}{tries}")
                 log.warning("%s: request failed: %s", self.spec.model, error)
                 return ChatResponse.failure(error, latency_s=time.monotonic() - start)
             delay = self._backoff(attempt, outcome.retry_after_s)
             log.info("%s: attempt %d/%d failed (%s); retrying in %.2fs", self.spec.model, attempt, attempts,
-                     self._scrub(outcome.description), delay)
+                     self.scrub(outcome.description), delay)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns")
 
@@ -259,8 +277,9 @@ class OpenAIBackend(ChatBackend):
             return _Attempt(f"connection error: {type(exc).__name__}{cause}: {_one_line(exc.message)}", True)
         return _Attempt(f"{type(exc).__name__}: {_one_line(str(exc))}", False)
 
-    def _parse(self, body: str, latency_s: float) -> ChatResponse:
-        """Turn a 200 body into a response; anything unexpected is a failure, never an exception."""
+    def parse_body(self, body: str, latency_s: float, *, batch: bool = False) -> ChatResponse:
+        """Turn a 200 body into a response; anything unexpected is a failure, never an exception. ``batch``:
+        the answer came through the Batch API (priced at its rate)."""
         try:
             data = json.loads(body)
         except ValueError:
@@ -273,10 +292,12 @@ class OpenAIBackend(ChatBackend):
         content = message.get("content") if isinstance(message, dict) else None
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         prompt_tokens, completion_tokens = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
+        cached_tokens = min(_count(details.get("cached_tokens")), prompt_tokens)
         # The served id (often dated, e.g. gpt-4o-mini-2024-07-18) prices snapshots exactly; else the requested one.
         model = data.get("model") if isinstance(data.get("model"), str) and data.get("model") else self.spec.model
         finish = choice.get("finish_reason")
-        cost = cost_usd(model, prompt_tokens, completion_tokens)
+        cost = cost_usd(model, prompt_tokens, completion_tokens, cached_tokens=cached_tokens, batch=batch)
         return ChatResponse(
             text=content if isinstance(content, str) else "",
             finish_reason=finish if isinstance(finish, str) else None,
@@ -285,14 +306,16 @@ class OpenAIBackend(ChatBackend):
             latency_s=latency_s,
             cost_usd=cost,
             unpriced=cost is None,  # not in the price table: unknown, not free
+            cached_prompt_tokens=cached_tokens,
+            batch=batch,
         )
 
     def _malformed(self, what: str, body: str, latency_s: float) -> ChatResponse:
-        error = self._scrub(f"malformed response ({what}): {_one_line(body)[:200]!r}")
+        error = self.scrub(f"malformed response ({what}): {_one_line(body)[:200]!r}")
         log.warning("%s: %s", self.spec.model, error)
         return ChatResponse.failure(error, latency_s=latency_s)
 
-    def _scrub(self, text: str) -> str:
+    def scrub(self, text: str) -> str:
         """One line, bounded, with the key (and anything key-like) redacted."""
         key = self._api_key.get_secret_value()
         if key and key != PLACEHOLDER_KEY:

@@ -2,7 +2,10 @@
 
 The table lives in ``prices.json`` beside this module (edit it when prices change). A JSON file of the same
 shape named by ``AGENTPIPE_PRICES`` is merged on top: its entries replace or add to the built-in ones.
-Costs are list-price estimates: cached-input discounts and batch pricing are not modelled.
+Costs are list-price estimates. Prompt tokens the API served from its prompt cache (``cached_tokens`` in the
+usage) cost the model's ``cached_input`` price; a model without one is charged its full input price for them (an
+upper bound, never an understatement). Answers through the Batch API cost ``batch_multiplier`` (0.5: half price) of
+the synchronous price.
 """
 
 from __future__ import annotations
@@ -22,15 +25,25 @@ DEFAULT_PRICES_FILE = Path(__file__).with_name("prices.json")
 PRICES_ENV = "AGENTPIPE_PRICES"
 
 
+#: What the Batch API costs, relative to the synchronous price (OpenAI: half), unless a table says otherwise.
+BATCH_MULTIPLIER = 0.5
+
+
 @dataclass(frozen=True)
 class Price:
-    """USD per million tokens."""
+    """USD per million tokens (``cached_input``: of prompt tokens served from the prompt cache; None: not listed)."""
 
     input: float
     output: float
+    cached_input: float | None = None
 
 
-def _read_table(path: Path) -> dict[str, Price]:
+def _price(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def _read_table(path: Path) -> tuple[dict[str, Price], float | None]:
+    """The table's models and its ``batch_multiplier`` (None when it sets none)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -43,21 +56,29 @@ def _read_table(path: Path) -> dict[str, Price]:
     table: dict[str, Price] = {}
     for model, entry in models.items():
         values = [entry.get(k) for k in ("input", "output")] if isinstance(entry, dict) else [None, None]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
-                   for v in values):
+        if not all(_price(v) for v in values):
             raise ConfigError(f"price table {path}: models.{model} needs non-negative numbers 'input' and 'output'")
-        table[model] = Price(input=float(values[0]), output=float(values[1]))  # type: ignore[arg-type]
-    return table
+        cached = entry.get("cached_input")
+        if cached is not None and not _price(cached):
+            raise ConfigError(f"price table {path}: models.{model}.cached_input: expected a non-negative number")
+        table[model] = Price(input=float(values[0]), output=float(values[1]),  # type: ignore[arg-type]
+                             cached_input=None if cached is None else float(cached))
+    multiplier = data.get("batch_multiplier")
+    if multiplier is not None and not (_price(multiplier) and multiplier <= 1):
+        raise ConfigError(f"price table {path}: batch_multiplier: expected a number in [0, 1], got {multiplier!r}")
+    return table, None if multiplier is None else float(multiplier)
 
 
 @lru_cache(maxsize=8)
 def _load(default: str, default_stamp: tuple[int, int], override: str | None,
-          override_stamp: tuple[int, int] | None) -> dict[str, Price]:
+          override_stamp: tuple[int, int] | None) -> tuple[dict[str, Price], float]:
     # Keyed on (mtime, size) stamps so an edited file is picked up without restarting the process.
-    table = _read_table(Path(default))
+    table, multiplier = _read_table(Path(default))
     if override is not None:
-        table.update(_read_table(Path(override)))
-    return table
+        more, its_multiplier = _read_table(Path(override))
+        table.update(more)
+        multiplier = its_multiplier if its_multiplier is not None else multiplier
+    return table, BATCH_MULTIPLIER if multiplier is None else multiplier
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -68,12 +89,21 @@ def _stamp(path: Path) -> tuple[int, int]:
     return (st.st_mtime_ns, st.st_size)
 
 
-def load_prices() -> dict[str, Price]:
-    """The effective price table: ``prices.json`` with the ``AGENTPIPE_PRICES`` file (if set) merged on top."""
+def _effective() -> tuple[dict[str, Price], float]:
     override_env = os.environ.get(PRICES_ENV, "").strip()
     override = Path(override_env).expanduser() if override_env else None
-    return dict(_load(str(DEFAULT_PRICES_FILE), _stamp(DEFAULT_PRICES_FILE),
-                      str(override) if override else None, _stamp(override) if override else None))
+    return _load(str(DEFAULT_PRICES_FILE), _stamp(DEFAULT_PRICES_FILE),
+                 str(override) if override else None, _stamp(override) if override else None)
+
+
+def load_prices() -> dict[str, Price]:
+    """The effective price table: ``prices.json`` with the ``AGENTPIPE_PRICES`` file (if set) merged on top."""
+    return dict(_effective()[0])
+
+
+def batch_multiplier() -> float:
+    """The Batch API's price relative to the synchronous one (``batch_multiplier``; 0.5 unless a table says)."""
+    return _effective()[1]
 
 
 def price_for(model: str) -> Price | None:
@@ -89,9 +119,14 @@ def price_for(model: str) -> Price | None:
     return table[max(matches, key=len)] if matches else None
 
 
-def cost_usd(model: str, prompt_tokens: int, completion_tokens: int) -> float | None:
-    """USD cost of one call at list price, or ``None`` when the model is not in the price table."""
+def cost_usd(model: str, prompt_tokens: int, completion_tokens: int, *, cached_tokens: int = 0,
+             batch: bool = False) -> float | None:
+    """USD cost of one call at list price, or ``None`` when the model is not in the price table.
+    ``cached_tokens`` of the prompt tokens cost the cached-input price; ``batch``: at the Batch API's rate."""
     price = price_for(model)
     if price is None:
         return None
-    return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+    cached = min(max(cached_tokens, 0), prompt_tokens)
+    cached_price = price.input if price.cached_input is None else price.cached_input
+    usd = ((prompt_tokens - cached) * price.input + cached * cached_price + completion_tokens * price.output) / 1e6
+    return usd * batch_multiplier() if batch else usd

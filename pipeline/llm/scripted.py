@@ -67,6 +67,8 @@ class ScriptedBackend(ChatBackend):
             self.calls += 1
             t0 = time.perf_counter()
             try:
+                if r.config.regex:
+                    raise ValueError("the scripted double does not constrain answers (regex)")
                 if down:
                     raise ConnectionError(f"scripted outage (while {self.fail_while} exists)")
                 text = self.responder(r)

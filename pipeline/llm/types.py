@@ -33,6 +33,12 @@ class GenerationConfig:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: the answer must match this regular expression (structured outputs, on engines that constrain decoding:
+    #: vLLM); None: free text
+    regex: str | None = None
+    #: how much a reasoning model reasons before answering (``minimal``/``low``/``medium``/``high``; OpenAI's
+    #: reasoning models only: ``settings_not_sent`` refuses it for others); None: the model's default
+    reasoning_effort: str | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -45,7 +51,8 @@ class GenerationConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                "stop": list(self.stop), "seed": self.seed}
+                "stop": list(self.stop), "seed": self.seed, **({"regex": self.regex} if self.regex else {}),
+                **({"reasoning_effort": self.reasoning_effort} if self.reasoning_effort else {})}
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,10 @@ class ChatResponse:
     unpriced: bool = False
     #: requested settings the backend did not send (an API model family that does not take them)
     not_sent: tuple[str, ...] = ()
+    #: prompt tokens the API served from its prompt cache (priced at the cached-input rate)
+    cached_prompt_tokens: int = 0
+    #: answered through the Batch API (priced at the batch rate)
+    batch: bool = False
 
     @property
     def ok(self) -> bool:
@@ -96,4 +107,6 @@ class ChatResponse:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "latency_s": round(self.latency_s, 4), "cost_usd": self.cost_usd, "cached": self.cached,
                 **({"unpriced": True} if self.unpriced else {}),
-                **({"not_sent": list(self.not_sent)} if self.not_sent else {})}
+                **({"not_sent": list(self.not_sent)} if self.not_sent else {}),
+                **({"cached_prompt_tokens": self.cached_prompt_tokens} if self.cached_prompt_tokens else {}),
+                **({"batch": True} if self.batch else {})}

@@ -185,6 +185,7 @@ class VLLMBackend(ChatBackend):
     def generate(self, requests: Sequence[ChatRequest], progress: Progress | None = None) -> list[ChatResponse]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import StructuredOutputsParams
 
         out: list[ChatResponse | None] = [None] * len(requests)
         jobs: list[tuple[int, Any, Any, Any]] = []  # (request index, prompt, params, lora)
@@ -206,7 +207,8 @@ class VLLMBackend(ChatBackend):
             c = r.config
             params = SamplingParams(temperature=c.temperature, top_p=c.top_p, seed=c.seed,
                                     max_tokens=min(c.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room),
-                                    stop=list(c.stop) or None)
+                                    stop=list(c.stop) or None,
+                                    structured_outputs=StructuredOutputsParams(regex=c.regex) if c.regex else None)
             jobs.append((i, TokensPrompt(prompt_token_ids=ids), params, lora))
         t0 = time.perf_counter()
         results = self._run(jobs)

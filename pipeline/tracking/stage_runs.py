@@ -52,7 +52,11 @@ def elapsed_s(wall_s: float) -> float:
 def usage_metrics(usage: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """``tokens_<role>`` (prompt + completion) and ``cost_usd_<role>`` from per-role usage totals. A role whose
     calls were all unpriced (an API model missing from the price table) logs no ``cost_usd_<role>`` (unknown, not
-    0); ``unpriced_calls_<role>`` counts the calls a logged cost leaves out."""
+    0); ``unpriced_calls_<role>`` counts the calls a logged cost leaves out. A role with priced API calls also
+    logs what they would have cost in either mode, ``cost_usd_<role>_if_sync`` and ``cost_usd_<role>_if_batch``
+    (through the Batch API, at ``pipeline.llm.pricing.batch_multiplier``), whichever way they were made."""
+    from pipeline.llm.pricing import batch_multiplier
+
     out: dict[str, float] = {}
     for role, u in usage.items():
         out[f"tokens_{role}"] = float((u.get("prompt_tokens") or 0) + (u.get("completion_tokens") or 0))
@@ -60,6 +64,12 @@ def usage_metrics(usage: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
         unpriced = int(u.get("unpriced_calls") or 0)
         if not unpriced or u.get("priced_calls"):  # a sum over no priced call is unknown, not 0
             out[f"cost_usd_{role}"] = round(float(u.get("cost_usd") or 0.0), 6)
+        if u.get("cost_usd"):  # priced API calls: both modes
+            in_batch = float(u.get("cost_usd_batch") or 0.0)
+            in_sync = float(u["cost_usd"]) - in_batch
+            m = batch_multiplier()
+            out[f"cost_usd_{role}_if_sync"] = round(in_sync + (in_batch / m if m else 0.0), 6)
+            out[f"cost_usd_{role}_if_batch"] = round(in_sync * m + in_batch, 6)
         if unpriced:
             out[f"unpriced_calls_{role}"] = float(unpriced)
     return out
@@ -71,9 +81,11 @@ def add_usage(total: dict[str, dict[str, float]], role: str, usage: Mapping[str,
     if not usage:
         return
     t = total.setdefault(role, {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0, "calls": 0,
-                                "unpriced_calls": 0, "priced_calls": 0})
+                                "unpriced_calls": 0, "priced_calls": 0, "cost_usd_batch": 0.0})
     for k in ("prompt_tokens", "completion_tokens", "cost_usd"):
         t[k] += usage.get(k) or 0  # cost_usd: null when unknown (counted below) or a local model's (no cost)
+    if usage.get("batch"):  # answered through the Batch API (priced at its rate)
+        t["cost_usd_batch"] = t.get("cost_usd_batch", 0.0) + (usage.get("cost_usd") or 0)
     t["calls"] += usage["calls"] if "calls" in usage else 1
     t["unpriced_calls"] += usage.get("unpriced_calls") or int(bool(usage.get("unpriced")))
     # calls with a known cost: a role total says how many (older records: one, when it has a cost), one call

@@ -28,6 +28,9 @@ from pipeline.llm.types import ChatRequest, ChatResponse
 
 log = logging.getLogger("pipeline.llm.hf")
 
+#: why a request whose answer must match a regular expression fails here
+UNCONSTRAINED = "a constrained answer (regex) needs the vLLM engine (vllm:<model>); this backend cannot constrain it"
+
 
 PREFILL_MODES = ("auto", "batched", "per_request")
 
@@ -123,6 +126,10 @@ class HFBackend(ChatBackend):
             check_sampling_settings(self.model.generation_config, self.spec.model)
         prompts: list[str | None] = []
         for i, r in enumerate(requests):
+            if r.config.regex:  # never answered unconstrained in its place
+                prompts.append(None)
+                out[i] = ChatResponse.failure(UNCONSTRAINED)
+                continue
             try:
                 prompts.append(self.render(r.messages))
             except Exception as e:  # a bad message list fails only its own request
