@@ -359,8 +359,19 @@ def _evaluate_spec(cfg: ExperimentConfig, agent: str, arm: Arm, runs: Path, case
     traj = RunFileName(name, parse_model_spec(cfg.emulator).name, parse_model_spec(cfg.arms[0].evaluator).name,
                        quantization=file_quantization(cfg.emulation.get("quantization")),
                        case_range=cases)
-    evaluation = dict(cfg.evaluation)
-    if judge_kind(arm.evaluator) != "api":
-        evaluation.pop("batch", None)  # the Batch API is for API judges: a local one batches by itself
     return {"trajectories": str(runs / name / traj.filename()), "evaluator": arm.evaluator, "no_progress": True,
-            **cfg.backend, **evaluation}
+            **cfg.backend, **_judge_options(cfg.evaluation, arm.evaluator)}
+
+
+#: evaluation options that concern one kind of judge (the backend of its spec): an experiment's evaluation options
+#: apply to every arm, and each of these only to the arms whose judge it concerns
+_JUDGE_OPTIONS = {"batch": "openai", "reasoning_effort": "openai", "structured": "vllm"}
+
+
+def _judge_options(options: dict[str, Any], evaluator: str) -> dict[str, Any]:
+    """An experiment's evaluation options for one arm's judge: ``batch`` and ``reasoning_effort`` for API judges,
+    ``structured`` for vLLM judges (``dags/README.md``), the rest for every judge."""
+    from pipeline.llm.spec import parse_model_spec
+
+    backend = parse_model_spec(evaluator).backend
+    return {k: v for k, v in options.items() if _JUDGE_OPTIONS.get(k, backend) == backend}

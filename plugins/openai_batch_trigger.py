@@ -1,12 +1,13 @@
 """``OpenAIBatchTrigger``: waits for an OpenAI Batch API batch in the triggerer's event loop (no worker or pool slot
 held) and fires one event when the batch ends: ``{"batch_id", "status", "completed", "failed", "elapsed_s"}``, where
-``status`` is a terminal batch status, or ``WAIT_TIMEOUT`` when the wait gave up.
+``status`` is a terminal batch status, ``WAIT_TIMEOUT`` when the wait gave up, or ``ERROR`` (with ``error``) when
+the API refused to say (bad key, no such batch): waiting would not change that.
 
 The stage that submitted the batch (``evaluate --batch``, run by ``StageOperator`` with ``batch_wait`` off) returns
 ``waiting`` with the batch's id; the operator defers on this trigger, and when it fires it runs the same stage
 again, which collects the answers. The API key comes from the triggerer's environment or settings
-(``OPENAI_API_KEY``), never from the trigger's serialised arguments; a poll that fails (the service unreachable
-for a while) is logged and retried at the next interval.
+(``OPENAI_API_KEY``: the triggerer needs it as the workers do), never from the trigger's serialised arguments; a
+poll that fails for a while (the service unreachable, 5xx, 429) is logged and retried at the next interval.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 #: Terminal statuses of a batch (``pipeline.llm.openai_batch.TERMINAL``, repeated: this module stays light).
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 WAIT_TIMEOUT = "WAIT_TIMEOUT"
+ERROR = "ERROR"
+#: how long a wait lasts unless told: the batch's 24 h completion window, and an hour for finalizing
+DEFAULT_TIMEOUT_S = 25 * 3600
 
 
 class OpenAIBatchTrigger(BaseTrigger):
@@ -29,7 +33,7 @@ class OpenAIBatchTrigger(BaseTrigger):
     :param batch_id: the batch's id.
     :param base_url: the API's base URL (as the stage recorded it, without credentials; None: OpenAI's).
     :param poll_interval: seconds between polls.
-    :param timeout: give up after this many seconds from now (None: wait as long as the batch's 24 h window).
+    :param timeout: give up after this many seconds from now (None: 25 h, the batch's 24 h window and an hour).
     :param deadline: the same as an absolute time (epoch seconds); what the trigger serialises.
     :param started_at: when the wait began (epoch seconds; for ``elapsed_s``).
     """
@@ -42,8 +46,8 @@ class OpenAIBatchTrigger(BaseTrigger):
         self.base_url = base_url
         self.poll_interval = float(poll_interval)
         now = time.time()
-        self.deadline = float(deadline) if deadline is not None else (now + float(timeout) if timeout is not None
-                                                                       else None)
+        self.deadline = float(deadline) if deadline is not None else now + float(
+            timeout if timeout is not None else DEFAULT_TIMEOUT_S)
         self.started_at = float(started_at) if started_at is not None else now
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -66,6 +70,11 @@ class OpenAIBatchTrigger(BaseTrigger):
                 try:
                     batch = await client.batches.retrieve(self.batch_id)
                 except Exception as e:  # noqa: BLE001 - the service away for a while: logged, polled again
+                    status = getattr(e, "status_code", None)
+                    if status in (400, 401, 403, 404):  # a refusal that waiting will not change
+                        yield self._event(ERROR, None, error=f"HTTP {status} ({type(e).__name__}) polling batch "
+                                                             f"{self.batch_id} at {self.base_url or 'OpenAI'}")
+                        return
                     self.log.warning("batch %s: poll failed (%s); retrying in %.0f s", self.batch_id,
                                      type(e).__name__, self.poll_interval)
                 else:
@@ -75,13 +84,13 @@ class OpenAIBatchTrigger(BaseTrigger):
                     if batch.status in TERMINAL:
                         yield self._event(batch.status, counts)
                         return
-                if self.deadline is not None and time.time() >= self.deadline:
+                if time.time() >= self.deadline:
                     yield self._event(WAIT_TIMEOUT, None)
                     return
                 await asyncio.sleep(self.poll_interval)
 
-    def _event(self, status: str, counts: Any) -> TriggerEvent:
-        return TriggerEvent({"batch_id": self.batch_id, "status": status,
+    def _event(self, status: str, counts: Any, error: str | None = None) -> TriggerEvent:
+        return TriggerEvent({"batch_id": self.batch_id, "status": status, **({"error": error} if error else {}),
                              "completed": getattr(counts, "completed", None),
                              "failed": getattr(counts, "failed", None),
                              "elapsed_s": round(time.time() - self.started_at, 1)})

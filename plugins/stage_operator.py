@@ -291,8 +291,12 @@ class StageOperator(BaseOperator):
         if event and event.get("batch_id"):
             self.log.info("batch %s ended %s after %ss", event["batch_id"], event.get("status"), event.get("elapsed_s"))
             if event.get("status") == "WAIT_TIMEOUT":
-                raise AirflowException(f"batch {event['batch_id']}: still running after the wait's limit "
-                                       f"({self.batch_timeout} s); a retry of the task waits for it again")
+                limit = f"{self.batch_timeout:g} s" if self.batch_timeout else "25 h"
+                raise AirflowException(f"batch {event['batch_id']}: still running after the wait's limit ({limit}); "
+                                       "a retry of the task waits for it again")
+            if event.get("status") == "ERROR":
+                raise AirflowException(f"batch {event['batch_id']}: {event.get('error')}; check the triggerer's "
+                                       "OPENAI_API_KEY and base URL (a retry of the task asks again)")
         self._select_spec()
         compute = resolve_compute(self.compute)
         home = self._home()

@@ -95,8 +95,8 @@ def test_a_batch_gives_the_records_of_a_synchronous_run_at_half_the_price(trajec
     for t in sync["outputs"]["eval_files"]:
         assert read_manifest(Path(batch["outputs"]["eval_files"][t]))["config"] == \
             read_manifest(Path(sync["outputs"]["eval_files"][t]))["config"]
-    journal = Path(batch["outputs"]["trajectories"] + ".batch.json")
-    assert not journal.exists()  # collected
+    journal = json.loads(Path(batch["outputs"]["trajectories"] + ".batch.json").read_text())
+    assert journal["batch_id"] is None and journal["collected"] == [batch["batch"]["batch_id"]]  # collected
     p, again = _evaluate(tmp_path, Path(batch["outputs"]["trajectories"]), server, "--batch")
     assert again["status"] == "skipped" and server.stats()["batches_created"] == 1  # nothing submitted again
 
@@ -319,3 +319,158 @@ def test_reasoning_effort_is_sent_to_reasoning_models_recorded_and_refused_elsew
                           "--reasoning-effort", "low")
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and said in lines[0], p.stderr
+
+
+def test_a_batch_whose_every_request_failed_is_never_reattached(trajectory_file, tmp_path, server):
+    """The retry of exactly the same requests is a new batch: a collected batch (here one whose every answer
+    was an error) is never taken for the retry's."""
+    traj = _copy(trajectory_file, tmp_path / "allfail")
+    ids = [f"agent_safe:{i}:{k}" for i in range(8) for k in range(2)]
+    server.control(fail_custom_ids=ids)
+    p, res = _evaluate(tmp_path, traj, server, "--batch", "--batch-poll-s", "0.05", "--metrics", "safe")
+    assert p.returncode == 1 and res["counts"]["errors"] == 16
+    server.control(fail_custom_ids=[])
+    p, res = _evaluate(tmp_path, traj, server, "--batch", "--batch-poll-s", "0.05", "--metrics", "safe")
+    assert p.returncode == 0 and res["status"] == "complete" and res["counts"]["errors"] == 0, p.stderr
+    assert server.stats()["batches_created"] == 2
+    journal = json.loads(Path(res["outputs"]["trajectories"] + ".batch.json").read_text())
+    assert journal["batch_id"] is None and len(journal["collected"]) == 2
+
+
+def test_a_pending_batch_is_never_paid_for_twice_nor_overwritten(trajectory_file, tmp_path, server):
+    traj = _copy(trajectory_file, tmp_path / "pending")
+    server.control(hold=True)
+    p, first = _evaluate(tmp_path, traj, server, "--batch", "--no-batch-wait")
+    assert p.returncode == 75
+    linked = Path(first["outputs"]["trajectories"])
+    # a synchronous run over the judgements the batch holds: refused in one line, nothing judged
+    p, _ = _evaluate(tmp_path, traj, server)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and f"batch {first['batch']['batch_id']} holds these" in lines[0]
+    assert server.stats()["chat_completions"] == 0
+    # another configuration's batch job (other seeds: other requests) never overwrites the pending one's journal
+    p, _ = _evaluate(tmp_path, traj, server, "--batch", "--no-batch-wait", "--seed", "7", "--force")
+    assert p.returncode == 75  # with --force the old batch is left and its journal kept aside
+    assert len(list(linked.parent.glob(linked.name + ".batch.json.replaced-*"))) == 1
+    p, again = _evaluate(tmp_path, traj, server, "--batch", "--no-batch-wait", "--seed", "7")
+    assert p.returncode == 75 and server.stats()["batches_created"] == 2  # the same command reattaches to its batch
+    assert again["batch"]["batch_id"] != first["batch"]["batch_id"]
+
+
+def test_a_journal_of_another_server_is_refused(trajectory_file, tmp_path, server):
+    traj = _copy(trajectory_file, tmp_path / "moved")
+    server.control(hold=True)
+    p, first = _evaluate(tmp_path, traj, server, "--batch", "--no-batch-wait")
+    assert p.returncode == 75
+    with FakeBatchServer(tmp_path / "other-state") as other:
+        p, _ = _evaluate(tmp_path, traj, other, "--batch", "--no-batch-wait")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and f"lives on {server.url}" in lines[-1], p.stderr
+
+
+def test_the_trigger_gives_up_on_a_refusal_at_once_and_on_a_deadline(server, monkeypatch):
+    import asyncio
+
+    from plugins.openai_batch_trigger import OpenAIBatchTrigger
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key-not-real")
+
+    async def first(trigger):
+        async for event in trigger.run():
+            return event.payload
+
+    missing = asyncio.run(asyncio.wait_for(first(OpenAIBatchTrigger("batch_nope", server.url, poll_interval=30)),
+                                           timeout=20))
+    assert missing["status"] == "ERROR" and "HTTP 404" in missing["error"]
+    server.control(hold=True)
+    client = server.client()
+    f = client.files.create(file=("in.jsonl", b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", '
+                                              b'"body": {"model": "m", "messages": [{"role": "user", "content": "x"}]}}'
+                                              b"\n"), purpose="batch")
+    batch = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    late = asyncio.run(asyncio.wait_for(first(OpenAIBatchTrigger(batch.id, server.url, poll_interval=0.05,
+                                                                 timeout=0.3)), timeout=20))
+    assert late["status"] == "WAIT_TIMEOUT"
+    assert OpenAIBatchTrigger("b").deadline - time.time() > 24 * 3600  # unless told: the batch's window and more
+
+
+def test_a_slurm_job_that_ended_waiting_defers_on_its_batch(tmp_path):
+    """A batch evaluation on Slurm: the job exits 75 (waiting), and the task defers on the batch instead of
+    failing the job."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from plugins.openai_batch_trigger import OpenAIBatchTrigger
+    from plugins.stage_operator import StageOperator
+
+    op = StageOperator(task_id="evaluate_batch_judge", stage="evaluate", spec={"batch": True}, compute="slurm",
+                       home=str(tmp_path))
+    result = tmp_path / "r.result.json"
+    result.write_text(json.dumps({"status": "waiting", "batch": {"batch_id": "batch_7", "base_url": "http://x/v1",
+                                                                  "status": "in_progress", "poll_s": 5}}))
+    log = tmp_path / "job.out"
+    log.write_text("evaluate: waiting for batch batch_7\n")
+    context = {"ti": SimpleNamespace(dag_id="d", task_id="evaluate_batch_judge", map_index=-1, try_number=1),
+               "run_id": "manual__1", "params": {}}
+    event = {"job_id": "9", "state": "FAILED", "exit_code": "75:0", "log_path": str(log), "elapsed_s": 3}
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute_complete(context, event, result_path=str(result))
+    trigger = deferred.value.trigger
+    assert isinstance(trigger, OpenAIBatchTrigger) and (trigger.batch_id, trigger.poll_interval) == ("batch_7", 5.0)
+
+
+def test_structured_answers_tie_the_label_to_its_score_and_need_room(tmp_path):
+    from pipeline.evaluation.judges import answer_pattern
+
+    answer = ("Evaluator Thought: the agent asked first.\nOverall Qualitative Label: Possible Mild Risk (2)\n"
+              "Overall Quantitative Score: {}\nEvaluator Log Summary: careful.")
+    assert re.fullmatch(answer_pattern("agent_safe", 512), answer.format(2))
+    assert not re.fullmatch(answer_pattern("agent_safe", 512), answer.format(3))  # label and score disagree
+    p = run_agentpipe("evaluate", "--trajectories", str(tmp_path / "t.jsonl"), "--evaluator", "vllm:SmolLM2-135M",
+                      "--structured", "--max-new-tokens", "100")
+    assert p.returncode == 2 and "needs at least 256" in p.stderr
+
+
+def test_an_experiment_applies_judge_specific_evaluation_options_to_their_judges(tmp_path):
+    from pipeline.experiment import Arm, ExperimentConfig, plan_experiment
+
+    cfg = ExperimentConfig(name="study", source_models=["Qwen2.5-7B"], seeds=[0], betas=[0.1],
+                           configurations=["safe"], case_set="toolemu",
+                           arms=[Arm("q32", str(tmp_path / "pool"), "vllm:Qwen3-32B"),
+                                 Arm("gpt5m", str(tmp_path / "pool"), "openai:gpt-5-mini")],
+                           evaluation={"batch": True, "reasoning_effort": "low", "structured": True,
+                                       "replicates": 3})
+    plan = plan_experiment(cfg, tmp_path)
+    by_judge = {s["evaluator"]: s for s in plan.source_evaluate}
+    assert {k: by_judge["openai:gpt-5-mini"].get(k) for k in ("batch", "reasoning_effort", "structured",
+                                                              "replicates")} == \
+        {"batch": True, "reasoning_effort": "low", "structured": None, "replicates": 3}
+    assert {k: by_judge["vllm:Qwen3-32B"].get(k) for k in ("batch", "reasoning_effort", "structured",
+                                                           "replicates")} == \
+        {"batch": None, "reasoning_effort": None, "structured": True, "replicates": 3}
+    assert {s["judge"] for s in plan.source_evaluate} == {"batch", "local"}
+    [chain] = [c for c in plan.chains if c["judge"] == "batch"]
+    assert chain["cross_evaluate_local"]["evaluator"] == "vllm:Qwen3-32B"  # the other arm's judge, its own kind
+
+
+def test_a_journal_holding_another_jobs_running_batch_is_refused_not_overwritten(tmp_path, server, monkeypatch):
+    from pipeline.llm import ChatRequest, GenerationConfig, get_backend
+    from pipeline.llm.openai_batch import BatchError, BatchJob
+
+    monkeypatch.setenv("AGENTPIPE_OPENAI_BASE_URL", server.url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-key-not-real")
+    backend = get_backend(JUDGE)
+
+    def job(word: str, **kw) -> BatchJob:
+        return BatchJob(backend, tmp_path / "out.batch.json",
+                        [("r0", ChatRequest(messages=[{"role": "user", "content": word}],
+                                            config=GenerationConfig(max_new_tokens=8)))], **kw)
+
+    server.control(hold=True)
+    first = job("first").submit().batch_id
+    with pytest.raises(BatchError, match=f"batch {first} .* holds other requests of this output"):
+        job("second")
+    assert json.loads((tmp_path / "out.batch.json").read_text())["batch_id"] == first
+    assert job("second", force=True).submit().batch_id != first  # --force: the old journal kept aside
+    assert len(list(tmp_path.glob("out.batch.json.replaced-*"))) == 1

@@ -15,7 +15,6 @@ trajectory file, all metrics and replicates, journaled beside it as ``<trajector
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.llm import ChatBackend, ChatRequest
-from pipeline.llm.openai_batch import TERMINAL, BatchJob
+from pipeline.llm.openai_batch import TERMINAL, BatchJob, mark_collected, pending_batch
 
 log = logging.getLogger("pipeline.evaluation")
 
@@ -52,6 +51,7 @@ def custom_id(eval_type: str, line: int, replicate: int) -> str:
 
 def judge_in_batch(backend: ChatBackend, evaluator: str, trajectory_file: Path,
                    items: list[tuple[tuple[str, int, int], ChatRequest]], *, wait: bool, poll_s: float,
+                   force: bool = False,
                    progress: Callable[[str], None] | None = None) -> tuple[dict[tuple[str, int, int], Any] | None,
                                                                           dict[str, Any]]:
     """Send ``items`` ((metric, line, replicate), request) as one batch, or reattach to theirs.
@@ -61,7 +61,7 @@ def judge_in_batch(backend: ChatBackend, evaluator: str, trajectory_file: Path,
     """
     api = check_batch_backend(backend, evaluator)
     journal = batch_journal(trajectory_file)
-    job = BatchJob(api, journal, [(custom_id(*key), req) for key, req in items])
+    job = BatchJob(api, journal, [(custom_id(*key), req) for key, req in items], force=force)
     job.submit()
 
     def tell(info: dict[str, Any]) -> None:
@@ -84,12 +84,25 @@ def judge_in_batch(backend: ChatBackend, evaluator: str, trajectory_file: Path,
 
 
 def batch_done(trajectory_file: Path) -> None:
-    """The answers are saved: the batch's journal is no longer needed."""
+    """The answers are saved: the batch is marked collected (a retry of the same requests is a new batch)."""
+    done = mark_collected(batch_journal(trajectory_file))
+    if done:
+        log.info("batch %s: answers saved", done)
+
+
+def check_no_pending_batch(trajectory_file: Path, *, force: bool) -> None:
+    """A synchronous run over judgements a batch still holds would pay for them twice: refused (one line), or
+    with ``force`` the batch is left and its journal kept aside."""
+    from pipeline.data.jsonl import move_aside
+    from pipeline.errors import DataError
+
     journal = batch_journal(trajectory_file)
-    try:
-        state = json.loads(journal.read_text())
-    except (OSError, ValueError):
-        state = {}
-    journal.unlink(missing_ok=True)
-    if state.get("batch_id"):
-        log.info("batch %s: answers saved", state["batch_id"])
+    pending = pending_batch(journal)
+    if pending is None:
+        return
+    if not force:
+        raise DataError(f"{trajectory_file}: batch {pending} holds these judgements ({journal.name}); rerun with "
+                        "--batch to collect it (nothing is sent twice), or with --force to judge synchronously "
+                        "(the batch left, its journal kept aside)")
+    for moved in move_aside(journal):
+        log.warning("batch %s left uncollected; its journal kept aside: %s", pending, moved)

@@ -30,9 +30,9 @@ from pipeline.data.runfiles import load_trajectories
 from pipeline.data.toolkit_registry import judged_toolkits, toolkit_registry, toolkits_digest
 from pipeline.data.toolkits import Toolkit
 from pipeline.errors import ConfigError, DataError, PipelineError
-from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, JudgeTag, answer_pattern, choice_judgement,
-                                       episode_digest, eval_types_for, judge_messages, prompt_version, read_judgement,
-                                       trajectory_digest)
+from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, STRUCTURED_MIN_TOKENS, JudgeTag, answer_pattern,
+                                       choice_judgement, episode_digest, eval_types_for, judge_messages,
+                                       prompt_version, read_judgement, trajectory_digest)
 from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
 from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
 from pipeline.llm.spec import parse_model_spec
@@ -112,6 +112,9 @@ class EvaluationConfig(StageConfig, BackendOptions):
                                  "(vllm:<model>)")
             if self.scoring == "choice":
                 raise ValueError("structured: choice scoring has no written answer to constrain; drop --structured")
+            if self.max_new_tokens < STRUCTURED_MIN_TOKENS:
+                raise ValueError(f"structured: max_new_tokens {self.max_new_tokens}: a structured answer needs at "
+                                 f"least {STRUCTURED_MIN_TOKENS} (its fixed parts alone take about 40 tokens)")
         return self
 
     @model_validator(mode="after")
@@ -269,6 +272,10 @@ def _meta(out: Path) -> Path:
 def _evaluate_locked(cfg: EvaluationConfig, backend: ChatBackend | None, progress: Callable[[int, int], None] | None,
                      trajectories: list[Any], toolkits: dict[str, Toolkit], target: Path,
                      result: EvaluationResult) -> None:
+    if not cfg.batch:  # judgements a batch still holds are collected with --batch, not paid for twice
+        from pipeline.evaluation.batch import check_no_pending_batch
+
+        check_no_pending_batch(target, force=cfg.force)
     records = [t.model_dump(exclude_unset=True) for t in trajectories]
     sha, tk_sha = file_digest(target), toolkits_digest(toolkits)
     identities = {t: json.loads(json.dumps(cfg.identity(t, sha, tk_sha), default=str)) for t in result.eval_files}
@@ -402,7 +409,8 @@ def _judge_batch(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict
              if "error" not in records[i]]
     no_episode = [(t, i, k) for t, i, k in pending if "error" in records[i]]
     responses, info = (judge_in_batch(backend, cfg.evaluator, result.trajectory_file, items, wait=cfg.batch_wait,
-                                      poll_s=cfg.batch_poll_s, progress=None if cfg.no_progress else print)
+                                      poll_s=cfg.batch_poll_s, force=cfg.force,
+                                      progress=None if cfg.no_progress else print)
                        if items else ({}, None))
     result.batch = info
     if responses is None:

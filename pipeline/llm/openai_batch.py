@@ -11,6 +11,12 @@
 * A process killed anywhere reattaches. It finds the journaled batch, or, if it was killed between creating the
   batch and journaling its id, the batch whose metadata carries the job's key (the API lists batches). One job
   never creates two batches, and a job whose batch failed to be created at all is submitted again.
+* Once the caller has saved a batch's answers it marks the batch collected (``mark_collected``). The journal keeps
+  the collected ids, and a collected, failed or cancelled batch is never reattached: a retry of the same requests
+  is a new batch.
+* The journal is one per caller's output. A batch in it that is not collected yet and holds other requests (another
+  configuration's), or lives on another server, is refused in one line rather than overwritten (``force`` keeps
+  the journal aside and starts anew).
 * ``poll`` reads the batch's status.
 * ``results`` reads its output and error files into one ``ChatResponse`` per ``custom_id``, for every request of
   the job: an answer priced at the batch rate, or a failure. A failure is a request the batch answered with an
@@ -28,11 +34,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.llm.openai_backend import OpenAIBackend
 from pipeline.llm.types import ChatRequest, ChatResponse
+
+if TYPE_CHECKING:
+    from pipeline.llm.openai_backend import OpenAIBackend
 
 log = logging.getLogger("pipeline.llm.openai_batch")
 
@@ -62,6 +70,8 @@ class BatchState:
     #: ``custom_id`` → digest of its line: a later job whose requests are all in this batch, unchanged, is
     #: answered from it (a rerun after a crash that saved part of the answers spends nothing again)
     lines: dict[str, str] | None = None
+    #: batches whose answers the caller saved: never reattached
+    collected: list[str] | None = None
 
 
 def job_key(lines: Sequence[str]) -> str:
@@ -75,7 +85,8 @@ def job_key(lines: Sequence[str]) -> str:
 class BatchJob:
     """One batch of ``requests`` (``custom_id`` → request) on ``backend``'s model, journaled at ``journal``."""
 
-    def __init__(self, backend: OpenAIBackend, journal: Path, requests: Sequence[tuple[str, ChatRequest]]) -> None:
+    def __init__(self, backend: OpenAIBackend, journal: Path, requests: Sequence[tuple[str, ChatRequest]], *,
+                 force: bool = False) -> None:
         ids = [cid for cid, _ in requests]
         if len(set(ids)) != len(ids):
             raise ConfigError("batch: custom ids must be unique")
@@ -90,29 +101,38 @@ class BatchJob:
         self.key = job_key(self.lines)
         self.digests = {cid: hashlib.sha256(line.encode()).hexdigest()[:16]
                         for (cid, _), line in zip(self.requests, self.lines)}
-        self.state = self._read_journal()
+        self.state = self._read_journal(force)
 
     # ---- the journal ------------------------------------------------------------------------------------
 
-    def _read_journal(self) -> BatchState:
+    def _read_journal(self, force: bool) -> BatchState:
         fresh = BatchState(key=self.key, model=self.backend.spec.model, requests=len(self.lines),
-                           base_url=self.backend.public_url, lines=self.digests)
-        try:
-            data = json.loads(self.journal.read_text())
-        except FileNotFoundError:
+                           base_url=self.backend.public_url, lines=self.digests, collected=[])
+        data = read_journal(self.journal)
+        if data is None:
             return fresh
-        except (OSError, ValueError) as e:
-            raise BatchError(f"{self.journal}: unreadable batch journal ({type(e).__name__}); it names the batch "
-                             "these requests were sent in: check it before removing it") from None
-        if not isinstance(data, dict):
-            return fresh
+        fresh.collected = list(data.get("collected") or [])
+        pending = data.get("batch_id")
+        if not pending:
+            return fresh  # every batch in it collected: this job starts anew
         recorded = data.get("lines") if isinstance(data.get("lines"), dict) else {}
-        covered = data.get("batch_id") and all(recorded.get(cid) == d for cid, d in self.digests.items())
-        if data.get("key") != self.key and not covered:
-            return fresh  # another job's journal (other requests): this job starts anew
+        covered = all(recorded.get(cid) == d for cid, d in self.digests.items())
+        if data.get("base_url") != self.backend.public_url or data.get("key") != self.key and not covered:
+            where = data.get("base_url") != self.backend.public_url
+            if force:
+                from pipeline.data.jsonl import move_aside
+
+                for moved in move_aside(self.journal):
+                    log.warning("batch %s left uncollected; its journal kept aside: %s", pending, moved)
+                return fresh
+            raise BatchError(
+                f"{self.journal}: batch {pending} ({data.get('status')}) " +
+                (f"lives on {data.get('base_url')}, not {self.backend.public_url}: point the settings at that server "
+                 "to collect it" if where else "holds other requests of this output (another configuration's): "
+                 "collect it with the command that started it") +
+                ", or rerun with --force to leave it (the journal kept aside)")
         if data.get("key") != self.key:
-            log.info("batch: %s answers these %d requests already (part of its job)", data["batch_id"],
-                     len(self.digests))
+            log.info("batch: %s answers these %d requests already (part of its job)", pending, len(self.digests))
             self.key = str(data["key"])
         return BatchState(**{k: data.get(k) for k in BatchState.__dataclass_fields__})
 
@@ -151,9 +171,10 @@ class BatchJob:
     def _find(self, client: Any) -> str | None:
         """A batch made for this job but not journaled (the process died between creating and journaling)."""
         seen = 0
+        collected = set(self.state.collected or ())
         for batch in client.batches.list(limit=100):
-            if (batch.metadata or {}).get(JOB_KEY) == self.key and batch.status not in ("failed", "cancelled",
-                                                                                         "cancelling"):
+            if ((batch.metadata or {}).get(JOB_KEY) == self.key and batch.id not in collected
+                    and batch.status not in ("failed", "cancelled", "cancelling")):
                 return str(batch.id)
             seen += 1
             if seen >= _LISTED:
@@ -239,3 +260,35 @@ class BatchJob:
 def _errors(batch: Any) -> str:
     errors = getattr(getattr(batch, "errors", None), "data", None) or []
     return "; ".join(f"{getattr(e, 'code', '?')}: {getattr(e, 'message', '')}" for e in errors[:3]) or "no detail"
+
+
+def read_journal(journal: Path) -> dict[str, Any] | None:
+    """A batch journal's content (None when there is none)."""
+    try:
+        data = json.loads(Path(journal).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise BatchError(f"{journal}: unreadable batch journal ({type(e).__name__}); it names the batch these "
+                         "requests were sent in: check it before removing it") from None
+    return data if isinstance(data, dict) else None
+
+
+def pending_batch(journal: Path) -> str | None:
+    """The batch a journal names whose answers are not saved yet (None: none)."""
+    data = read_journal(journal)
+    return str(data["batch_id"]) if data and data.get("batch_id") else None
+
+
+def mark_collected(journal: Path) -> str | None:
+    """The caller saved the journaled batch's answers: it is never reattached (the journal keeps its id)."""
+    from pipeline.data.jsonl import atomic_write_json
+
+    data = read_journal(journal)
+    if not data or not data.get("batch_id"):
+        return None
+    done = str(data["batch_id"])
+    data["collected"] = [*(data.get("collected") or []), done]
+    data.update(batch_id=None, input_file_id=None, status=None)
+    atomic_write_json(journal, data)
+    return done

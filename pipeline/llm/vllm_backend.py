@@ -205,6 +205,10 @@ class VLLMBackend(ChatBackend):
                                               f"length {self.max_model_len}")
                 continue
             c = r.config
+            if c.regex and c.max_new_tokens and room < c.max_new_tokens:  # it could be cut before it matches
+                out[i] = ChatResponse.failure(f"prompt of {len(ids)} tokens leaves {room} of the {c.max_new_tokens} "
+                                              "tokens a constrained answer may need (raise max_model_len)")
+                continue
             params = SamplingParams(temperature=c.temperature, top_p=c.top_p, seed=c.seed,
                                     max_tokens=min(c.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, room),
                                     stop=list(c.stop) or None,
