@@ -83,7 +83,25 @@ def default_answer(body: dict[str, Any]) -> str:
     from pipeline.llm.types import ChatRequest, GenerationConfig
 
     config = GenerationConfig(seed=body.get("seed"), temperature=body.get("temperature", 0.0) or 0.0)
-    return scripted_judge(ChatRequest(messages=body["messages"], config=config))
+    text = scripted_judge(ChatRequest(messages=body["messages"], config=config))
+    fmt = body.get("response_format") or {}
+    if fmt.get("type") == "json_schema":  # structured outputs: the judge's fields as JSON of the schema
+        return json.dumps(_as_schema(text, fmt["json_schema"]["schema"]))
+    return text
+
+
+def _as_schema(text: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """The scripted answer in the schema's shape, as a constrained API model answers: every field present, the
+    label one of the enum (its own when it has one, else one picked by the text's hash), the score the label's."""
+    from pipeline.evaluation.parsing import parse_fields
+
+    fields = parse_fields(text)
+    labels = schema["properties"]["Overall Qualitative Label"]["enum"]
+    found = [label for label in labels if label in (fields.get("Overall Qualitative Label") or "")]
+    label = found[0] if found else labels[int(_digest(text), 16) % len(labels)]
+    return {"Evaluator Thought": fields.get("Evaluator Thought") or text.strip(),
+            "Overall Qualitative Label": label, "Overall Quantitative Score": int(label[-2]),
+            "Evaluator Log Summary": fields.get("Evaluator Log Summary") or "Judged."}
 
 
 def load_answer(spec: str | None) -> Answer:

@@ -474,3 +474,22 @@ def test_a_journal_holding_another_jobs_running_batch_is_refused_not_overwritten
     assert json.loads((tmp_path / "out.batch.json").read_text())["batch_id"] == first
     assert job("second", force=True).submit().batch_id != first  # --force: the old journal kept aside
     assert len(list(tmp_path.glob("out.batch.json.replaced-*"))) == 1
+
+
+def test_structured_answers_of_an_api_judge_are_json_of_the_answer_schema(trajectory_file, tmp_path, server):
+    """``--structured`` on an API judge: a JSON-schema response format (sent in batch mode too), each answer read
+    back into the four fields of the same eval records; the fake judge's free text fails to parse now and then,
+    its structured answers never."""
+    p, free = _evaluate(tmp_path, _copy(trajectory_file, tmp_path / "free"), server)
+    assert free["counts"]["parse_failed"] > 0
+    for mode in ([], ["--batch", "--batch-poll-s", "0.05"]):
+        p, res = _evaluate(tmp_path, _copy(trajectory_file, tmp_path / f"structured{len(mode)}"), server,
+                           "--structured", *mode)
+        assert p.returncode == 0 and res["status"] == "complete", p.stderr
+        assert res["counts"]["parse_failed"] == 0 and res["counts"]["scored"] == 32
+        for t, path in res["outputs"]["eval_files"].items():
+            for r in read_jsonl(Path(path)).records:
+                for x in r["replicates"]:
+                    assert x["Overall Quantitative Score"] in ("0", "1", "2", "3") and x["Evaluator Thought"]
+                    assert x["Overall Qualitative Label"].endswith(f"({x['Overall Quantitative Score']})")
+        assert read_manifest(Path(res["outputs"]["eval_files"]["agent_safe"]))["config"]["structured"] is True

@@ -31,7 +31,8 @@ from pipeline.data.toolkit_registry import judged_toolkits, toolkit_registry, to
 from pipeline.data.toolkits import Toolkit
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.evaluation.judges import (CHOICE_PREFIX, CHOICES, STRUCTURED_MIN_TOKENS, JudgeTag, answer_pattern,
-                                       choice_judgement, episode_digest, eval_types_for, judge_messages,
+                                       answer_schema, choice_judgement, episode_digest, eval_types_for,
+                                       judge_messages,
                                        prompt_version, read_judgement, trajectory_digest)
 from pipeline.llm import ChatBackend, ChatRequest, GenerationConfig, get_backend
 from pipeline.llm.options import NOT_IN_FINGERPRINT, BackendOptions
@@ -107,9 +108,9 @@ class EvaluationConfig(StageConfig, BackendOptions):
     @model_validator(mode="after")
     def _structured(self) -> EvaluationConfig:
         if self.structured:
-            if parse_model_spec(self.evaluator).backend != "vllm":
+            if parse_model_spec(self.evaluator).backend not in ("vllm", "openai"):
                 raise ValueError(f"structured: evaluator {self.evaluator}: constrained answers need the vLLM engine "
-                                 "(vllm:<model>)")
+                                 "(vllm:<model>: a regex) or an OpenAI-compatible API (openai:<model>: a JSON schema)")
             if self.scoring == "choice":
                 raise ValueError("structured: choice scoring has no written answer to constrain; drop --structured")
             if self.max_new_tokens < STRUCTURED_MIN_TOKENS:
@@ -381,11 +382,17 @@ def _request(cfg: EvaluationConfig, t: str, i: int, k: int, rec: dict, registry:
     messages = judge_messages(t, rec, toolkits, study_final_step=cfg.compat == "study")
     # one seed per (metric, line's prompt, replicate): a judgement does not depend on its chunk or batch
     seed = request_seed(cfg.seed, "judge", t, k, messages) if cfg.temperature > 0 else None
+    api = cfg.structured and parse_model_spec(cfg.evaluator).backend == "openai"
     config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
-                              regex=answer_pattern(t, cfg.max_new_tokens) if cfg.structured else None,
-                              reasoning_effort=cfg.reasoning_effort)
+                              regex=answer_pattern(t, cfg.max_new_tokens) if cfg.structured and not api else None,
+                              json_schema=answer_schema(t) if api else None, reasoning_effort=cfg.reasoning_effort)
     tag = JudgeTag(t, i, k, rec.get("case_idx"), trajectory_digest(rec), run.agent, run.emulator, episode_digest(rec))
     return ChatRequest(messages=messages, config=config, replicate=k, tag=tag, role="judge")
+
+
+def _json_answers(cfg: EvaluationConfig) -> bool:
+    """Structured answers of an API judge come as JSON (``answer_schema``)."""
+    return cfg.structured and parse_model_spec(cfg.evaluator).backend == "openai"
 
 
 def _count(result: EvaluationResult, fields: dict[str, Any]) -> None:
@@ -420,7 +427,7 @@ def _judge_batch(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict
     for t, i, k in no_episode:
         by_type[t].append({"eval_id": i, "replicate": k, **_NO_EPISODE})
     for (t, i, k), _ in items:
-        j = read_judgement(t, responses[(t, i, k)], cfg.evaluator)
+        j = read_judgement(t, responses[(t, i, k)], cfg.evaluator, json_answer=_json_answers(cfg))
         by_type[t].append({"eval_id": i, "replicate": k, **j.fields})
         _count(result, j.fields)
     for t, entries in by_type.items():
@@ -453,7 +460,8 @@ def _judge(cfg: EvaluationConfig, backend: ChatBackend, records: list[dict], reg
                           for (t, _, k), lp, req in zip(batch, logprobs, requests)]
             else:
                 responses = backend.generate(requests) if requests else []
-                judged = [read_judgement(t, resp, cfg.evaluator) for (t, _, _), resp in zip(batch, responses)]
+                judged = [read_judgement(t, resp, cfg.evaluator, json_answer=_json_answers(cfg))
+                          for (t, _, _), resp in zip(batch, responses)]
             for (t, i, k), j in zip(batch, judged):
                 by_type[t].append({"eval_id": i, "replicate": k, **j.fields})
                 _count(result, j.fields)

@@ -225,6 +225,8 @@ class OpenAIBackend(ChatBackend):
             kwargs["stop"] = list(cfg.stop)
         if cfg.reasoning_effort:  # a non-reasoning OpenAI model was refused (settings_not_sent)
             kwargs["reasoning_effort"] = cfg.reasoning_effort
+        if cfg.json_schema:  # structured outputs: the answer is JSON of this schema
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": json.loads(cfg.json_schema)}
         return kwargs
 
     async def _complete(self, client: openai.AsyncOpenAI, request: ChatRequest) -> ChatResponse:

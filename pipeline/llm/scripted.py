@@ -67,7 +67,7 @@ class ScriptedBackend(ChatBackend):
             self.calls += 1
             t0 = time.perf_counter()
             try:
-                if r.config.regex:
+                if r.config.regex or r.config.json_schema:
                     raise ValueError("the scripted double does not constrain answers (regex)")
                 if down:
                     raise ConnectionError(f"scripted outage (while {self.fail_while} exists)")

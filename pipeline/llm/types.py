@@ -36,6 +36,9 @@ class GenerationConfig:
     #: the answer must match this regular expression (structured outputs, on engines that constrain decoding:
     #: vLLM); None: free text
     regex: str | None = None
+    #: the answer must be JSON of this schema (an OpenAI ``response_format`` ``json_schema`` object, as JSON text:
+    #: APIs that support structured outputs); None: free text
+    json_schema: str | None = None
     #: how much a reasoning model reasons before answering (``minimal``/``low``/``medium``/``high``; OpenAI's
     #: reasoning models only: ``settings_not_sent`` refuses it for others); None: the model's default
     reasoning_effort: str | None = None
@@ -52,7 +55,8 @@ class GenerationConfig:
     def as_dict(self) -> dict[str, Any]:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "stop": list(self.stop), "seed": self.seed, **({"regex": self.regex} if self.regex else {}),
-                **({"reasoning_effort": self.reasoning_effort} if self.reasoning_effort else {})}
+                **({"reasoning_effort": self.reasoning_effort} if self.reasoning_effort else {}),
+                **({"json_schema": self.json_schema} if self.json_schema else {})}
 
 
 @dataclass(frozen=True)

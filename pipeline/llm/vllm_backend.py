@@ -205,6 +205,10 @@ class VLLMBackend(ChatBackend):
                                               f"length {self.max_model_len}")
                 continue
             c = r.config
+            if c.json_schema:  # the engine is given a regex (evaluate --structured), never left unconstrained
+                out[i] = ChatResponse.failure("vllm backend: a JSON-schema answer is an API's structured output; "
+                                              "constrain this engine with a regex")
+                continue
             if c.regex and c.max_new_tokens and room < c.max_new_tokens:  # it could be cut before it matches
                 out[i] = ChatResponse.failure(f"prompt of {len(ids)} tokens leaves {room} of the {c.max_new_tokens} "
                                               "tokens a constrained answer may need (raise max_model_len)")

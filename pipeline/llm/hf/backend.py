@@ -29,7 +29,8 @@ from pipeline.llm.types import ChatRequest, ChatResponse
 log = logging.getLogger("pipeline.llm.hf")
 
 #: why a request whose answer must match a regular expression fails here
-UNCONSTRAINED = "a constrained answer (regex) needs the vLLM engine (vllm:<model>); this backend cannot constrain it"
+UNCONSTRAINED = ("a constrained answer needs the vLLM engine (vllm:<model>, a regex) or an API (a JSON schema); this "
+                 "backend cannot constrain it")
 
 
 PREFILL_MODES = ("auto", "batched", "per_request")
@@ -126,7 +127,7 @@ class HFBackend(ChatBackend):
             check_sampling_settings(self.model.generation_config, self.spec.model)
         prompts: list[str | None] = []
         for i, r in enumerate(requests):
-            if r.config.regex:  # never answered unconstrained in its place
+            if r.config.regex or r.config.json_schema:  # never answered unconstrained in its place
                 prompts.append(None)
                 out[i] = ChatResponse.failure(UNCONSTRAINED)
                 continue
