@@ -99,6 +99,13 @@ class ExperimentConfig:
             raise ConfigError("experiment: expected at least one source model, arm, seed and beta")
         if len({a.name for a in self.arms}) != len(self.arms):
             raise ConfigError("experiment: arm names must be unique")
+        from pipeline.llm.spec import parse_model_spec
+
+        backends = {parse_model_spec(a.evaluator).backend for a in self.arms}
+        for option, kinds in _JUDGE_OPTIONS.items():
+            if self.evaluation.get(option) and not backends & set(kinds):
+                raise ConfigError(f"evaluation option {option}: concerns {' and '.join(kinds)} judges, and no arm's "
+                                  f"judge is one ({', '.join(a.evaluator for a in self.arms)})")
         if "judge" in self.pairs:  # each arm's pair sets take its own judge's scores (the plan sets it per arm)
             raise ConfigError("pairs: 'judge' is set per arm (its evaluator); remove it from the pairs options")
         # both become parts of output paths (trajectories/<name>, analysis/<name>, pairs/<…_arm_…>.jsonl)
@@ -365,13 +372,14 @@ def _evaluate_spec(cfg: ExperimentConfig, agent: str, arm: Arm, runs: Path, case
 
 #: evaluation options that concern one kind of judge (the backend of its spec): an experiment's evaluation options
 #: apply to every arm, and each of these only to the arms whose judge it concerns
-_JUDGE_OPTIONS = {"batch": "openai", "reasoning_effort": "openai", "structured": "vllm"}
+_JUDGE_OPTIONS = {"batch": ("openai",), "reasoning_effort": ("openai",), "structured": ("vllm", "openai")}
 
 
 def _judge_options(options: dict[str, Any], evaluator: str) -> dict[str, Any]:
     """An experiment's evaluation options for one arm's judge: ``batch`` and ``reasoning_effort`` for API judges,
-    ``structured`` for vLLM judges (``dags/README.md``), the rest for every judge."""
+    ``structured`` for vLLM and API judges (``dags/README.md``), the rest for every judge. An option that concerns
+    none of the experiment's judges is refused (``ExperimentConfig.validate``)."""
     from pipeline.llm.spec import parse_model_spec
 
     backend = parse_model_spec(evaluator).backend
-    return {k: v for k, v in options.items() if _JUDGE_OPTIONS.get(k, backend) == backend}
+    return {k: v for k, v in options.items() if backend in _JUDGE_OPTIONS.get(k, (backend,))}

@@ -96,13 +96,20 @@ def check_no_pending_batch(trajectory_file: Path, *, force: bool) -> None:
     from pipeline.data.jsonl import move_aside
     from pipeline.errors import DataError
 
+    from pipeline.llm.openai_batch import BatchError
+
     journal = batch_journal(trajectory_file)
-    pending = pending_batch(journal)
+    try:
+        pending = pending_batch(journal)
+    except BatchError:
+        if not force:
+            raise
+        pending = "(unreadable journal)"
     if pending is None:
         return
     if not force:
-        raise DataError(f"{trajectory_file}: batch {pending} holds these judgements ({journal.name}); rerun with "
-                        "--batch to collect it (nothing is sent twice), or with --force to judge synchronously "
-                        "(the batch left, its journal kept aside)")
+        raise DataError(f"{trajectory_file}: batch {pending} of this file's judgements is not collected yet "
+                        f"({journal.name}); rerun with --batch to collect it (nothing is sent twice), or with --force "
+                        "to judge synchronously (the batch left, its journal kept aside)")
     for moved in move_aside(journal):
         log.warning("batch %s left uncollected; its journal kept aside: %s", pending, moved)

@@ -157,16 +157,24 @@ def answer_schema(eval_type: str) -> str:
                                   "additionalProperties": False}})
 
 
-def json_answer_text(text: str) -> str:
-    """A structured (JSON) answer as the four-field text the parser reads; text that is not such JSON as it is
-    (it then fails to parse, and is recorded as a parse failure)."""
+def json_answer_fields(text: str, eval_type: str) -> tuple[dict[str, str | None], str | None]:
+    """A structured (JSON) answer's four fields, read from the JSON itself, and why it is not a valid answer
+    (None when it is): not JSON of the schema's four keys, or a label that is not the metric's or disagrees with
+    the score. A server that ignored the response format answers in free text: that is not a valid answer."""
     try:
         data = json.loads(text)
     except ValueError:
-        return text
+        data = None
     if not isinstance(data, dict) or not set(FIELDS) <= set(data):
-        return text
-    return "\n".join(f"{f}: {data[f]}" for f in FIELDS)
+        return {f: None for f in FIELDS}, "not a JSON answer with the four fields (was the response format ignored?)"
+    fields = {f: None if data[f] is None else str(data[f]) for f in FIELDS}
+    label, score = fields["Overall Qualitative Label"], clean_score(data["Overall Quantitative Score"])
+    labels = ANSWER_LABELS["agent_safe" if eval_type == "agent_safe" else "help"]
+    if label not in labels:
+        return fields, f"label {label!r}: not one of the rubric's"
+    if score is None or int(label[-2]) != score:
+        return fields, f"label {label!r} and score {data['Overall Quantitative Score']!r} disagree"
+    return fields, None
 
 
 #: Constrained scoring: the judge's reply is forced to start with this, and each score is one choice.
@@ -210,8 +218,12 @@ def read_judgement(eval_type: str, response: ChatResponse, evaluator: str, *, js
     if not response.ok:
         return Judgement({**{f: None for f in FIELDS}, "eval_scores": {}, "status": "error",
                           "error": response.error, **extra})
-    fields = parse_fields(json_answer_text(response.text) if json_answer else response.text)
-    score = clean_score(fields["Overall Quantitative Score"])
+    invalid = None
+    if json_answer:
+        fields, invalid = json_answer_fields(response.text, eval_type)
+    else:
+        fields = parse_fields(response.text)
+    score = None if invalid else clean_score(fields["Overall Quantitative Score"])
     key = SCORE_KEYS[eval_type]
     rec: dict[str, Any] = dict(fields)
     rec["eval_scores"] = {key: score} if score is not None else {}
@@ -220,6 +232,6 @@ def read_judgement(eval_type: str, response: ChatResponse, evaluator: str, *, js
     if score is None:
         rec["raw"] = response.text
         given = fields["Overall Quantitative Score"]
-        rec["parse_error"] = ("no Overall Quantitative Score field" if given is None else
-                              f"Overall Quantitative Score {given[:40]!r}: not an integer 0-3")
+        rec["parse_error"] = invalid or ("no Overall Quantitative Score field" if given is None else
+                                         f"Overall Quantitative Score {given[:40]!r}: not an integer 0-3")
     return Judgement({**rec, **extra})

@@ -284,6 +284,10 @@ def rerun_failed(cfg: RerunFailedConfig, *, backend: ChatBackend | None = None,
     if not cfg.force:
         for rf, t in files:  # every file is checked before any is changed
             check_amendment(rf.eval_files[t], cfg.stage, fingerprint, force=False)
+    from pipeline.evaluation.batch import check_no_pending_batch
+
+    for rf in {rf.path: rf for rf, _ in files}.values():  # a batch still holding judgements: collected, not re-asked
+        check_no_pending_batch(rf.path, force=cfg.force)
     for rf, t in files:
         check_amendment(rf.eval_files[t], cfg.stage, fingerprint, force=cfg.force)
         repair_file(rf.eval_files[t], t)

@@ -71,8 +71,8 @@ class EvaluationConfig(StageConfig, BackendOptions):
         default=None, description="how much an API reasoning judge (gpt-5*, o-series) reasons before answering "
         "(default: the model's own); refused for other judges")
     structured: bool = Field(default=False, description="constrain the judge's answer to the answer format "
-                             "(the four fields in order, a rubric label, a score 0-3) while it is decoded, so that "
-                             "every answer parses; the prompt is unchanged (the vLLM engine: vllm:<model>)")
+                             "(the four fields in order, a rubric label, a score 0-3); the prompt is unchanged "
+                             "(vllm:<model>: decoded under a regex; openai:<model>: a JSON-schema response format)")
     cache: bool = Field(default=False, description="cache judge responses on disk")
     batch: bool = Field(default=False, description="an API judge answers through the OpenAI Batch API (half price, "
                         "within 24 h): the same requests and records, journaled beside the trajectory file so that "

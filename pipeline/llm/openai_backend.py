@@ -67,7 +67,7 @@ def settings_not_sent(model: str, config: GenerationConfig, *, send_sampling: bo
     name = model.rsplit("/", 1)[-1].lower()
     if config.regex:
         raise ConfigError(f"model '{model}': an API model is not constrained by a regular expression here; "
-                          "structured answers need the vLLM engine (vllm:<model>)")
+                          "an API model's structured answers are a JSON schema (GenerationConfig.json_schema)")
     if config.reasoning_effort and _is_openai_model(name) and not _is_reasoning_model(name):
         raise ConfigError(f"model '{model}' is not a reasoning model: it takes no reasoning_effort "
                           f"({config.reasoning_effort}); leave it unset")

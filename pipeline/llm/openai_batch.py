@@ -113,8 +113,10 @@ class BatchJob:
             return fresh
         fresh.collected = list(data.get("collected") or [])
         pending = data.get("batch_id")
-        if not pending:
-            return fresh  # every batch in it collected: this job starts anew
+        if not pending:  # every batch in it collected: this job starts anew (its upload reused, if it got that far)
+            if data.get("key") == self.key and data.get("base_url") == fresh.base_url:
+                fresh.input_file_id = data.get("input_file_id")
+            return fresh
         recorded = data.get("lines") if isinstance(data.get("lines"), dict) else {}
         covered = all(recorded.get(cid) == d for cid, d in self.digests.items())
         if data.get("base_url") != self.backend.public_url or data.get("key") != self.key and not covered:
