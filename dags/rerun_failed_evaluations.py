@@ -39,7 +39,12 @@ def rerun_failed_evaluations():
         p = context["params"]
         events = [e for evs in (context.get("triggering_asset_events") or {}).values() for e in evs]
         if not events:
-            return [p["runs"] or str(home() / "trajectories")]
+            if p["runs"]:  # a folder named by hand: a missing one is the stage's one-line error
+                return [p["runs"]]
+            # a new installation has no trajectories yet: the daily look has nothing to repair (it ran on the
+            # demo's first start and failed on the missing folder)
+            default = home() / "trajectories"
+            return [str(default)] if default.is_dir() else []
         found: list[str] = []
         for event in events:
             extra = event.extra or {}

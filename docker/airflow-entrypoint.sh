@@ -2,10 +2,10 @@
 # Entry point of the agentpipe-airflow image (the Airflow containers of docker/compose.yaml).
 #
 #   airflow-entrypoint.sh api-server --port 8080     # runs `airflow api-server --port 8080`
-#   airflow-entrypoint.sh bash -c "airflow db migrate && …"   # bash, sh, python, python3: run as given
+#   airflow-entrypoint.sh bash -c "airflow db migrate && …"   # airflow, bash, sh, python, python3: run as given
 #
 # Before that, every container:
-# 1. refuses to start while AIRFLOW_ADMIN_PASSWORD or the JWT secret (compose: AIRFLOW_JWT_SECRET) is missing or
+# 1. refuses to start while AIRFLOW_ADMIN_PASSWORD, POSTGRES_PASSWORD (when given) or the JWT secret (compose: AIRFLOW_JWT_SECRET) is missing or
 #    still the example value: the examples are public, and whoever knows the JWT secret can mint an admin token;
 # 2. writes the simple auth manager's passwords file, {"admin": AIRFLOW_ADMIN_PASSWORD} with mode 0600, at
 #    $AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE (default $AIRFLOW_HOME/simple_auth_manager_passwords.json),
@@ -21,6 +21,9 @@ fail() { echo "airflow-entrypoint: $*" >&2; exit 2; }
 
 case "${AIRFLOW_ADMIN_PASSWORD:-}" in
   ''|change-me) fail "AIRFLOW_ADMIN_PASSWORD is missing, empty or the example 'change-me': set it in docker/.env" ;;
+esac
+case "${POSTGRES_PASSWORD-unset}" in  # compose passes docker/.env to every Airflow container
+  ''|change-me) fail "POSTGRES_PASSWORD is empty or the example 'change-me': set it in docker/.env" ;;
 esac
 case "${AIRFLOW__API_AUTH__JWT_SECRET:-}" in
   ''|change-me*) fail "AIRFLOW_JWT_SECRET is missing, empty or the example value: set a random one in docker/.env" ;;
@@ -73,6 +76,6 @@ if [ "${AGENTPIPE_COMPUTE:-local}" = slurm ]; then
 fi
 
 case "${1:-}" in
-  bash|sh|python|python3) exec "$@" ;;
+  airflow|bash|sh|python|python3) exec "$@" ;;
   *) exec airflow "$@" ;;
 esac

@@ -93,6 +93,8 @@ INI
       export MLFLOW_FLASK_SERVER_SECRET_KEY
     fi
     cmd+=(--app-name basic-auth)
+    # the server creates its login database (password hashes) with this process's umask: owner-only
+    umask 077
     ;;
   *) fail "MLFLOW_AUTH must be basic or none, not '$auth'" ;;
 esac

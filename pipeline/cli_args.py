@@ -56,7 +56,9 @@ def add_config_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
             kwargs["help"] = (help_text + " (required)").strip()
         origin = typing.get_origin(typ)
         if typ is bool:
-            kwargs["action"] = "store_true" if default is False else argparse.BooleanOptionalAction
+            # off by default: an on-switch only, unless the field keeps its --no- form (a default that changed)
+            negatable = default is not False or extra.get("negatable")
+            kwargs["action"] = argparse.BooleanOptionalAction if negatable else "store_true"
         elif origin is Literal:
             kwargs["choices"] = list(typing.get_args(typ))
         elif origin in (list, tuple) and "cli_type" not in extra:

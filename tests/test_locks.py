@@ -33,6 +33,7 @@ def _pins(path: Path) -> dict[str, str]:
 def test_each_lock_is_bound_to_its_inputs_and_satisfies_them(spec):
     path = REQ / f"{spec.name}.lock"
     assert lock.recorded_digest(path) == lock.inputs_digest(spec), f"{path.name} is stale: run `make lock`"
+    assert lock.body_intact(path), f"{path.name} was edited by hand: run `make lock`"
     locked = _pins(path)
     for name in spec.inputs:
         for pkg, version in _pins(REQ / name).items():
@@ -40,7 +41,7 @@ def test_each_lock_is_bound_to_its_inputs_and_satisfies_them(spec):
     body = path.read_text()
     # every locked package carries its hash, so an install with --require-hashes takes exactly these files
     assert body.count("==") == len(locked) and all(
-        "--hash=sha256:" in block for block in re.split(r"\n(?=[A-Za-z0-9])", body.split("\n", 2)[2]) if block)
+        "--hash=sha256:" in block for block in re.split(r"\n(?=[A-Za-z0-9])", body.split("\n", 3)[3]) if block)
 
 
 def test_a_changed_input_makes_its_lock_stale(tmp_path, monkeypatch):
@@ -54,6 +55,15 @@ def test_a_changed_input_makes_its_lock_stale(tmp_path, monkeypatch):
     assert lock.inputs_digest(spec) == before
     (fake / "test.in").write_text((fake / "test.in").read_text() + "pytest-xdist==3.8.0\n")  # cpu follows cpu-test
     assert lock.inputs_digest(spec) != before
+
+
+def test_a_hand_edited_lock_is_refused(tmp_path):
+    path = tmp_path / "cpu.lock"
+    text = (REQ / "cpu.lock").read_text()
+    path.write_text(text)
+    assert lock.body_intact(path)
+    path.write_text(text.replace("transformers==5.19.0", "transformers==5.24.0"))
+    assert not lock.body_intact(path) and lock.recorded_digest(path) == lock.recorded_digest(REQ / "cpu.lock")
 
 
 def test_runtime_locks_hold_no_test_tools_and_one_transformers_line():

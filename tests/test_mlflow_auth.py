@@ -160,6 +160,8 @@ def test_no_password_on_disk_or_in_a_log_and_the_auth_files_are_private(auth_ser
     assert f"database_uri = sqlite:///{state}/basic_auth.db" in text
     # the auth database is the one the generated configuration names, not MLflow's default (basic_auth.db in the CWD)
     assert (state / "basic_auth.db").is_file() and not (cwd / "basic_auth.db").exists()
+    # it holds the password hashes: owner-only, like the files start.sh writes itself
+    assert stat.S_IMODE((state / "basic_auth.db").stat().st_mode) == 0o600
     assert stat.S_IMODE((state / "flask-secret-key").stat().st_mode) == 0o600
     for f in state.iterdir():
         if f.is_file() and f.suffix != ".db":

@@ -148,6 +148,32 @@ def test_short_run_scores_only_the_pairs_it_draws_with_the_same_losses(tiny_mode
     assert a[-4] < 0.1 < a[0]  # the steps really trained
 
 
+def test_precomputed_reference_log_probs_are_stored_and_reused_with_the_same_losses(tiny_model, pairs, tmp_path):
+    """A second model on the same pairs and base (another beta) scores no pair with the reference model again, and
+    trains exactly as it does with an empty cache; another base model is another entry."""
+    from pipeline.training import ref_cache
+
+    kw = dict(max_steps=3, precompute_ref_log_probs=True, register_model=False, learning_rate=5e-3)
+    start = ref_cache.computed
+    train(tiny_cfg(tiny_model, pairs, tmp_path / "cold", **kw))
+    assert ref_cache.computed == start + 8  # every training pair, once
+    warm = train(tiny_cfg(tiny_model, pairs, tmp_path / "warm", beta=0.05, **kw))
+    assert ref_cache.computed == start + 8  # all 8 from the cache
+    fresh = train(tiny_cfg(tiny_model, pairs, tmp_path / "fresh", beta=0.05, **kw), home=tmp_path / "empty-home")
+    assert ref_cache.computed == start + 16
+    keys = ("loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/margins", "grad_norm")
+    a = [h[k] for h in warm.metrics["log_history"] if "loss" in h for k in keys]
+    b = [h[k] for h in fresh.metrics["log_history"] if "loss" in h for k in keys]
+    assert len(a) == 18 and a == b and a[-6] < a[0]  # the same numbers, and the steps trained
+    [entry] = list((tmp_path / "home" / "cache" / "ref_logps").glob("*.jsonl"))
+    assert len(entry.read_text().splitlines()) == 8
+    other = shutil.copytree(tiny_model, tmp_path / "other-base" / "tiny")
+    weights = next(other.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))  # one bit of one weight
+    train(tiny_cfg(other, pairs, tmp_path / "other", **kw))
+    assert ref_cache.computed == start + 24 and len(list(entry.parent.glob("*.jsonl"))) == 2
+
+
 def test_pairs_longer_than_the_model_context_are_refused_in_one_line(tiny_model, pairs, tmp_path):
     short = shutil.copytree(tiny_model, tmp_path / "short" / "tiny-short")
     config = json.loads((short / "config.json").read_text())

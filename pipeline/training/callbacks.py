@@ -90,11 +90,15 @@ def sampled_indices(n: int, k: int, global_step: int) -> list[int]:
 
 
 def make_trainer_class() -> type:
-    """A DPOTrainer whose ``evaluate()`` without a dataset uses a fresh random sample of the validation set."""
+    """A DPOTrainer whose ``evaluate()`` without a dataset uses a fresh random sample of the validation set, that
+    takes pairs tokenised by ``token_cache`` as they are, and whose precomputed reference log-probs come from
+    ``ref_cache`` (a ``RefLogpCache``) where stored."""
     from trl import DPOTrainer
 
     class SampledEvalDPOTrainer(DPOTrainer):
-        def __init__(self, *args: Any, validation: Any = None, eval_sample_size: int = 320, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, validation: Any = None, eval_sample_size: int = 320, ref_cache: Any = None,
+                     **kwargs: Any) -> None:
+            self.ref_cache = ref_cache  # before trl's __init__, which precomputes the reference log-probs
             super().__init__(*args, **kwargs)
             self.validation = validation
             self.eval_sample_size = eval_sample_size
@@ -105,6 +109,16 @@ def make_trainer_class() -> type:
             if "prompt_ids" in getattr(dataset, "column_names", ()):
                 return dataset
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            # stored per pair set and base (pipeline.training.ref_cache): computed only for pairs not scored before
+            if self.ref_cache is None:
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+            from pipeline.training.ref_cache import with_ref_logps
+
+            return with_ref_logps(dataset, self.ref_cache,
+                                  lambda part: super(SampledEvalDPOTrainer, self)._precompute_ref_logps(
+                                      part, name, batch_size))
 
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None, metric_key_prefix: str = "eval") -> Any:
             if eval_dataset is None:

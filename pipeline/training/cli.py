@@ -43,11 +43,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser(
         "train", help="DPO + LoRA training on a pair set (resumable, tracked in MLflow)",
-        description="Train a LoRA adapter with DPO on the seed's train-case pairs, validating on its test-case pairs. "
-        "Output <home>/models/<nickname>_<dataset>[_beta-b]_s<seed>/ (adapter/, checkpoints/, training_config.json). "
-        "Rerunning resumes from the last checkpoint; a folder trained with other settings or pairs is refused "
-        "(--force keeps it aside). Defaults are the study's; a --spec (or --config) YAML/JSON file sets any option "
-        "by its long name, flags override it.")
+        description="Train a LoRA adapter with DPO on the seed's train-case pairs (--final-eval: then on a sample "
+        "of its test-case pairs). Output <home>/models/<nickname>_<dataset>[_beta-b]_s<seed>/ (adapter/, "
+        "checkpoints/, training_config.json). Rerunning resumes from the last checkpoint; a folder trained with "
+        "other settings or pairs is refused (--force keeps it aside). Defaults are the study's hyper-parameters; "
+        "a --spec (or --config) YAML/JSON file sets any option by its long name, flags override it.")
     add_config_arguments(t, TrainConfig, spec_flags=("--spec", "--config"))
     t.set_defaults(func=_cmd_train)
 

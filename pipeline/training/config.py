@@ -48,8 +48,9 @@ class TrainConfig(StageConfig):
     lr_scheduler: str = "cosine"
     optimizer: str = "adamw_torch"
     max_grad_norm: float = Field(default=1.0, ge=0, description="gradient clipping (0: none)")
-    gradient_checkpointing: bool | None = Field(default=None, description="activation checkpointing (default: on; "
-                                                "on CPU too: half the memory at the same speed, same losses)")
+    gradient_checkpointing: bool | None = Field(default=None, description="activation checkpointing (default: on, "
+                                                "as in the study; on CPU too: half the memory at the same speed, "
+                                                "same losses)")
     train_seed: int = Field(default=42, ge=0, description="reproducibility seed of the trainer (not the split seed)")
     # DPO
     beta: float = Field(default=0.1, gt=0, description="DPO beta (the paper also uses 0.05)",
@@ -72,11 +73,13 @@ class TrainConfig(StageConfig):
     save_steps: int = Field(default=100, ge=1, description="checkpoint every N optimizer steps")
     save_total_limit: int = Field(default=2, ge=1, description="checkpoints kept")
     logging_steps: int = Field(default=40, ge=1, description="log metrics every N steps")
-    eval_steps: int = Field(default=999999, ge=1, description="validate every N steps (default: only at the end)")
+    eval_steps: int = Field(default=999999, ge=1, description="validate every N steps (default: never during "
+                            "training; --final-eval validates once at the end)")
     eval_sample_size: int | None = Field(default=None, ge=1, description="validation pairs per evaluation (default "
                                          "logging_steps × grad acc × batch)")
     final_eval: bool = Field(default=False, description="evaluate on a validation sample when training ends (off "
-                             "unless asked: a pass over the validation sample is not the optimizer's work)")
+                             "unless asked: not the optimizer's work; the study's eval_steps 999999 never came)",
+                             json_schema_extra={"negatable": True})  # on until issue 27: --no-final-eval still works
     # tracking
     tracking_uri: str | None = Field(default=None, description="MLflow tracking URI (default MLFLOW_TRACKING_URI; "
                                      "none: journal only)")

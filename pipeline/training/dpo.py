@@ -7,14 +7,15 @@ The pairs a run uses are prepared in ``pipeline.training.data``, the base model 
 
 * **Data.** Pairs of the seed's train cases train; pairs of its test cases (from the pairs file itself, from
   ``val_pairs``, or from a sibling ``<stem>_test.jsonl``) validate: every ``eval_steps`` steps and, when asked
-  (``final_eval``: the study evaluated at the end; off by default, a pass that is not the optimizer's work), once
-  at the end, on a random sample of ``eval_sample_size`` pairs (``Random(42 + step)``). Pairs longer than
+  (``final_eval``, off by default: a validation pass is not the optimizer's work; the study's eval_steps never
+  came), once at the end, on a random sample of ``eval_sample_size`` pairs (``Random(42 + step)``). Pairs longer than
   ``max_length`` / ``max_prompt_length`` chat-template tokens are dropped, never truncated. An empty training set
   is an error. Pairs are tokenised once per pairs file and tokenizer and cached (``token_cache``); the limits are
   limits, not sizes (batches are padded to their longest pair); kept pairs longer than the model's context are
   refused with one line (lower ``max_length`` to drop them).
 * **Reference log-probs.** ``precompute_ref_log_probs`` auto: precomputed once when the run sees every training
   pair, else computed on the fly for the pairs drawn (``ref_log_probs_plan``; recorded in training_config.json).
+  Precomputed ones are stored per pair and base model (``ref_cache``) and reused by later trainings.
 * **Epochs.** A ``both`` dataset trains 3 epochs when ``num_epochs`` was not set explicitly (study quirk).
 * **Output** ``<home>/models/<name>/`` (``pipeline.training.naming``): ``adapter/``, ``checkpoints/``,
   ``training_config.json`` (with the split), ``training_metrics.json`` (incl. the log history), ``manifest.json``,
@@ -214,7 +215,7 @@ def _train_locked(cfg: TrainConfig, name: str, out: Path, base_path: str, datase
             tracker.set_tags({"resumed_from_checkpoint": resume_from.name})
             log.info("resuming from %s", resume_from)
         result = _run_training(cfg, name, out, base_path, tok, data, epochs, cuda, tracker, resume_from,
-                               list(callbacks), precompute)
+                               list(callbacks), precompute, home)
         _record_model(tracker, cfg, name, out, dataset, lin, fp, data, result, cuda, time.monotonic() - t0)
     except Preempted:
         tracker.finish("KILLED")
@@ -290,7 +291,7 @@ def _record_model(tracker: Any, cfg: TrainConfig, name: str, out: Path, dataset:
 
 def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: Any, data: TrainingData, epochs: float,
                   cuda: bool, tracker: Any, resume_from: Path | None, extra_callbacks: list[Any],
-                  precompute: bool) -> TrainResult:
+                  precompute: bool, home: Path | None = None) -> TrainResult:
     import torch
     from peft import LoraConfig
     from trl import DPOConfig
@@ -319,10 +320,18 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
     callbacks = [TrackingCallback(tracker), EpochAdapterCallback(out / CHECKPOINTS, tok), preempt, *extra_callbacks]
     if data.val is not None:
         callbacks.append(EvalScheduleCallback(cfg.eval_steps))
+    ref_cache = None
+    if precompute:
+        from pipeline.settings import get_settings
+        from pipeline.training.ref_cache import RefLogpCache, key_inputs
+
+        ref_cache = RefLogpCache((home or get_settings().home) / "cache" / "ref_logps", key_inputs(
+            base_path, cfg.quantization, str(next(model.parameters()).dtype), "cuda" if cuda else "cpu",
+            cfg.batch_size))
     trainer_cls = make_trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=data.train, processing_class=tok,
                           peft_config=peft_config, callbacks=callbacks, validation=data.val,
-                          eval_sample_size=cfg.effective_eval_sample_size)
+                          eval_sample_size=cfg.effective_eval_sample_size, ref_cache=ref_cache)
     preempt.install()
     try:
         train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
