@@ -218,6 +218,7 @@ class _Planner:
         self.pairs_dir, self.models_dir = home / "pairs", home / "models"
         self.max_length = int(cfg.train.get("max_length", 8192))
         self.batch_size = int(cfg.train.get("batch_size", 1))
+        self.quantization = str(cfg.train.get("quantization", "none"))
         self.pair_paths: dict[tuple[str, int, str], str] = {}
         self.trained: dict[tuple, str] = {}  # (model, arm, seed, beta, datasets…) → its agent spec
         #: (base model, seed) → the test-split emulation of that base's first-stage adapters: one run for them all
@@ -254,7 +255,7 @@ class _Planner:
     def train(self, base: str, arm: Arm, seed: int, beta: float, dataset: str, stage: int) -> str:
         pairs = self.pairs_for(arm, seed, dataset)
         name = model_name(base, dataset_name(pairs, seed), seed, beta=beta, max_length=self.max_length,
-                          batch_size=self.batch_size)
+                          batch_size=self.batch_size, quantization=self.quantization)
         out = self.models_dir / name
         spec = {"model": base, "pairs": pairs, "seed": seed, "beta": beta, "out": str(out), **self.cfg.train}
         target = self.plan.train_stage1 if stage == 1 else self.plan.train_stage2

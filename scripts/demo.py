@@ -254,7 +254,9 @@ POOL = {"agents": ["SmolLM2-135M"], "samples": 3, "agent_temperature": 0.8, "emu
         "evaluator": "SmolLM2-135M", "case_set": "demo", "max_steps": 2, "max_tokens_per_call": 96,
         "max_continuations": 1, "scoring": "choice", "judge_temperature": 1.0, "compat": "study",
         "backend": {"dtype": "bf16"}, "run_name": "pool"}
-#: One source model, one seed: safe, help and safe->help, evaluated on the seed's test cases.
+#: One source model, one seed: safe, help and safe->help, evaluated on the seed's test cases. Trained in bf16, the
+#: study's training precision (GPUs train in bf16): on this CPU (AMX) a demo training took 41 s instead of 59 s in
+#: float32, with the same losses.
 EXPERIMENT = {"name": "demo", "source_models": ["SmolLM2-135M"],
               "arms": [{"name": "demo", "pool": "pool", "evaluator": "SmolLM2-135M"}], "seeds": [0], "betas": [0.1],
               "configurations": ["safe", "help", "safe->help"], "emulator": "SmolLM2-135M", "case_set": "demo",
@@ -262,7 +264,7 @@ EXPERIMENT = {"name": "demo", "source_models": ["SmolLM2-135M"],
                             "compat": "study"},
               "evaluation": {"scoring": "choice", "dtype": "bf16", "compat": "study"},
               "train": {"max_steps": 2, "gradient_accumulation_steps": 1, "save_steps": 1, "logging_steps": 1,
-                        "max_length": 4096, "max_prompt_length": 4096},
+                        "max_length": 4096, "max_prompt_length": 4096, "quantization": "bf16"},
               "pairs": {"min_score_difference": 1, "min_chosen_score": 1}, "n_bootstrap": 200}
 
 

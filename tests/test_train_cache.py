@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import threading
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,36 @@ def test_merged_version_through_a_server_that_refuses_local_sources_is_uploaded_
     assert version.source == f"runs:/{m.mlflow_run_id}/model"
     assert version.tags["agentpipe.weights"].startswith("uploaded")
     assert {"model/model.safetensors"} <= {f.path for f in c.list_artifacts(m.mlflow_run_id, "model")}
+
+
+def test_cpu_lm_head_scores_only_completion_tokens_with_the_same_log_probs(tiny_model):
+    """trl scores every position on devices without Triton; on CPU only the completion tokens are scored, and each
+    one gets the log-probability the full logits give."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.kernels import chunked_logprob
+    from trl.trainer.utils import add_fused_lm_head
+
+    from pipeline.training.callbacks import score_completions_only_on_cpu
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    ids = torch.randint(3, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :17] = -100  # a long prompt, a short completion
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    expected = full.gather(-1, ids[:, 1:, None]).squeeze(-1) * (labels[:, 1:] != -100)
+    add_fused_lm_head(model)
+    rows: list[int] = []
+    real = chunked_logprob.ChunkedLogProbFunction.apply
+
+    def spy(hidden: Any, *args: Any) -> Any:
+        rows.append(hidden.shape[0])
+        return real(hidden, *args)
+
+    assert score_completions_only_on_cpu()
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(chunked_logprob.ChunkedLogProbFunction, "apply", spy)
+        got = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
+    assert rows == [2 * 7]  # 2 rows x 7 completion tokens, not 2 x 23 positions
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

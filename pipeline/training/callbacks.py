@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -89,19 +90,67 @@ def sampled_indices(n: int, k: int, global_step: int) -> list[int]:
     return sorted(random.Random(42 + global_step).sample(range(n), k))
 
 
+def score_completions_only_on_cpu() -> bool:
+    """Make trl's fused LM head score only the completion tokens on CPU, as it does on CUDA; True when applied.
+
+    Without Triton, trl 1.x runs the LM head and its log-softmax over every position (prompt tokens included, then
+    masked out) so that the tile shapes stay fixed for compilers such as Neuron's. On CPU nothing is compiled, and the
+    prompt is most of a pair: a demo step took 17.6 s and 5.3 GB with every position scored, 10.6 s and 3.2 GB with
+    the completions only, with the same per-token log-probabilities (each row is computed on its own). trl chooses
+    with its module-level ``_use_triton``, so that name is wrapped; a trl without it is left as it is.
+    """
+    import trl
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        log.info("trl %s has no _use_triton: the LM head's scoring on CPU is left as trl does it",
+                 trl.__version__)
+        return False
+    if getattr(original, "agentpipe_compact_cpu", False):
+        return True
+
+    def compact_on_cpu(device: Any) -> bool:
+        return getattr(device, "type", None) == "cpu" or original(device)
+
+    compact_on_cpu.agentpipe_compact_cpu = True  # type: ignore[attr-defined]
+    trl_utils._use_triton = compact_on_cpu
+    return True
+
+
+def _causal_lm(model: Any) -> Any:
+    """The causal LM inside a PEFT wrapper (the model trl patches), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def make_trainer_class() -> type:
     """A DPOTrainer whose ``evaluate()`` without a dataset uses a fresh random sample of the validation set, that
     takes pairs tokenised by ``token_cache`` as they are, and whose precomputed reference log-probs come from
-    ``ref_cache`` (a ``RefLogpCache``) where stored."""
+    ``ref_cache`` (a ``RefLogpCache``) where stored; on CPU its LM head scores only the completion tokens
+    (``score_completions_only_on_cpu``)."""
     from trl import DPOTrainer
+
+    from pipeline.training import shared_prompt
+
+    score_completions_only_on_cpu()
 
     class SampledEvalDPOTrainer(DPOTrainer):
         def __init__(self, *args: Any, validation: Any = None, eval_sample_size: int = 320, ref_cache: Any = None,
-                     **kwargs: Any) -> None:
+                     share_prompt: bool = True, **kwargs: Any) -> None:
             self.ref_cache = ref_cache  # before trl's __init__, which precomputes the reference log-probs
+            # one pass per pair (pipeline.training.shared_prompt), on the model trl gave its fused LM head
+            self.share_prompt = share_prompt and shared_prompt.install(_causal_lm(kwargs.get("model")))
             super().__init__(*args, **kwargs)
             self.validation = validation
             self.eval_sample_size = eval_sample_size
+
+        def _compute_loss(self, model: Any, inputs: Any, return_outputs: bool) -> Any:
+            with shared_prompt.active() if self.share_prompt else contextlib.nullcontext():
+                return super()._compute_loss(model, inputs, return_outputs)
+
+        def compute_ref_log_probs(self, model: Any, inputs: Any) -> Any:
+            with shared_prompt.active() if self.share_prompt else contextlib.nullcontext():
+                return super().compute_ref_log_probs(model, inputs)
 
         def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
             # pairs tokenised (and length-filtered) by pipeline.training.token_cache, the way trl would: used as they

@@ -16,6 +16,9 @@ The pairs a run uses are prepared in ``pipeline.training.data``, the base model 
 * **Reference log-probs.** ``precompute_ref_log_probs`` auto: precomputed once when the run sees every training
   pair, else computed on the fly for the pairs drawn (``ref_log_probs_plan``; recorded in training_config.json).
   Precomputed ones are stored per pair and base model (``ref_cache``) and reused by later trainings.
+* **One pass per pair.** ``share_prompt`` (on): the prompt goes through the model once for both completions
+  (``shared_prompt``; SDPA attention, else trl's two rows); ``shared_prompt_pass`` in training_metrics.json says
+  which ran. On CPU the LM head scores only the completion tokens.
 * **Epochs.** A ``both`` dataset trains 3 epochs when ``num_epochs`` was not set explicitly (study quirk).
 * **Output** ``<home>/models/<name>/`` (``pipeline.training.naming``): ``adapter/``, ``checkpoints/``,
   ``training_config.json`` (with the split), ``training_metrics.json`` (incl. the log history), ``manifest.json``,
@@ -320,6 +323,9 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
     callbacks = [TrackingCallback(tracker), EpochAdapterCallback(out / CHECKPOINTS, tok), preempt, *extra_callbacks]
     if data.val is not None:
         callbacks.append(EvalScheduleCallback(cfg.eval_steps))
+    from pipeline.training import shared_prompt
+
+    share = cfg.share_prompt and shared_prompt.supported(model)
     ref_cache = None
     if precompute:
         from pipeline.settings import get_settings
@@ -327,11 +333,12 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
 
         ref_cache = RefLogpCache((home or get_settings().home) / "cache" / "ref_logps", key_inputs(
             base_path, cfg.quantization, str(next(model.parameters()).dtype), "cuda" if cuda else "cpu",
-            cfg.batch_size))
+            cfg.batch_size, share))
     trainer_cls = make_trainer_class()
     trainer = trainer_cls(model=model, args=args, train_dataset=data.train, processing_class=tok,
                           peft_config=peft_config, callbacks=callbacks, validation=data.val,
-                          eval_sample_size=cfg.effective_eval_sample_size, ref_cache=ref_cache)
+                          eval_sample_size=cfg.effective_eval_sample_size, ref_cache=ref_cache,
+                          share_prompt=share)
     preempt.install()
     try:
         train_out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -351,6 +358,7 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
     _replace_dir(tmp, out / ADAPTER)
     metrics.update(global_step=trainer.state.global_step, train_wall_s=round(time.perf_counter() - t0, 2),
                    log_history=trainer.state.log_history, device="cuda" if cuda else "cpu",
+                   shared_prompt_pass=trainer.share_prompt,
                    torch_version=torch.__version__)
     return TrainResult(name=name, out=out, adapter=out / ADAPTER, global_step=trainer.state.global_step,
                        metrics=metrics, resumed_from=resume_from.name if resume_from else None)

@@ -35,14 +35,17 @@ FORMAT = 1
 computed = 0
 
 
-def key_inputs(base_path: str, quantization: str, dtype: str, device: str, batch_size: int) -> dict[str, Any]:
-    """Everything a pair's reference log-probs depend on besides the pair itself."""
+def key_inputs(base_path: str, quantization: str, dtype: str, device: str, batch_size: int,
+               shared_prompt: bool = False) -> dict[str, Any]:
+    """Everything a pair's reference log-probs depend on besides the pair itself (``shared_prompt``: one pass per
+    pair, which rounds differently)."""
     import torch
     import transformers
     import trl
 
     return {"format": FORMAT, "base_sha256": folder_digest(Path(base_path)), "quantization": quantization,
-            "dtype": dtype, "device": device, "batch_size": batch_size, "torch": torch.__version__,
+            "dtype": dtype, "device": device, "batch_size": batch_size, "shared_prompt": shared_prompt,
+            "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": trl.__version__}
 
 
