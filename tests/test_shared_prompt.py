@@ -65,7 +65,7 @@ def test_packed_pairs_give_each_row_its_own_hidden_states_log_probs_and_gradient
     assert shared_prompt.pack_pairs(ids, mask.flip(1)) is None  # left padding
 
 
-def test_not_installed_where_attention_takes_no_boolean_mask(tiny_model):
+def test_not_installed_where_attention_takes_no_boolean_mask_or_slides(tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -75,6 +75,11 @@ def test_not_installed_where_attention_takes_no_boolean_mask(tiny_model):
     with shared_prompt.active():
         out = eager(input_ids=ids, attention_mask=mask)
     assert out.logits.shape[:2] == ids.shape
+    # a sliding window would be replaced by the packed mask: such models keep trl's layout
+    sdpa = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    assert shared_prompt.supported(sdpa)
+    sdpa.config.sliding_window = 8
+    assert not shared_prompt.supported(sdpa) and not shared_prompt.install(sdpa)
 
 
 @pytest.mark.parametrize("padded", [False, True])

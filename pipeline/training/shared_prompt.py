@@ -8,8 +8,9 @@ put back in trl's two-row layout, so the LM head, the loss and every metric are 
 same values up to float rounding. The shared prefix is found from the token ids, so a prompt that is not shared (or
 one row that is a prefix of the other) is handled too.
 
-It applies while ``active()`` is entered (the trainer's loss and reference passes) to backbones whose attention takes
-a boolean 4-D mask (PyTorch SDPA); other implementations (flash-attention on GPUs, eager) keep trl's layout.
+It applies while ``active()`` is entered (the trainer's loss and reference passes) to text decoders whose attention
+takes a boolean 4-D mask (PyTorch SDPA) and attends fully in every layer (``supported``); other models
+(flash-attention on GPUs, eager, sliding windows, multimodal) keep trl's layout.
 """
 
 from __future__ import annotations
@@ -34,8 +35,17 @@ def active() -> Iterator[None]:
 
 
 def supported(model: Any) -> bool:
-    """Whether the model's attention takes the boolean 4-D mask the packed pairs need (SDPA)."""
-    return getattr(getattr(model, "config", None), "_attn_implementation", None) == "sdpa"
+    """Whether the packed pairs fit the model: a text-only decoder with SDPA attention (which takes the boolean 4-D
+    mask as given) and full attention in every layer (a given mask would replace a sliding window's)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if text is not config:  # multimodal: the backbone takes more than token ids
+        return False
+    sliding = any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()) or (
+        getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True))
+    return not sliding
 
 
 def install(model: Any) -> bool:
