@@ -260,8 +260,8 @@ POOL = {"agents": ["SmolLM2-135M"], "samples": 3, "agent_temperature": 0.8, "emu
         "max_continuations": 1, "scoring": "choice", "judge_temperature": 1.0, "compat": "study",
         "backend": {"dtype": "bf16"}, "run_name": "pool"}
 #: One source model, one seed: safe, help and safe->help, evaluated on the seed's test cases. Trained in bf16, the
-#: study's training precision (GPUs train in bf16): on this CPU (AMX) a demo training took 41 s instead of 59 s in
-#: float32, with the same losses.
+#: study's training precision (GPUs train in bf16): on this CPU (AMX) a demo training took 21.6 s instead of 28.8 s
+#: in float32, with the same losses.
 EXPERIMENT = {"name": "demo", "source_models": ["SmolLM2-135M"],
               "arms": [{"name": "demo", "pool": "pool", "evaluator": "SmolLM2-135M"}], "seeds": [0], "betas": [0.1],
               "configurations": ["safe", "help", "safe->help"], "emulator": "SmolLM2-135M", "case_set": "demo",

@@ -52,7 +52,8 @@ class TrainConfig(StageConfig):
                                                 "as in the study; on CPU too: half the memory at the same speed, "
                                                 "same losses)")
     share_prompt: bool = Field(default=True, description="one pass per pair: the prompt once, then both completions "
-                               "(SDPA attention; same log-probs up to rounding, about half the work on long prompts)",
+                               "(CPU, SDPA attention; same log-probs up to rounding, about half the work on long "
+                               "prompts)",
                                json_schema_extra={"negatable": True})
     train_seed: int = Field(default=42, ge=0, description="reproducibility seed of the trainer (not the split seed)")
     # DPO

@@ -17,8 +17,8 @@ The pairs a run uses are prepared in ``pipeline.training.data``, the base model 
   pair, else computed on the fly for the pairs drawn (``ref_log_probs_plan``; recorded in training_config.json).
   Precomputed ones are stored per pair and base model (``ref_cache``) and reused by later trainings.
 * **One pass per pair.** ``share_prompt`` (on): the prompt goes through the model once for both completions
-  (``shared_prompt``; SDPA attention, else trl's two rows); ``shared_prompt_pass`` in training_metrics.json says
-  which ran. On CPU the LM head scores only the completion tokens.
+  (``shared_prompt``; on CPU with SDPA attention, else trl's two rows); ``shared_prompt_batches`` in
+  training_metrics.json counts the backbone passes each way. On CPU the LM head scores only the completion tokens.
 * **Epochs.** A ``both`` dataset trains 3 epochs when ``num_epochs`` was not set explicitly (study quirk).
 * **Output** ``<home>/models/<name>/`` (``pipeline.training.naming``): ``adapter/``, ``checkpoints/``,
   ``training_config.json`` (with the split), ``training_metrics.json`` (incl. the log history), ``manifest.json``,
@@ -358,7 +358,7 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
     _replace_dir(tmp, out / ADAPTER)
     metrics.update(global_step=trainer.state.global_step, train_wall_s=round(time.perf_counter() - t0, 2),
                    log_history=trainer.state.log_history, device="cuda" if cuda else "cpu",
-                   shared_prompt_pass=trainer.share_prompt,
+                   shared_prompt_batches=shared_prompt.counts(model),
                    torch_version=torch.__version__)
     return TrainResult(name=name, out=out, adapter=out / ADAPTER, global_step=trainer.state.global_step,
                        metrics=metrics, resumed_from=resume_from.name if resume_from else None)

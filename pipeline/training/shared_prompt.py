@@ -8,9 +8,10 @@ put back in trl's two-row layout, so the LM head, the loss and every metric are 
 same values up to float rounding. The shared prefix is found from the token ids, so a prompt that is not shared (or
 one row that is a prefix of the other) is handled too.
 
-It applies while ``active()`` is entered (the trainer's loss and reference passes) to text decoders whose attention
-takes a boolean 4-D mask (PyTorch SDPA) and attends fully in every layer (``supported``); other models
-(flash-attention on GPUs, eager, sliding windows, multimodal) keep trl's layout.
+It applies while ``active()`` is entered (the trainer's loss and reference passes) to text decoders on CPU whose
+attention takes a boolean 4-D mask (PyTorch SDPA) and attends fully in every layer, without experts (``supported``);
+other models (GPUs, flash-attention, eager, sliding windows, multimodal, mixture of experts) keep trl's layout.
+``counts`` says how many batches went which way.
 """
 
 from __future__ import annotations
@@ -40,9 +41,16 @@ def supported(model: Any) -> bool:
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
         return False
+    try:  # CPU only for now: CUDA's SDPA with a custom mask has not been measured against trl's layout
+        if next(model.parameters()).device.type != "cpu":
+            return False
+    except (AttributeError, StopIteration):
+        return False
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if text is not config:  # multimodal: the backbone takes more than token ids
         return False
+    if any(getattr(text, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        return False  # mixture of experts: the router's auxiliary loss counts trl's rows
     sliding = any(t != "full_attention" for t in getattr(text, "layer_types", None) or ()) or (
         getattr(text, "sliding_window", None) is not None and getattr(text, "use_sliding_window", True))
     return not sliding
@@ -57,21 +65,33 @@ def install(model: Any) -> bool:
     if getattr(backbone.forward, "agentpipe_shared_prompt", False):
         return True
     original = backbone.forward
+    counts = {"packed": 0, "two_rows": 0}
 
     def forward(self: Any, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
         packed = None
-        if _ACTIVE.get() and "position_ids" not in kwargs and kwargs.get("inputs_embeds") is None:
-            packed = pack_pairs(input_ids, attention_mask)
+        if _ACTIVE.get():
+            if kwargs.get("position_ids") is None and kwargs.get("inputs_embeds") is None:
+                packed = pack_pairs(input_ids, attention_mask)
+            counts["two_rows" if packed is None else "packed"] += 1
         if packed is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        kwargs.pop("position_ids", None)  # None here: replaced by the packed positions
         out = original(input_ids=packed.input_ids, attention_mask=packed.mask, position_ids=packed.positions,
                        **kwargs)
         out.last_hidden_state = packed.unpack(out.last_hidden_state)
         return out
 
     forward.agentpipe_shared_prompt = True  # type: ignore[attr-defined]
+    forward.counts = counts  # type: ignore[attr-defined]
     backbone.forward = types.MethodType(forward, backbone)
     return True
+
+
+def counts(model: Any) -> dict[str, int]:
+    """Backbone calls inside ``active()`` so far: ``packed`` (one pass per pair) and ``two_rows`` (trl's layout,
+    for a batch that is not in it); empty when not installed."""
+    backbone = getattr(model, "base_model", None)
+    return dict(getattr(getattr(backbone, "forward", None), "counts", None) or {})
 
 
 class PackedPairs:
@@ -118,7 +138,7 @@ def pack_pairs(input_ids: Any, attention_mask: Any) -> PackedPairs | None:
     real = in_chosen | in_rejected
     chosen_only = in_chosen & (j >= shared[:, None])
     mask = (j[:, None, :] <= j[:, :, None]) & real[:, None, :] & ~(in_rejected[:, :, None] & chosen_only[:, None, :])
-    mask |= (j[:, None, :] == 0)  # every padded query sees the first token: no empty softmax row
+    mask |= (j[:, None, :] == 0) & ~real[:, :, None]  # a padded query sees the first token: no empty softmax row
     # back to trl's rows: chosen position t is packed t; rejected t is t in the shared prefix, then after the chosen
     t = cols[None, :]
     back_chosen = torch.where(t < lc[:, None], t, torch.zeros_like(t))
