@@ -109,6 +109,7 @@ def test_training_with_one_pass_per_pair_follows_trls_two_rows(tiny_model, tmp_p
     """The same DPO run with and without the shared prompt: the same losses, rewards and gradient norms (batches of
     2 pairs, so padding and pairs of different lengths are in play), and the metrics say which pass ran."""
     from pipeline.data import split
+    from pipeline.stage import FingerprintMismatch
     from pipeline.training import train
     from tests.test_train import tiny_cfg, toy_pair, write_pairs
 
@@ -128,3 +129,7 @@ def test_training_with_one_pass_per_pair_follows_trls_two_rows(tiny_model, tmp_p
         for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
     assert runs[True][-1]["rewards/margins"] != 0  # the steps moved the policy: the comparison is not of zeros
+    # the layout rounds differently: a model trained with it is not taken for one trained without it
+    with pytest.raises(FingerprintMismatch, match="share"):
+        train(tiny_cfg(tiny_model, pairs, tmp_path / "m-True", batch_size=2, max_steps=3, final_eval=False,
+                       register_model=False, share_prompt=False, precompute_ref_log_probs=False))

@@ -21,6 +21,7 @@ class TrainConfig(StageConfig):
     stage: ClassVar[str] = "train"
     #: how the run is tracked, checked and stored, not what is trained
     not_in_fingerprint: ClassVar[frozenset[str]] = frozenset({
+        # share_prompt: bound by dpo.fingerprint where it runs (CPU), so GPU models are not told apart by it
         "out", "val_pairs", "tracking_uri", "register_model", "final_eval", "gradient_checkpointing", "share_prompt",
         "precompute_ref_log_probs", "save_total_limit", "logging_steps", "eval_steps", "eval_sample_size", "force",
         "wait"})

@@ -111,9 +111,11 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------------- train
-def fingerprint(cfg: TrainConfig, epochs: float, pairs_sha: str) -> dict[str, Any]:
-    """What the trained model depends on: the config's fingerprint, the pairs' content and the epochs run."""
-    return cfg.fingerprint() | {"effective_epochs": epochs, "pairs_sha256": pairs_sha}
+def fingerprint(cfg: TrainConfig, epochs: float, pairs_sha: str, cuda: bool) -> dict[str, Any]:
+    """What the trained model depends on: the config's fingerprint, the pairs' content, the epochs run, and on CPU
+    (where it runs) the one-pass-per-pair layout, whose rounding differs from trl's (bf16: grad norms by ~1 %)."""
+    packed = {"shared_prompt": True} if cfg.share_prompt and not cuda else {}
+    return cfg.fingerprint() | {"effective_epochs": epochs, "pairs_sha256": pairs_sha} | packed
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -166,7 +168,7 @@ def train(cfg: TrainConfig, *, explicit: set[str] | None = None, callbacks: Sequ
     base_path = resolve_model_path(cfg.model)
     check_out_not_inputs(out, [Path(cfg.pairs), *([Path(base_path)] if Path(base_path).exists() else [])], "train")
     pairs_sha = file_digest(cfg.pairs)
-    fp = fingerprint(cfg, epochs, pairs_sha)
+    fp = fingerprint(cfg, epochs, pairs_sha, cuda)
     with writer_lock(out, wait=cfg.wait, what="model folder"):
         return _train_locked(cfg, name, out, base_path, dataset, pairs, epochs, pairs_sha, fp, cuda, callbacks, home)
 

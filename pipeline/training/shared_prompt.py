@@ -65,14 +65,14 @@ def install(model: Any) -> bool:
     if getattr(backbone.forward, "agentpipe_shared_prompt", False):
         return True
     original = backbone.forward
-    counts = {"packed": 0, "two_rows": 0}
+    tally = {"packed": 0, "two_rows": 0}
 
     def forward(self: Any, input_ids: Any = None, attention_mask: Any = None, **kwargs: Any) -> Any:
         packed = None
         if _ACTIVE.get():
             if kwargs.get("position_ids") is None and kwargs.get("inputs_embeds") is None:
                 packed = pack_pairs(input_ids, attention_mask)
-            counts["two_rows" if packed is None else "packed"] += 1
+            tally["two_rows" if packed is None else "packed"] += 1
         if packed is None:
             return original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         kwargs.pop("position_ids", None)  # None here: replaced by the packed positions
@@ -82,7 +82,7 @@ def install(model: Any) -> bool:
         return out
 
     forward.agentpipe_shared_prompt = True  # type: ignore[attr-defined]
-    forward.counts = counts  # type: ignore[attr-defined]
+    forward.counts = tally  # type: ignore[attr-defined]
     backbone.forward = types.MethodType(forward, backbone)
     return True
 
