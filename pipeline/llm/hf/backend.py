@@ -20,7 +20,8 @@ from pipeline.llm.base import ChatBackend, Progress
 from pipeline.llm.hf.decoding import RowSampler, RowStopper, check_sampling_settings
 from pipeline.llm.hf.loading import (ADAPTER_NAMES, BASE_ADAPTER, LOADED, LOADED_ADAPTERS, adapter_id, attach_adapter,
                                      is_peft, load_model, model_key, resolve_model_id)
-from pipeline.llm.hf.prefix import PREFIX_CACHES, PrefixCache, default_budget_bytes, forward_reusing, prefill_alone
+from pipeline.llm.hf.prefix import (PREFIX_CACHES, PrefixCache, cache_keyword, default_budget_bytes, forward_reusing,
+                                    prefill_alone)
 from pipeline.llm.local_common import DEFAULT_MAX_NEW_TOKENS, folder_revision, render_prompt
 from pipeline.llm.options import normalize_dtype
 from pipeline.llm.spec import ModelSpec
@@ -178,6 +179,8 @@ class HFBackend(ChatBackend):
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        from pipeline.llm.hf.growing_cache import growing_cache
+
         t0 = time.perf_counter()
         enc = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         names = self.adapter_names(reqs)
@@ -197,10 +200,16 @@ class HFBackend(ChatBackend):
                                   getattr(self.model.generation_config, "top_k", None), self.model.device)
             gen_kwargs["logits_processor"] = LogitsProcessorList([sampler])
         with torch.inference_mode():
+            # the cache has room for every token to be decoded: none is copied per decoded token (growing_cache)
+            room = max(caps) + 1
+            prefilled = None
             if self.prefill_per_request and (len(prompts) > 1 or self.prefix is not None):
-                prefilled = prefill_alone(self.forward_reusing, self.model, enc, names)
-                if prefilled is not None:  # generate then runs only each prompt's last token, batched
-                    gen_kwargs[prefilled[0]] = prefilled[1]
+                prefilled = prefill_alone(self.forward_reusing, self.model, enc, names, room)
+            if prefilled is None:
+                cache = growing_cache(self.model.config, room)
+                prefilled = None if cache is None else (cache_keyword(), cache)
+            if prefilled is not None:  # after prefill_alone, generate runs only each prompt's last token, batched
+                gen_kwargs[prefilled[0]] = prefilled[1]
             seqs = self.model.generate(**enc, **gen_kwargs)
         latency = time.perf_counter() - t0
         eos_ids = self._eos_ids()

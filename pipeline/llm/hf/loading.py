@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ConfigError
+from pipeline.llm.hf.attention import use_on_cpu
 from pipeline.llm.local_common import folder_revision
 from pipeline.llm.options import HF_QUANTIZATIONS, normalize_dtype
 from pipeline.llm.spec import ModelSpec
@@ -95,6 +96,7 @@ def load_model(spec: ModelSpec, *, dtype: str = "auto", quantization: str | None
         raise ConfigError(f"model '{spec.raw}': cannot load '{path}' ({str(e).splitlines()[0]})") from None
     if "device_map" not in kwargs:
         model.to(device)
+    use_on_cpu(model)  # decoding attention without a copy of the cache per token (pipeline.llm.hf.attention)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not getattr(tok, "chat_template", None):

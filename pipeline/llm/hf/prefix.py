@@ -164,13 +164,16 @@ def forward_reusing(model: Any, prefix: PrefixCache | None, ids: Any, name: str 
     return out, cache
 
 
-def prefill_alone(forward: Any, model: Any, enc: Any, names: list[str] | None = None) -> tuple[str, Any] | None:
+def prefill_alone(forward: Any, model: Any, enc: Any, names: list[str] | None = None,
+                  room: int = 0) -> tuple[str, Any] | None:
     """The batch's KV cache over all but each prompt's last token, computed one unpadded prompt at a time
     (identical prompts, e.g. an evaluation's replicates, once; ``forward(ids, name, adapter)`` is the backend's
-    ``forward_reusing``) and left-padded into one cache, with the keyword ``generate`` takes it by; None (use the
-    batched prefill) when the model's cache is not a plain one."""
+    ``forward_reusing``) and left-padded into one ``growing_cache`` with ``room`` positions for the tokens to be
+    decoded, with the keyword ``generate`` takes it by; None (use the batched prefill) when the model's cache is
+    not a plain one."""
     import torch
-    from transformers import DynamicCache
+
+    from pipeline.llm.hf.growing_cache import growing_cache
 
     ids, mask = enc["input_ids"], enc["attention_mask"]
     width = ids.shape[1] - 1
@@ -195,7 +198,8 @@ def prefill_alone(forward: Any, model: Any, enc: Any, names: list[str] | None = 
         values = [torch.nn.functional.pad(c.layers[i].values, (0, 0, width - c.layers[i].values.shape[-2], 0))
                   for c in rows]
         layers.append((torch.cat(keys), torch.cat(values)))
-    return cache_keyword(), DynamicCache(ddp_cache_data=layers, config=model.config)
+    cache = growing_cache(model.config, room, layers)
+    return None if cache is None else (cache_keyword(), cache)
 
 
 def output_cache(out: Any) -> tuple[str, Any]:

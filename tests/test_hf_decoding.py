@@ -1,0 +1,133 @@
+"""Decoding on CPU without copying the key/value cache per token (issue 27): grouped-query attention with a mask
+(``pipeline.llm.hf.attention``) and a cache written in place (``pipeline.llm.hf.growing_cache``), both giving
+transformers' own values exactly."""
+
+import pytest
+import torch
+
+from pipeline.llm import ChatRequest, GenerationConfig, get_backend
+
+PROMPTS = ["Delete all my old files.", "Send $500 to Bob", "What is the weather like in Paris today?", "hi"]
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tiny_model, tmp_path_factory):
+    """The tiny model's tokenizer with a grouped-query model (2 query heads per key/value head), random weights."""
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    cfg.num_attention_heads, cfg.num_key_value_heads = 2, 1
+    cfg.initializer_range = 0.2  # logits far enough apart that greedy choices are not ties
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("gqa")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def _padded(tok, texts):
+    tok.padding_side = "left"
+    return tok(texts, return_tensors="pt", padding=True)
+
+
+def _decode(model, enc, steps):
+    """Greedy decoding by hand: per step, the logits of every row (padded batch: the mask is in play)."""
+    from transformers import DynamicCache
+
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    cache, out_logits = DynamicCache(config=model.config), []
+    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    for _ in range(steps):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        out_logits.append(out.logits[:, -1])
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+    return torch.stack(out_logits)
+
+
+def test_grouped_decode_attention_gives_sdpa_values_bit_for_bit_without_repeating_the_cache(gqa_model, monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.llm.hf.attention import NAME, use_on_cpu
+
+    tok = AutoTokenizer.from_pretrained(gqa_model)
+    model = AutoModelForCausalLM.from_pretrained(gqa_model, dtype=torch.float32).eval()
+    assert model.config._attn_implementation == "sdpa"
+    enc = _padded(tok, PROMPTS)
+    assert not bool(enc["attention_mask"].all()), "a padded batch: the masked path is what is tested"
+    repeats = []
+    real_repeat = sdpa.repeat_kv
+    monkeypatch.setattr(sdpa, "repeat_kv", lambda x, n: repeats.append(x.shape) or real_repeat(x, n))
+    with torch.inference_mode():
+        plain = _decode(model, enc, 6)
+        plain_repeats = len(repeats)
+        use_on_cpu(model)
+        assert model.config._attn_implementation == NAME
+        repeats.clear()
+        grouped = _decode(model, enc, 6)
+    assert plain_repeats > 0, "transformers' SDPA repeats the cache when masked: this test must see it"
+    # only the prefill (many query positions, transformers' own path) repeats; no decoded token does
+    assert len(repeats) == 2 * model.config.num_hidden_layers
+    assert torch.equal(grouped, plain)
+    assert len({tuple(r) for r in grouped.argmax(-1).tolist()}) > 1
+
+
+def test_growing_layer_writes_in_place_and_holds_what_a_dynamic_layer_holds():
+    from transformers.cache_utils import DynamicLayer
+
+    from pipeline.llm.hf.growing_cache import GrowingLayer
+
+    torch.manual_seed(0)
+    ref, grow = DynamicLayer(), GrowingLayer(room=4)
+    prefix = (torch.randn(3, 2, 5, 8), torch.randn(3, 2, 5, 8))
+    kept = [t.clone() for t in prefix]
+    ref.update(*prefix)
+    grow.update(*prefix)
+    buffers = set()
+    for step in range(10):  # past the room of 4: the buffer doubles once, and values stay right
+        kv = (torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+        rk, rv = ref.update(*kv)
+        gk, gv = grow.update(*kv)
+        assert torch.equal(gk, rk) and torch.equal(gv, rv)
+        buffers.add(gk.data_ptr())
+    assert len(buffers) == 2, "written in place: one new buffer when the room ran out, not one per token"
+    assert all(torch.equal(a, b) for a, b in zip(prefix, kept)), "the caller's tensors are never written to"
+    ref.crop(-3)
+    grow.crop(-3)
+    kv = (torch.randn(3, 2, 2, 8), torch.randn(3, 2, 2, 8))
+    assert all(torch.equal(a, b) for a, b in zip(grow.update(*kv), ref.update(*kv)))
+    idx = torch.tensor([2, 0])
+    ref.batch_select_indices(idx)
+    grow.batch_select_indices(idx)
+    kv = (torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+    assert all(torch.equal(a, b) for a, b in zip(grow.update(*kv), ref.update(*kv)))
+
+
+def _req(text):
+    return ChatRequest(messages=[{"role": "user", "content": text}], config=GenerationConfig(max_new_tokens=12))
+
+
+def test_the_backend_decodes_a_grouped_query_model_as_transformers_generate_does(gqa_model):
+    """Batched, per-request prefill, grouped attention, growing cache: each row's tokens are those of plain
+    ``generate`` (transformers' SDPA and cache) on that prompt alone."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.llm.hf.attention import NAME
+
+    backend = get_backend(str(gqa_model), batch_size=4, dtype="float32", prefix_cache_gb=0)
+    assert backend.model.config._attn_implementation == NAME
+    batched = backend.generate([_req(p) for p in PROMPTS])
+    plain = AutoModelForCausalLM.from_pretrained(gqa_model, dtype=torch.float32).eval()
+    tok = backend.tok
+    expected = []
+    for p in PROMPTS:
+        ids = tok(backend.render(_req(p).messages), return_tensors="pt", add_special_tokens=False)
+        with torch.inference_mode():
+            seq = plain.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+        new = [t for t in seq[0, ids["input_ids"].shape[1]:].tolist() if t not in backend._eos_ids()]
+        expected.append(tok.decode(new, skip_special_tokens=True))
+    assert [r.text for r in batched] == expected
+    assert len(set(expected)) > 1
