@@ -131,3 +131,27 @@ def test_the_backend_decodes_a_grouped_query_model_as_transformers_generate_does
         expected.append(tok.decode(new, skip_special_tokens=True))
     assert [r.text for r in batched] == expected
     assert len(set(expected)) > 1
+
+
+def test_left_padded_cache_holds_each_row_right_aligned_over_zeros(gqa_model):
+    from transformers import AutoConfig
+
+    from pipeline.llm.hf.growing_cache import GrowingLayer, left_padded_cache
+
+    cfg = AutoConfig.from_pretrained(gqa_model)
+    torch.manual_seed(0)
+    lengths = [3, 7, 5]
+    rows = [[(torch.randn(1, 1, n, 64), torch.randn(1, 1, n, 64)) for _ in range(cfg.num_hidden_layers)]
+            for n in lengths]
+    kept = [[(k.clone(), v.clone()) for k, v in row] for row in rows]
+    cache = left_padded_cache(cfg, rows, width=7, room=4)
+    for i, layer in enumerate(cache.layers):
+        assert isinstance(layer, GrowingLayer) and layer.get_seq_length() == 7
+        for j, kv in enumerate((layer.keys, layer.values)):
+            expected = torch.cat([torch.nn.functional.pad(row[i][j], (0, 0, 7 - n, 0)) for row, n in zip(rows, lengths)])
+            assert torch.equal(kv, expected)
+    ptr = cache.layers[0].keys.data_ptr()
+    cache.update(torch.ones(3, 1, 1, 64), torch.ones(3, 1, 1, 64), 0)
+    assert cache.layers[0].keys.data_ptr() == ptr and cache.get_seq_length() == 8
+    assert all(torch.equal(a, b) for row, old in zip(rows, kept) for (a, c), (b, d) in zip(row, old)
+               for a, b in ((a, b), (c, d)))

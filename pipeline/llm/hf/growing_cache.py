@@ -52,16 +52,44 @@ class GrowingLayer(DynamicLayer):
         self._k, self._v = k, v
 
 
-def growing_cache(config: Any, room: int, layers: list[tuple[Any, Any]] | None = None) -> Any:
-    """A DynamicCache of ``GrowingLayer``s with ``room`` positions to spare, filled from ``layers`` (keys, values)
-    when given (copied: the caller's tensors are never written to); None for models whose cache is not all full
-    attention (sliding-window or hybrid layers keep transformers' own cache)."""
+    def adopt(self, keys: Any, values: Any, n: int) -> None:
+        """Take ``keys``/``values`` (B, heads, capacity, d) as the buffer, its first ``n`` positions cached."""
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self._k, self._v = keys, values
+        self.keys, self.values = keys[:, :, :n], values[:, :, :n]
+
+
+def growing_cache(config: Any, room: int) -> Any:
+    """An empty DynamicCache of ``GrowingLayer``s with ``room`` positions to spare past what its first update
+    brings; None for models whose cache is not all full attention (sliding-window or hybrid layers keep
+    transformers' own cache)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=config)
     if any(type(layer) is not DynamicLayer for layer in cache.layers):
         return None
     cache.layers = [GrowingLayer(room) for _ in cache.layers]
-    for layer, (k, v) in zip(cache.layers, layers or []):
-        layer.update(k, v)
+    return cache
+
+
+def left_padded_cache(config: Any, rows: list[list[tuple[Any, Any]]], width: int, room: int) -> Any:
+    """One batch's ``growing_cache`` from per-row caches (``rows[r][layer]`` = (keys, values) of one unpadded
+    prompt, batch 1, at most ``width`` positions), each row left-padded to ``width`` and ``room`` positions to
+    spare: each row's states are copied once into the buffer (the caller's tensors are never written to)."""
+    cache = growing_cache(config, room)
+    if cache is None:
+        return None
+    for i, layer in enumerate(cache.layers):
+        k0, v0 = rows[0][i]
+        k = k0.new_empty((len(rows), k0.shape[1], width + room, k0.shape[-1]))
+        v = v0.new_empty((len(rows), v0.shape[1], width + room, v0.shape[-1]))
+        for r, row in enumerate(rows):
+            rk, rv = row[i]
+            pad = width - rk.shape[-2]
+            # padding is masked, but zeros, not whatever the memory held: a masked NaN would still reach the output
+            k[r, :, :pad].zero_()
+            v[r, :, :pad].zero_()
+            k[r, :, pad:width].copy_(rk[0])
+            v[r, :, pad:width].copy_(rv[0])
+        layer.adopt(k, v, width)
     return cache

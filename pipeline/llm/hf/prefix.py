@@ -171,9 +171,7 @@ def prefill_alone(forward: Any, model: Any, enc: Any, names: list[str] | None = 
     ``forward_reusing``) and left-padded into one ``growing_cache`` with ``room`` positions for the tokens to be
     decoded, with the keyword ``generate`` takes it by; None (use the batched prefill) when the model's cache is
     not a plain one."""
-    import torch
-
-    from pipeline.llm.hf.growing_cache import growing_cache
+    from pipeline.llm.hf.growing_cache import left_padded_cache
 
     ids, mask = enc["input_ids"], enc["attention_mask"]
     width = ids.shape[1] - 1
@@ -191,14 +189,8 @@ def prefill_alone(forward: Any, model: Any, enc: Any, names: list[str] | None = 
                 return None  # sliding-window or hybrid caches: not padded here
             done[key] = cache
         rows.append(done[key])
-    layers = []
-    for i in range(len(rows[0].layers)):
-        keys = [torch.nn.functional.pad(c.layers[i].keys, (0, 0, width - c.layers[i].keys.shape[-2], 0))
-                for c in rows]
-        values = [torch.nn.functional.pad(c.layers[i].values, (0, 0, width - c.layers[i].values.shape[-2], 0))
-                  for c in rows]
-        layers.append((torch.cat(keys), torch.cat(values)))
-    cache = growing_cache(model.config, room, layers)
+    cache = left_padded_cache(model.config, [[(layer.keys, layer.values) for layer in c.layers] for c in rows],
+                              width, room)
     return None if cache is None else (cache_keyword(), cache)
 
 
