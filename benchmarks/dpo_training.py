@@ -59,11 +59,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {v: run(v, args.pairs, args.quantization, Path(tmp)) for v in ("baseline", "agentpipe")}
     for v, r in results.items():
-        print(f"{v:10s} {r['wall_s']:6.1f} s  peak RSS {r['peak_rss_gb']:5.2f} GB  losses {r['losses']}  "
+        print(f"{v:10s} {r['wall_s']:6.1f} s  peak RSS {r['peak_rss_gb']:5.2f} GiB  losses {r['losses']}  "
               f"grad norms {r['grad_norms']}")
     b, a = results["baseline"], results["agentpipe"]
     print(f"speed-up {b['wall_s'] / a['wall_s']:.2f}x, memory {b['peak_rss_gb'] / a['peak_rss_gb']:.2f}x less "
-          f"(target: <= 45 s, <= 2 GB, same losses)")
+          f"(target: <= 45 s, <= 2 GB, same losses; 1 GiB = 1.074 GB)")
 
 
 if __name__ == "__main__":

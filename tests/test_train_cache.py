@@ -250,3 +250,39 @@ def test_cpu_lm_head_scores_only_completion_tokens_with_the_same_log_probs(tiny_
         got = model(input_ids=ids, labels=labels, fused_lm_head=True).log_probs
     assert rows == [2 * 7]  # 2 rows x 7 completion tokens, not 2 x 23 positions
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _rss_anon_mb() -> float:
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_freed_heap_memory_goes_back_to_the_system():
+    import ctypes
+
+    from pipeline.training.cpu_memory import release_freed_memory
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(96 * 1024) for _ in range(2000)]  # ~190 MB of heap blocks (below any mmap threshold)
+    for b in blocks:
+        ctypes.memset(b, 1, 96 * 1024)
+    for b in blocks[:-1]:  # the last one pins the heap's top: only a trim of the middle can give memory back
+        libc.free(b)
+    before = _rss_anon_mb()
+    assert release_freed_memory()
+    after = _rss_anon_mb()
+    libc.free(blocks[-1])
+    assert before - after > 150, (before, after)
+
+
+def test_cpu_training_maps_large_blocks_and_hands_memory_back_after_every_step(tiny_model, pairs, tmp_path,
+                                                                               monkeypatch):
+    from pipeline.training import cpu_memory
+
+    calls: list[str] = []
+    monkeypatch.setattr(cpu_memory, "map_large_blocks", lambda: calls.append("map") or True)
+    monkeypatch.setattr(cpu_memory, "release_freed_memory", lambda: calls.append("release") or True)
+    train(tiny_cfg(tiny_model, pairs, tmp_path / "out", max_steps=3, final_eval=False, register_model=False))
+    assert calls == ["map", "release", "release", "release", "release"]  # before loading; at the start, per step

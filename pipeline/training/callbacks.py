@@ -55,6 +55,22 @@ class EvalScheduleCallback(TrainerCallback):
             control.should_evaluate = True
 
 
+class ReleaseMemoryCallback(TrainerCallback):
+    """On CPU, the allocator's free memory goes back to the system before the first step (loading and set-up
+    are done) and after every optimizer step (``pipeline.training.cpu_memory``): each step's peak starts from
+    what is in use."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from pipeline.training.cpu_memory import release_freed_memory
+
+        release_freed_memory()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from pipeline.training.cpu_memory import release_freed_memory
+
+        release_freed_memory()
+
+
 class PreemptionCallback(TrainerCallback):
     """On SIGTERM (Slurm pre-emption, ``scancel``), save a checkpoint at the end of the current step and stop."""
 

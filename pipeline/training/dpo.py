@@ -302,9 +302,12 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
     from trl import DPOConfig
 
     from pipeline.training.callbacks import (EpochAdapterCallback, EvalScheduleCallback, PreemptionCallback,
-                                             TrackingCallback, make_trainer_class)
+                                             ReleaseMemoryCallback, TrackingCallback, make_trainer_class)
+    from pipeline.training.cpu_memory import map_large_blocks
 
     t0 = time.perf_counter()
+    if not cuda:  # host memory is the training's memory: kept near what is in use (pipeline.training.cpu_memory)
+        map_large_blocks()
     model = load_model(base_path, cfg, cuda)
     bf16 = cuda and cfg.quantization in ("none", "bf16", "int4", "int8")
     args = DPOConfig(
@@ -325,6 +328,8 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
     callbacks = [TrackingCallback(tracker), EpochAdapterCallback(out / CHECKPOINTS, tok), preempt, *extra_callbacks]
     if data.val is not None:
         callbacks.append(EvalScheduleCallback(cfg.eval_steps))
+    if not cuda:
+        callbacks.append(ReleaseMemoryCallback())
     from pipeline.training import shared_prompt
 
     share = cfg.share_prompt and shared_prompt.supported(model)
