@@ -5,7 +5,9 @@ runs it, each in a fresh process, wall time and peak resident memory, with the l
 
 The pairs default to the demo's help pair set (``$AGENTPIPE_HOME/pairs/help_demo_msd1_mcs1_s0.jsonl``, written by
 ``make demo``). Baseline in the same run: trl's own layout, a pass per row (``--no-share-prompt``) with the LM head
-scoring every position on CPU, as trl does without Triton. Target (issue 27): ≤ 45 s and ≤ 2 GB, same losses.
+scoring every position on CPU, as trl does without Triton (both variants get the allocator settings of
+``pipeline/training/cpu_memory.py`` unless ``AGENTPIPE_LEAN_CPU_TRAINING_MEMORY=0``). Peak RSS in GiB.
+Target (issue 27): ≤ 45 s and ≤ 2 GB, same losses.
 """
 
 from __future__ import annotations

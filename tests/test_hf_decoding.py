@@ -110,27 +110,66 @@ def _req(text):
     return ChatRequest(messages=[{"role": "user", "content": text}], config=GenerationConfig(max_new_tokens=12))
 
 
-def test_the_backend_decodes_a_grouped_query_model_as_transformers_generate_does(gqa_model):
-    """Batched, per-request prefill, grouped attention, growing cache: each row's tokens are those of plain
-    ``generate`` (transformers' SDPA and cache) on that prompt alone."""
+def _plain_generate(model_dir, backend, prompts, n=12):
+    """Each prompt alone through plain ``generate`` (transformers' SDPA and cache), decoded as the backend does."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.llm.hf.attention import NAME
-
-    backend = get_backend(str(gqa_model), batch_size=4, dtype="float32", prefix_cache_gb=0)
-    assert backend.model.config._attn_implementation == NAME
-    batched = backend.generate([_req(p) for p in PROMPTS])
-    plain = AutoModelForCausalLM.from_pretrained(gqa_model, dtype=torch.float32).eval()
-    tok = backend.tok
-    expected = []
-    for p in PROMPTS:
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok, out = backend.tok, []
+    for p in prompts:
         ids = tok(backend.render(_req(p).messages), return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
-            seq = plain.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+            seq = plain.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
         new = [t for t in seq[0, ids["input_ids"].shape[1]:].tolist() if t not in backend._eos_ids()]
-        expected.append(tok.decode(new, skip_special_tokens=True))
+        out.append(tok.decode(new, skip_special_tokens=True))
+    return out
+
+
+@pytest.mark.parametrize("prefill", ["per_request", "batched"])
+def test_the_backend_decodes_a_grouped_query_model_as_transformers_generate_does(gqa_model, prefill, monkeypatch):
+    """Batched, grouped attention, growing cache (after a per-request or a padded batched prefill): each row's
+    tokens are those of plain ``generate`` on that prompt alone."""
+    from pipeline.llm.hf import growing_cache as gc
+    from pipeline.llm.hf.attention import NAME
+
+    made = []
+    real = gc.growing_cache
+    monkeypatch.setattr(gc, "growing_cache", lambda *a: made.append(real(*a)) or made[-1])
+    backend = get_backend(str(gqa_model), batch_size=4, dtype="float32", prefix_cache_gb=0, prefill=prefill)
+    assert backend.model.config._attn_implementation == NAME
+    batched = backend.generate([_req(p) for p in PROMPTS])
+    expected = _plain_generate(gqa_model, backend, PROMPTS)
     assert [r.text for r in batched] == expected
     assert len(set(expected)) > 1
+    assert len(made) == 1 and isinstance(made[0].layers[0], gc.GrowingLayer)
+    assert made[0].get_seq_length() > 12, "the growing cache is the one generate decoded into"
+
+
+def test_a_model_whose_generation_config_names_a_cache_keeps_transformers_cache(gqa_model):
+    """transformers refuses a caller's cache next to ``generation_config.cache_implementation``: such a model
+    gets none from the backend, and answers as before."""
+    backend = get_backend(str(gqa_model), batch_size=4, dtype="float32", prefix_cache_gb=0)
+    expected = [r.text for r in backend.generate([_req(p) for p in PROMPTS])]
+    backend.model.generation_config.cache_implementation = "dynamic"
+    try:
+        for prefill in (True, False):
+            backend.prefill_per_request = prefill
+            answers = backend.generate([_req(p) for p in PROMPTS])
+            assert all(r.ok for r in answers), answers[0].error
+            assert [r.text for r in answers] == expected
+    finally:
+        backend.model.generation_config.cache_implementation = None
+        backend.prefill_per_request = True
+
+
+def test_a_reset_growing_layer_starts_a_new_buffer():
+    from pipeline.llm.hf.growing_cache import GrowingLayer
+
+    layer = GrowingLayer(room=4)
+    layer.update(torch.zeros(4, 2, 3, 8), torch.zeros(4, 2, 3, 8))
+    layer.reset()
+    k, v = layer.update(torch.ones(1, 2, 3, 8, dtype=torch.bfloat16), torch.ones(1, 2, 3, 8, dtype=torch.bfloat16))
+    assert k.shape == (1, 2, 3, 8) and k.dtype == torch.bfloat16 and bool((k == 1).all())
 
 
 def test_left_padded_cache_holds_each_row_right_aligned_over_zeros(gqa_model):
@@ -144,11 +183,14 @@ def test_left_padded_cache_holds_each_row_right_aligned_over_zeros(gqa_model):
     rows = [[(torch.randn(1, 1, n, 64), torch.randn(1, 1, n, 64)) for _ in range(cfg.num_hidden_layers)]
             for n in lengths]
     kept = [[(k.clone(), v.clone()) for k, v in row] for row in rows]
-    cache = left_padded_cache(cfg, rows, width=7, room=4)
+    model = type("CpuModel", (), {"config": cfg, "device": torch.device("cpu"),
+                                  "generation_config": type("G", (), {"cache_implementation": None})()})()
+    cache = left_padded_cache(model, rows, width=7, room=4)
     for i, layer in enumerate(cache.layers):
         assert isinstance(layer, GrowingLayer) and layer.get_seq_length() == 7
         for j, kv in enumerate((layer.keys, layer.values)):
-            expected = torch.cat([torch.nn.functional.pad(row[i][j], (0, 0, 7 - n, 0)) for row, n in zip(rows, lengths)])
+            expected = torch.cat([torch.nn.functional.pad(row[i][j], (0, 0, 7 - n, 0))
+                                  for row, n in zip(rows, lengths)])
             assert torch.equal(kv, expected)
     ptr = cache.layers[0].keys.data_ptr()
     cache.update(torch.ones(3, 1, 1, 64), torch.ones(3, 1, 1, 64), 0)

@@ -303,11 +303,15 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
 
     from pipeline.training.callbacks import (EpochAdapterCallback, EvalScheduleCallback, PreemptionCallback,
                                              ReleaseMemoryCallback, TrackingCallback, make_trainer_class)
-    from pipeline.training.cpu_memory import map_large_blocks
+    from pipeline.settings import get_settings
+    from pipeline.training.cpu_memory import LARGE_BLOCK, map_large_blocks
 
     t0 = time.perf_counter()
-    if not cuda:  # host memory is the training's memory: kept near what is in use (pipeline.training.cpu_memory)
-        map_large_blocks()
+    # host memory is the training's memory: kept near what is in use (pipeline.training.cpu_memory)
+    lean = not cuda and get_settings().lean_cpu_training_memory
+    if lean and map_large_blocks():
+        log.info(f"CPU training: blocks from {LARGE_BLOCK // 2**20} MiB mapped on their own, freed memory handed "
+                 "back after each step (AGENTPIPE_LEAN_CPU_TRAINING_MEMORY=0 turns this off)")
     model = load_model(base_path, cfg, cuda)
     bf16 = cuda and cfg.quantization in ("none", "bf16", "int4", "int8")
     args = DPOConfig(
@@ -328,14 +332,13 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
     callbacks = [TrackingCallback(tracker), EpochAdapterCallback(out / CHECKPOINTS, tok), preempt, *extra_callbacks]
     if data.val is not None:
         callbacks.append(EvalScheduleCallback(cfg.eval_steps))
-    if not cuda:
+    if lean:
         callbacks.append(ReleaseMemoryCallback())
     from pipeline.training import shared_prompt
 
     share = cfg.share_prompt and shared_prompt.supported(model)
     ref_cache = None
     if precompute:
-        from pipeline.settings import get_settings
         from pipeline.training.ref_cache import RefLogpCache, key_inputs
 
         ref_cache = RefLogpCache((home or get_settings().home) / "cache" / "ref_logps", key_inputs(

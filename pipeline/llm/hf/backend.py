@@ -200,13 +200,13 @@ class HFBackend(ChatBackend):
                                   getattr(self.model.generation_config, "top_k", None), self.model.device)
             gen_kwargs["logits_processor"] = LogitsProcessorList([sampler])
         with torch.inference_mode():
-            # the cache has room for every token to be decoded: none is copied per decoded token (growing_cache)
-            room = max(caps) + 1
+            # on CPU the cache has room for every token to be decoded: none is copied per token (growing_cache)
+            decode_room = max(caps) + 1
             prefilled = None
             if self.prefill_per_request and (len(prompts) > 1 or self.prefix is not None):
-                prefilled = prefill_alone(self.forward_reusing, self.model, enc, names, room)
+                prefilled = prefill_alone(self.forward_reusing, self.model, enc, names, decode_room)
             if prefilled is None:
-                cache = growing_cache(self.model.config, room)
+                cache = growing_cache(self.model, decode_room)
                 prefilled = None if cache is None else (cache_keyword(), cache)
             if prefilled is not None:  # after prefill_alone, generate runs only each prompt's last token, batched
                 gen_kwargs[prefilled[0]] = prefilled[1]

@@ -168,11 +168,13 @@ def prefill_alone(forward: Any, model: Any, enc: Any, names: list[str] | None = 
                   room: int = 0) -> tuple[str, Any] | None:
     """The batch's KV cache over all but each prompt's last token, computed one unpadded prompt at a time
     (identical prompts, e.g. an evaluation's replicates, once; ``forward(ids, name, adapter)`` is the backend's
-    ``forward_reusing``) and left-padded into one ``growing_cache`` with ``room`` positions for the tokens to be
-    decoded, with the keyword ``generate`` takes it by; None (use the batched prefill) when the model's cache is
-    not a plain one."""
-    from pipeline.llm.hf.growing_cache import left_padded_cache
+    ``forward_reusing``) and left-padded into one cache (``left_padded_cache``: on CPU with ``room`` positions for
+    the tokens to be decoded), with the keyword ``generate`` takes it by; None (use the batched prefill) when the
+    model's cache is not a plain one or ``generate`` takes none from the caller."""
+    from pipeline.llm.hf.growing_cache import left_padded_cache, takes_a_cache
 
+    if not takes_a_cache(model):
+        return None
     ids, mask = enc["input_ids"], enc["attention_mask"]
     width = ids.shape[1] - 1
     rows, done = [], {}
@@ -189,9 +191,8 @@ def prefill_alone(forward: Any, model: Any, enc: Any, names: list[str] | None = 
                 return None  # sliding-window or hybrid caches: not padded here
             done[key] = cache
         rows.append(done[key])
-    cache = left_padded_cache(model.config, [[(layer.keys, layer.values) for layer in c.layers] for c in rows],
-                              width, room)
-    return None if cache is None else (cache_keyword(), cache)
+    return cache_keyword(), left_padded_cache(model, [[(layer.keys, layer.values) for layer in c.layers]
+                                                      for c in rows], width, room)
 
 
 def output_cache(out: Any) -> tuple[str, Any]:
