@@ -301,9 +301,9 @@ def _run_training(cfg: TrainConfig, name: str, out: Path, base_path: str, tok: A
     from peft import LoraConfig
     from trl import DPOConfig
 
+    from pipeline.settings import get_settings
     from pipeline.training.callbacks import (EpochAdapterCallback, EvalScheduleCallback, PreemptionCallback,
                                              ReleaseMemoryCallback, TrackingCallback, make_trainer_class)
-    from pipeline.settings import get_settings
     from pipeline.training.cpu_memory import LARGE_BLOCK, map_large_blocks
 
     t0 = time.perf_counter()
