@@ -60,15 +60,12 @@ class ReleaseMemoryCallback(TrainerCallback):
     are done) and after every optimizer step (``pipeline.training.cpu_memory``): each step's peak starts from
     what is in use."""
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        from pipeline.training.cpu_memory import release_freed_memory
-
-        release_freed_memory()
-
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from pipeline.training.cpu_memory import release_freed_memory
 
         release_freed_memory()
+
+    on_train_begin = on_step_end
 
 
 class PreemptionCallback(TrainerCallback):
