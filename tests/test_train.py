@@ -356,6 +356,42 @@ def test_merge_with_a_corrupt_adapter_config_is_one_line(tiny_adapter, tmp_path)
         assert lines[0].startswith(f"agentpipe: error: {adapter / 'adapter_config.json'}: {expected}"), r.stderr
         assert not (tmp_path / "merged").exists()
 
+def test_a_merge_that_fails_its_check_once_is_merged_again_and_twice_is_refused(tiny_adapter, tmp_path, monkeypatch,
+                                                                                caplog):
+    """The merged model's forward pass is disturbed on the first merge only (as once seen on CI): the merge is done
+    again from the start, passes, says so and records 2 attempts. Disturbed on every merge: refused, nothing saved."""
+    from pipeline.training import merging
+
+    real_logits, calls = merging._logits, []
+
+    def disturbed(every: bool):
+        def logits(model, inputs):
+            out = real_logits(model, inputs)
+            calls.append(type(model).__name__)
+            merged = not type(model).__name__.startswith("Peft")  # base+adapter is the reference
+            first_merged = calls.count(calls[-1]) == 1
+            return out + 0.2 if merged and (every or first_merged) else out
+        return logits
+
+    monkeypatch.setattr(merging, "_logits", disturbed(every=False))
+    with caplog.at_level("WARNING", logger="pipeline.training"):
+        m = merge(tiny_adapter, tmp_path / "merged", tracking_uri=DOWN, register_model=False)
+    assert m.attempts == 2 and m.max_abs_logit_diff <= 1e-3 and m.max_abs_logit_diff_saved <= 1e-3
+    assert json.loads((tmp_path / "merged" / "merge_config.json").read_text())["merge_attempts"] == 2
+    assert read_manifest(tmp_path / "merged")["counts"]["merge_attempts"] == 2
+    assert [r.getMessage() for r in caplog.records if "merging again from the start (attempt 2 of 2)" in
+            r.getMessage()], caplog.text
+    # a reference and a merged forward per merge, then the reloaded model's forward
+    assert len([c for c in calls if c.startswith("Peft")]) == 2
+
+    calls.clear()
+    monkeypatch.setattr(merging, "_logits", disturbed(every=True))
+    with pytest.raises(DataError, match=r"differ from base\+adapter by 2\.00e-01 \(> 0\.001\) in each of 2 merges; "
+                                        "not saved"):
+        merge(tiny_adapter, tmp_path / "merged2", tracking_uri=DOWN, register_model=False)
+    assert not (tmp_path / "merged2").exists()
+    assert len([c for c in calls if c.startswith("Peft")]) == 2
+
 
 # ------------------------------------------------------------------------------------------------ tracking
 def _client(uri):

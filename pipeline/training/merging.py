@@ -7,9 +7,10 @@ The merge runs in full precision: float64 for models up to 1 B parameters on CPU
 pass alone can be off by ~5e-4 on an ill-conditioned model such as the tests' tiny random Llama, which would hide
 the merge's own error). The base is loaded, the adapter applied (a base that does not fit the adapter is a clear
 error), reference logits of a probe conversation are taken from base+adapter, ``merge_and_unload()`` folds the
-adapter in and the merged model must reproduce those logits within ``atol`` (default 1e-3). The model is saved (in
-the base's dtype unless ``dtype`` says otherwise) with the adapter's tokenizer and ``merge_config.json`` (source
-model, adapter, timestamp, adapter config, the measured max logit differences), reloaded from disk in the same
+adapter in and the merged model must reproduce those logits within ``atol`` (default 1e-3); a merge that fails is
+done once more from the start (``MERGE_ATTEMPTS``, logged and recorded) and refused if it fails again. The model is
+saved (in the base's dtype unless ``dtype`` says otherwise) with the adapter's tokenizer and ``merge_config.json``
+(source model, adapter, timestamp, adapter config, the measured max logit differences), reloaded from disk in the same
 precision and checked again (the saved weights must pass too when saved in float32). An existing model in the
 output folder is never overwritten: the folder's manifest records the merge's fingerprint (adapter path and weights'
 sha256, base and dtype), and the stage lifecycle (``pipeline.stage.prior_output``) returns the same merge as done
@@ -23,6 +24,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -42,6 +44,8 @@ from pipeline.training.registry import aliases, is_paper_config, registry_family
 from pipeline.training.naming import ADAPTER, CHECKPOINTS, TRAINING_CONFIG, read_training_config
 
 
+log = logging.getLogger("pipeline.training")
+
 MERGE_CONFIG = "merge_config.json"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 _PROBE = [{"role": "system", "content": "You are a capable AI agent."},
@@ -58,6 +62,7 @@ class MergeResult:
     max_abs_logit_diff_saved: float
     dtype: str
     verify_dtype: str = "float32"
+    attempts: int = 1  # merges done until one passed its check (MERGE_ATTEMPTS at most)
     mlflow_run_id: str | None = None
     skipped: bool = False  # this merge was already done: nothing was recomputed
 
@@ -89,6 +94,9 @@ def default_merge_dir(adapter: Path) -> Path | None:
         return adapter.parent / "merged"
     return None
 
+
+#: A merge that fails its logit check is done this many times in all before it is refused (see ``_merge_locked``).
+MERGE_ATTEMPTS = 2
 
 #: Models up to this many parameters are merged and verified in float64 on CPU.
 FLOAT64_MAX_PARAMS = 1_000_000_000
@@ -152,7 +160,8 @@ def merge_stage(cfg: MergeConfig) -> StageResult:
     return StageResult(stage=cfg.stage, status="skipped" if res.skipped else "complete",
                        outputs={"merged": str(res.out), "adapter": str(res.adapter), "mlflow_run": res.mlflow_run_id},
                        counts={"max_abs_logit_diff": res.max_abs_logit_diff,
-                               "max_abs_logit_diff_saved": res.max_abs_logit_diff_saved},
+                               "max_abs_logit_diff_saved": res.max_abs_logit_diff_saved,
+                               "merge_attempts": res.attempts},
                        base=res.base, dtype=res.dtype, verify_dtype=res.verify_dtype)
 
 
@@ -207,20 +216,32 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], lineage: dict[
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else Path(base_path)
     tok = AutoTokenizer.from_pretrained(str(tok_src))
-    model, compute = _load_base(base_path, device)
-    try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
-    except (RuntimeError, ValueError, KeyError) as e:
-        raise ConfigError(f"adapter {adapter_dir} does not fit base model '{base_ref}': "
-                          f"{' '.join(str(e).split())[:200]}") from None
-    peft_model.to(getattr(torch, compute))  # the adapter weights too
-    inputs = _probe_inputs(tok, model.device)
-    reference = _logits(peft_model, inputs)
-    merged = peft_model.merge_and_unload()
-    diff_mem = float((_logits(merged, inputs) - reference).abs().max())
-    if diff_mem > atol:
-        raise DataError(f"merge of {adapter_dir}: merged logits differ from base+adapter by {diff_mem:.2e} "
-                        f"(> {atol:g}); not saved")
+    # A merge that fails its check is done once more from the start, because one has failed once on this kind of
+    # machine and then passed on every rerun: 0.198 on the tests' tiny model in float64, whose check passes at 0.0
+    # in hundreds of runs in one process or in fresh ones, and 5.9e-3 on a trained SmolLM2 adapter (6e-6 on every
+    # rerun). No cause was found in this code (no shared state across the two forward passes). A wrong merge fails
+    # both times and is refused; a retried one says so and records its attempts in merge_config.json.
+    for attempt in range(1, MERGE_ATTEMPTS + 1):
+        model, compute = _load_base(base_path, device)
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ConfigError(f"adapter {adapter_dir} does not fit base model '{base_ref}': "
+                              f"{' '.join(str(e).split())[:200]}") from None
+        peft_model.to(getattr(torch, compute))  # the adapter weights too
+        inputs = _probe_inputs(tok, model.device)
+        reference = _logits(peft_model, inputs)
+        merged = peft_model.merge_and_unload()
+        diff_mem = float((_logits(merged, inputs) - reference).abs().max())
+        if diff_mem <= atol:
+            break
+        if attempt == MERGE_ATTEMPTS:
+            raise DataError(f"merge of {adapter_dir}: merged logits differ from base+adapter by {diff_mem:.2e} "
+                            f"(> {atol:g}) in each of {MERGE_ATTEMPTS} merges; not saved")
+        log.warning("merge of %s: merged logits differ from base+adapter by %.2e (> %g); merging again from the "
+                    "start (attempt %d of %d)", adapter_dir, diff_mem, atol, attempt + 1, MERGE_ATTEMPTS)
+        del merged, peft_model, model
+        gc.collect()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f"{temp_prefix(out_dir)}merge")
@@ -245,14 +266,15 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], lineage: dict[
             "adapter_sha256": adapter_sha256,
             "merge_timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "adapter_config": adapter_cfg, "dtype": save_dtype, "verify_dtype": compute, "atol": atol,
-            "max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved,
+            "max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved, "merge_attempts": attempt,
             "probe_tokens": int(inputs["input_ids"].shape[1]), "lineage": lineage,
         })
         if (adapter_dir.parent / "training_config.json").is_file():
             write_model_card(adapter_dir.parent, tmp, kind="merged")
         # the manifest goes in before the rename: the folder appears with it, whatever instant a crash hits
         write_manifest(tmp, stage="merge", config=_fingerprint(adapter_dir, adapter_sha256, base_ref, save_dtype),
-                       counts={"max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved})
+                       counts={"max_abs_logit_diff": diff_mem, "max_abs_logit_diff_saved": diff_saved,
+                               "merge_attempts": attempt})
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
         if out_dir.exists():
@@ -261,7 +283,8 @@ def _merge_locked(adapter_dir: Path, adapter_cfg: dict[str, Any], lineage: dict[
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = MergeResult(out=out_dir, adapter=adapter_dir, base=base_ref, max_abs_logit_diff=diff_mem,
-                         max_abs_logit_diff_saved=diff_saved, dtype=save_dtype, verify_dtype=compute)
+                         max_abs_logit_diff_saved=diff_saved, dtype=save_dtype, verify_dtype=compute,
+                         attempts=attempt)
     result.mlflow_run_id = _track(result, lineage, tracking_uri, register_model, time.perf_counter() - t0)
     return result
 
@@ -286,7 +309,8 @@ def _recorded_merge(out_dir: Path, adapter_dir: Path, base_ref: str) -> MergeRes
                         "manifest says complete; rerun with --force to merge again") from None
     return MergeResult(out=out_dir, adapter=adapter_dir, base=base_ref, max_abs_logit_diff=cfg["max_abs_logit_diff"],
                        max_abs_logit_diff_saved=cfg["max_abs_logit_diff_saved"], dtype=cfg["dtype"],
-                       verify_dtype=cfg.get("verify_dtype", "float32"), skipped=True)
+                       verify_dtype=cfg.get("verify_dtype", "float32"), attempts=cfg.get("merge_attempts", 1),
+                       skipped=True)
 
 
 def _config_dtype(base_path: str) -> str:
@@ -342,7 +366,8 @@ def _track(res: MergeResult, lineage: dict[str, Any], tracking_uri: str | None, 
                       tags={"agentpipe.stage": "merge", "model_name": name}) as t:
         t.log_params({"adapter": str(res.adapter), "base": res.base, "dtype": res.dtype, "out": str(res.out)})
         t.log_metrics({"max_abs_logit_diff": res.max_abs_logit_diff,
-                       "max_abs_logit_diff_saved": res.max_abs_logit_diff_saved, "merge_wall_s": wall_s,
+                       "max_abs_logit_diff_saved": res.max_abs_logit_diff_saved, "merge_attempts": res.attempts,
+                       "merge_wall_s": wall_s,
                        "wall_s": elapsed_s(wall_s),
                        "gpu_hours": elapsed_s(wall_s) * (gpu_count() or int(torch.cuda.is_available())) / 3600})
         t.log_artifact(res.out / MERGE_CONFIG, "merge")
