@@ -30,7 +30,8 @@ def _cmd_merge(args: argparse.Namespace):  # noqa: ANN202 - returns a StageResul
     res = merge_stage(config_from_args(MergeConfig, args))
     done = "already merged (skipped): " if res.status == "skipped" else ""
     c = res.counts
-    again = f"; merged {c['merge_attempts']} times, the first failing its check" if c["merge_attempts"] > 1 else ""
+    n = c["merge_attempts"]
+    again = f"; merged {n} times, {n - 1} failing the check (merge_config.json: failed_checks)" if n > 1 else ""
     print(f"merge: {done}{res.outputs['adapter']} + {res.base} -> {res.outputs['merged']} ({res.dtype}; max |logit "
           f"diff| vs base+adapter {c['max_abs_logit_diff']:.2e} in {res.verify_dtype}, "
           f"{c['max_abs_logit_diff_saved']:.2e} after saving{again})")
