@@ -32,9 +32,11 @@ from tests.test_train import DOWN
 HOOK = Path(__file__).parent / "crash_hook"
 EMULATE = ["emulate", "--agent", "scripted:agent", "--emulator", "scripted:emulator", "--evaluator", "scripted:judge",
            "--case-set", "demo", "--cases", "0-2", "--no-progress"]
-#: what differs between two runs of one configuration: when (and how long) they ran
+#: what differs between two runs of one configuration: when (and how long) they ran, and how many merges a merge
+#: took (a failed logit check is merged again: pipeline.training.merging.MERGE_ATTEMPTS)
 VOLATILE = {"written_at", "at", "wall_s", "latency_s", "timestamp", "merge_timestamp", "generated_at", "created_at",
-            "ts", "journal_id", "merge_wall_s"}  # a tracking journal's times and its random id
+            "ts", "journal_id", "merge_wall_s",  # a tracking journal's times and its random id
+            "merge_attempts", "failed_checks"}
 
 
 # ------------------------------------------------------------------------------------------------- helpers
